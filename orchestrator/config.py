@@ -1,0 +1,393 @@
+"""Structured configs: one YAML file plus ``key=value`` overrides, validated before Ray starts.
+
+The dataclasses below are the schema. OmegaConf rejects unknown keys and wrong types; ``validate``
+rejects impossible values. Every error is a ``ConfigError`` that names the key path and the bad value,
+so a typo fails in a second instead of after a cluster has started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key path and the value."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of the embedded tiny Qwen2 model (built when ``model.build_tiny_if_missing``)."""
+
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # Any local Hugging Face causal-LM directory (save_pretrained layout).
+    path: str = MISSING
+    build_tiny_if_missing: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # How a task prompt becomes model input. "{prompt}" is replaced; use chat_template for chat models.
+    prompt_template: str = "<s>{prompt}<think>"
+    chat_template: bool = False
+    think_end: str = "</think>"
+    max_model_len: int = 4096
+
+
+@dataclass
+class DataConfig:
+    # Either a registered task generator (entry point group "budgetrl.tasks") or a Parquet/JSONL file.
+    task: str = "addition"
+    path: Optional[str] = None  # train prompts file; overrides the generator when set
+    eval_path: Optional[str] = None
+    difficulties: list[int] = field(default_factory=lambda: [2, 3, 4])
+    train_size: int = 4096
+    eval_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class BudgetConfig:
+    """Elastic Reasoning's separate budgets: think up to ``thinking`` tokens, answer up to ``solution``."""
+
+    thinking: int = 1024
+    solution: int = 1024
+    # Train on the end-of-thinking marker when the rollout had to force it (Elastic Reasoning keeps it).
+    train_forced_think_end: bool = True
+
+
+@dataclass
+class VllmConfig:
+    kv_cache_gib: float = 1.0
+    enforce_eager: bool = True
+    multiprocess: bool = False  # in-process engine: faster start and weight sync on CPU
+    gpu_memory_utilization: float = 0.5
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class RewardConfig:
+    verifier: str = "auto"  # "auto": the task's own verifier; else a registry name or "module:function"
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    format_weight: float = 0.0
+    format_fn: str = "think_format"
+    length_penalty: float = 0.0
+    timeout_s: float = 5.0
+    num_workers: int = 1
+
+
+@dataclass
+class AlgorithmConfig:
+    """GRPO-family policy-gradient settings."""
+
+    name: str = "grpo"
+    normalize_std: bool = True
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    loss_agg: str = "token_mean"
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+
+
+@dataclass
+class LearnerConfig:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 32
+    lr_warmup_steps: int = 0
+    num_threads: int = 0  # 0: leave torch's default
+
+
+@dataclass
+class WarmstartConfig:
+    """Supervised warm start on the task's reference reasoning before RL (0 steps: skip)."""
+
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 1e-3
+    train_size: int = 20000
+    concise_fraction: float = 0.0
+    num_threads: int = 2
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200
+    prompts_per_step: int = 16
+    eval_every: int = 0  # 0: evaluate only before and after training
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    log_samples_every: int = 10
+    output_dir: str = "outputs"
+    run_name: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    # Budget grid as "THINKxSOLUTION" strings, e.g. "16x8"; "unconstrained" uses max_thinking.
+    budgets: list[str] = field(default_factory=lambda: ["unconstrained"])
+    max_thinking: int = 128
+    max_solution: int = 16
+    num_prompts: int = 256
+    samples_per_prompt: int = 1  # Avg@k
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)
+    experiment: str = "budgetrl"
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS or the job's cluster, else a local runtime
+    num_cpus: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Short names the CLI accepts on the command line (``eval CONFIG checkpoint=... budgets=...``).
+ALIASES = {"checkpoint": "model.path", "budgets": "eval.budgets"}
+
+_BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    thinking: int
+    solution: int
+    label: str
+
+
+def parse_budget(text: str, cfg: EvalConfig) -> Budget:
+    """'16x8' -> Budget(16, 8); 'unconstrained' -> the eval's maximum lengths."""
+    if text.strip().lower() == "unconstrained":
+        return Budget(cfg.max_thinking, cfg.max_solution, "unconstrained")
+    m = _BUDGET_RE.match(text)
+    if not m:
+        raise ConfigError(f"eval.budgets: {text!r} is not THINKxSOLUTION (e.g. '16x8') or 'unconstrained'")
+    t, s = int(m.group(1)), int(m.group(2))
+    if t <= 0 or s <= 0:
+        raise ConfigError(f"eval.budgets: {text!r} has a budget <= 0; both budgets must be positive")
+    return Budget(t, s, f"{t}x{s}")
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, value = item.split("=", 1)
+    key = key.strip().lstrip("+")
+    return ALIASES.get(key, key), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance)."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:  # YAML syntax errors
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    dotlist = []
+    for item in overrides:
+        key, value = _split_override(item)
+        dotlist.append(f"{key}={value}")
+    try:
+        if dotlist:
+            layers.append(OmegaConf.from_dotlist(dotlist))
+        merged = OmegaConf.merge(*layers)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    validate(obj)
+    return obj
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
+    if "Missing mandatory value" in msg:
+        return f"{key}: missing (required value not set)"
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; messages name the key path and the bad value."""
+
+    def bad(key: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+    def positive(key: str, value: float) -> None:
+        if value is None or value <= 0:
+            bad(key, value, "must be > 0")
+
+    def non_negative(key: str, value: float) -> None:
+        if value < 0:
+            bad(key, value, "must be >= 0")
+
+    m = cfg.model
+    if not m.path:
+        bad("model.path", m.path, "set it to a Hugging Face model directory")
+    if not m.build_tiny_if_missing and not Path(m.path).exists():
+        bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model there)")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+    if "{prompt}" not in m.prompt_template and not m.chat_template:
+        bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
+    positive("model.max_model_len", m.max_model_len)
+
+    positive("budget.thinking", cfg.budget.thinking)
+    positive("budget.solution", cfg.budget.solution)
+
+    r = cfg.rollout
+    if r.engine not in ("vllm", "hf"):
+        bad("rollout.engine", r.engine, "must be 'vllm' or 'hf'")
+    positive("rollout.num_workers", r.num_workers)
+    non_negative("rollout.cpus_per_worker", r.cpus_per_worker)
+    non_negative("rollout.gpus_per_worker", r.gpus_per_worker)
+    if r.group_size < 2 and cfg.algorithm.name == "grpo":
+        bad("rollout.group_size", r.group_size, "group-normalized advantages need at least 2 samples per prompt")
+    non_negative("rollout.temperature", r.temperature)
+    if not 0 < r.top_p <= 1:
+        bad("rollout.top_p", r.top_p, "must be in (0, 1]")
+    positive("rollout.vllm.kv_cache_gib", r.vllm.kv_cache_gib)
+
+    positive("reward.timeout_s", cfg.reward.timeout_s)
+    non_negative("reward.num_workers", cfg.reward.num_workers)
+    non_negative("reward.length_penalty", cfg.reward.length_penalty)
+
+    a = cfg.algorithm
+    if a.name not in ("grpo",):
+        bad("algorithm.name", a.name, "supported: grpo")
+    non_negative("algorithm.clip_low", a.clip_low)
+    non_negative("algorithm.clip_high", a.clip_high)
+    non_negative("algorithm.kl_coef", a.kl_coef)
+    if a.kl_estimator not in ("k1", "k2", "k3"):
+        bad("algorithm.kl_estimator", a.kl_estimator, "must be k1, k2 or k3")
+    if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
+        bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
+    positive("algorithm.ppo_epochs", a.ppo_epochs)
+    positive("algorithm.mini_batches", a.mini_batches)
+
+    le = cfg.learner
+    positive("learner.num_workers", le.num_workers)
+    if le.num_workers != 1:
+        bad("learner.num_workers", le.num_workers, "multi-rank learners are not supported yet; use 1")
+    positive("learner.lr", le.lr)
+    positive("learner.micro_batch_size", le.micro_batch_size)
+    non_negative("learner.num_threads", le.num_threads)
+
+    w = cfg.warmstart
+    non_negative("warmstart.steps", w.steps)
+    if w.steps:
+        positive("warmstart.batch_size", w.batch_size)
+        positive("warmstart.lr", w.lr)
+        positive("warmstart.train_size", w.train_size)
+    if not 0 <= w.concise_fraction <= 1:
+        bad("warmstart.concise_fraction", w.concise_fraction, "must be in [0, 1]")
+
+    t = cfg.trainer
+    non_negative("trainer.steps", t.steps)
+    positive("trainer.prompts_per_step", t.prompts_per_step)
+    non_negative("trainer.eval_every", t.eval_every)
+    total = t.prompts_per_step * r.group_size
+    if total % a.mini_batches:
+        bad("algorithm.mini_batches", a.mini_batches,
+            f"must divide the batch of {total} samples (trainer.prompts_per_step x rollout.group_size)")
+
+    d = cfg.data
+    if d.path is None:
+        if not d.difficulties:
+            bad("data.difficulties", d.difficulties, "must list at least one level")
+        positive("data.train_size", d.train_size)
+    elif not Path(d.path).exists():
+        bad("data.path", d.path, "no such file")
+    if d.eval_path is not None and not Path(d.eval_path).exists():
+        bad("data.eval_path", d.eval_path, "no such file")
+    positive("data.eval_size", d.eval_size)
+
+    e = cfg.eval
+    if not e.budgets:
+        bad("eval.budgets", e.budgets, "list at least one budget")
+    for b in e.budgets:
+        parse_budget(b, e)
+    positive("eval.max_thinking", e.max_thinking)
+    positive("eval.max_solution", e.max_solution)
+    positive("eval.num_prompts", e.num_prompts)
+    positive("eval.samples_per_prompt", e.samples_per_prompt)
+    non_negative("eval.temperature", e.temperature)
+
+    longest = max([cfg.budget.thinking + cfg.budget.solution] +
+                  [parse_budget(b, e).thinking + parse_budget(b, e).solution for b in e.budgets])
+    if longest >= m.max_model_len:
+        bad("model.max_model_len", m.max_model_len,
+            f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (for hashing, logging and shipping to actors)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def eval_budgets(cfg: Config) -> list[Budget]:
+    return [parse_budget(b, cfg.eval) for b in cfg.eval.budgets]

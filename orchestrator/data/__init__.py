@@ -1,0 +1,1 @@
+"""Arrow schemas, readers and the task registry: the plain data that crosses every boundary."""

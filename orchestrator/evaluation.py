@@ -1,0 +1,118 @@
+"""Evaluation over a (thinking, solution) budget grid: rollout records plus a per-budget summary.
+
+The same rollout workers and reward stage as training, so an eval number means exactly what the
+training metric means. Output: records (``ROLLOUT_SCHEMA``) and one summary row per budget (and
+per difficulty), which ``frontier.py`` turns into accuracy-vs-tokens plots.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from .config import Budget
+from .rewards import RewardPool, RewardSpec
+from .rollout.worker import SamplingSpec
+from .rewards.stage import score_rollouts
+
+
+def generate(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) -> pa.Table:
+    """Split the prompt table across rollout workers and concatenate their records."""
+    n = len(workers)
+    size = -(-prompts.num_rows // n)
+    refs = [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
+            for i, w in enumerate(workers) if i * size < prompts.num_rows]
+    return pa.concat_tables(ray.get(refs))
+
+
+def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.Table:
+    """Accuracy and token means per group (Avg@k: the mean over every sample of every prompt)."""
+    tokens = pc.add(records["thinking_tokens"], records["solution_tokens"])
+    t = records.append_column("total_tokens", tokens)
+    t = t.append_column("correct_f", pc.cast(t["correct"], pa.float64()))
+    t = t.append_column("truncated_f", pc.cast(t["thinking_truncated"], pa.float64()))
+    agg = t.group_by(list(by)).aggregate([
+        ("correct_f", "mean"), ("reward", "mean"), ("thinking_tokens", "mean"), ("solution_tokens", "mean"),
+        ("total_tokens", "mean"), ("truncated_f", "mean"), ("correct_f", "count"),
+        ("budget_thinking", "max"), ("budget_solution", "max"),
+    ])
+    names = {"correct_f_mean": "accuracy", "reward_mean": "mean_reward", "thinking_tokens_mean": "mean_thinking_tokens",
+             "solution_tokens_mean": "mean_solution_tokens", "total_tokens_mean": "mean_tokens",
+             "truncated_f_mean": "truncation_rate", "correct_f_count": "samples", "budget_thinking_max": "budget_thinking",
+             "budget_solution_max": "budget_solution"}
+    agg = agg.rename_columns([names.get(c, c) for c in agg.column_names])
+    return agg.sort_by([("budget_thinking", "ascending")] + [(c, "ascending") for c in by if c != "budget_label"])
+
+
+def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
+             temperature: float, top_p: float, reward_spec: RewardSpec, pool: RewardPool | None,
+             step: int = 0, seed: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
+    tables = []
+    for b in budgets:
+        spec = SamplingSpec(group_size=samples_per_prompt, budget_thinking=b.thinking, budget_solution=b.solution,
+                            temperature=temperature, top_p=top_p, seed=seed)
+        recs = generate(workers, prompts, spec, step)
+        recs, _ = score_rollouts(recs, reward_spec, pool)
+        tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))
+    records = pa.concat_tables(tables)
+    summary = summarize(records)
+    by_difficulty = summarize(records, ("budget_label", "difficulty"))
+    return records.drop_columns(["budget_label"]), summary, by_difficulty
+
+
+def format_summary(summary: pa.Table) -> str:
+    """A plain text table for the terminal."""
+    cols = ["budget_label", "accuracy", "mean_thinking_tokens", "mean_solution_tokens", "mean_tokens",
+            "truncation_rate", "samples"]
+    cols = [c for c in cols if c in summary.column_names]
+    head = f"{'budget':>14} {'accuracy':>9} {'think':>7} {'solve':>7} {'total':>7} {'trunc':>6} {'n':>6}"
+    lines = [head]
+    for row in summary.select(cols).to_pylist():
+        lines.append(f"{row['budget_label']:>14} {row['accuracy']:>9.3f} {row['mean_thinking_tokens']:>7.1f} "
+                     f"{row['mean_solution_tokens']:>7.1f} {row['mean_tokens']:>7.1f} {row['truncation_rate']:>6.2f} "
+                     f"{row['samples']:>6d}")
+    return "\n".join(lines)
+
+
+def run_eval(cfg) -> tuple[str, pa.Table]:
+    """The ``eval`` command: evaluate ``model.path`` over ``eval.budgets``, log to one MLflow run."""
+    import contextlib
+    import datetime as _dt
+    from pathlib import Path
+
+    from . import tracking
+    from .config import eval_budgets, to_dict
+    from .rewards import RewardPool
+    from .runtime import WorkerGroup, init_ray
+    from .trainer import _log_eval, load_prompt_tables, reward_spec
+    from .warmstart import ensure_base_model
+
+    run_name = cfg.trainer.run_name or f"eval-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(cfg.trainer.output_dir) / run_name
+    config_dict = to_dict(cfg)
+    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri()
+    tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,
+                                     params=tracking.flatten(config_dict),
+                                     tags=tracking.lineage_tags(config_dict, workload="eval", stage="eval",
+                                                                source_checkpoint=cfg.model.path))
+    with tracker:
+        init_ray(cfg)
+        model = ensure_base_model(cfg)
+        _, prompts, verifier = load_prompt_tables(cfg)
+        tracker.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
+        group = WorkerGroup(cfg, model, learner=False)
+        pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
+        try:
+            with pool_cm as pool:
+                e = cfg.eval
+                records, summary, by_diff = evaluate(
+                    group.rollout, prompts, eval_budgets(cfg), samples_per_prompt=e.samples_per_prompt,
+                    temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(cfg, verifier), pool=pool,
+                    seed=cfg.rollout.seed)
+        finally:
+            group.shutdown()
+        _log_eval(tracker, summary, by_diff, records, 0, "eval", out_dir)
+        print(format_summary(summary))
+        return tracker.run_id, summary

@@ -1,0 +1,1 @@
+"""Policy-gradient losses, optimizer step, safetensors checkpoints and the Learner actor."""

@@ -1,0 +1,226 @@
+"""Warm-start supervised fine-tuning: teach a causal LM to continue prompts with target texts.
+
+Plain torch on one process, generic over tasks: examples are (prompt_text, target_text) pairs and the
+loss covers only the target tokens. The result is a ``save_pretrained`` checkpoint (safetensors plus
+tokenizer) that the RL stages, vLLM and transformers load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+METRICS_FILE = "budgetrl_sft.json"
+
+
+def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier on the peak lr at optimizer step ``step`` (0-based): linear warmup, then decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _validate(examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every,
+              num_threads) -> None:
+    if not examples:
+        raise ValueError("examples is empty: sft_train needs at least one (prompt, target) pair")
+    for i, ex in enumerate(examples):
+        if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
+            raise ValueError(f"examples[{i}] must be a (prompt_text, target_text) pair of strings, got {ex!r}")
+        if not ex[1]:
+            raise ValueError(f"examples[{i}] has an empty target: there would be nothing to learn")
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+
+
+def _tokenize(tokenizer, examples, max_len: int | None) -> list[tuple[list[int], int]]:
+    """(token ids of prompt+target, number of prompt tokens) per example."""
+    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([t for _, t in examples], add_special_tokens=False)["input_ids"]
+    out = []
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        if not t:
+            raise ValueError(f"examples[{i}] target tokenizes to nothing")
+        if max_len is not None and len(p) + len(t) > max_len:
+            raise ValueError(
+                f"examples[{i}] is {len(p) + len(t)} tokens, longer than the model's "
+                f"max_position_embeddings={max_len}"
+            )
+        out.append((p + t, len(p)))
+    return out
+
+
+def _collate(batch: list[tuple[list[int], int]], pad_id: int):
+    """Right-padded input ids, attention mask and labels that ignore prompt and padding tokens."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(batch):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = t
+        labels[row, n_prompt : len(ids)] = t[n_prompt:]
+        attention[row, : len(ids)] = 1
+    return input_ids, attention, labels
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless stream of index batches over shuffled epochs (a batch may straddle two epochs)."""
+    buf: list[int] = []
+    epoch = 0
+    while True:
+        while len(buf) < batch_size:
+            buf += torch.randperm(n, generator=generator).tolist()
+            epoch += 1
+        yield buf[:batch_size], epoch
+        buf = buf[batch_size:]
+
+
+def sft_train(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    examples: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    num_threads: int | None = None,
+    dtype: str = "float32",
+    log_every: int = 20,
+    progress: bool = True,
+    on_log: Callable[[int, dict], None] | None = None,
+    device: str | None = None,
+) -> dict:
+    """Fine-tune ``model_dir`` on ``examples`` for ``steps`` optimizer steps and save to ``out_dir``.
+
+    AdamW (betas 0.9/0.95, decay on matrices only), gradient clipping at 1.0, linear warmup then the
+    ``schedule``. ``dtype="bfloat16"`` autocasts the forward pass and keeps float32 master weights.
+    ``on_log(step, metrics)`` is called every ``log_every`` steps and at the end. Returns the final
+    metrics: ``loss`` (mean over the last logging window), ``initial_loss``, ``steps``, ``seconds``,
+    ``tokens_per_s`` (non-padding tokens processed per second), ``epochs``.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    examples = list(examples)
+    _validate(examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every,
+              num_threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        model.train()
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        data = _tokenize(tokenizer, examples, getattr(model.config, "max_position_embeddings", None))
+
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr, betas=(0.9, 0.95), foreach=True,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
+        )
+        batches = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
+        autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype],
+                                  enabled=dtype != "float32")
+
+        start = time.perf_counter()
+        total_tokens = window_tokens = 0
+        window_losses: list[float] = []
+        window_start = start
+        initial_loss = None
+        metrics: dict = {}
+        bar = tqdm(range(1, steps + 1), desc="sft", disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            idx, epoch = next(batches)
+            input_ids, attention, labels = (t.to(device) for t in _collate([data[i] for i in idx], pad_id))
+            with autocast:
+                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            step_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+
+            value = loss.item()
+            initial_loss = value if initial_loss is None else initial_loss
+            n_tokens = int(attention.sum())
+            total_tokens += n_tokens
+            window_tokens += n_tokens
+            window_losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            if step % log_every == 0 or step == steps:
+                now = time.perf_counter()
+                metrics = {
+                    "loss": sum(window_losses) / len(window_losses),
+                    "lr": step_lr,
+                    "grad_norm": float(grad_norm),
+                    "epoch": epoch,
+                    "seconds": now - start,
+                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                }
+                if on_log is not None:
+                    on_log(step, dict(metrics))
+                window_losses, window_tokens, window_start = [], 0, now
+        bar.close()
+        seconds = time.perf_counter() - start
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        result = {
+            "loss": metrics["loss"],
+            "initial_loss": initial_loss,
+            "steps": steps,
+            "seconds": seconds,
+            "tokens_per_s": total_tokens / max(seconds, 1e-9),
+            "epochs": epoch,
+            "examples": len(data),
+        }
+        args = {"source": str(model_dir), "steps": steps, "batch_size": batch_size, "lr": lr,
+                "warmup_steps": warmup_steps, "schedule": schedule, "weight_decay": weight_decay,
+                "seed": seed, "dtype": dtype}
+        (out / METRICS_FILE).write_text(json.dumps({"args": args, "metrics": result}, indent=1))
+        return result
+    finally:
+        if num_threads is not None:
+            torch.set_num_threads(previous_threads)

@@ -1,0 +1,464 @@
+"""The GRPO Learner: turns a batch of scored rollouts (Arrow) into one round of policy updates.
+
+A plain class; the driver makes it a Ray actor with ``ray.remote(num_cpus=..., num_gpus=...)(Learner)``.
+Master weights and AdamW state stay fp32; ``dtype="bfloat16"`` runs forward/backward under autocast.
+The model stays in eval mode (no dropout) so the on-policy ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from orchestrator.learner.checkpoint import load_policy, resolve_device, resolve_dtype, save_hf_checkpoint
+from orchestrator.learner.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    kl_penalty,
+    masked_aggregate,
+    policy_loss,
+    token_logprobs,
+)
+
+BATCH_COLUMNS = ("prompt_token_ids", "response_token_ids", "loss_mask", "advantage")
+
+
+@dataclass
+class Sequences:
+    """A training batch as numpy, one entry per sample; ``tokens[i]`` is prompt + response."""
+
+    tokens: list[np.ndarray]
+    prompt_len: np.ndarray
+    resp_len: np.ndarray
+    loss_mask: list[np.ndarray]  # float32, one per response token
+    advantage: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class _Packed:
+    """A micro-batch: left-aligned, right-padded ids; token tensors cover shifted columns from ``start``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    start: int
+    resp_col: np.ndarray  # column of each sequence's first response token in the [B, W] token tensors
+    resp_len: np.ndarray
+    width: int
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, flat values) of a list column; ValueError naming the column when it is not one."""
+    col = table.column(name)
+    if col.null_count:
+        raise ValueError(f"{name}: {col.null_count} null row(s)")
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        raise ValueError(f"{name}: expected a list column, got type {arr.type}")
+    flat = arr.flatten()
+    if flat.null_count:
+        raise ValueError(f"{name}: contains null elements")
+    offsets = arr.offsets.to_numpy()
+    return np.diff(offsets), flat.to_numpy(zero_copy_only=False)
+
+
+def sequences_from_table(batch: pa.Table, vocab_size: int | None = None) -> Sequences:
+    """Validate a learner batch and unpack it; every error names the bad column."""
+    if not isinstance(batch, pa.Table):
+        raise TypeError(f"batch: expected a pyarrow.Table, got {type(batch).__name__}")
+    missing = [c for c in BATCH_COLUMNS if c not in batch.column_names]
+    if missing:
+        raise ValueError(f"batch: missing column(s) {missing}; need {list(BATCH_COLUMNS)}")
+    if batch.num_rows == 0:
+        raise ValueError("batch: empty (0 rows)")
+    p_len, p_flat = _list_column(batch, "prompt_token_ids")
+    r_len, r_flat = _list_column(batch, "response_token_ids")
+    m_len, m_flat = _list_column(batch, "loss_mask")
+    if np.any(p_len == 0):
+        raise ValueError(f"prompt_token_ids: row {int(np.argmax(p_len == 0))} is empty")
+    if not np.array_equal(r_len, m_len):
+        row = int(np.argmax(r_len != m_len))
+        raise ValueError(
+            f"loss_mask: row {row} has {m_len[row]} entries but response_token_ids has {r_len[row]}"
+        )
+    for name, flat in (("prompt_token_ids", p_flat), ("response_token_ids", r_flat)):
+        if flat.size and (flat.min() < 0 or (vocab_size is not None and flat.max() >= vocab_size)):
+            raise ValueError(f"{name}: token id out of range [0, {vocab_size})")
+    adv_col = batch.column("advantage")
+    if adv_col.null_count:
+        raise ValueError(f"advantage: {adv_col.null_count} null row(s)")
+    try:
+        advantage = np.asarray(adv_col.to_numpy(), dtype=np.float32)
+    except (TypeError, ValueError, pa.ArrowInvalid) as exc:
+        raise ValueError(f"advantage: expected one float per row ({exc})") from None
+    if not np.all(np.isfinite(advantage)):
+        raise ValueError("advantage: contains NaN or inf")
+
+    p_off = np.concatenate([[0], np.cumsum(p_len)])
+    r_off = np.concatenate([[0], np.cumsum(r_len)])
+    p_flat = p_flat.astype(np.int64, copy=False)
+    r_flat = r_flat.astype(np.int64, copy=False)
+    m_flat = m_flat.astype(np.float32)
+    tokens, masks = [], []
+    for i in range(batch.num_rows):
+        tokens.append(np.concatenate([p_flat[p_off[i] : p_off[i + 1]], r_flat[r_off[i] : r_off[i + 1]]]))
+        masks.append(m_flat[r_off[i] : r_off[i + 1]])
+    return Sequences(tokens, p_len.astype(np.int64), r_len.astype(np.int64), masks, advantage)
+
+
+class Learner:
+    """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float | None = 1.0,
+        micro_batch_size: int = 32,
+        clip_low: float = 0.2,
+        clip_high: float = 0.2,
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        loss_agg: str = "token_mean",
+        ppo_epochs: int = 1,
+        mini_batches: int = 1,
+        lr_warmup_steps: int = 0,
+        dtype: str = "float32",
+        num_threads: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if world_size != 1 or rank != 0:
+            raise NotImplementedError("world_size: data-parallel learners (world_size > 1) are not built yet")
+        if loss_agg not in AGGREGATIONS:
+            raise ValueError(f"loss_agg: unknown value {loss_agg!r}; expected one of {AGGREGATIONS}")
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: unknown value {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        for name, value in (
+            ("micro_batch_size", micro_batch_size),
+            ("ppo_epochs", ppo_epochs),
+            ("mini_batches", mini_batches),
+        ):
+            if int(value) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {value}")
+        for name, value in (
+            ("clip_low", clip_low),
+            ("clip_high", clip_high),
+            ("kl_coef", kl_coef),
+            ("lr", lr),
+            ("lr_warmup_steps", lr_warmup_steps),
+        ):
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        self.compute_dtype = resolve_dtype(dtype)
+        if self.compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)"
+            )
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        torch.manual_seed(seed + rank)
+        self._rng = np.random.default_rng(seed + rank)
+        self.device = resolve_device(device)
+        self.rank, self.world_size = rank, world_size
+        self.lr, self.grad_clip = float(lr), grad_clip
+        self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, ppo_epochs, mini_batches
+        self.clip_low, self.clip_high = float(clip_low), float(clip_high)
+        self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
+        self.lr_warmup_steps = int(lr_warmup_steps)
+        self._version = 0
+
+        # Master weights fp32 whatever the compute dtype: autocast handles bf16 matmuls.
+        self.model, self.tokenizer = load_policy(model_path, torch.float32, self.device)
+        self.model.eval()
+        self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self.ref_model = None
+        if self.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+            if self.compute_dtype != torch.float32:
+                self.ref_model.to(self.compute_dtype)  # never trained: no need for fp32 masters
+        decay, no_decay = [], []
+        for p in self.model.parameters():  # parameters() yields a tied weight once
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        self.params = decay + no_decay
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=tuple(betas),
+        )
+
+    # ---- public API -------------------------------------------------------------------------------
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    def version(self) -> int:
+        """Number of completed step() calls (the policy_version rollouts are tagged with)."""
+        return self._version
+
+    def step(self, batch: pa.Table) -> dict[str, float]:
+        """One RL step: ppo_epochs x mini_batches AdamW updates on ``batch``; returns metrics."""
+        t0 = time.perf_counter()
+        seqs = sequences_from_table(batch, self.vocab_size)
+        n = len(seqs)
+        if n < self.mini_batches:
+            raise ValueError(f"mini_batches: {self.mini_batches} exceeds the batch's {n} rows")
+        lr_now = self._lr_at(self._version)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_now
+
+        # Old logprobs come from the current weights, not the rollout engine. With a single update per
+        # step they equal the detached logprobs of the training forward pass, so that pass is skipped.
+        single_update = self.ppo_epochs * self.mini_batches == 1
+        acc = _Totals()
+        old = None
+        if not single_update:
+            old, ent_sum, ent_n = self._logprobs_all(self.model, seqs, with_entropy=True)
+            acc.add("entropy", ent_sum, ent_n)
+        ref = self._logprobs_all(self.ref_model, seqs)[0] if self.ref_model is not None else None
+
+        updates = skipped = 0
+        for _ in range(self.ppo_epochs):
+            perm = self._rng.permutation(n)
+            for idx in np.array_split(perm, self.mini_batches):
+                stepped = self._update(seqs, idx, old, ref, acc, with_entropy=single_update)
+                updates += int(stepped)
+                skipped += int(not stepped)
+        self._version += 1
+        loss_tokens = float(sum(m.sum() for m in seqs.loss_mask))
+        return {
+            "loss": acc.mean("loss"),
+            "pg_loss": acc.mean("pg_loss"),
+            "kl": acc.mean("kl"),
+            "clip_frac": acc.mean("clip_frac"),
+            "approx_kl": acc.mean("approx_kl"),
+            "ratio_mean": acc.mean("ratio_mean"),
+            "entropy": acc.mean("entropy"),
+            "grad_norm": acc.mean("grad_norm"),
+            "lr": lr_now,
+            "tokens": float(sum(len(t) for t in seqs.tokens)),
+            "loss_tokens": loss_tokens,
+            "sequences": float(n),
+            "updates": float(updates),
+            "skipped_updates": float(skipped),
+            "policy_version": float(self._version),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
+        """Full state dict as contiguous CPU copies, always including the output embedding.
+
+        vLLM's CPU engine keeps a stale packed lm_head when a tied model's update omits
+        ``lm_head.weight``, so it is sent explicitly. ``dtype`` casts (e.g. "bfloat16" halves transfer).
+        """
+        cast = resolve_dtype(dtype) if dtype is not None else None
+        copies: dict[tuple, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+
+        def cpu_copy(t: torch.Tensor) -> torch.Tensor:
+            key = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)  # tied tensors share one copy
+            if key not in copies:
+                copies[key] = t.detach().to(device="cpu", dtype=cast or t.dtype, copy=True).contiguous()
+            return copies[key]
+
+        for name, tensor in self.model.state_dict().items():
+            out[name] = cpu_copy(tensor)
+        out_emb = self.model.get_output_embeddings()
+        if out_emb is not None:
+            prefix = next(name for name, mod in self.model.named_modules() if mod is out_emb)
+            out.setdefault(f"{prefix}.weight", cpu_copy(out_emb.weight))
+        return out
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]
+    ) -> list[list[float]]:
+        """Logprob of each response token under the current weights."""
+        if len(prompt_token_ids) != len(response_token_ids):
+            raise ValueError(
+                f"response_token_ids: {len(response_token_ids)} rows but prompt_token_ids has "
+                f"{len(prompt_token_ids)}"
+            )
+        table = pa.table(
+            {
+                "prompt_token_ids": pa.array(prompt_token_ids, pa.list_(pa.int32())),
+                "response_token_ids": pa.array(response_token_ids, pa.list_(pa.int32())),
+                "loss_mask": pa.array([[1] * len(r) for r in response_token_ids], pa.list_(pa.int8())),
+                "advantage": pa.array([0.0] * len(response_token_ids), pa.float32()),
+            }
+        )
+        seqs = sequences_from_table(table, self.vocab_size)
+        return [lp.tolist() for lp in self._logprobs_all(self.model, seqs)[0]]
+
+    def save(self, out_dir: str) -> str:
+        """HF ``save_pretrained`` directory (safetensors, fp32 masters) + tokenizer, written atomically."""
+        return save_hf_checkpoint(self.model, self.tokenizer, out_dir)
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _lr_at(self, version: int) -> float:
+        """Linear warmup over the first ``lr_warmup_steps`` step() calls (RL steps), then constant."""
+        if self.lr_warmup_steps <= 0:
+            return self.lr
+        return self.lr * min(1.0, (version + 1) / self.lr_warmup_steps)
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def _micro_batches(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
+        """Split ``idx`` into micro-batches of similar length: less padding, same summed gradient."""
+        lengths = seqs.prompt_len[idx] + seqs.resp_len[idx]
+        order = idx[np.argsort(lengths, kind="stable")]
+        return [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+
+    def _pack(self, seqs: Sequences, idx: np.ndarray) -> _Packed:
+        prompt_len, resp_len = seqs.prompt_len[idx], seqs.resp_len[idx]
+        lengths = prompt_len + resp_len
+        seq_len = int(lengths.max())
+        start = int(prompt_len.min()) - 1  # logits before the first prompt's last token are never needed
+        ids = np.zeros((len(idx), seq_len), dtype=np.int64)  # pad id is irrelevant: masked everywhere
+        attn = np.zeros((len(idx), seq_len), dtype=np.int64)
+        for row, i in enumerate(idx):
+            ids[row, : lengths[row]] = seqs.tokens[i]
+            attn[row, : lengths[row]] = 1
+        return _Packed(
+            input_ids=torch.from_numpy(ids).to(self.device),
+            attention_mask=torch.from_numpy(attn).to(self.device),
+            start=start,
+            resp_col=prompt_len - 1 - start,
+            resp_len=resp_len,
+            width=seq_len - 1 - start,
+        )
+
+    def _place(self, per_seq: list[np.ndarray], idx: np.ndarray, packed: _Packed) -> torch.Tensor:
+        """Scatter per-response-token arrays into the micro-batch's ``[B, W]`` token layout."""
+        out = np.zeros((len(idx), packed.width), dtype=np.float32)
+        for row, i in enumerate(idx):
+            col = packed.resp_col[row]
+            out[row, col : col + packed.resp_len[row]] = per_seq[i]
+        return torch.from_numpy(out).to(self.device)
+
+    def _forward(self, model, packed: _Packed, with_entropy: bool = False):
+        with self._autocast():
+            return token_logprobs(
+                model, packed.input_ids, packed.attention_mask, start=packed.start, with_entropy=with_entropy
+            )
+
+    @torch.no_grad()
+    def _logprobs_all(self, model, seqs: Sequences, with_entropy: bool = False):
+        """Per-sequence response-token logprobs (numpy) and, optionally, masked entropy sum and count."""
+        result: list[np.ndarray | None] = [None] * len(seqs)
+        ent_sum = ent_n = 0.0
+        for idx in self._micro_batches(seqs, np.arange(len(seqs))):
+            packed = self._pack(seqs, idx)
+            out = self._forward(model, packed, with_entropy)
+            lp = out[0] if with_entropy else out
+            lp = lp.cpu().numpy()
+            for row, i in enumerate(idx):
+                col = packed.resp_col[row]
+                result[i] = lp[row, col : col + packed.resp_len[row]].copy()
+            if with_entropy:
+                mask = self._place(seqs.loss_mask, idx, packed)
+                ent_sum += float((out[1] * mask).sum())
+                ent_n += float(mask.sum())
+        return result, ent_sum, ent_n
+
+    def _global_sum(self, value: float) -> float:
+        """Sum over data-parallel ranks (identity for one rank).
+
+        With DP, loss denominators (mini-batch mask tokens / sequences) must be global so that the
+        all-reduced gradient equals the single-process one: all_reduce(SUM) the count here.
+        """
+        return value
+
+    def _all_reduce_gradients(self) -> None:
+        """Data-parallel hook: all_reduce(SUM) each ``p.grad`` here (losses already use global counts)."""
+        return
+
+    def _update(self, seqs, idx, old, ref, acc: _Totals, with_entropy: bool) -> bool:
+        """Accumulate one mini-batch's gradient over micro-batches and take one AdamW step."""
+        loss_tokens = float(sum(seqs.loss_mask[i].sum() for i in idx))
+        loss_tokens = self._global_sum(loss_tokens)
+        denom = loss_tokens if self.loss_agg == "token_mean" else self._global_sum(float(len(idx)))
+        if loss_tokens == 0:
+            return False  # nothing to learn; an AdamW step would still move weights via momentum
+        self.optimizer.zero_grad(set_to_none=True)
+        mb_loss = mb_pg = mb_kl = 0.0
+        for micro in self._micro_batches(seqs, idx):
+            packed = self._pack(seqs, micro)
+            mask = self._place(seqs.loss_mask, micro, packed)
+            out = self._forward(self.model, packed, with_entropy)
+            logprobs = out[0] if with_entropy else out
+            old_lp = logprobs.detach() if old is None else self._place(old, micro, packed)
+            adv = torch.from_numpy(seqs.advantage[micro]).to(self.device)
+            pg, metrics = policy_loss(
+                logprobs,
+                old_lp,
+                adv,
+                mask,
+                clip_low=self.clip_low,
+                clip_high=self.clip_high,
+                agg=self.loss_agg,
+                denom=denom,
+            )
+            loss = pg
+            if ref is not None:
+                kl_tok = kl_penalty(logprobs, self._place(ref, micro, packed), self.kl_estimator)
+                kl = masked_aggregate(kl_tok, mask, self.loss_agg, denom)
+                loss = loss + self.kl_coef * kl
+                mb_kl += float(kl.detach())
+            loss.backward()
+            mb_loss += float(loss.detach())
+            mb_pg += float(pg.detach())
+            for key in ("clip_frac", "approx_kl", "ratio_mean"):
+                acc.add(key, metrics[key] * metrics["tokens"], metrics["tokens"])
+            if with_entropy:
+                acc.add("entropy", float((out[1] * mask).sum()), float(mask.sum()))
+
+        self._all_reduce_gradients()
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        acc.add("loss", mb_loss, 1.0)
+        acc.add("pg_loss", mb_pg, 1.0)
+        acc.add("kl", mb_kl, 1.0)
+        acc.add("grad_norm", grad_norm, 1.0)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+
+class _Totals:
+    """Weighted running sums for metrics."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, key: str, value: float, weight: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+        self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def mean(self, key: str) -> float:
+        w = self.weights.get(key, 0.0)
+        return self.sums[key] / w if w > 0 else 0.0

@@ -1,0 +1,153 @@
+"""Rewards for sampled responses: correctness verifiers, format and length shaping, a timeout-safe pool.
+
+reward = (correct_reward if correct else wrong_reward) + format_weight * format_score
+         - length_penalty * (thinking_tokens + solution_tokens) / (budget_thinking + budget_solution)
+
+A sample whose reward code raises or (in a RewardPool) runs past ``timeout_s`` gets reward 0.0 and
+correct False, and is reported in ``error``; the rest of the batch is scored normally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orchestrator.rewards import shaping, verifiers  # noqa: F401  (registers the built-ins)
+from orchestrator.rewards.pool import RewardPool, evaluate_in_process
+from orchestrator.rewards.registry import (
+    UnknownRewardError,
+    get_format,
+    get_verifier,
+    list_formats,
+    list_verifiers,
+    register_format,
+    register_verifier,
+)
+from orchestrator.rewards.shaping import length_fraction
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = [
+    "RewardPool",
+    "RewardSpec",
+    "ScoreItem",
+    "ScoreResult",
+    "UnknownRewardError",
+    "get_format",
+    "get_verifier",
+    "items_from_table",
+    "list_formats",
+    "list_verifiers",
+    "register_format",
+    "register_verifier",
+    "score",
+]
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One sampled response, as the reward code sees it."""
+
+    task: str
+    thinking: str
+    solution: str
+    answer: str
+    thinking_tokens: int
+    solution_tokens: int
+    budget_thinking: int
+    budget_solution: int
+    thinking_truncated: bool
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    verifier: str = "exact_match"
+    correct_reward: float = 1.0
+    wrong_reward: float = 0.0
+    format_weight: float = 0.0
+    format_fn: str = "think_format"
+    length_penalty: float = 0.0
+    timeout_s: float = 5.0
+    format_ok: float = 1.0  # format score when a format function returns True
+    format_bad: float = -1.0  # ... and when it returns False
+
+
+@dataclass
+class ScoreResult:
+    reward: np.ndarray  # float32, one per item
+    correct: np.ndarray  # bool
+    error: list[str | None]  # None, "timeout", or "error: <ExcType>: <msg>"
+    num_errors: int
+    num_timeouts: int
+    format_score: np.ndarray | None = None  # float32; None when format_weight == 0
+    length_fraction: np.ndarray | None = None  # float32 tokens / budget, for metrics
+
+
+def score(items: Sequence[ScoreItem], spec: RewardSpec, pool: RewardPool | None = None) -> ScoreResult:
+    """Score a batch. With ``pool=None`` reward code runs in this process: errors are caught, but a hang
+    cannot be interrupted (no timeouts in-process), so training should always pass a RewardPool."""
+    get_verifier(spec.verifier)  # fail fast, in the caller, on a bad name
+    use_format = spec.format_weight != 0.0
+    if use_format:
+        get_format(spec.format_fn)
+    format_fn = spec.format_fn if use_format else None
+    if pool is None:
+        outcomes = evaluate_in_process(items, spec.verifier, format_fn)
+    else:
+        outcomes = pool.evaluate(items, spec.verifier, format_fn, timeout_s=spec.timeout_s)
+
+    n = len(items)
+    correct = np.zeros(n, dtype=bool)
+    fmt = np.zeros(n, dtype=np.float64)
+    errors: list[str | None] = [None] * n
+    for i, (ok, value, err) in enumerate(outcomes):
+        if err is not None:
+            errors[i] = err
+            continue
+        correct[i] = ok
+        if use_format:
+            fmt[i] = (spec.format_ok if value else spec.format_bad) if isinstance(value, bool) else value
+    frac = length_fraction(
+        [it.thinking_tokens for it in items],
+        [it.solution_tokens for it in items],
+        [it.budget_thinking for it in items],
+        [it.budget_solution for it in items],
+    ).reshape(n)
+    reward = np.where(correct, spec.correct_reward, spec.wrong_reward)
+    reward = reward + spec.format_weight * fmt - spec.length_penalty * frac
+    failed = np.array([e is not None for e in errors], dtype=bool)
+    reward[failed] = 0.0
+    num_timeouts = sum(e == "timeout" for e in errors)
+    return ScoreResult(
+        reward=reward.astype(np.float32),
+        correct=correct,
+        error=errors,
+        num_errors=int(failed.sum()) - num_timeouts,
+        num_timeouts=num_timeouts,
+        format_score=fmt.astype(np.float32) if use_format else None,
+        length_fraction=frac.astype(np.float32),
+    )
+
+
+_ITEM_DEFAULTS = {"task": "", "thinking": "", "solution": "", "answer": "", "thinking_truncated": False}
+
+
+def items_from_table(table: pa.Table) -> list[ScoreItem]:
+    """ScoreItems from a rollout-records table (orchestrator.data.schema.ROLLOUT_SCHEMA columns)."""
+    names = [f for f in ScoreItem.__dataclass_fields__]
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise ValueError(f"rollout table lacks columns needed for scoring: {missing}")
+    columns = {c: table.column(c).to_pylist() for c in names}
+    items = []
+    for i in range(table.num_rows):
+        row = {c: columns[c][i] for c in names}
+        for c, v in row.items():
+            if v is None:
+                row[c] = _ITEM_DEFAULTS.get(c, 0)
+        items.append(ScoreItem(**row))
+    return items

@@ -1,0 +1,1 @@
+"""Rollouts: generation engines, budgeted two-phase generation, and the RolloutWorker actor."""

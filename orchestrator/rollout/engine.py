@@ -1,0 +1,221 @@
+"""Generation engines behind one small interface: vLLM (default) and Hugging Face ``generate``.
+
+Both take token ids in and give token ids, sampled logprobs and a finish reason out, so budgeted
+two-phase generation (``rollout/budget.py``) is written once. Ids always come from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class GenRequest:
+    prompt_token_ids: list[int]
+    max_tokens: int
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenOutput:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (a stop token or EOS ended it) | "length" (max_tokens reached)
+
+
+class Engine(Protocol):
+    eos_token_id: int
+
+    def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]: ...
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None: ...
+
+    def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]: ...
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _finish(token_ids: list[int], max_tokens: int, stops: set[int]) -> str:
+    return "stop" if token_ids and token_ids[-1] in stops else ("length" if len(token_ids) >= max_tokens else "stop")
+
+
+# ---------------------------------------------------------------------------------------------- vLLM
+
+
+def _vllm_reload(worker, payload) -> None:
+    """Runs inside each vLLM worker (collective_rpc): load new weights in place, no restart."""
+    if isinstance(payload, (bytes, bytearray)):
+        from safetensors.torch import load
+
+        payload = load(bytes(payload))
+    worker.reload_weights(weights_iterator=iter(payload.items()))
+
+
+class VllmEngine:
+    """vLLM ``LLM`` in this process. On CPU the in-process engine (no engine subprocess) starts in
+    seconds and takes weights as tensors directly; on GPU the default multiprocess engine is used."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
+                 kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
+                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True):
+        on_gpu = torch.cuda.is_available()
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        self.multiprocess = multiprocess
+        if not multiprocess:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                      enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching)
+        if not multiprocess:
+            kwargs["distributed_executor_backend"] = "uni"
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = LLM(**kwargs)
+        tok = self.llm.get_tokenizer()
+        self.eos_token_id = tok.eos_token_id
+
+    def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
+        params = [
+            SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
+                           top_p=top_p if temperature > 0 else 1.0, seed=r.seed, logprobs=0, detokenize=False)
+            for r in requests
+        ]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for r, out in zip(requests, outs):
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            lps = [float(step[t].logprob) if step is not None and t in step else float("nan")
+                   for t, step in zip(ids, c.logprobs or [None] * len(ids))]
+            reason = "length" if c.finish_reason == "length" else "stop"
+            results.append(GenOutput(ids, lps, reason))
+        return results
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        payload: object = state_dict
+        if self.multiprocess:  # tensors passed as kwargs to another process arrive as lists: send bytes
+            from safetensors.torch import save
+
+            payload = save({k: v.contiguous() for k, v in state_dict.items()})
+        self.llm.collective_rpc(_vllm_reload, args=(payload,))
+        self.llm.reset_prefix_cache()
+
+    def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        """Logprob of every token after the first, under the engine's current weights."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            pl = out.prompt_logprobs or []
+            result.append([float(d[t].logprob) for t, d in zip(seq[1:], pl[1:])])
+        return result
+
+
+# ------------------------------------------------------------------------------------------------ HF
+
+
+class HFEngine:
+    """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface."""
+
+    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, num_threads: int = 0, **_):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(dtype), use_safetensors=True)
+        self.model.to(self.device).eval()
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.eos_token_id = tok.eos_token_id
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.generator_seed = seed
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
+        # Batch requests sharing (max_tokens, stop ids); left-pad so every row continues at the end.
+        results: list[GenOutput | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.max_tokens, tuple(sorted(set(r.stop_token_ids) | {self.eos_token_id}))), []).append(i)
+        for (max_tokens, stops), idx in groups.items():
+            seed = requests[idx[0]].seed
+            if seed is not None:
+                torch.manual_seed(seed)
+            width = max(len(requests[i].prompt_token_ids) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = requests[i].prompt_token_ids
+                ids[row, width - len(p):] = torch.tensor(p)
+                mask[row, width - len(p):] = 1
+            sample = temperature > 0
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_tokens,
+                do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                top_k=0 if sample else None, eos_token_id=list(stops), pad_token_id=self.pad_token_id,
+                output_scores=True, return_dict_in_generate=True)
+            new = out.sequences[:, width:].cpu()
+            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
+            stop_set = set(stops)
+            for row, i in enumerate(idx):
+                toks: list[int] = []
+                lps: list[float] = []
+                for j, t in enumerate(new[row].tolist()):
+                    toks.append(t)
+                    lps.append(float(scores[row, j, t]) if scores is not None else float("nan"))
+                    if t in stop_set:
+                        break
+                results[i] = GenOutput(toks, lps, _finish(toks, max_tokens, stop_set))
+        return results  # type: ignore[return-value]
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=False)
+
+    @torch.no_grad()
+    def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        result = []
+        for s in sequences:
+            ids = torch.tensor([s], device=self.device)
+            logits = self.model(input_ids=ids).logits.float()
+            lp = logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            result.append(lp.cpu().tolist())
+        return result
+
+
+def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
+    if kind == "vllm":
+        kwargs.pop("num_threads", None)
+        return VllmEngine(model_path, **kwargs)
+    if kind == "hf":
+        return HFEngine(model_path, **kwargs)
+    raise ValueError(f"rollout.engine={kind!r}: must be 'vllm' or 'hf'")
+
+
+def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
+    """Safetensors bytes (never pickle) for shipping weights between processes."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state_dict.items()})
+
+
+def deserialize_state_dict(blob: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(blob)
+

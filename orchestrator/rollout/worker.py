@@ -1,0 +1,118 @@
+"""RolloutWorker: a Ray actor that owns one engine and turns prompt tables into rollout records.
+
+The driver sends an Arrow prompt table and gets an Arrow rollout table back (``ROLLOUT_SCHEMA``,
+reward columns left empty for the reward stage). Weights arrive in place through ``update_weights``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from ..data.schema import ROLLOUT_SCHEMA
+from .budget import two_phase_generate
+from .engine import make_engine
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    group_size: int
+    budget_thinking: int
+    budget_solution: int
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0
+    train_forced_think_end: bool = True
+
+
+def render_prompt(template: str, prompt: str, tokenizer=None, chat_template: bool = False) -> str:
+    """Task prompt -> model input text, by a format template or the tokenizer's chat template."""
+    if chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return template.replace("{prompt}", prompt)
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, *, engine: str = "vllm", prompt_template: str = "{prompt}",
+                 chat_template: bool = False, think_end: str = "</think>", worker_index: int = 0,
+                 engine_kwargs: dict | None = None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        ids = self.tokenizer.convert_tokens_to_ids(think_end)
+        if ids is None or ids == self.tokenizer.unk_token_id:
+            raise ValueError(f"model.think_end={think_end!r} is not a single token of the tokenizer at {model_path}")
+        self.think_end_id = int(ids)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer at {model_path} has no eos_token")
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        self.prompt_template = prompt_template
+        self.chat_template = chat_template
+        self.worker_index = worker_index
+        self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
+        self.policy_version = 0
+
+    def ready(self) -> int:
+        return self.worker_index
+
+    def generate(self, prompts: pa.Table, spec: SamplingSpec, *, step: int = 0) -> pa.Table:
+        """Rollout records for every prompt x ``group_size`` samples (rewards not yet filled)."""
+        rows = prompts.to_pylist()
+        texts = [render_prompt(self.prompt_template, r["prompt"], self.tokenizer, self.chat_template) for r in rows]
+        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        g = spec.group_size
+        flat_prompts = [ids for ids in enc for _ in range(g)]
+        base = (spec.seed * 1_000_003 + step * 10_007 + self.worker_index * 7_919) % (2**31 - 1)
+        seeds = [(base + i * 2) % (2**31 - 1) for i in range(len(flat_prompts))] if spec.temperature > 0 else None
+        samples = two_phase_generate(
+            self.engine, flat_prompts, [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
+            think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
+            seeds=seeds)
+
+        cols: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
+        for k, smp in enumerate(samples):
+            row = rows[k // g]
+            resp, lps, inj = smp.response(self.think_end_id)
+            think_ids = smp.thinking_ids[:-1] if smp.thinking_ids and smp.thinking_ids[-1] == self.think_end_id \
+                and not smp.forced_think_end else smp.thinking_ids
+            sol_ids = smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == self.eos_id \
+                else smp.solution_ids
+            mask = [0 if (f and not spec.train_forced_think_end) else 1 for f in inj]
+            values = {
+                "prompt_id": row["prompt_id"], "sample_index": k % g, "step": step,
+                "policy_version": self.policy_version, "task": row.get("task"), "difficulty": row.get("difficulty"),
+                "domain": row.get("domain"), "prompt": row["prompt"], "answer": row.get("answer"),
+                "thinking": self.tokenizer.decode(think_ids, skip_special_tokens=False),
+                "solution": self.tokenizer.decode(sol_ids, skip_special_tokens=True),
+                "thinking_tokens": len(smp.thinking_ids), "solution_tokens": len(smp.solution_ids),
+                "thinking_truncated": smp.thinking_truncated, "finish_reason": smp.finish_reason,
+                "budget_thinking": spec.budget_thinking, "budget_solution": spec.budget_solution,
+                "reward": None, "correct": None, "reward_error": None,
+                "prompt_token_ids": flat_prompts[k], "response_token_ids": resp,
+                "response_logprobs": [x if not math.isnan(x) else None for x in lps],
+                "injected": inj, "loss_mask": mask,
+            }
+            for name in cols:
+                cols[name].append(values[name])
+        return pa.table(cols, schema=ROLLOUT_SCHEMA)
+
+    def update_weights(self, state_dict, version: int) -> float:
+        """Load new weights in place (dict of tensors or safetensors bytes); returns seconds taken."""
+        t0 = time.perf_counter()
+        if isinstance(state_dict, (bytes, bytearray)):
+            from .engine import deserialize_state_dict
+
+            state_dict = deserialize_state_dict(bytes(state_dict))
+        self.engine.load_weights(state_dict)
+        self.policy_version = version
+        return time.perf_counter() - t0
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        return self.engine.prompt_logprobs(sequences)

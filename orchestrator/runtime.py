@@ -1,0 +1,96 @@
+"""Ray runtime and worker groups: connect to (or start) Ray, place rollout and learner actors.
+
+Placement: one placement group holds a bundle per rollout worker and per learner rank, so a run
+either gets all its resources or waits, never half-starts. Under ``ray job submit`` the driver joins
+the job's cluster and inherits the job's runtime_env (its working_dir is never overwritten here).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .config import Config
+
+# vLLM on CPU: use both cores, size the KV cache, keep the engine in the actor's process.
+VLLM_CPU_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by ray.address / RAY_ADDRESS, else start a private local runtime."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" always starts a fresh runtime, never a stale cluster left in the temp dir.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+class WorkerGroup:
+    """Rollout workers and the learner of one run, placed together."""
+
+    def __init__(self, cfg: Config, model_path: str, *, learner: bool = True):
+        from .learner.worker import Learner
+        from .rollout.worker import RolloutWorker
+
+        r, le = cfg.rollout, cfg.learner
+        bundles = [{"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+                   for _ in range(r.num_workers)]
+        bundles += [{"CPU": le.cpus_per_worker, **({"GPU": le.gpus_per_worker} if le.gpus_per_worker else {})}
+                    for _ in range(le.num_workers if learner else 0)]
+        bundles = [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
+        self.pg = placement_group(bundles, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+
+        engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
+        if r.engine == "vllm":
+            engine_kwargs.update(kv_cache_gib=r.vllm.kv_cache_gib, enforce_eager=r.vllm.enforce_eager,
+                                 multiprocess=r.vllm.multiprocess, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
+                                 enable_prefix_caching=r.vllm.enable_prefix_caching)
+        env = dict(VLLM_CPU_ENV)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.vllm.kv_cache_gib))))
+        if r.vllm.multiprocess:
+            env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        remote_rollout = ray.remote(RolloutWorker)
+        self.rollout = [
+            remote_rollout.options(
+                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                name=None,
+            ).remote(model_path, engine=r.engine, prompt_template=cfg.model.prompt_template,
+                     chat_template=cfg.model.chat_template, think_end=cfg.model.think_end, worker_index=i,
+                     engine_kwargs=engine_kwargs)
+            for i in range(r.num_workers)
+        ]
+        self.learner = None
+        if not learner:
+            ray.get([w.ready.remote() for w in self.rollout])
+            return
+        a = cfg.algorithm
+        remote_learner = ray.remote(Learner)
+        self.learner = remote_learner.options(
+            num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r.num_workers),
+        ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
+                 micro_batch_size=le.micro_batch_size, clip_low=a.clip_low, clip_high=a.clip_high,
+                 kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
+                 mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
+                 num_threads=le.num_threads or None, seed=cfg.trainer.seed)
+        ray.get([w.ready.remote() for w in self.rollout] + [self.learner.version.remote()])
+
+    def shutdown(self) -> None:
+        for a in self.rollout + ([self.learner] if self.learner is not None else []):
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.pg)
+        except Exception:
+            pass

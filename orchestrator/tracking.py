@@ -1,0 +1,392 @@
+"""MLflow runs, nested runs, lineage tags and artifacts.
+
+``Tracker`` wraps one MLflow run through an explicit ``MlflowClient`` (never the fluent active-run
+globals), so it works the same from the driver, threads and Ray actors, and pickles as (URI, run id).
+One training run is one run; a sweep or a multi-stage workload is a parent run with ``child`` runs.
+Every run carries the lineage tags below (``lineage_tags`` fills them from a config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+TAG_PREFIX = "budgetrl."
+TAG_CONFIG_HASH = "budgetrl.config_hash"
+TAG_GIT_COMMIT = "budgetrl.git_commit"
+TAG_GIT_DIRTY = "budgetrl.git_dirty"
+TAG_DATASET_DIGEST = "budgetrl.dataset_digest"
+TAG_SOURCE_CHECKPOINT = "budgetrl.source_checkpoint"
+TAG_SOURCE_RUN = "budgetrl.source_run"
+TAG_WORKLOAD = "budgetrl.workload"
+TAG_STAGE = "budgetrl.stage"
+TAG_STUDY = "budgetrl.study"
+TAG_PARENT_RUN = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": MLflow's own nesting tag, shown by the UI
+
+# Seconds to wait for an HTTP tracking server before giving up; MLflow's own client would retry
+# a refused connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES with exponential backoff).
+PROBE_TIMEOUT_S = 5.0
+_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable, unwritable, experiment deleted)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+
+
+def default_tracking_uri() -> str:
+    """``sqlite:///<cwd>/mlflow.db``, absolute so Ray actors with another cwd use the same file."""
+    return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """An explicit URI, else ``MLFLOW_TRACKING_URI`` (what ``ray job submit`` passes), else the default.
+
+    A relative SQLite path is made absolute here, so a Tracker shipped to a Ray actor (whose cwd
+    differs) still writes to the same file.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    db = _sqlite_path(uri)
+    if db is None:
+        return uri
+    query = uri.partition("?")[2]
+    return f"sqlite:///{db}" + (f"?{query}" if query else "")
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to cwd if written so), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
+    return None if path in ("", ":memory:") else Path(path).resolve()
+
+
+def _artifact_root(uri: str) -> str | None:
+    """``mlruns/`` next to a SQLite file; None lets a server (or other store) choose.
+
+    MLflow's SQLite store otherwise puts a new experiment's artifacts in ``./mlruns`` of whatever
+    directory the creating process runs in (a Ray actor's working dir, a test's cwd).
+    """
+    db = _sqlite_path(uri)
+    return (db.parent / "mlruns").as_uri() if db is not None else None
+
+
+def _probe(uri: str) -> None:
+    """Fail fast with a ``TrackingError`` naming ``uri`` if the store cannot be reached."""
+    db = _sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"tracking store {uri}: cannot create {db.parent}: {e}") from e
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: directory {db.parent} is not writable")
+    elif uri.startswith(("http://", "https://")):
+        # Any HTTP answer (even 401/404) means a server is there; only transport errors count.
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S)
+        except requests.RequestException as e:
+            raise TrackingError(f"tracking server {uri} is unreachable: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage values
+
+
+def flatten(d: Mapping[str, Any], sep: str = ".", max_len: int = MAX_PARAM_VAL_LENGTH) -> dict[str, str]:
+    """Nested config -> ``{"a.b.c": "value"}`` for MLflow params.
+
+    Non-string leaves are JSON (``true``, ``null``, ``[1, 2]``) as in the YAML. MLflow rejects param
+    values over ``max_len`` characters, so longer ones are cut with a visible marker and a warning;
+    log the full config with ``Tracker.log_dict`` as well.
+    """
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
+        d = dataclasses.asdict(d)
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = str(key)
+        if isinstance(value, Mapping) and value:
+            out.update({f"{name}{sep}{k}": v for k, v in flatten(value, sep, max_len).items()})
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
+        if len(text) > max_len:
+            marker = f"...[truncated {len(text)} chars]"
+            warnings.warn(f"param {name!r} is {len(text)} chars, over MLflow's {max_len}; truncated")
+            text = text[: max_len - len(marker)] + marker
+        out[name] = text
+    return out
+
+
+def config_hash(d: Mapping[str, Any]) -> str:
+    """First 12 hex of sha256 over canonical JSON: same config, same hash, whatever the key order."""
+    if dataclasses.is_dataclass(d) and not isinstance(d, type):
+        d = dataclasses.asdict(d)
+    canonical = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def git_commit(path: str | os.PathLike = ".") -> tuple[str | None, bool]:
+    """(HEAD commit, working tree dirty) of the repo containing ``path``; (None, False) outside one."""
+
+    def git(*args: str) -> str | None:
+        try:
+            # --no-optional-locks: never take index.lock, so this cannot block a concurrent git command.
+            proc = subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(path), *args],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    status = git("status", "--porcelain")
+    if status is None:
+        return None, False
+    return git("rev-parse", "HEAD"), bool(status)
+
+
+def dataset_digest(table: pa.Table) -> str:
+    """sha256 (first 16 hex) of a table's columns and values.
+
+    Independent of chunking, column order and schema metadata (e.g. pandas index info), so the
+    same data digests the same in any process; column types count (int32 vs int64 differ).
+    """
+    h = hashlib.sha256()
+    h.update(f"rows={table.num_rows}\n".encode())
+    for name in sorted(table.column_names):
+        field = table.schema.field(name)
+        h.update(f"{name}:{field.type}\n".encode())
+        column = table.column(name).combine_chunks()
+        for start in range(0, len(column), 65536):
+            piece = column.slice(start, 65536)
+            fixed_width = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+            if fixed_width and piece.null_count == 0:
+                h.update(piece.to_numpy().tobytes())
+            else:
+                h.update(json.dumps(piece.to_pylist(), default=repr, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def lineage_tags(
+    config: Mapping[str, Any],
+    *,
+    workload: str,
+    stage: str | None = None,
+    source_checkpoint: str | None = None,
+    source_run: str | None = None,
+    dataset_digest: str | None = None,
+    repo: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """Lineage tags for a run; unknown values are left out rather than written as placeholders.
+
+    The git commit is the one of the code being run (``repo`` defaults to this package's directory,
+    not the cwd); it is also written to ``mlflow.source.git.commit`` so the MLflow UI shows it.
+    """
+    tags = {TAG_CONFIG_HASH: config_hash(config), TAG_WORKLOAD: workload}
+    commit, dirty = git_commit(repo if repo is not None else Path(__file__).resolve().parent)
+    if commit is not None:
+        tags.update({TAG_GIT_COMMIT: commit, TAG_GIT_DIRTY: str(dirty).lower(), MLFLOW_GIT_COMMIT: commit})
+    optional = {
+        TAG_STAGE: stage,
+        TAG_SOURCE_CHECKPOINT: source_checkpoint,
+        TAG_SOURCE_RUN: source_run,
+        TAG_DATASET_DIGEST: dataset_digest,
+    }
+    tags.update({k: str(v) for k, v in optional.items() if v is not None})
+    return tags
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str, artifact_location: str | None) -> str:
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(
+                    name, artifact_location=artifact_location or _artifact_root(uri)
+                )
+            except Exception:  # another process created it first
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+    except Exception as e:
+        raise TrackingError(f"tracking store {uri}: cannot get or create experiment {name!r}: {e}") from e
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"experiment {name!r} in {uri} is deleted; restore it (mlflow experiments restore) "
+            "or remove it for good (mlflow gc) before reusing the name"
+        )
+    return experiment.experiment_id
+
+
+class Tracker:
+    """One MLflow run. Use as a context manager: it ends FINISHED, FAILED on an exception, KILLED on ^C."""
+
+    def __init__(self, tracking_uri: str, run_id: str, experiment_id: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.client = MlflowClient(tracking_uri)
+        self._ended = False
+
+    # Pickle as (URI, run id, experiment id): the client holds a DB engine or HTTP session.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "experiment_id": self.experiment_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["tracking_uri"], state["run_id"], state["experiment_id"])
+
+    def __repr__(self) -> str:
+        return f"Tracker(run_id={self.run_id!r}, experiment_id={self.experiment_id!r}, uri={self.tracking_uri!r})"
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str | None,
+        experiment: str,
+        run_name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+        artifact_location: str | None = None,
+    ) -> Tracker:
+        """Create a run (and the experiment if missing). ``params`` may be nested; they are flattened."""
+        uri = resolve_tracking_uri(tracking_uri)
+        _probe(uri)
+        client = MlflowClient(uri)
+        experiment_id = _experiment_id(client, uri, experiment, artifact_location)
+        return cls._create(client, uri, experiment_id, run_name, params, tags, parent_run_id)
+
+    @classmethod
+    def _create(cls, client, uri, experiment_id, run_name, params, tags, parent_run_id) -> Tracker:
+        run_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id is not None:
+            run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = client.create_run(experiment_id, tags=run_tags, run_name=run_name)
+        tracker = cls(uri, run.info.run_id, experiment_id)
+        if params:
+            tracker.log_params(params)
+        return tracker
+
+    @classmethod
+    def resume(cls, tracking_uri: str | None, run_id: str) -> Tracker:
+        """Reattach to an existing run (after a crash, or in another process) and mark it RUNNING."""
+        uri = resolve_tracking_uri(tracking_uri)
+        _probe(uri)
+        client = MlflowClient(uri)
+        try:
+            run = client.get_run(run_id)
+        except Exception as e:
+            raise TrackingError(f"tracking store {uri}: cannot resume run {run_id}: {e}") from e
+        if run.info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return cls(uri, run_id, run.info.experiment_id)
+
+    def child(
+        self,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> Tracker:
+        """A nested run in the same experiment; it inherits this run's ``budgetrl.*`` lineage tags."""
+        inherited = {
+            k: v for k, v in self.client.get_run(self.run_id).data.tags.items() if k.startswith(TAG_PREFIX)
+        }
+        inherited.update(tags or {})
+        return self._create(
+            self.client, self.tracking_uri, self.experiment_id, run_name, params, inherited, self.run_id
+        )
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (nested) params; MLflow refuses to change a param already logged with another value."""
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """One batched write; NaN/inf values are dropped with a warning (one bad step must not kill a run)."""
+        timestamp = int(time.time() * 1000)
+        batch, dropped = [], []
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"metric {key!r} is not a number: {value!r}") from e
+            if math.isfinite(value):
+                batch.append(Metric(key, value, timestamp, int(step)))
+            else:
+                dropped.append(f"{key}={value}")
+        if dropped:
+            warnings.warn(f"run {self.run_id} step {step}: dropped non-finite metrics {', '.join(dropped)}")
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_table(self, table: pa.Table, artifact_file: str) -> None:
+        """Write ``table`` as a Parquet artifact at ``artifact_file`` (e.g. ``frontier/points.parquet``)."""
+        directory, name = os.path.split(artifact_file)
+        with tempfile.TemporaryDirectory() as tmp:
+            pq.write_table(table, os.path.join(tmp, name))
+            self.client.log_artifact(self.run_id, os.path.join(tmp, name), directory or None)
+
+    def log_figure(self, fig: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def log_dict(self, d: Mapping[str, Any], artifact_file: str) -> None:
+        """JSON or YAML by extension (``.json``, ``.yaml``/``.yml``)."""
+        self.client.log_dict(self.run_id, dict(d), artifact_file)
+
+    def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Mark the run terminated; a second call is a no-op."""
+        if status not in _END_STATUSES:
+            raise ValueError(f"status must be one of {_END_STATUSES}, got {status!r}")
+        if not self._ended:
+            self.client.set_terminated(self.run_id, status)
+            self._ended = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False

@@ -1,0 +1,94 @@
+"""The start checkpoint of a run: the configured model, built (tiny) and warm-started if asked.
+
+A warm start is supervised fine-tuning on the task's reference reasoning, so the policy writes
+``<think> ... </think> answer`` before RL begins. Its output directory is keyed by a hash of
+everything that determines it, so a re-run (or a sweep's many trials) reuses it instead of
+re-training; a half-written checkpoint is never reused (the SFT writes atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import ray
+
+from .config import Config, to_dict
+from .rollout.worker import render_prompt
+
+COMPLETE_MARKER = "warmstart.json"
+
+
+def _key(cfg: Config) -> str:
+    d = to_dict(cfg)
+    blob = json.dumps({"model": d["model"], "warmstart": d["warmstart"], "data": d["data"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_base_model(cfg: Config) -> str:
+    """The configured model directory; the tiny model is built there first when asked and missing."""
+    path = Path(cfg.model.path)
+    if cfg.model.build_tiny_if_missing:
+        from .tiny_model import build_tiny_model, is_built
+
+        if not is_built(path):
+            t = cfg.model.tiny
+            build_tiny_model(path, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
+                             intermediate_size=t.intermediate_size,
+                             max_position_embeddings=t.max_position_embeddings, seed=t.seed)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json)")
+    return str(path)
+
+
+def warmstart_dir(cfg: Config) -> Path:
+    return Path(cfg.trainer.output_dir) / "warmstart" / _key(cfg)
+
+
+def sft_examples(cfg: Config, tokenizer) -> list[tuple[str, str]]:
+    from .data.tasks import get_task
+
+    task = get_task(cfg.data.task)
+    table = task.generate(cfg.warmstart.train_size, difficulties=tuple(cfg.data.difficulties), seed=cfg.data.seed + 1,
+                          split="train", concise_fraction=cfg.warmstart.concise_fraction)
+    eos = tokenizer.eos_token
+    out = []
+    for row in table.select(["prompt", "reasoning", "answer"]).to_pylist():
+        prompt = render_prompt(cfg.model.prompt_template, row["prompt"], tokenizer, cfg.model.chat_template)
+        out.append((prompt, f"{row['reasoning'] or ''}{cfg.model.think_end}{row['answer']}{eos}"))
+    return out
+
+
+def _sft_task(cfg: Config, base: str, out_dir: str) -> dict:
+    from transformers import AutoTokenizer
+
+    from .learner.sft import sft_train
+
+    tok = AutoTokenizer.from_pretrained(base)
+    w = cfg.warmstart
+    return sft_train(base, out_dir, sft_examples(cfg, tok), steps=w.steps, batch_size=w.batch_size, lr=w.lr,
+                     seed=cfg.trainer.seed, num_threads=w.num_threads or None, dtype="float32", progress=True)
+
+
+def prepare_start_checkpoint(cfg: Config, log=print) -> tuple[str, dict]:
+    """(start checkpoint path, warm-start metrics or {}); runs the SFT as a Ray task when needed."""
+    base = ensure_base_model(cfg)
+    if cfg.warmstart.steps <= 0:
+        return base, {}
+    out = warmstart_dir(cfg)
+    marker = out / COMPLETE_MARKER
+    if marker.is_file():
+        log(f"warm start: reusing {out}")
+        return str(out), {**json.loads(marker.read_text()), "reused": 1.0}
+    if not cfg.data.task or cfg.data.path is not None:
+        raise ValueError("warmstart.steps > 0 needs a task generator with reference reasoning (data.task, no data.path)")
+    log(f"warm start: SFT for {cfg.warmstart.steps} steps -> {out}")
+    t0 = time.time()
+    task = ray.remote(_sft_task).options(num_cpus=1, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    metrics = ray.get(task.remote(cfg, base, str(out)))
+    metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    metrics["wall_seconds"] = time.time() - t0
+    marker.write_text(json.dumps(metrics))
+    return str(out), metrics

@@ -1,0 +1,61 @@
+"""Session-wide fixtures: one Ray runtime, one tiny model, one vLLM rollout worker for the suite."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+# Small enough to be fast, head_dim 32 (vLLM's CPU attention needs a multiple of 32).
+TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # Logical CPUs above the machine's 2 cores: tests place several small actors at once
+    # (the shared rollout worker plus a training run's group); the OS shares the real cores.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from orchestrator.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", **TINY))
+
+
+@pytest.fixture(scope="session")
+def vllm_worker(ray_session, tiny_model):
+    """One vLLM RolloutWorker actor shared by every test that needs a real engine."""
+    from orchestrator.rollout.worker import RolloutWorker
+    from orchestrator.runtime import VLLM_CPU_ENV
+
+    env = dict(VLLM_CPU_ENV, VLLM_CPU_KVCACHE_SPACE="1")
+    actor = ray_session.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
+        tiny_model, engine="vllm", prompt_template="<s>{prompt}<think>",
+        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0))
+    ray_session.get(actor.ready.remote())
+    yield actor
+    ray_session.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def hf_worker(tiny_model):
+    """The HF engine runs in-process: no Ray needed."""
+    from orchestrator.rollout.worker import RolloutWorker
+
+    return RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
+                         engine_kwargs=dict(dtype="float32"))
+
+
+sys.path.insert(0, os.path.dirname(__file__))

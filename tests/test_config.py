@@ -1,0 +1,82 @@
+"""Config errors fail before Ray starts and name the key path and the bad value."""
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, parse_budget, EvalConfig
+
+
+@pytest.fixture()
+def cfg_file(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model:\n  path: {model}\n  max_model_len: 256\nbudget:\n  thinking: 16\n  solution: 8\n")
+    return p
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.foo=1", "model.foo"),
+    ("rollout.group_size=abc", "rollout.group_size"),
+    ("budget.thinking=-3", "budget.thinking=-3"),
+    ("budget.solution=0", "budget.solution=0"),
+    ("rollout.group_size=1", "rollout.group_size=1"),
+    ("model.path=/no/such/model", "/no/such/model"),
+    ("rollout.engine=tgi", "rollout.engine='tgi'"),
+    ("budgets=[16x8,oops]", "'oops'"),
+    ("learner.lr=0", "learner.lr=0"),
+    ("algorithm.kl_estimator=k9", "k9"),
+])
+def test_bad_values_name_key_and_value(cfg_file, override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg_file, [override])
+    assert expected in str(info.value)
+
+
+def test_missing_model_path_is_reported(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("budget:\n  thinking: 16\n")
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(p)
+
+
+def test_good_config_and_aliases(cfg_file, tmp_path):
+    cfg = load_config(cfg_file, ["budgets=[16x8,unconstrained]", f"checkpoint={tmp_path / 'model'}",
+                                 "rollout.group_size=4"])
+    assert cfg.eval.budgets == ["16x8", "unconstrained"]
+    assert cfg.model.path == str(tmp_path / "model")
+    assert cfg.rollout.group_size == 4 and cfg.budget.thinking == 16
+
+
+def test_parse_budget():
+    e = EvalConfig(max_thinking=64, max_solution=12)
+    assert parse_budget("16x8", e).thinking == 16
+    assert parse_budget("unconstrained", e).solution == 12
+    with pytest.raises(ConfigError):
+        parse_budget("0x8", e)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/no/such.yaml")
+
+
+def test_cli_exits_2_with_one_line_before_ray(cfg_file):
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "train", str(cfg_file), "budget.thinking=-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "budget.thinking=-1" in proc.stderr
+    assert "ray" not in proc.stderr.lower()
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files, "configs/ holds no YAML"
+    for f in files:
+        load_config(f)
