@@ -151,10 +151,16 @@ def test_tag_format_on_split_response():
 
 def test_think_format():
     assert response_text("a", "b") == "a</think>b" and response_text("a</think>", "b") == "a</think>b"
-    assert thinking_closed_once("reasoning", "answer", thinking_truncated=False)
-    assert not thinking_closed_once("reasoning", "answer", thinking_truncated=True)  # marker was forced
-    assert not thinking_closed_once("reasoning", "more</think>answer", thinking_truncated=False)
-    assert not thinking_closed_once("a</think>b", "answer", thinking_truncated=False)
+    assert thinking_closed_once("reasoning", "answer", forced=False)
+    assert not thinking_closed_once("reasoning", "answer", forced=True)
+    assert not thinking_closed_once("reasoning", "more</think>answer", forced=False)
+    assert not thinking_closed_once("a</think>b", "answer", forced=False)
+    closed, eos_first = (
+        item(thinking="a", solution="b"),
+        ScoreItem("t", "a", "b", "", 1, 1, 8, 8, False, True),
+    )
+    spec = RewardSpec(format_weight=1.0, format_fn="think_format")
+    assert score([closed, eos_first], spec).format_score.tolist() == [1.0, -1.0]
 
 
 def test_length_penalty_math():
@@ -234,6 +240,9 @@ def test_items_from_table():
     items = items_from_table(table)
     assert items[1].thinking == "" and items[1].thinking_truncated
     assert score(items, RewardSpec()).correct.tolist() == [True, False]
+    assert not items[0].forced_think_end  # optional column absent
+    forced = items_from_table(table.append_column("forced_think_end", pa.array([True, None])))
+    assert [it.forced_think_end for it in forced] == [True, False]
     with pytest.raises(ValueError, match="solution"):
         items_from_table(table.drop(["solution"]))
 
@@ -267,7 +276,7 @@ def test_hanging_verifier_times_out_and_pool_recovers(pool):
     start = time.monotonic()
     result = score(mixed("HANG"), spec, pool)
     elapsed = time.monotonic() - start
-    assert 0.9 <= elapsed < 4.0
+    assert 0.9 <= elapsed < 5.0
     assert result.error == [None, "timeout", None, None]
     assert result.correct.tolist() == [True, False, True, False]
     assert result.reward.tolist() == [1.0, 0.0, 1.0, 0.0]
@@ -296,7 +305,6 @@ def test_crashing_worker_fails_only_its_sample(pool):
 
 
 def test_multi_worker_pool_with_hangs_and_close_leaves_no_children():
-    before = children()
     items = [item(solution="HANG" if i in (3, 17) else str(i % 3), answer="0") for i in range(24)]
     with RewardPool(num_workers=2) as pool:
         started = set(pool.pids)
@@ -308,7 +316,7 @@ def test_multi_worker_pool_with_hangs_and_close_leaves_no_children():
         assert result.correct.tolist() == expected
         started |= set(pool.pids)
     assert not any(alive(pid) for pid in started)
-    assert children() == before
+    assert not (children() & started)
     with pytest.raises(RuntimeError, match="closed"):
         pool.evaluate(items, "exact_match", None, timeout_s=1.0)
 
@@ -328,8 +336,7 @@ def test_pool_format_and_math_in_workers(pool):
 def test_worker_killed_while_idle_is_replaced(pool):
     score(mixed("x"), RewardSpec(), pool)  # make sure a worker is up
     for pid in pool.pids:
-        os.kill(pid, 9)
-    time.sleep(0.05)
+        os.kill(pid, 9)  # no wait: whether dispatch sees it dead or the send/recv fails, it is retried
     result = score(mixed("x"), RewardSpec(), pool)
     assert result.error == [None] * 4 and result.correct.tolist() == [True, False, True, False]
 

@@ -61,6 +61,9 @@ class ScoreItem:
     budget_thinking: int
     budget_solution: int
     thinking_truncated: bool
+    # The end-of-thinking marker was injected (budget ran out, or EOS came first); rollout tables
+    # without this column fall back to thinking_truncated.
+    forced_think_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,12 +136,22 @@ def score(items: Sequence[ScoreItem], spec: RewardSpec, pool: RewardPool | None 
     )
 
 
-_ITEM_DEFAULTS = {"task": "", "thinking": "", "solution": "", "answer": "", "thinking_truncated": False}
+_ITEM_DEFAULTS = {
+    "task": "",
+    "thinking": "",
+    "solution": "",
+    "answer": "",
+    "thinking_truncated": False,
+    "forced_think_end": False,
+}
+_OPTIONAL_COLUMNS = ("forced_think_end",)
 
 
 def items_from_table(table: pa.Table) -> list[ScoreItem]:
     """ScoreItems from a rollout-records table (orchestrator.data.schema.ROLLOUT_SCHEMA columns)."""
-    names = [f for f in ScoreItem.__dataclass_fields__]
+    names = [
+        f for f in ScoreItem.__dataclass_fields__ if f not in _OPTIONAL_COLUMNS or f in table.column_names
+    ]
     missing = [c for c in names if c not in table.column_names]
     if missing:
         raise ValueError(f"rollout table lacks columns needed for scoring: {missing}")

@@ -91,7 +91,8 @@ class _Busy:
     indices: list[int]
     payload: list[tuple]
     message: tuple | None = None  # held back until a fresh worker says hello
-    started: bool = False  # the worker acknowledged the chunk (functions resolved, warm)
+    warm: bool = False  # the worker was already serving before this chunk
+    started: bool = False  # the worker acknowledged the chunk: functions resolved and warmed up
     done: int = 0
     deadline: float = 0.0
 
@@ -121,6 +122,10 @@ def _start_worker(preload: Sequence[str]) -> _Worker:
         proc = subprocess.Popen(
             [sys.executable, "-c", boot], pass_fds=(to_r, from_w), stdin=subprocess.DEVNULL, env=env
         )
+    except BaseException:
+        os.close(to_w)
+        os.close(from_r)
+        raise
     finally:
         os.close(to_r)
         os.close(from_w)
@@ -223,11 +228,16 @@ class RewardPool:
             size = max(1, math.ceil(len(items) / n_chunks))
             for lo in range(0, len(items), size):
                 job.queue.append((list(range(lo, min(lo + size, len(items)))), payload[lo : lo + size]))
-            self._run(job)
+            busy: dict[Connection, _Busy] = {}
+            try:
+                self._run(job, busy)
+            except BaseException:  # e.g. KeyboardInterrupt: workers mid-chunk hold stale work
+                for state in busy.values():
+                    self._retire(state.worker)
+                raise
             return job.outcomes  # type: ignore[return-value]
 
-    def _run(self, job: _Job) -> None:
-        busy: dict[Connection, _Busy] = {}
+    def _run(self, job: _Job, busy: dict[Connection, _Busy]) -> None:
         while job.queue or busy:
             while job.queue and len(busy) < self.num_workers:
                 while len(self._all) < self.num_workers:
@@ -238,7 +248,8 @@ class RewardPool:
                     continue
                 indices, payload = job.queue.popleft()
                 message = (job.verifier, job.format_fn, job.hints, payload)
-                state = _Busy(worker, indices, payload, message, deadline=time.monotonic() + STARTUP_GRACE_S)
+                deadline = time.monotonic() + STARTUP_GRACE_S
+                state = _Busy(worker, indices, payload, message, worker.ready, deadline=deadline)
                 busy[worker.from_worker] = state
                 if worker.ready:
                     self._send(state)
@@ -313,7 +324,10 @@ class RewardPool:
         self._retire(state.worker)
         code = state.worker.proc.returncode
         msg = f"error: RewardWorkerDied: exit code {code}"
-        if not state.started:  # dies before its first item: retrying would likely die again
+        if not state.started and state.warm:  # died between calls (OOM killer, ...): retry on a fresh one
+            self._requeue_rest(job, state, skip=0)
+            return
+        if not state.started:  # a fresh worker died before its first item: retrying would likely die again
             for i in state.indices:
                 job.outcomes[i] = (False, 0.0, msg)
             return
@@ -327,7 +341,11 @@ class RewardPool:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: get SIGKILL if the parent dies, so a hung worker never outlives the driver."""
+    """Linux: get SIGKILL if the parent dies, so a hung worker never outlives the driver.
+
+    The signal follows the parent *thread* that started us; if that thread ends first, the pool finds the
+    worker dead at its next dispatch and replaces it.
+    """
     try:
         import ctypes
 

@@ -38,11 +38,9 @@ def tag_format_score(text: str, ok: float = 1.0, bad: float = -1.0) -> float:
     return ok if tags_well_formed(text) else bad
 
 
-def thinking_closed_once(
-    thinking: str, solution: str, thinking_truncated: bool, marker: str = THINK_CLOSE
-) -> bool:
-    """The model itself closed its thinking (no forced marker) and never emitted the marker again."""
-    if thinking_truncated:
+def thinking_closed_once(thinking: str, solution: str, forced: bool, marker: str = THINK_CLOSE) -> bool:
+    """The model itself closed its thinking (the marker was not ``forced``) and never emitted it again."""
+    if forced:
         return False
     return response_text(thinking, solution, marker).count(marker) == 1
 
@@ -56,7 +54,9 @@ def length_fraction(thinking_tokens, solution_tokens, budget_thinking, budget_so
 
 @register_format("think_format")
 def think_format(item) -> bool:
-    return thinking_closed_once(item.thinking, item.solution, item.thinking_truncated)
+    return thinking_closed_once(
+        item.thinking, item.solution, item.thinking_truncated or item.forced_think_end
+    )
 
 
 @register_format("tag_format")

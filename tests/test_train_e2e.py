@@ -1,0 +1,81 @@
+"""One short end-to-end training run: real Ray, real vLLM, real MLflow (SQLite), real artifacts."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import TINY
+from orchestrator.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    from orchestrator.trainer import train
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    overrides = [f"model.path={tmp / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
+                 "warmstart.batch_size=32", "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
+                 f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e", "trainer.log_samples_every=1",
+                 "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64", "budgets=[6x4,unconstrained]",
+                 "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
+                 "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+                 "tracking.experiment=e2e", "reward.num_workers=1"]
+    overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    result = train(cfg, log=lambda *_: None)
+    return cfg, result, tmp
+
+
+def test_run_logged_to_mlflow(trained):
+    from mlflow import MlflowClient
+
+    cfg, result, tmp = trained
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("train/reward", "train/accuracy", "train/thinking_tokens", "train/truncation_rate",
+                "time/generate", "time/reward", "time/learn", "time/sync", "learner/loss"):
+        hist = client.get_metric_history(result.run_id, key)
+        assert [m.step for m in hist] == [1, 2], key
+    assert client.get_metric_history(result.run_id, "eval/6x4/accuracy")
+    tags = run.data.tags
+    for tag in ("budgetrl.config_hash", "budgetrl.dataset_digest", "budgetrl.source_checkpoint"):
+        assert tags.get(tag), tag
+    assert "warmstart" in tags["budgetrl.source_checkpoint"]
+    assert run.data.params["budget.thinking"] == "6"
+    arts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
+    assert "eval/step_0000_frontier.png" in arts and "eval/step_0002_summary.parquet" in arts
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}
+
+
+def test_rollout_records_respect_budgets(trained):
+    from orchestrator.data.schema import ROLLOUT_SCHEMA
+
+    cfg, result, tmp = trained
+    out = Path(result.output_dir)
+    train_files = sorted((out / "rollouts").glob("*.parquet"))
+    assert len(train_files) == 2
+    for f in train_files:
+        t = pq.read_table(f)
+        assert t.schema.names == ROLLOUT_SCHEMA.names
+        assert t.num_rows == 16
+        assert max(t["thinking_tokens"].to_pylist()) <= 6 and max(t["solution_tokens"].to_pylist()) <= 4
+        assert all(r is not None for r in t["reward"].to_pylist())
+    ev = pq.read_table(out / "eval" / "step_0002.parquet")
+    assert ev.num_rows == 24  # 12 prompts x 2 budgets
+    for row in ev.to_pylist():
+        assert row["thinking_tokens"] <= row["budget_thinking"] and row["solution_tokens"] <= row["budget_solution"]
+    assert {r["budget_thinking"] for r in ev.to_pylist()} == {6, 24}
+
+
+def test_checkpoint_is_hf_directory(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, result, _ = trained
+    ckpt = Path(result.checkpoint)
+    assert (ckpt / "model.safetensors").is_file() and not list(ckpt.glob("*.bin"))
+    AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
+    assert AutoTokenizer.from_pretrained(ckpt).convert_tokens_to_ids("</think>") is not None
