@@ -19,8 +19,13 @@ CHARACTERS = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
 VOCAB_MULTIPLE = 64
 MARKER_FILE = "budgetrl_tiny_model.json"
 _MARKER_VERSION = 1
-_REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                   "tokenizer_config.json")
+_REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def padded_vocab_size() -> int:
@@ -112,9 +117,14 @@ def build_tiny_model(
     interrupted or concurrent build never leaves a directory that looks complete but is not.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads), ("intermediate_size", intermediate_size),
-                        ("max_position_embeddings", max_position_embeddings)):
+    for name, value in (
+        ("hidden_size", hidden_size),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("intermediate_size", intermediate_size),
+        ("max_position_embeddings", max_position_embeddings),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if hidden_size % num_heads:
@@ -123,9 +133,15 @@ def build_tiny_model(
         raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
 
     out = Path(out_dir)
-    args = _build_args(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                       num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
-                       max_position_embeddings=max_position_embeddings, seed=seed)
+    args = _build_args(
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        seed=seed,
+    )
     if is_built(out, args):
         return out
 

@@ -86,7 +86,9 @@ def prepare_start_checkpoint(cfg: Config, log=print) -> tuple[str, dict]:
         raise ValueError("warmstart.steps > 0 needs a task generator with reference reasoning (data.task, no data.path)")
     log(f"warm start: SFT for {cfg.warmstart.steps} steps -> {out}")
     t0 = time.time()
-    task = ray.remote(_sft_task).options(num_cpus=1, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    from .runtime import WORKER_ENV
+
+    task = ray.remote(_sft_task).options(num_cpus=1, runtime_env={"env_vars": dict(WORKER_ENV)})
     metrics = ray.get(task.remote(cfg, base, str(out)))
     metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     metrics["wall_seconds"] = time.time() - t0

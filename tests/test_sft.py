@@ -9,21 +9,40 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from orchestrator.learner.sft import IGNORE_INDEX, METRICS_FILE, _collate, lr_factor, sft_train
 from orchestrator.tiny_model import build_tiny_model
 
-EXAMPLES = [("<s>12+34=<think>", "4+2=6 3+1=4</think>46</s>"), ("<s>5+7=<think>", "12</think>12</s>"),
-            ("<s>99+1=<think>", "9+1=10 9+0+1=10</think>100</s>")]
+EXAMPLES = [
+    ("<s>12+34=<think>", "4+2=6 3+1=4</think>46</s>"),
+    ("<s>5+7=<think>", "12</think>12</s>"),
+    ("<s>99+1=<think>", "9+1=10 9+0+1=10</think>100</s>"),
+]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("sft") / "base", hidden_size=32, num_layers=1, num_heads=2,
-                            intermediate_size=64, max_position_embeddings=64)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("sft") / "base",
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
 
 
 def test_sft_reduces_loss_and_saves_checkpoint(base, tmp_path):
     logs = []
     out = tmp_path / "sft"
-    result = sft_train(base, out, EXAMPLES, steps=30, batch_size=4, lr=1e-2, warmup_steps=2, log_every=10,
-                       progress=False, on_log=lambda step, m: logs.append((step, m)))
+    result = sft_train(
+        base,
+        out,
+        EXAMPLES,
+        steps=30,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=10,
+        progress=False,
+        on_log=lambda step, m: logs.append((step, m)),
+    )
     assert [s for s, _ in logs] == [10, 20, 30]
     assert result["loss"] < 0.5 * result["initial_loss"]
     assert result["steps"] == 30 and result["seconds"] > 0 and result["tokens_per_s"] > 0
@@ -53,16 +72,19 @@ def test_lr_schedule():
     assert lr_factor(50, steps=100, warmup_steps=0, schedule="constant") == 1.0
 
 
-@pytest.mark.parametrize("examples,kwargs,match", [
-    ([], {}, "empty"),
-    ([("a", "")], {}, "empty target"),
-    ([("a", "b")], {"steps": 0}, "steps"),
-    ([("a", "b")], {"batch_size": 0}, "batch_size"),
-    ([("a", "b")], {"lr": -1.0}, "lr"),
-    ([("a", "b")], {"schedule": "step"}, "schedule"),
-    ([("a", "b")], {"dtype": "float16"}, "dtype"),
-    (["ab"], {}, "pair"),
-])
+@pytest.mark.parametrize(
+    "examples,kwargs,match",
+    [
+        ([], {}, "empty"),
+        ([("a", "")], {}, "empty target"),
+        ([("a", "b")], {"steps": 0}, "steps"),
+        ([("a", "b")], {"batch_size": 0}, "batch_size"),
+        ([("a", "b")], {"lr": -1.0}, "lr"),
+        ([("a", "b")], {"schedule": "step"}, "schedule"),
+        ([("a", "b")], {"dtype": "float16"}, "dtype"),
+        (["ab"], {}, "pair"),
+    ],
+)
 def test_bad_arguments(base, tmp_path, examples, kwargs, match):
     with pytest.raises(ValueError, match=match):
         sft_train(base, tmp_path / "x", examples, **{"steps": 1, **kwargs})

@@ -1,7 +1,6 @@
 """Addition task generator: determinism, disjoint splits, correct answers and reasoning."""
 
 import dataclasses
-import re
 from importlib import import_module
 
 import pytest
@@ -28,7 +27,9 @@ def test_splits_are_disjoint():
     train_ids = set(train.column("prompt_id").to_pylist())
     for ev in evals:
         assert not train_ids & set(ev.column("prompt_id").to_pylist())
-        assert all(split_of(*map(int, p.rstrip("=").split("+"))) == "eval" for p in ev.column("prompt").to_pylist())
+        assert all(
+            split_of(*map(int, p.rstrip("=").split("+"))) == "eval" for p in ev.column("prompt").to_pylist()
+        )
 
 
 def test_answers_and_reasoning_are_consistent():
@@ -38,18 +39,19 @@ def test_answers_and_reasoning_are_consistent():
         a, b = map(int, row["prompt"].rstrip("=").split("+"))
         assert len(str(a)) == len(str(b)) == row["difficulty"]
         assert row["answer"] == str(a + b) and verify(f" {a + b}\n", row["answer"])
-        steps = row["reasoning"].split(" ")
-        assert len(steps) == row["difficulty"]
-        if re.fullmatch(r"\d+( \d+)*", row["reasoning"]):
-            styles.add("concise")
-            sums = [int(s) for s in steps]
-        else:
+        text = row["reasoning"]
+        if text.startswith(f"{a}+{b}: "):
             styles.add("verbose")
-            sums = []
-            for step in steps:
-                lhs, rhs = step.split("=")
-                assert sum(int(x) for x in lhs.split("+")) == int(rhs)
-                sums.append(int(rhs))
+            text = text[len(f"{a}+{b}: "):]
+        else:
+            styles.add("concise")
+        steps = text.split(" ")
+        assert len(steps) == row["difficulty"]
+        sums = []
+        for step in steps:
+            lhs, rhs = step.split("=")
+            assert sum(int(x) for x in lhs.split("+")) == int(rhs)
+            sums.append(int(rhs))
         assert answer_from_sums(sums) == row["answer"]
     assert styles == {"verbose", "concise"}
     assert not verify("933", "934")
@@ -58,8 +60,9 @@ def test_answers_and_reasoning_are_consistent():
 def test_examples_from_the_docs():
     from workloads.tasks.arithmetic import reasoning
 
-    assert reasoning(347, 586) == "7+6=13 4+8+1=13 3+5+1=9"
-    assert reasoning(347, 586, "concise") == "13 13 9"
+    assert reasoning(347, 586, "concise") == "7+6=13 4+8+1=13 3+5+1=9"
+    assert reasoning(347, 586) == "347+586: 7+6=13 4+8+1=13 3+5+1=9"
+    assert reasoning(347, 586, "sums") == "13 13 9"
 
 
 def test_stratified_and_concise_share():
@@ -67,13 +70,21 @@ def test_stratified_and_concise_share():
     diffs = table.column("difficulty").to_pylist()
     assert [diffs.count(d) for d in (2, 3, 4)] == [11, 10, 10]
     assert diffs[:6] == [2, 3, 4, 2, 3, 4]
-    concise = sum("=" not in r for r in table.column("reasoning").to_pylist())
+    concise = sum(":" not in r for r in table.column("reasoning").to_pylist())
     assert concise == round(0.3 * 31)
-    assert all("=" in r for r in generate(30).column("reasoning").to_pylist())
+    assert all(":" in r for r in generate(30).column("reasoning").to_pylist())
 
 
-@pytest.mark.parametrize("kwargs", [{"difficulties": (9,)}, {"difficulties": ()}, {"split": "test"},
-                                    {"concise_fraction": 1.5}, {"difficulties": (1,), "split": "eval"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"difficulties": (9,)},
+        {"difficulties": ()},
+        {"split": "test"},
+        {"concise_fraction": 1.5},
+        {"difficulties": (1,), "split": "eval"},
+    ],
+)
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         generate(30, **kwargs)

@@ -14,7 +14,13 @@ from orchestrator.tiny_model import (
     padded_vocab_size,
 )
 
-SMALL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}
+SMALL = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,9 @@ def test_specials_are_single_ids_and_text_round_trips(model_dir):
         text = "<s>12+34=<think>4+2=6 3+1=4</think>46</s>"
         ids = tok.encode(text, add_special_tokens=False)
         n_specials = 4
-        assert len(ids) == len(text) - sum(len(s) for s in ("<s>", "<think>", "</think>", "</s>")) + n_specials
+        assert (
+            len(ids) == len(text) - sum(len(s) for s in ("<s>", "<think>", "</think>", "</s>")) + n_specials
+        )
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         for special in SPECIAL_TOKENS:
             assert len(tok.encode(special, add_special_tokens=False)) == 1
@@ -52,7 +60,10 @@ def test_model_loads_with_tied_embeddings(model_dir):
     assert model.config.hidden_size == SMALL["hidden_size"]
     gc = model.generation_config
     assert (gc.eos_token_id, gc.bos_token_id, gc.pad_token_id) == (
-        tok.eos_token_id, tok.bos_token_id, tok.pad_token_id)
+        tok.eos_token_id,
+        tok.bos_token_id,
+        tok.pad_token_id,
+    )
     assert (model_dir / "model.safetensors").is_file()
 
 

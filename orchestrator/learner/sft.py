@@ -34,13 +34,16 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str) -> flo
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _validate(examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every,
-              num_threads) -> None:
+def _validate(
+    examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every, num_threads
+) -> None:
     if not examples:
         raise ValueError("examples is empty: sft_train needs at least one (prompt, target) pair")
     for i, ex in enumerate(examples):
         if not (isinstance(ex, (tuple, list)) and len(ex) == 2 and all(isinstance(s, str) for s in ex)):
-            raise ValueError(f"examples[{i}] must be a (prompt_text, target_text) pair of strings, got {ex!r}")
+            raise ValueError(
+                f"examples[{i}] must be a (prompt_text, target_text) pair of strings, got {ex!r}"
+            )
         if not ex[1]:
             raise ValueError(f"examples[{i}] has an empty target: there would be nothing to learn")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
@@ -134,8 +137,9 @@ def sft_train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     examples = list(examples)
-    _validate(examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every,
-              num_threads)
+    _validate(
+        examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every, num_threads
+    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -152,14 +156,17 @@ def sft_train(
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=(0.9, 0.95), foreach=True,
+            lr=lr,
+            betas=(0.9, 0.95),
+            foreach=True,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
         )
         batches = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
-        autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype],
-                                  enabled=dtype != "float32")
+        autocast = torch.autocast(
+            device_type=device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "float32"
+        )
 
         start = time.perf_counter()
         total_tokens = window_tokens = 0
@@ -216,9 +223,17 @@ def sft_train(
             "epochs": epoch,
             "examples": len(data),
         }
-        args = {"source": str(model_dir), "steps": steps, "batch_size": batch_size, "lr": lr,
-                "warmup_steps": warmup_steps, "schedule": schedule, "weight_decay": weight_decay,
-                "seed": seed, "dtype": dtype}
+        args = {
+            "source": str(model_dir),
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup_steps": warmup_steps,
+            "schedule": schedule,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "dtype": dtype,
+        }
         (out / METRICS_FILE).write_text(json.dumps({"args": args, "metrics": result}, indent=1))
         return result
     finally:

@@ -1,9 +1,11 @@
 """Multi-digit addition: a synthetic, self-verifiable task whose difficulty is the number of digits.
 
 Prompts are bare ("347+586=", no model template). The reference reasoning walks the columns right to
-left in two styles of the same steps, verbose ("7+6=13 4+8+1=13 3+5+1=9") and concise ("13 13 9",
-column sums including the carry), so a warm-started policy has a shorter style that RL under a
-thinking budget can select. Train and eval problems are disjoint by construction: a hash of the
+left. Two styles carry exactly the same arithmetic: verbose restates the problem first
+("347+586: 7+6=13 4+8+1=13 3+5+1=9"), concise does not ("7+6=13 4+8+1=13 3+5+1=9"). A policy
+warm-started on both has a shorter, equally accurate style that RL under a thinking budget can select,
+as a real model can drop restatement and filler. A third style, ``sums`` ("13 13 9"), writes only
+the column sums (hard for a tiny model to learn; not used by default). Train and eval problems are disjoint by construction: a hash of the
 operand pair, independent of the seed, decides the split.
 """
 
@@ -49,13 +51,19 @@ def column_sums(a: int, b: int) -> list[int]:
     return sums
 
 
+STYLES = ("verbose", "concise", "sums")
+
+
 def reasoning(a: int, b: int, style: str = "verbose") -> str:
-    """Reference reasoning: ``verbose`` writes each column's addition, ``concise`` only its sum."""
-    if style not in ("verbose", "concise"):
-        raise ValueError(f"style must be 'verbose' or 'concise', got {style!r}")
+    """Reference reasoning: ``concise`` writes each column's addition, ``verbose`` restates the
+    problem before the same steps, ``sums`` writes only each column's sum."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     sums = column_sums(a, b)
-    if style == "concise":
+    if style == "sums":
         return " ".join(str(s) for s in sums)
+    if style == "verbose":
+        return f"{a}+{b}: " + reasoning(a, b, "concise")
     xs, ys = str(a)[::-1], str(b)[::-1]
     steps = []
     for i, s in enumerate(sums):
