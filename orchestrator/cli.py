@@ -1,7 +1,8 @@
 """``python -m orchestrator COMMAND CONFIG [key=value ...]``.
 
 Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over a budget grid),
-``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config).
+``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config),
+``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
 """
 
@@ -24,7 +25,68 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. budget.thinking=16")
     bt = sub.add_parser("build-tiny", help="build the embedded tiny Qwen2 model and tokenizer")
     bt.add_argument("out_dir")
+    sw = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep: Ray Tune + Optuna study")
+    sw.add_argument("config", help="sweep YAML config (see configs/sweeps/)")
+    sw.add_argument("overrides", nargs="*", help="key=value sweep overrides; base.KEY=value for the base config")
+    sw.add_argument("--check", action="store_true", help="validate and print the plan; start nothing")
+    fr = sub.add_parser("frontier", help="Pareto fronts (accuracy vs tokens, vs cost) from MLflow runs")
+    src = fr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--experiment", help="every training run of this MLflow experiment")
+    src.add_argument("--study", help="every trial run of this sweep study (tag budgetrl.study)")
+    src.add_argument("--run-ids", help="comma-separated MLflow run ids")
+    fr.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    fr.add_argument("--budget", help="only this eval budget label (e.g. 16x8); default: every budget")
+    fr.add_argument("--out", help="also write the Parquet tables and PNG plots to this directory")
+    fr.add_argument("--no-log", action="store_true", help="print only; do not log a frontier run to MLflow")
+    fr.add_argument("--log-experiment", help="experiment of the logged frontier run (default: the source's)")
+    fr.add_argument("--include-unfinished", action="store_true", help="also runs not FINISHED")
+    fr.add_argument("--include-pruned", action="store_true", help="also sweep trials stopped early")
+    fr.add_argument("--currency", default="USD")
+    fr.add_argument("--accelerator-hour-price", type=float, default=2.5)
+    fr.add_argument("--cpu-hour-price", type=float, default=0.05)
     return p
+
+
+def _sweep(args) -> int:
+    from .sweep import SweepBusy, describe_plan, load_sweep, run_sweep
+
+    try:
+        plan = load_sweep(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(describe_plan(plan))
+        return 0
+    try:
+        result = run_sweep(args.config, plan=plan)
+    except ConfigError as exc:  # e.g. the study exists with other objectives
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except SweepBusy as exc:
+        print(f"sweep busy: {exc}", file=sys.stderr)
+        return 3
+    print(f"study {result.study_name} ({result.storage}): parent run {result.parent_run_id}, "
+          f"front {result.front}, hypervolume {result.hypervolume:.4g}")
+    return 0 if result.finished else 1
+
+
+def _frontier(args) -> int:
+    from .cost import CostModel
+    from .sweep import frontier_command
+    from .tracking import TrackingError
+
+    try:
+        frontier_command(tracking_uri=args.tracking_uri, experiment=args.experiment, study=args.study,
+                         run_ids=[r.strip() for r in args.run_ids.split(",") if r.strip()] if args.run_ids else None,
+                         budget=args.budget, out_dir=args.out, log_run=not args.no_log,
+                         log_experiment=args.log_experiment,
+                         cost_model=CostModel(args.currency, args.accelerator_hour_price, args.cpu_hour_price),
+                         include_unfinished=args.include_unfinished, include_pruned=args.include_pruned)
+    except (ValueError, TrackingError) as exc:
+        print(f"frontier: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_tiny_model(args.out_dir))
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
+    if args.command == "frontier":
+        return _frontier(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -79,18 +79,14 @@ def format_summary(summary: pa.Table) -> str:
 def run_eval(cfg) -> tuple[str, pa.Table]:
     """The ``eval`` command: evaluate ``model.path`` over ``eval.budgets``, log to one MLflow run."""
     import contextlib
-    import datetime as _dt
-    from pathlib import Path
-
     from . import tracking
     from .config import eval_budgets, to_dict
     from .rewards import RewardPool
     from .runtime import WorkerGroup, init_ray
-    from .trainer import _log_eval, load_prompt_tables, reward_spec
+    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables, reward_spec
     from .warmstart import ensure_base_model
 
-    run_name = cfg.trainer.run_name or f"eval-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(cfg.trainer.output_dir) / run_name
+    run_name, out_dir = fresh_run_dir(cfg, "eval")
     config_dict = to_dict(cfg)
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri()
     tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,

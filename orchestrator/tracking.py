@@ -136,7 +136,7 @@ def flatten(d: Mapping[str, Any], sep: str = ".", max_len: int = MAX_PARAM_VAL_L
         text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
         if len(text) > max_len:
             marker = f"...[truncated {len(text)} chars]"
-            warnings.warn(f"param {name!r} is {len(text)} chars, over MLflow's {max_len}; truncated")
+            warnings.warn(f"param {name!r} is {len(text)} chars, over MLflow's {max_len}; truncated", stacklevel=2)
             text = text[: max_len - len(marker)] + marker
         out[name] = text
     return out
@@ -347,7 +347,7 @@ class Tracker:
             else:
                 dropped.append(f"{key}={value}")
         if dropped:
-            warnings.warn(f"run {self.run_id} step {step}: dropped non-finite metrics {', '.join(dropped)}")
+            warnings.warn(f"run {self.run_id} step {step}: dropped non-finite metrics {', '.join(dropped)}", stacklevel=2)
         self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

@@ -59,6 +59,21 @@ def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
     return train, evals.slice(0, cfg.eval.num_prompts), verifier
 
 
+def fresh_run_dir(cfg: Config, kind: str, log=print) -> tuple[str, Path]:
+    """(run name, output dir) that never overwrites an earlier run's outputs: a taken name gets a suffix."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = cfg.trainer.run_name or f"{kind}-{stamp}"
+    out = Path(cfg.trainer.output_dir) / name
+    if out.exists() and any(out.iterdir()):
+        new = f"{name}-{stamp}"
+        n = 1
+        while (Path(cfg.trainer.output_dir) / new).exists():
+            new, n = f"{name}-{stamp}-{n}", n + 1
+        log(f"output dir {out} is taken by an earlier run; this run writes to {Path(cfg.trainer.output_dir) / new}")
+        name, out = new, Path(cfg.trainer.output_dir) / new
+    return name, out
+
+
 class PromptSampler:
     """Epochs over the training prompts in a seeded random order."""
 
@@ -129,8 +144,7 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
 
 def train(cfg: Config, *, log=print) -> TrainResult:
     """Run one training run end to end; returns where its checkpoint and MLflow run are."""
-    run_name = cfg.trainer.run_name or f"train-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    out_dir = Path(cfg.trainer.output_dir) / run_name
+    run_name, out_dir = fresh_run_dir(cfg, "train", log)
     config_dict = to_dict(cfg)
     uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri()
     # Fail on an unreachable tracking store before any expensive work starts.

@@ -68,8 +68,14 @@ def _sft_task(cfg: Config, base: str, out_dir: str) -> dict:
 
     tok = AutoTokenizer.from_pretrained(base)
     w = cfg.warmstart
+    every = max(1, w.steps // 8)
+
+    def report(step: int, m: dict) -> None:  # a few lines, not a per-step bar through Ray's log stream
+        print(f"warm start: step {step}/{w.steps} loss {m.get('loss', float('nan')):.4f}", flush=True)
+
     return sft_train(base, out_dir, sft_examples(cfg, tok), steps=w.steps, batch_size=w.batch_size, lr=w.lr,
-                     seed=cfg.trainer.seed, num_threads=w.num_threads or None, dtype="float32", progress=True)
+                     seed=cfg.trainer.seed, num_threads=w.num_threads or None, dtype="float32", progress=False,
+                     log_every=every, on_log=report)
 
 
 def prepare_start_checkpoint(cfg: Config, log=print) -> tuple[str, dict]:

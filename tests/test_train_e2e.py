@@ -79,3 +79,27 @@ def test_checkpoint_is_hf_directory(trained):
     assert (ckpt / "model.safetensors").is_file() and not list(ckpt.glob("*.bin"))
     AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
     assert AutoTokenizer.from_pretrained(ckpt).convert_tokens_to_ids("</think>") is not None
+
+
+def test_eval_command_on_trained_checkpoint(trained):
+    """`eval CONFIG checkpoint=... budgets=...` writes records and per-budget metrics to a new run."""
+    from mlflow import MlflowClient
+
+    from orchestrator.evaluation import run_eval
+
+    cfg, result, tmp = trained
+    overrides = [f"checkpoint={result.checkpoint}", "budgets=[4x4,12x4]", "model.build_tiny_if_missing=false",
+                 f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e-eval", "eval.num_prompts=8",
+                 f"tracking.tracking_uri={cfg.tracking.tracking_uri}", "tracking.experiment=e2e",
+                 "eval.max_thinking=24", "data.eval_size=12"]
+    ecfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+    run_id, summary = run_eval(ecfg)
+    assert summary.column("budget_label").to_pylist() == ["4x4", "12x4"]
+    assert summary.column("samples").to_pylist() == [8, 8]
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["budgetrl.source_checkpoint"] == result.checkpoint
+    assert "eval/4x4/accuracy" in run.data.metrics and "eval/12x4/mean_tokens" in run.data.metrics
+    records = pq.read_table(tmp / "out" / "e2e-eval" / "eval" / "eval.parquet")
+    assert records.num_rows == 16
+    assert all(r["thinking_tokens"] <= r["budget_thinking"] for r in records.to_pylist())

@@ -9,7 +9,7 @@ Both phases run as one batch each on the engine, so prefix caching reuses the ph
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from .engine import Engine, GenRequest
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
+from collections.abc import Sequence
 
 import torch
 
@@ -95,7 +96,7 @@ class VllmEngine:
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
-        for r, out in zip(requests, outs):
+        for _r, out in zip(requests, outs):
             c = out.outputs[0]
             ids = list(c.token_ids)
             lps = [float(step[t].logprob) if step is not None and t in step else float("nan")

@@ -1,0 +1,480 @@
+"""Sweeps: config validation before anything starts, a real tiny sweep (Tune + Optuna + MLflow), resume.
+
+- Bad sweep configs fail in load_sweep (no Ray, no study, no files) naming the key and the value.
+- A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study.
+- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one retried,
+  none runs twice (stand-in trainer, so the test measures the resume protocol, not training speed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def _tiny_base_overrides(tmp: Path, model: str) -> list[str]:
+    """A training run of a few seconds: tiny model, HF engine, 1 RL step, 4 eval prompts x 2 budgets."""
+    return [f"model.path={model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+            "rollout.engine=hf", "rollout.group_size=2", "trainer.steps=1", "trainer.prompts_per_step=2",
+            "trainer.eval_every=0",
+            "trainer.log_samples_every=0", f"trainer.output_dir={tmp / 'out'}", "eval.num_prompts=4",
+            "data.eval_size=4", "data.train_size=16", "eval.budgets=[6x4,unconstrained]", "eval.max_thinking=12",
+            "eval.max_solution=4", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
+            "learner.num_threads=1", "reward.num_workers=0",
+            *[f"model.tiny.{k}={v}" for k, v in TINY.items()]]
+
+
+def _write_sweep(tmp: Path, model: str, **extra) -> Path:
+    doc = {
+        "base_config": str(QUICKSTART),
+        "base_overrides": _tiny_base_overrides(tmp, model),
+        "study_name": "tiny",
+        "num_trials": 2,
+        "max_concurrency": 2,
+        "storage": f"sqlite:///{tmp / 'study' / 'optuna.db'}",
+        "tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "experiment": "sweep-test",
+        "sampler": "random",
+        "space": {
+            "budget.thinking_fraction": {"type": "float", "low": 0.4, "high": 0.8},
+            "learner.lr": {"type": "log_float", "low": 1e-5, "high": 1e-3},
+            "algorithm.kl_coef": {"type": "categorical", "choices": [0.0, 0.01]},
+        },
+        "objectives": [{"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"}],
+    }
+    for k, v in extra.items():
+        doc[k] = v
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (fast, no Ray)
+
+
+@pytest.fixture()
+def model_dir(tmp_path) -> str:
+    d = tmp_path / "model"  # validation only checks the path exists
+    d.mkdir()
+    return str(d)
+
+
+BAD = [
+    ({"space": {}}, "space={}: empty search space"),
+    ({"space": {"learner.lr": {"type": "float", "low": 1e-3, "high": 1e-4}}},
+     "space['learner.lr'].low=0.001: greater than high"),
+    ({"space": {"learner.lr": {"type": "uniform", "low": 1e-5, "high": 1e-4}}},
+     "space['learner.lr'].type='uniform': unknown parameter type"),
+    ({"space": {"learner.lrr": {"type": "float", "low": 1e-5, "high": 1e-4}}},
+     "space['learner.lrr']='learner.lrr': not a key of the training config schema"),
+    ({"space": {"rollout.group_size": {"type": "float", "low": 2, "high": 8}}},
+     "rollout.group_size is an int"),
+    ({"space": {"budget.total": {"type": "int", "low": 8, "high": 4096}}},
+     "gives an invalid training config: model.max_model_len=256"),
+    ({"space": {"algorithm.kl_coef": {"type": "categorical", "choices": []}}},
+     "space['algorithm.kl_coef'].choices=[]: empty"),
+    ({"objectives": [{"metric": "speed"}]}, "objectives[0].metric='speed': unknown objective"),
+    ({"objectives": [{"metric": "accuracy", "budget": "9x9"}]}, "objectives[0].budget='9x9': not in the base"),
+    ({"objectives": [{"metric": "cost", "mode": "up"}]}, "objectives[0].mode='up': must be max or min"),
+    ({"storage": "sqlite:///{tmp}/a-file/optuna.db"}, "/a-file/optuna.db': cannot create or write"),
+    ({"storage": "postgresql://u:p@127.0.0.1:9/optuna"}, "storage='postgresql://u:p@127.0.0.1:9/optuna'"),
+    ({"storage": "not a url"}, "storage='not a url': not a SQLAlchemy database URL"),
+    ({"max_concurrency": 0}, "max_concurrency=0: must be >= 1"),
+    ({"study_name": "a b"}, "study_name='a b'"),
+    ({"base_overrides": ["budget.thinking=-1"]}, "budget.thinking=-1: must be > 0"),
+    ({"early_stopping": {"enabled": True}}, "early_stopping.enabled=True: needs intermediate evals"),
+    ({"spcae": {}}, "spcae"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_sweep_config_fails_before_anything_starts(tmp_path, model_dir, change, message):
+    from orchestrator.sweep import load_sweep
+
+    if "{tmp}" in change.get("storage", ""):  # a storage path below a regular file
+        (tmp_path / "a-file").write_text("")
+        change = {"storage": change["storage"].format(tmp=tmp_path)}
+    path = _write_sweep(tmp_path, model_dir, **change)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert message in str(info.value), str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no study, no mlflow.db, no outputs
+
+
+def test_cli_bad_sweep_exits_2_with_one_line(tmp_path, model_dir):
+    path = _write_sweep(tmp_path, model_dir, space={})
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(path), "num_trials=3"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["config error: space={}: empty search space; give at least one parameter"]
+    assert not (tmp_path / "study").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
+    from orchestrator.sweep import derive_params, load_sweep
+
+    plan = load_sweep(_write_sweep(tmp_path, model_dir), ["num_trials=5", "base.trainer.steps=3"])
+    assert plan.sweep.num_trials == 5 and plan.base.trainer.steps == 3
+    assert [o.name for o in plan.objectives] == ["accuracy_6x4", "mean_tokens_unconstrained"]
+    assert plan.frontier_budget == "6x4"
+    # Total from the base (6 + 4 = 10) when only the fraction is searched; both budgets >= 1.
+    assert derive_params({"budget.thinking_fraction": 0.7}, (6, 4)) == {"budget.thinking": 7, "budget.solution": 3}
+    assert derive_params({"budget.total": 32, "budget.thinking_fraction": 0.99}, (6, 4)) == {
+        "budget.thinking": 31, "budget.solution": 1}
+    assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, (6, 4)) == {
+        "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
+
+
+def test_shipped_sweep_configs_validate():
+    from orchestrator.sweep import load_sweep
+
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert files
+    for f in files:
+        plan = load_sweep(f)
+        assert plan.sweep.num_trials >= 1
+    quick = load_sweep(ROOT / "configs" / "sweeps" / "quickstart.yaml")
+    assert quick.sweep.num_trials >= 8 and quick.sweep.max_concurrency == 2
+
+
+def test_pareto_median_stopping_rule():
+    from orchestrator.sweep import Objective, dominated_share
+
+    objs = [Objective("acc", "accuracy", "6x4", "max"), Objective("tok", "mean_tokens", "6x4", "min")]
+    me = {"acc": 0.5, "tok": 10.0}
+    peers = [{"acc": 0.6, "tok": 9.0}, {"acc": 0.5, "tok": 10.0}, {"acc": 0.9, "tok": 20.0},
+             {"acc": float("nan"), "tok": 1.0}]
+    assert dominated_share(me, peers, objs) == 0.25  # only the first dominates; ties and NaN do not
+    assert dominated_share({"acc": float("nan"), "tok": 1.0}, peers, objs) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sweep (Ray Tune + Optuna + MLflow + real tiny training runs)
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tiny_model, tmp_path_factory):
+    from orchestrator.sweep import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _write_sweep(tmp, tiny_model)
+    logs: list[str] = []
+    t0 = time.perf_counter()
+    first = run_sweep(path, log=logs.append)
+    t1 = time.perf_counter()
+    second = run_sweep(path, ["num_trials=1"], log=logs.append)
+    t2 = time.perf_counter()
+    print(f"\nsweep wall: first invocation {t1 - t0:.1f}s, second {t2 - t1:.1f}s")
+    return tmp, path, first, second, logs
+
+
+def test_sweep_records_trials_in_study(swept):
+    import optuna
+
+    tmp, path, first, second, _ = swept
+    assert first.finished and second.finished
+    assert (first.invocation, second.invocation) == ("001", "002")
+    study = optuna.load_study(study_name="tiny", storage=first.storage)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3, [(t.state, t.user_attrs.get("budgetrl.error"))
+                                                               for t in trials]
+    assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002"]
+    for t in trials:
+        assert len(t.values) == 2 and 0.0 <= t.values[0] <= 1.0 and t.values[1] >= 0
+        assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
+    invs = study.user_attrs["budgetrl.invocations"]
+    assert [i["status"] for i in invs] == ["finished", "finished"]
+    # The study's front is what the parent run reports.
+    assert sorted(second.front) == sorted(t.number for t in study.best_trials)
+
+
+def test_sweep_parent_and_child_runs(swept):
+    from mlflow import MlflowClient
+
+    tmp, path, first, second, _ = swept
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("budgetrl.workload") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert {p.info.run_id for p in parents} == {first.parent_run_id, second.parent_run_id}
+    assert all(p.data.tags["budgetrl.study"] == "tiny" and p.info.status == "FINISHED" for p in parents)
+    by_parent = {}
+    for c in children:
+        by_parent.setdefault(c.data.tags["mlflow.parentRunId"], []).append(c)
+    assert len(by_parent[first.parent_run_id]) == 2 and len(by_parent[second.parent_run_id]) == 1
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert c.data.tags["budgetrl.study"] == "tiny" and c.data.tags["budgetrl.trial"] in {"0", "1", "2"}
+        m = c.data.metrics
+        for key in ("cost/total", "cost/cpu_hours", "cost/accelerator_hours", "cost/run_wall_seconds",
+                    "cost/generated_tokens_total", "sweep/accuracy_6x4", "eval/6x4/accuracy"):
+            assert key in m, key
+        assert m["cost/accelerator_hours"] == 0.0 and m["cost/cpu_hours"] > 0 and m["cost/total"] > 0
+
+
+def test_sweep_frontier_artifacts(swept):
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    tmp, path, first, second, _ = swept
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(second.parent_run_id)
+    arts = {a.path for a in client.list_artifacts(second.parent_run_id, "frontier")}
+    for name in ("trials.parquet", "accuracy_vs_tokens.parquet", "accuracy_vs_tokens.png",
+                 "accuracy_vs_cost.parquet", "accuracy_vs_cost.png", "summary.json", "configs"):
+        assert f"frontier/{name}" in arts, (name, arts)
+    assert "frontier/hypervolume" in run.data.metrics and run.data.metrics["frontier/complete_trials"] == 3
+    local = Path(client.download_artifacts(second.parent_run_id, "frontier/trials.parquet", str(tmp)))
+    table = pq.read_table(local).to_pandas()
+    assert sorted(table["trial"]) == [0, 1, 2]  # the second invocation's front uses the first's trials
+    assert set(table[table["on_front"]]["trial"]) == set(second.front)
+    configs = client.list_artifacts(second.parent_run_id, "frontier/configs")
+    assert len(configs) == len(second.front) >= 1
+    # Exported configs are ready to run: they load and validate, with the trial's values.
+    for art in configs:
+        f = Path(client.download_artifacts(second.parent_run_id, art.path, str(tmp / "dl")))
+        cfg = load_config(f)
+        n = int(f.stem.split("_")[1])
+        trial_lr = second.trials.set_index("trial").loc[n, "param.learner.lr"]
+        assert cfg.learner.lr == pytest.approx(trial_lr)
+        assert cfg.budget.thinking + cfg.budget.solution == 10
+
+
+def test_frontier_command_from_mlflow_runs(swept, capsys):
+    from orchestrator.cli import main
+
+    tmp, path, first, second, _ = swept
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    rc = main(["frontier", "--study", "tiny", "--tracking-uri", uri, "--out", str(tmp / "fr")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "accuracy vs mean_tokens" in out and "accuracy vs cost" in out
+    for name in ("accuracy_vs_tokens.parquet", "accuracy_vs_tokens.png", "accuracy_vs_cost.png"):
+        assert (tmp / "fr" / name).is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweep-test")
+    logged = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("budgetrl.workload") == "frontier"]
+    assert len(logged) == 1 and "frontier/hypervolume_tokens" in logged[0].data.metrics
+    ids = ",".join(second.trials["run_id"])
+    assert main(["frontier", "--run-ids", ids, "--tracking-uri", uri, "--budget", "6x4", "--no-log"]) == 0
+    assert main(["frontier", "--experiment", "no-such", "--tracking-uri", uri, "--no-log"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill the driver mid-sweep, run it again (stand-in trainer: the protocol, not training, is tested)
+
+DRIVER = textwrap.dedent('''
+    import json, os, sys, time
+    from types import SimpleNamespace
+
+    def fake_train(cfg, log=print):
+        """Stands in for trainer.train: an MLflow run, a few seconds of 'training', eval rows."""
+        from orchestrator import tracking
+        with open(os.environ["SWEEP_EVENTS"], "a") as f:
+            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "start"}) + "\\n")
+        t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
+                                   parent_run_id=getattr(cfg.tracking, "parent_run_id", None))
+        with t:
+            time.sleep(float(os.environ["SWEEP_TRIAL_SECONDS"]))
+            rows = [{"budget_label": "6x4", "accuracy": min(1.0, cfg.learner.lr * 1000),
+                     "mean_tokens": float(cfg.budget.thinking), "mean_thinking_tokens": 1.0, "truncation_rate": 0.0},
+                    {"budget_label": "unconstrained", "accuracy": 0.5, "mean_tokens": float(cfg.budget.thinking),
+                     "mean_thinking_tokens": 1.0, "truncation_rate": 0.0}]
+            for r in rows:
+                t.log_metrics({f"eval/{r['budget_label']}/accuracy": r["accuracy"],
+                               f"eval/{r['budget_label']}/mean_tokens": r["mean_tokens"]}, step=1)
+        with open(os.environ["SWEEP_EVENTS"], "a") as f:
+            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "end"}) + "\\n")
+        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
+
+    from orchestrator.sweep import run_sweep
+    r = run_sweep(sys.argv[1], sys.argv[2:], train_fn=fake_train)
+    print("RESULT", json.dumps({"finished": r.finished, "front": r.front}))
+''')
+
+
+def _study_states(storage: str) -> list[tuple[int, str]]:
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name="tiny", storage=storage)
+    except KeyError:
+        return []
+    return [(t.number, t.state.name) for t in study.get_trials()]
+
+
+def test_kill_driver_and_resume(tmp_path, tiny_model):
+    import optuna
+
+    path = _write_sweep(tmp_path, tiny_model, num_trials=3, max_concurrency=1)
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    events = tmp_path / "events.jsonl"
+    env = dict(os.environ, SWEEP_EVENTS=str(events), SWEEP_TRIAL_SECONDS="6", RAY_DEDUP_LOGS="0",
+               PYTHONPATH=str(ROOT))
+    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
+    proc = subprocess.Popen([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline:  # one trial told the study, the next one is training: kill the driver
+            states = _study_states(storage) if (tmp_path / "study" / "optuna.db").exists() else []
+            started = events.read_text().count('"start"') if events.exists() else 0
+            if "COMPLETE" in {s for _, s in states} and any(s == "RUNNING" for _, s in states) and started == 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"no trial completed in time: {_study_states(storage)}")
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its local Ray runtime shares its fate
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = dict(_study_states(storage))
+    assert sorted(before.values()) == ["COMPLETE", "RUNNING"], before
+
+    rerun = subprocess.run([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert '"finished": true' in rerun.stdout
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    interrupted = [t for t in trials if t.user_attrs.get("budgetrl.interrupted")]
+    assert len(complete) == 3 and len(interrupted) == 1 and interrupted[0].state.name == "FAIL"
+    (done_before,) = [n for n, s in before.items() if s == "COMPLETE"]
+    (killed,) = [n for n, s in before.items() if s == "RUNNING"]
+    assert interrupted[0].number == killed
+    retry = [t for t in complete if t.user_attrs.get("budgetrl.retry_of") == killed]
+    assert len(retry) == 1 and retry[0].params == interrupted[0].params
+    # None ran twice: every completed trial's run started exactly once, the finished one was not re-run.
+    starts = [json.loads(line)["run"] for line in events.read_text().splitlines()
+              if json.loads(line)["event"] == "start"]
+    assert starts.count(f"tiny-t{done_before:04d}") == 1
+    assert len(starts) == 4 and len(set(starts)) == 4  # 3 complete + the killed attempt
+    assert study.user_attrs["budgetrl.invocations"][-1]["status"] == "finished"
+    assert len(study.user_attrs["budgetrl.invocations"]) == 1  # resumed, not a new invocation
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    killed_run = interrupted[0].user_attrs.get("budgetrl.run_name")
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
+                              filter_string=f"attributes.run_name = '{killed_run}'")
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume bookkeeping on a study alone (no Ray runtime, no training)
+
+
+def test_interrupted_trials_are_retried_first_and_lease_guards_the_study(tmp_path, model_dir):
+    import socket
+
+    from optuna.trial import TrialState
+
+    from orchestrator import sweep as sw
+
+    plan = sw.load_sweep(_write_sweep(tmp_path, model_dir, num_trials=3))
+    study = sw.open_study(plan, create=True)
+    done, killed = study.ask(sw.distributions(plan.sweep.space)), study.ask(sw.distributions(plan.sweep.space))
+    for t in (done, killed):
+        t.set_user_attr("budgetrl.invocation", "001")
+    study.tell(done.number, [0.5, 10.0])
+    assert sw.invocation_done(study, "001") == 1
+
+    # A live driver (this process, fresh heartbeat) holds the study: a second one is refused.
+    study.set_user_attr("budgetrl.driver", {"token": "x", "host": socket.gethostname(), "pid": os.getpid(),
+                                            "heartbeat": time.time()})
+    with pytest.raises(sw.SweepBusy, match="is being run by pid"):
+        sw._Lease(study).acquire()
+    # A dead driver on this host: taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    study.set_user_attr("budgetrl.driver", {"token": "x", "host": socket.gethostname(), "pid": dead.pid,
+                                            "heartbeat": time.time()})
+    lease = sw._Lease(study)
+    lease.acquire()
+    assert study.user_attrs["budgetrl.driver"]["pid"] == os.getpid()
+    lease.release()
+    assert study.user_attrs["budgetrl.driver"] == {}
+
+    logs = []
+    assert sw._interrupted(study, plan, "001", logs.append) == 1
+    old = study.get_trials()[killed.number]
+    assert old.state == TrialState.FAIL and old.user_attrs["budgetrl.interrupted"] is True
+    assert sw.invocation_done(study, "001") == 1  # interrupted trials do not count toward the target
+    searcher = sw.make_searcher(study, plan.sweep.space, "001", remaining=2, log=logs.append)
+    first = searcher.suggest("tune-a")
+    assert first["params"] == killed.params  # the retry comes first, with the same parameters
+    retry = study.get_trials()[first["trial_number"]]
+    assert retry.user_attrs["budgetrl.retry_of"] == killed.number
+    assert searcher.suggest("tune-b")["trial_number"] == first["trial_number"] + 1
+    assert searcher.suggest("tune-c") == "FINISHED"
+    # A trial that Tune stopped (Ctrl-C) stays RUNNING, to be retried; one whose process failed is FAIL.
+    searcher.on_trial_complete("tune-b", result={})
+    assert study.get_trials()[first["trial_number"] + 1].state == TrialState.RUNNING
+    searcher.on_trial_complete("tune-a", error=True)
+    assert study.get_trials()[first["trial_number"]].state == TrialState.FAIL
+
+
+def test_study_frontier_logged_to_parent(tmp_path, model_dir):
+    """The parent run's frontier from a study's trials: tables, plots, hypervolume, runnable configs."""
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    from orchestrator import sweep as sw
+    from orchestrator import tracking
+
+    plan = sw.load_sweep(_write_sweep(tmp_path, model_dir))
+    study = sw.open_study(plan, create=True)
+    # (accuracy_6x4, mean_tokens_unconstrained): 1 and 2 are on the front, 0 is dominated by 1, 3 was pruned.
+    points = [(0.2, 9.0), (0.4, 8.0), (0.6, 12.0), (0.9, 1.0)]
+    for i, (acc, tok) in enumerate(points):
+        t = study.ask(sw.distributions(plan.sweep.space))
+        t.set_user_attr("budgetrl.metrics", {"accuracy_6x4": acc, "mean_tokens_6x4": tok - 1,
+                                             "mean_tokens_unconstrained": tok, "cost": 0.01 * (i + 1)})
+        t.set_user_attr("budgetrl.overrides", sw.param_overrides(t.params, (6, 4)))
+        t.set_user_attr("budgetrl.run_id", f"run{i}")
+        if i == 3:
+            study.tell(t.number, state=sw._finished_states()[1])
+        else:
+            study.tell(t.number, [acc, tok])
+    parent = tracking.Tracker.start(plan.tracking_uri, plan.experiment, run_name="p")
+    table, front, hv = sw.log_study_frontier(study, plan, parent, log=lambda *_: None)
+    assert sorted(front) == [1, 2] and sorted(table["trial"]) == [0, 1, 2, 3]
+    # Reference: accuracy 0, tokens at 'unconstrained' = max_thinking + max_solution = 16.
+    assert hv == pytest.approx(0.4 * (16 - 8) + (0.6 - 0.4) * (16 - 12))
+    client = MlflowClient(plan.tracking_uri)
+    assert client.get_run(parent.run_id).data.metrics["frontier/hypervolume"] == pytest.approx(hv)
+    local = Path(plan.sweep_dir) / "frontier"
+    cost = pq.read_table(local / "accuracy_vs_cost.parquet").to_pandas()
+    assert set(cost[cost.on_front].trial) == {0, 1, 2}  # cheaper trial 0 survives on the cost front
+    assert (local / "accuracy_vs_tokens.png").stat().st_size > 1000
+    for n in (1, 2):
+        cfg = load_config(local / "configs" / f"trial_{n:04d}.yaml")
+        params = study.get_trials()[n].params
+        assert cfg.learner.lr == pytest.approx(params["learner.lr"])
+        assert cfg.algorithm.kl_coef == params["algorithm.kl_coef"]
+    assert {a.path for a in client.list_artifacts(parent.run_id, "frontier/configs")} == {
+        "frontier/configs/trial_0001.yaml", "frontier/configs/trial_0002.yaml"}
