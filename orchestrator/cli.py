@@ -2,7 +2,8 @@
 
 Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over a budget grid),
 ``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config),
-``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs).
+``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs),
+``workload NAME`` (a method recipe such as ``elastic``).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
 """
 
@@ -23,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. budget.thinking=16")
+    wl = sub.add_parser("workload", help="run a method recipe (elastic, ...) registered under budgetrl.workloads")
+    wl.add_argument("name", help="workload name, e.g. elastic")
+    wl.add_argument("config", help="the workload's YAML config (see configs/<workload>/)")
+    wl.add_argument("overrides", nargs="*", help="key=value overrides of the workload config")
     bt = sub.add_parser("build-tiny", help="build the embedded tiny Qwen2 model and tokenizer")
     bt.add_argument("out_dir")
     sw = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep: Ray Tune + Optuna study")
@@ -48,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args) -> int:
-    from .sweep import SweepBusy, describe_plan, load_sweep, run_sweep
+    from .sweep import SweepBusy, describe_plan, load_sweep, run_sweep, safe_url
 
     try:
         plan = load_sweep(args.config, args.overrides)
@@ -66,7 +71,7 @@ def _sweep(args) -> int:
     except SweepBusy as exc:
         print(f"sweep busy: {exc}", file=sys.stderr)
         return 3
-    print(f"study {result.study_name} ({result.storage}): parent run {result.parent_run_id}, "
+    print(f"study {result.study_name} ({safe_url(result.storage)}): parent run {result.parent_run_id}, "
           f"front {result.front}, hypervolume {result.hypervolume:.4g}")
     return 0 if result.finished else 1
 
@@ -100,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     if args.command == "frontier":
         return _frontier(args)
+    if args.command == "workload":
+        from .workload_registry import get_workload
+
+        try:
+            recipe = get_workload(args.name)
+            return recipe(args.config, args.overrides)
+        except (ConfigError, KeyError) as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

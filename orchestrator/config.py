@@ -172,6 +172,8 @@ class EvalConfig:
 class TrackingConfig:
     tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else ./mlflow.db (SQLite)
     experiment: str = "budgetrl"
+    parent_run_id: Optional[str] = None  # nest this run under a sweep's or a pipeline's parent run
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags on the run (e.g. a sweep's trial number)
 
 
 @dataclass
@@ -230,8 +232,12 @@ def _split_override(item: str) -> tuple[str, str]:
     return ALIASES.get(key, key), value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance)."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_paths: bool = True) -> Config:
+    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance).
+
+    ``check_paths=False`` skips the existence checks of model and data paths (for validating a
+    cluster config on a machine that does not hold the cluster's files)."""
     schema = OmegaConf.structured(Config)
     layers = [schema]
     if path is not None:
@@ -253,7 +259,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
-    validate(obj)
+    validate(obj, check_paths=check_paths)
     return obj
 
 
@@ -267,7 +273,7 @@ def _describe(exc: OmegaConfBaseException) -> str:
     return msg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, check_paths: bool = True) -> None:
     """Reject impossible values; messages name the key path and the bad value."""
 
     def bad(key: str, value: Any, why: str) -> None:
@@ -284,7 +290,7 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if not m.path:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
-    if not m.build_tiny_if_missing and not Path(m.path).exists():
+    if check_paths and not m.build_tiny_if_missing and not Path(m.path).exists():
         bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model there)")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
@@ -356,9 +362,9 @@ def validate(cfg: Config) -> None:
         if not d.difficulties:
             bad("data.difficulties", d.difficulties, "must list at least one level")
         positive("data.train_size", d.train_size)
-    elif not Path(d.path).exists():
+    elif check_paths and not Path(d.path).exists():
         bad("data.path", d.path, "no such file")
-    if d.eval_path is not None and not Path(d.eval_path).exists():
+    if check_paths and d.eval_path is not None and not Path(d.eval_path).exists():
         bad("data.eval_path", d.eval_path, "no such file")
     positive("data.eval_size", d.eval_size)
 

@@ -88,7 +88,7 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
 
     run_name, out_dir = fresh_run_dir(cfg, "eval")
     config_dict = to_dict(cfg)
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri()
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,
                                      params=tracking.flatten(config_dict),
                                      tags=tracking.lineage_tags(config_dict, workload="eval", stage="eval",

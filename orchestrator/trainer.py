@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,15 +143,20 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
     return rows
 
 
-def train(cfg: Config, *, log=print) -> TrainResult:
-    """Run one training run end to end; returns where its checkpoint and MLflow run are."""
+def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None) -> TrainResult:
+    """Run one training run end to end; returns where its checkpoint and MLflow run are.
+
+    ``on_eval(step, summary_rows)`` is called after every budget-grid evaluation (step 0 included);
+    returning True stops training there (a sweep pruning a trial): the checkpoint is still saved.
+    """
     run_name, out_dir = fresh_run_dir(cfg, "train", log)
     config_dict = to_dict(cfg)
-    uri = cfg.tracking.tracking_uri or tracking.default_tracking_uri()
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     # Fail on an unreachable tracking store before any expensive work starts.
+    tags = {**tracking.lineage_tags(config_dict, workload="train", stage="rl"), **cfg.tracking.tags}
     tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,
-                                     params=tracking.flatten(config_dict),
-                                     tags=tracking.lineage_tags(config_dict, workload="train", stage="rl"))
+                                     params=tracking.flatten(config_dict), tags=tags,
+                                     parent_run_id=cfg.tracking.parent_run_id)
     with tracker:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -168,7 +174,8 @@ def train(cfg: Config, *, log=print) -> TrainResult:
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
             with pool_cm as pool:
-                result = _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log)
+                result = _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log,
+                               on_eval)
         finally:
             group.shutdown()
         result.run_id = tracker.run_id
@@ -182,7 +189,8 @@ def _run_eval(cfg, group, pool, spec, budgets, prompts, step):
                     seed=cfg.rollout.seed)
 
 
-def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log) -> TrainResult:
+def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log,
+          on_eval=None) -> TrainResult:
     from tqdm import tqdm
 
     t = cfg.trainer
@@ -191,6 +199,8 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
     records, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, 0)
     result.eval_before = _log_eval(tracker, summary, by_diff, records, 0, "step_0000", out_dir)
     log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
+    stop = bool(on_eval and on_eval(0, result.eval_before))
+    last_eval = (0, result.eval_before, summary) if stop else None
 
     sampler = PromptSampler(train_prompts, t.prompts_per_step, t.seed)
     sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
@@ -198,8 +208,10 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
                             top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                             train_forced_think_end=cfg.budget.train_forced_think_end)
     totals = {"generated_tokens": 0.0, "reward_errors": 0.0, "reward_timeouts": 0.0}
-    bar = tqdm(range(1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=stop)
     for step in bar:
+        if stop:
+            break
         ts = time.perf_counter()
         prompts = sampler.next()
         records = generate(group.rollout, prompts, sampling, step)
@@ -233,14 +245,23 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
             write_rollouts(records, out_dir / "rollouts" / f"step_{step:05d}.parquet")
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             records_e, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, step)
-            _log_eval(tracker, summary, by_diff, records_e, step, f"step_{step:04d}", out_dir)
+            rows = _log_eval(tracker, summary, by_diff, records_e, step, f"step_{step:04d}", out_dir)
+            if on_eval and on_eval(step, rows):
+                stop, last_eval = True, (step, rows, summary)
+                tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
+                log(f"stopping at step {step}: the caller's on_eval asked to stop")
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
             ray.get(group.learner.save.remote(str(out_dir / f"checkpoint-{step:05d}")))
     bar.close()
-    result.steps = t.steps
-    records_e, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, t.steps)
-    result.eval_after = _log_eval(tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}", out_dir)
-    log(f"eval after {t.steps} steps:\n{format_summary(summary)}")
+    if last_eval is not None:  # stopped early right after an eval: that eval is the final one
+        result.steps, result.eval_after, summary = last_eval
+    else:
+        result.steps = t.steps
+        records_e, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, t.steps)
+        result.eval_after = _log_eval(tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}", out_dir)
+        if on_eval:
+            on_eval(t.steps, result.eval_after)
+    log(f"eval after {result.steps} steps:\n{format_summary(summary)}")
     ckpt = ray.get(group.learner.save.remote(str(out_dir / "checkpoint")))
     result.checkpoint = ckpt
     tracker.set_tags({"budgetrl.checkpoint": ckpt})
@@ -248,7 +269,7 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
         tracker.log_artifacts(str(out_dir / "rollouts"), "rollouts")
     tracker.log_artifacts(ckpt, "checkpoint")
     tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
-    tracker.log_metrics({"cost/wall_seconds": time.perf_counter() - t0}, step=t.steps)
+    tracker.log_metrics({"cost/wall_seconds": time.perf_counter() - t0}, step=result.steps)
     (out_dir / "result.json").write_text(json.dumps(
         {"checkpoint": ckpt, "eval_before": result.eval_before, "eval_after": result.eval_after}, indent=1))
     result.checkpoint = ckpt

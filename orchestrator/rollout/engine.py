@@ -80,6 +80,13 @@ class VllmEngine:
             kwargs["distributed_executor_backend"] = "uni"
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # Whole rollout batches prefill in one step instead of being chunked (a prefill chunk split
+            # across steps is also what trips vLLM-CPU's per-request generators, see below).
+            kwargs["max_num_batched_tokens"] = max(16384, max_model_len)
+        # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
+        # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
+        self.per_request_seed = on_gpu
         self.llm = LLM(**kwargs)
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
@@ -91,7 +98,8 @@ class VllmEngine:
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
         params = [
             SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
-                           top_p=top_p if temperature > 0 else 1.0, seed=r.seed, logprobs=0, detokenize=False)
+                           top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
+                           logprobs=0, detokenize=False)
             for r in requests
         ]
         outs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -1,0 +1,66 @@
+"""Elastic Reasoning recipe: config checks before any work, and a tiny real run's MLflow structure."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from orchestrator.config import ConfigError
+from workloads.elastic.recipe import ElasticConfig, _stage_configs, comparison_table, format_table, load
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "configs" / "elastic" / "tiny.yaml"
+
+
+def test_shipped_config_validates():
+    cfg = load(str(CFG))
+    stages = _stage_configs(cfg)
+    assert stages["budgeted"].budget.thinking < stages["baseline"].budget.thinking
+    assert stages["budgeted"].trainer.steps == stages["baseline"].trainer.steps
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["baseline=[budget.thinking=8]"], "must exceed"),
+    (["baseline=[budget.thinking=64,trainer.steps=3]"], "trainer.steps"),
+    (["budgeted=[budget.solution=0]"], "budget.solution=0"),
+    (["nonsense=1"], "nonsense"),
+])
+def test_bad_configs_fail_before_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _stage_configs(load(str(CFG), overrides))
+
+
+def test_comparison_table_format():
+    rows = [{"budget_label": "16x8", "budget_thinking": 16, "budget_solution": 8, "accuracy": 0.5,
+             "mean_tokens": 20.0, "mean_thinking_tokens": 15.0, "truncation_rate": 0.5, "samples": 10}]
+    t = comparison_table({"start": rows, "budgeted": rows})
+    assert t.num_rows == 2 and set(t.column("model").to_pylist()) == {"start", "budgeted"}
+    assert "| 16x8 | 0.500 | 20.0 | 0.500 | 20.0 |" in format_table(t)
+
+
+def test_tiny_run_nests_stages_under_parent(ray_session, tmp_path):
+    from mlflow import MlflowClient
+
+    from workloads.elastic.recipe import run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [f"model.path={tmp_path / 'tiny'}", "warmstart.steps=2", "warmstart.train_size=64",
+              "warmstart.batch_size=16", "trainer.steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2",
+              f"trainer.output_dir={tmp_path / 'out'}", "eval.num_prompts=6", "data.eval_size=6",
+              "data.train_size=32", "eval.budgets=[4x4]", "eval.max_thinking=12", "learner.micro_batch_size=4",
+              "learner.num_threads=1", f"tracking.tracking_uri={uri}", "tracking.experiment=elastic-test"]
+    common += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+    cfg = ElasticConfig(base=str(ROOT / "configs" / "quickstart.yaml"), overrides=common,
+                        budgeted=["budget.thinking=4"], baseline=["budget.thinking=12"], name="el")
+    out = run(cfg, log=lambda *_: None)
+    client = MlflowClient(uri)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["budgetrl.workload"] == "elastic"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{out['parent_run_id']}'")
+    assert {c.data.tags["budgetrl.stage"] for c in children} == {"budgeted", "baseline"}
+    assert {c.info.run_id for c in children} == set(out["runs"].values())
+    assert {c.data.params["budget.thinking"] for c in children} == {"4", "12"}
+    arts = {a.path for a in client.list_artifacts(out["parent_run_id"], "elastic")}
+    assert {"elastic/comparison.parquet", "elastic/comparison.png"} <= arts
+    assert set(out["table"].column("model").to_pylist()) == {"start", "baseline", "budgeted"}

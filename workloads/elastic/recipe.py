@@ -1,0 +1,138 @@
+"""Elastic Reasoning recipe: one parent MLflow run, two training stages, one comparison table.
+
+Stages (children of the parent run): ``budgeted`` trains with two-phase rollouts at the tight budget
+(t, s); ``baseline`` trains plain GRPO with a thinking budget large enough not to bind, the same steps,
+prompts per step and group size (same number of samples), from the same start checkpoint. Both runs
+evaluate over the same (t, s) grid plus unconstrained, so the table compares start, baseline and
+budget-trained models on identical prompts: the paper's table, at whatever scale the base config sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator import frontier, tracking
+from orchestrator.config import ConfigError, load_config, to_dict
+
+
+@dataclass
+class ElasticConfig:
+    base: str = MISSING  # training config every stage starts from
+    overrides: list[str] = field(default_factory=list)  # applied to every stage
+    budgeted: list[str] = field(default_factory=lambda: ["budget.thinking=16"])
+    baseline: list[str] = field(default_factory=lambda: ["budget.thinking=64"])
+    run_baseline: bool = True
+    name: str = "elastic"
+
+
+def load(path: str, overrides: list[str] = ()) -> ElasticConfig:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ElasticConfig), OmegaConf.load(path),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}" if key else str(exc).splitlines()[0]) from None
+    base = Path(cfg.base)
+    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
+        for root in Path(path).resolve().parents:
+            if (root / base).is_file():
+                base = root / base
+                break
+    if not base.is_file():
+        raise ConfigError(f"base={cfg.base!r}: no such training config")
+    cfg.base = str(base)
+    return cfg
+
+
+def _stage_configs(cfg: ElasticConfig):
+    common = list(cfg.overrides)
+    stages = {"budgeted": load_config(cfg.base, common + list(cfg.budgeted) + [f"trainer.run_name={cfg.name}-budgeted"])}
+    if cfg.run_baseline:
+        stages["baseline"] = load_config(cfg.base, common + list(cfg.baseline) + [f"trainer.run_name={cfg.name}-baseline"])
+        b, u = stages["budgeted"], stages["baseline"]
+        for key in ("steps", "prompts_per_step"):
+            if getattr(b.trainer, key) != getattr(u.trainer, key):
+                raise ConfigError(f"trainer.{key}: budgeted ({getattr(b.trainer, key)}) and baseline "
+                                  f"({getattr(u.trainer, key)}) must match for a same-compute comparison")
+        if b.rollout.group_size != u.rollout.group_size:
+            raise ConfigError("rollout.group_size: budgeted and baseline must match for a same-compute comparison")
+        if u.budget.thinking <= b.budget.thinking:
+            raise ConfigError(f"baseline budget.thinking={u.budget.thinking} must exceed the budgeted run's "
+                              f"{b.budget.thinking}")
+    return stages
+
+
+def comparison_table(rows_by_model: dict[str, list[dict]]) -> pa.Table:
+    out = []
+    for model, rows in rows_by_model.items():
+        for r in rows:
+            out.append({"model": model, "budget": r["budget_label"], "budget_thinking": r["budget_thinking"],
+                        "budget_solution": r["budget_solution"], "accuracy": r["accuracy"],
+                        "mean_tokens": r["mean_tokens"], "mean_thinking_tokens": r["mean_thinking_tokens"],
+                        "truncation_rate": r["truncation_rate"], "samples": r["samples"]})
+    return pa.Table.from_pylist(out)
+
+
+def format_table(table: pa.Table) -> str:
+    models = list(dict.fromkeys(table.column("model").to_pylist()))
+    budgets = list(dict.fromkeys(table.column("budget").to_pylist()))
+    cell = {(r["model"], r["budget"]): r for r in table.to_pylist()}
+    head = "| budget | " + " | ".join(f"{m}: acc | tokens" for m in models) + " |"
+    lines = [head, "|---|" + "---|---|" * len(models)]
+    for b in budgets:
+        parts = []
+        for m in models:
+            r = cell.get((m, b))
+            parts.append(f"{r['accuracy']:.3f} | {r['mean_tokens']:.1f}" if r else " | ")
+        lines.append(f"| {b} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def run(cfg: ElasticConfig, log=print) -> dict:
+    """Train the stages under one parent run and log the comparison; returns the table and run ids."""
+    from orchestrator.trainer import train
+
+    stages = _stage_configs(cfg)  # every stage's config is validated before anything starts
+    first = stages["budgeted"]
+    uri = tracking.resolve_tracking_uri(first.tracking.tracking_uri)
+    parent = tracking.Tracker.start(uri, first.tracking.experiment, run_name=cfg.name,
+                                    params={"base": cfg.base, "budgeted": " ".join(cfg.budgeted),
+                                            "baseline": " ".join(cfg.baseline), "overrides": " ".join(cfg.overrides)},
+                                    tags=tracking.lineage_tags(to_dict(first), workload="elastic", stage="pipeline"))
+    results = {}
+    with parent:
+        for name, scfg in stages.items():
+            scfg.tracking.tracking_uri = uri
+            scfg.tracking.parent_run_id = parent.run_id
+            scfg.tracking.tags = {**scfg.tracking.tags, tracking.TAG_WORKLOAD: "elastic", tracking.TAG_STAGE: name}
+            log(f"elastic: stage {name} (thinking budget {scfg.budget.thinking})")
+            results[name] = train(scfg, log=log)
+        rows = {"start": results["budgeted"].eval_before}
+        if "baseline" in results:
+            rows["baseline"] = results["baseline"].eval_after
+        rows["budgeted"] = results["budgeted"].eval_after
+        table = comparison_table(rows)
+        parent.log_table(table, "elastic/comparison.parquet")
+        fig = frontier.plot_frontier(table.to_pandas().rename(columns={"budget": "label"}), x="mean_tokens",
+                                     y="accuracy", label="label", group="model",
+                                     title="accuracy vs tokens by model (budget grid)")
+        parent.log_figure(fig, "elastic/comparison.png")
+        text = format_table(table)
+        parent.log_dict({"markdown": text, "runs": {k: v.run_id for k, v in results.items()}},
+                        "elastic/comparison.json")
+        metrics = {f"{r['model']}/{r['budget']}/accuracy": r["accuracy"] for r in table.to_pylist()}
+        parent.log_metrics(metrics, step=0)
+        parent.set_tags({f"budgetrl.stage_run.{k}": v.run_id for k, v in results.items()})
+        log("elastic: comparison (greedy unless eval.temperature > 0; Avg@k over eval.samples_per_prompt)\n" + text)
+        return {"parent_run_id": parent.run_id, "table": table, "runs": {k: v.run_id for k, v in results.items()}}
+
+
+def main(config: str, overrides: list[str]) -> int:
+    run(load(config, overrides))
+    return 0
