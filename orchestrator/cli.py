@@ -3,7 +3,8 @@
 Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over a budget grid),
 ``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config),
 ``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs),
-``workload NAME`` (a method recipe such as ``elastic``).
+``workload NAME`` (a method recipe such as ``elastic``), ``analyze`` (reasoning length vs accuracy
+over rollout/eval tables).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
 """
 
@@ -28,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     wl.add_argument("name", help="workload name, e.g. elastic")
     wl.add_argument("config", help="the workload's YAML config (see configs/<workload>/)")
     wl.add_argument("overrides", nargs="*", help="key=value overrides of the workload config")
+    an = sub.add_parser("analyze", help="analyze rollout/eval tables (default workload: length_analysis)")
+    an.add_argument("config", help="analysis YAML, e.g. configs/length_analysis.yaml")
+    an.add_argument("overrides", nargs="*", help="key=value overrides, e.g. per_tokens=1000")
+    an.add_argument("--workload", default="length_analysis",
+                    help="analysis workload registered under budgetrl.workloads (default: length_analysis)")
     bt = sub.add_parser("build-tiny", help="build the embedded tiny Qwen2 model and tokenizer")
     bt.add_argument("out_dir")
     sw = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep: Ray Tune + Optuna study")
@@ -105,13 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(args)
     if args.command == "frontier":
         return _frontier(args)
-    if args.command == "workload":
+    if args.command in ("workload", "analyze"):
         from .workload_registry import get_workload
 
+        name = args.name if args.command == "workload" else args.workload
         try:
-            recipe = get_workload(args.name)
+            recipe = get_workload(name)
+        except KeyError as exc:  # only the lookup: a KeyError inside a recipe is a bug, not a config error
+            print(f"config error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        try:
             return recipe(args.config, args.overrides)
-        except (ConfigError, KeyError) as exc:
+        except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
     try:
