@@ -15,6 +15,8 @@ CFG = ROOT / "configs" / "elastic" / "tiny.yaml"
 def test_shipped_config_validates():
     cfg = load(str(CFG))
     stages = _stage_configs(cfg)
+    gpu = _stage_configs(load(str(ROOT / "configs" / "elastic" / "deepscaler-1.5b.yaml")), check_paths=False)
+    assert gpu["budgeted"].budget.thinking == 1024 and gpu["baseline"].budget.thinking == 8192
     assert stages["budgeted"].budget.thinking < stages["baseline"].budget.thinking
     assert stages["budgeted"].trainer.steps == stages["baseline"].trainer.steps
 

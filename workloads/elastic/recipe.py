@@ -50,11 +50,13 @@ def load(path: str, overrides: list[str] = ()) -> ElasticConfig:
     return cfg
 
 
-def _stage_configs(cfg: ElasticConfig):
+def _stage_configs(cfg: ElasticConfig, check_paths: bool = True):
     common = list(cfg.overrides)
-    stages = {"budgeted": load_config(cfg.base, common + list(cfg.budgeted) + [f"trainer.run_name={cfg.name}-budgeted"])}
+    stages = {"budgeted": load_config(cfg.base, common + list(cfg.budgeted) + [f"trainer.run_name={cfg.name}-budgeted"],
+                                      check_paths=check_paths)}
     if cfg.run_baseline:
-        stages["baseline"] = load_config(cfg.base, common + list(cfg.baseline) + [f"trainer.run_name={cfg.name}-baseline"])
+        stages["baseline"] = load_config(cfg.base, common + list(cfg.baseline) + [f"trainer.run_name={cfg.name}-baseline"],
+                                         check_paths=check_paths)
         b, u = stages["budgeted"], stages["baseline"]
         for key in ("steps", "prompts_per_step"):
             if getattr(b.trainer, key) != getattr(u.trainer, key):
