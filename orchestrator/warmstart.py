@@ -57,7 +57,9 @@ def sft_examples(cfg: Config, tokenizer) -> list[tuple[str, str]]:
     out = []
     for row in table.select(["prompt", "reasoning", "answer"]).to_pylist():
         prompt = render_prompt(cfg.model.prompt_template, row["prompt"], tokenizer, cfg.model.chat_template)
-        out.append((prompt, f"{row['reasoning'] or ''}{cfg.model.think_end}{row['answer']}{eos}"))
+        # A task may wrap its answer (e.g. "<answer>{answer}</answer>" for the meta-ability tasks).
+        answer = getattr(task, "answer_format", "{answer}").format(answer=row["answer"])
+        out.append((prompt, f"{row['reasoning'] or ''}{cfg.model.think_end}{answer}{eos}"))
     return out
 
 
