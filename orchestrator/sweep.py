@@ -341,6 +341,17 @@ def _objectives(sweep: SweepConfig, base: Config) -> list[Objective]:
     return out
 
 
+def safe_url(url: str) -> str:
+    """A database URL with its password masked, for messages, logs and MLflow params."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        return parsed.render_as_string(hide_password=True) if parsed.password else url
+    except Exception:  # noqa: BLE001 - not parseable: mask anything that looks like user:password@
+        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
 def check_storage_url(url: str, key: str = "storage") -> None:
     """Fail (ConfigError) if the study storage cannot be used; creates nothing.
 
@@ -354,26 +365,26 @@ def check_storage_url(url: str, key: str = "storage") -> None:
     try:
         parsed = make_url(url)
     except ArgumentError as e:
-        raise _bad(key, url, f"not a SQLAlchemy database URL ({e})") from None
+        raise _bad(key, safe_url(url), f"not a SQLAlchemy database URL ({e})") from None
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
         if not db or db == ":memory:":
-            raise _bad(key, url, "an in-memory SQLite study is lost when the driver exits; give a file path")
+            raise _bad(key, safe_url(url), "an in-memory SQLite study is lost when the driver exits; give a file path")
         path = Path(db).resolve()
         if path.exists() and not path.is_file():
-            raise _bad(key, url, f"{path} exists and is not a file")
+            raise _bad(key, safe_url(url), f"{path} exists and is not a file")
         probe = path.parent
         while not probe.exists():
             probe = probe.parent
         if not probe.is_dir() or not os.access(probe, os.W_OK):
-            raise _bad(key, url, f"cannot create or write {path} ({probe} is not a writable directory)")
+            raise _bad(key, safe_url(url), f"cannot create or write {path} ({probe} is not a writable directory)")
         return
     try:
         engine = sqlalchemy.create_engine(url)
     except (NoSuchModuleError, ModuleNotFoundError, ImportError) as e:
-        raise _bad(key, url, f"no SQLAlchemy driver for this URL: {e}") from None
+        raise _bad(key, safe_url(url), f"no SQLAlchemy driver for this URL: {e}") from None
     except Exception as e:  # noqa: BLE001 - any construction error is a bad URL
-        raise _bad(key, url, f"unusable storage URL: {type(e).__name__}: {e}") from None
+        raise _bad(key, safe_url(url), f"unusable storage URL: {type(e).__name__}: {e}") from None
     error: list[BaseException] = []
 
     def connect() -> None:
@@ -387,10 +398,10 @@ def check_storage_url(url: str, key: str = "storage") -> None:
     t.start()
     t.join(10.0)
     if t.is_alive():
-        raise _bad(key, url, "storage unreachable (no connection within 10 s)")
+        raise _bad(key, safe_url(url), "storage unreachable (no connection within 10 s)")
     if error:
         e = error[0]
-        raise _bad(key, url, f"storage unreachable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise _bad(key, safe_url(url), f"storage unreachable: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     engine.dispose()
 
 
@@ -694,7 +705,7 @@ def open_study(plan: SweepPlan, create: bool):
     have = study.user_attrs.get(ATTR_OBJECTIVES)
     have_dirs = [d.name.lower() for d in study.directions]
     if (have and have != names) or have_dirs != directions:
-        raise ConfigError(f"objectives={names!r}: study {plan.study_name!r} in {plan.storage} was created with "
+        raise ConfigError(f"objectives={names!r}: study {plan.study_name!r} in {safe_url(plan.storage)} was created with "
                           f"objectives {have} ({have_dirs}); use another study_name to change objectives")
     return study
 
@@ -1024,17 +1035,18 @@ def run_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = 
             if last is not None and last.get("status") != "finished":
                 last["status"] = "abandoned"
             sweep_dict = dataclasses.asdict(sweep)
+            sweep_dict["storage"] = safe_url(plan.storage)  # never a database password in MLflow
             inv = {"id": f"{len(invocations) + 1:03d}", "target": sweep.num_trials, "status": "running",
                    "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
             parent = tracking.Tracker.start(
                 plan.tracking_uri, plan.experiment, run_name=f"sweep-{plan.study_name}-{inv['id']}",
-                params={"sweep": sweep_dict, "sweep.storage_url": plan.storage},
+                params={"sweep": sweep_dict},
                 tags={**tracking.lineage_tags(sweep_dict, workload="sweep", stage="sweep"),
                       tracking.TAG_STUDY: plan.study_name, TAG_INVOCATION: inv["id"]})
             inv["parent_run_id"] = parent.run_id
             invocations.append(inv)
             study.set_user_attr(ATTR_INVOCATIONS, invocations)
-            parent.log_dict(OmegaConf.to_container(OmegaConf.structured(sweep)), "sweep/sweep.yaml")
+            parent.log_dict(sweep_dict, "sweep/sweep.yaml")
             parent.log_dict({"base_config": plan.base_path, "base_overrides": plan.base_overrides,
                              "resolved": to_dict(plan.base)}, "sweep/base_config.json")
         with parent:
@@ -1406,7 +1418,7 @@ def frontier_command(*, tracking_uri: str | None, experiment: str | None, study:
 
 def describe_plan(plan: SweepPlan) -> str:
     """A short human summary (``sweep --check``)."""
-    lines = [f"study {plan.study_name!r} in {plan.storage}",
+    lines = [f"study {plan.study_name!r} in {safe_url(plan.storage)}",
              f"base {plan.base_path} + {plan.base_overrides}",
              f"objectives: {', '.join(f'{o.mode} {o.name}' for o in plan.objectives)}",
              f"space: {', '.join(f'{k} ({p.type})' for k, p in sorted(plan.sweep.space.items()))}",

@@ -105,7 +105,7 @@ def crd_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator
         pytest.fail(f"no CRD known for kind {kind!r} (known: {sorted(CRD_FILES)})")
     crd = _load_yaml(CRD_DIR / CRD_FILES[kind])
     group, _, version = api_version.partition("/")
-    assert crd["spec"]["group"] == group, f"{kind}: apiVersion group {group!r} is not {crd['spec']['group']!r}"
+    assert crd["spec"]["group"] == group, f"{kind}: group {group!r} is not {crd['spec']['group']!r}"
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
     assert version in versions, f"{kind}: version {version!r} not in the CRD ({sorted(versions)})"
     assert versions[version].get("served", False), f"{kind}: version {version!r} is not served"
@@ -182,7 +182,7 @@ def test_cluster_specs_are_safe_and_steerable(name, index, doc):
     for spec in _cluster_specs(doc):
         assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: authOptions.mode must be token"
         head = spec["headGroupSpec"]
-        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{name}: expose the head via port-forward"
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{name}: reach the head by port-forward"
         assert not head.get("enableIngress"), f"{name}: no ingress without an authenticating proxy"
         groups = spec.get("workerGroupSpecs", [])
         for group in [head, *groups]:
@@ -206,11 +206,12 @@ def test_jobs_shut_down_and_keep_working_dir(name, index, doc):
     assert job.get("shutdownAfterJobFinishes") is True, f"{name}: the job's cluster must be deleted after it"
     assert job["entrypoint"].startswith("python -m orchestrator "), name
     runtime_env = yaml.safe_load(job.get("runtimeEnvYAML", "{}")) or {}
-    assert set(runtime_env) <= {"env_vars"}, f"{name}: runtimeEnvYAML may only set env_vars, got {set(runtime_env)}"
+    assert set(runtime_env) <= {"env_vars"}, f"{name}: runtimeEnvYAML sets {set(runtime_env)}: env_vars only"
     assert all(isinstance(v, str) for v in runtime_env.get("env_vars", {}).values()), name
     if doc["kind"] == "RayCronJob":
         fields = doc["spec"]["schedule"].split()
-        assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,\-]+", f) for f in fields), doc["spec"]["schedule"]
+        assert len(fields) == 5, doc["spec"]["schedule"]
+        assert all(re.fullmatch(r"[\d*/,\-]+", f) for f in fields), doc["spec"]["schedule"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +330,9 @@ def test_pip_extras_exist():
     """Every `pip install -e '.[EXTRA,...]'` under clusters/ names extras pyproject.toml defines."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    pip_extras = re.compile(r"pip install -e '\.\[([\w,]+)\]'")
     used = {e for f in CLUSTERS.iterdir() if f.is_file()
-            for m in re.finditer(r"pip install -e '\.\[([\w,]+)\]'", f.read_text()) for e in m.group(1).split(",")}
+            for m in pip_extras.finditer(f.read_text()) for e in m.group(1).split(",")}
     assert used and used <= extras, f"extras {sorted(used - extras)} are not in pyproject.toml"
 
 
@@ -386,7 +388,7 @@ def test_commands_found():
 def test_command_names_existing_config(where, command, config, overrides, complete):
     path = ROOT / config
     if not path.is_file() and config.startswith("configs/sweeps/"):
-        pytest.skip(f"{config} (used in clusters/{where}) is not written yet: it comes with the sweep command")
+        pytest.skip(f"{config} (used in clusters/{where}) is not written yet: it comes with the sweep")
     assert not Path(config).is_absolute(), f"{where}: use a repo-relative config path, not {config}"
     assert path.is_file(), f"clusters/{where}: `{command}` names {config}, which does not exist in the repo"
     if complete and command in ("train", "eval", "show-config"):

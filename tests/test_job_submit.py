@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,17 +45,26 @@ def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
                           check=False)
 
 
-def _stop(pgid: int, marker: str) -> None:
+def _name(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())[:100]
+    except psutil.Error:
+        return "?"
+
+
+def _stop(pgid: int, tmp: Path) -> None:
     """SIGTERM, then SIGKILL, every process of the head's session or naming its temp dir.
 
     The job driver runs in a session of its own (Ray's job supervisor starts it so); its command line
-    holds the test's temp dir, as do the head's workers.
+    holds the head's temp dir (the job's files are under it), as do the head's workers.
     """
     me = os.getpid()
+    names_tmp = re.compile(re.escape(str(tmp)) + r"(?![^/\s])")  # the dir itself, not /tmp/rjX-other
     procs = []
     for p in psutil.process_iter(["pid", "cmdline"]):
         try:
-            if p.pid != me and (os.getpgid(p.pid) == pgid or marker in " ".join(p.info["cmdline"] or ())):
+            cmdline = " ".join(p.info["cmdline"] or ())
+            if p.pid != me and (os.getpgid(p.pid) == pgid or names_tmp.search(cmdline)):
                 procs.append(p)
         except (psutil.Error, ProcessLookupError):
             pass
@@ -62,13 +73,34 @@ def _stop(pgid: int, marker: str) -> None:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    if alive:
+        print("SIGKILL for what outlived SIGTERM by 5 s:", [(p.pid, _name(p)) for p in alive])
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def _submit(submit: list, env: dict) -> str | None:
+    """Run `ray job submit` (it follows the driver's log until the job ends); its output, None on timeout.
+
+    Right after `ray start` the head's job agent may not be registered yet ("No available agent to
+    submit job"): nothing was submitted then, so the same submission id is tried again.
+    """
+    now = time.monotonic()
+    deadline, retry_until = now + JOB_TIMEOUT_S, now + 60
+    while True:
+        try:
+            result = _run(submit, env, max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+        output = result.stdout + result.stderr
+        if "No available agent" not in output or time.monotonic() > retry_until:
+            return output
+        time.sleep(2)
 
 
 @pytest.fixture(scope="module")
@@ -79,54 +111,64 @@ def ray_head():
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     # Token auth for the server and every client; an activated venv (the job's `python` is this one).
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0")
-    gcs_port, dashboard_port = _free_port(), _free_port()
-    cmd = [BIN / "ray", "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dashboard_port}", "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={tmp}"]
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    # Free ports for everything `ray start` would otherwise put on a fixed default (the dashboard
+    # agent's 52365, the client server's 10001): another Ray on this machine may hold those.
+    gcs, dashboard, agent, client = (_free_port() for _ in range(4))
+    cmd = [BIN / "ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+           f"--ray-client-server-port={client}", "--num-cpus=2", "--disable-usage-stats",
+           f"--temp-dir={tmp}"]
     # A new session: every daemon `ray start` leaves behind is in process group `proc.pid`.
     proc = subprocess.Popen([str(c) for c in cmd], env=env, cwd=tmp, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"ray start failed:\n{out}"
-        yield f"http://127.0.0.1:{dashboard_port}", env, tmp
+        yield f"http://127.0.0.1:{dashboard}", env, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-        _stop(proc.pid, str(tmp))
+        _stop(proc.pid, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.timeout(900)
-def test_ray_job_submit_train(ray_head, tmp_path):
+def test_ray_job_submit_train(ray_head):
     address, env, head_tmp = ray_head
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tmp_path is absolute: sqlite:////...
-    overrides = [f"model.path={tmp_path / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
-                 "warmstart.batch_size=32", "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
-                 f"trainer.output_dir={tmp_path / 'out'}", "trainer.run_name=jobsubmit", "eval.num_prompts=12",
-                 "data.eval_size=12", "data.train_size=64", "budgets=[6x4,unconstrained]", "eval.max_thinking=24",
-                 "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8", "learner.num_threads=1",
+    work = head_tmp / "job"  # under the head's dir: the driver's command line names it (see _stop)
+    uri = f"sqlite:///{work / 'mlflow.db'}"  # an absolute path: sqlite:////tmp/...
+    # tests/test_train_e2e.py's short run; no tracking.tracking_uri: the runtime env's URI must be used.
+    overrides = [f"model.path={work / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
+                 "warmstart.batch_size=32", "trainer.steps=2", "trainer.prompts_per_step=4",
+                 "rollout.group_size=4", f"trainer.output_dir={work / 'out'}", "trainer.run_name=jobsubmit",
+                 "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64",
+                 "budgets=[6x4,unconstrained]", "eval.max_thinking=24", "budget.thinking=6",
+                 "budget.solution=4", "learner.micro_batch_size=8", "learner.num_threads=1",
                  "tracking.experiment=jobsubmit", "reward.num_workers=1"]
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     job_id = f"budgetrl-test-{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}
     submit = [BIN / "ray", "job", "submit", "--address", address, "--submission-id", job_id,
-              "--working-dir", ROOT, "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+              "--working-dir", ROOT, "--runtime-env-json", json.dumps(runtime_env),
               "--", "python", "-m", "orchestrator", "train", "configs/quickstart.yaml", *overrides]
     t0 = time.perf_counter()
-    try:
-        result = _run(submit, env, JOB_TIMEOUT_S)  # blocks, following the driver's log, until the job ends
-        output = result.stdout + result.stderr
-    except subprocess.TimeoutExpired as e:
-        output = f"`ray job submit` still running after {JOB_TIMEOUT_S}s\n{e.stdout or ''}{e.stderr or ''}"
+    output = _submit(submit, env)
+    if output is None:
+        output = f"`ray job submit` still running after {JOB_TIMEOUT_S}s"
         _run([BIN / "ray", "job", "stop", "--address", address, job_id], env, 60)
     wall = time.perf_counter() - t0
-    status = _run([BIN / "ray", "job", "status", "--address", address, job_id], env, 60)
-    if "SUCCEEDED" not in status.stdout:
+    # The job's status from the Jobs REST API, which wants the token as much as the CLI does.
+    url, token = f"{address}/api/jobs/{job_id}", Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert requests.get(url, timeout=30).status_code in (401, 403)
+    reply = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    status = reply.json().get("status") if reply.ok else f"HTTP {reply.status_code}: {reply.text[:300]}"
+    if status != "SUCCEEDED":
         logs = _run([BIN / "ray", "job", "logs", "--address", address, job_id], env, 60)
-        print(output, status.stdout, status.stderr, logs.stdout, logs.stderr, sep="\n")
-        pytest.fail(f"job {job_id} did not succeed ({wall:.0f}s): {status.stdout.strip()} "
-                    f"{status.stderr.strip()[-500:]}\n--- driver log (tail) ---\n{logs.stdout[-4000:]}")
+        print(output, logs.stdout, logs.stderr, sep="\n")
+        pytest.fail(f"job {job_id} did not succeed ({wall:.0f}s): {status}\n"
+                    f"--- driver log (tail) ---\n{logs.stdout[-4000:]}{logs.stderr[-1000:]}")
     print(f"ray job submit -> SUCCEEDED in {wall:.1f}s")
 
     # The run is in the store the runtime env named, finished, with the training metrics.
@@ -136,19 +178,21 @@ def test_ray_job_submit_train(ray_head, tmp_path):
     experiment = client.get_experiment_by_name("jobsubmit")
     assert experiment is not None, f"no experiment 'jobsubmit' in {uri}: MLFLOW_TRACKING_URI was not used"
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_name, r.info.status) for r in runs]
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
     run_id = runs[0].info.run_id
     for key in ("train/reward", "train/accuracy"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
-    assert (tmp_path / "out" / "jobsubmit" / "checkpoint" / "model.safetensors").is_file()
+    assert (work / "out" / "jobsubmit" / "checkpoint" / "model.safetensors").is_file()
 
     # The working dir was the repository's code without .gitignore'd or heavy paths (.venv is 4 GB).
-    packages = [p for p in (head_tmp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
-                if p.is_dir()]
+    unpacked = head_tmp / "session_latest" / "runtime_resources" / "working_dir_files"
+    packages = [p for p in unpacked.iterdir() if p.is_dir()]
     assert packages, "no working_dir package was unpacked on the head"
     for pkg in packages:
-        assert (pkg / "configs" / "quickstart.yaml").is_file() and (pkg / "orchestrator" / "trainer.py").is_file()
+        assert (pkg / "configs" / "quickstart.yaml").is_file(), sorted(p.name for p in pkg.iterdir())
+        assert (pkg / "orchestrator" / "trainer.py").is_file(), sorted(p.name for p in pkg.iterdir())
         for heavy in (".venv", ".git", "outputs", "mlruns", "mlflow.db"):
             assert not (pkg / heavy).exists(), f"{heavy} was uploaded with the working dir"
         size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+        print(f"working dir package {pkg.name}: {size / 2**20:.2f} MiB")
         assert size < 20 * 2**20, f"working dir package is {size / 2**20:.1f} MiB"
