@@ -85,6 +85,8 @@ class RolloutConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    # Custom Ray resources per worker, e.g. {rollout_gpu: 1} to land on a cluster's rollout node group.
+    resources: dict[str, float] = field(default_factory=dict)
     group_size: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -124,6 +126,7 @@ class LearnerConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank, e.g. {learner_gpu: 1}
     lr: float = 1e-6
     weight_decay: float = 0.0
     grad_clip: float = 1.0

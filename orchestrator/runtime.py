@@ -42,9 +42,8 @@ class WorkerGroup:
         from .rollout.worker import RolloutWorker
 
         r, le = cfg.rollout, cfg.learner
-        bundles = [{"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
-                   for _ in range(r.num_workers)]
-        bundles += [{"CPU": le.cpus_per_worker, **({"GPU": le.gpus_per_worker} if le.gpus_per_worker else {})}
+        bundles = [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources} for _ in range(r.num_workers)]
+        bundles += [{"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources}
                     for _ in range(le.num_workers if learner else 0)]
         bundles = [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
         self.pg = placement_group(bundles, strategy="PACK")
@@ -62,7 +61,8 @@ class WorkerGroup:
         remote_rollout = ray.remote(RolloutWorker)
         self.rollout = [
             remote_rollout.options(
-                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, runtime_env={"env_vars": env},
+                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, resources=dict(r.resources) or None,
+                runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
                 name=None,
             ).remote(model_path, engine=r.engine, prompt_template=cfg.model.prompt_template,
@@ -77,7 +77,7 @@ class WorkerGroup:
         a = cfg.algorithm
         remote_learner = ray.remote(Learner)
         self.learner = remote_learner.options(
-            num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker,
+            num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
             runtime_env={"env_vars": dict(WORKER_ENV)},
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r.num_workers),
         ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
