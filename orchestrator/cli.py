@@ -3,6 +3,7 @@
 Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over a budget grid),
 ``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config),
 ``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs),
+``serve`` (a checkpoint or models:/ URI behind an OpenAI-compatible API with per-request budgets),
 ``workload NAME`` (a method recipe such as ``elastic``), ``analyze`` (reasoning length vs accuracy
 over rollout/eval tables).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
@@ -25,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. budget.thinking=16")
+    sv = sub.add_parser("serve", help="serve a checkpoint or models:/ URI with thinking/solution budgets "
+                                      "(OpenAI-compatible API on Ray Serve; docs/serving.md)")
+    sv.add_argument("target", help="checkpoint dir, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH")
+    sv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. http.port=8001 budget.thinking=64")
+    sv.add_argument("--config", help="serving YAML, e.g. configs/serve.yaml (default: schema defaults)")
     wl = sub.add_parser("workload", help="run a method recipe (elastic, ...) registered under budgetrl.workloads")
     wl.add_argument("name", help="workload name, e.g. elastic")
     wl.add_argument("config", help="the workload's YAML config (see configs/<workload>/)")
@@ -101,6 +107,11 @@ def _frontier(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # options may come after the overrides (argparse subparsers can't intermix)
+        from .serve import cli as serve_cli
+
+        return serve_cli(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "build-tiny":
         from .tiny_model import build_tiny_model

@@ -1,0 +1,276 @@
+"""MLflow Model Registry: register a checkpoint directory as a model version, resolve one back.
+
+A checkpoint is a Hugging Face ``save_pretrained`` directory. ``register_checkpoint`` makes it a
+registered model version whose source is the ``checkpoint`` artifact of an MLflow run: the training
+run's own artifact when the run already holds this checkpoint (nothing is copied), otherwise a new
+registration run that logs the directory. Lineage is kept as version tags: source run, checkpoint
+path, and the source run's config hash, git commit, dataset digest and workload when it has them.
+
+``resolve_model_uri`` turns ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``
+or ``runs:/RUN_ID/PATH`` into a local directory (downloaded once into a cache), and passes a local
+directory through unchanged. Everything goes through an explicit ``MlflowClient`` (no fluent globals).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import tracking
+
+REGISTRY_PREFIXES = ("models:/", "runs:/")
+CHECKPOINT_ARTIFACT = "checkpoint"
+TAG_CHECKPOINT = "budgetrl.checkpoint"  # set by the trainer on the run that saved a checkpoint
+# Lineage tags copied from the source run onto the model version when the run has them.
+_INHERITED_TAGS = (tracking.TAG_CONFIG_HASH, tracking.TAG_GIT_COMMIT, tracking.TAG_DATASET_DIGEST,
+                   tracking.TAG_WORKLOAD, tracking.TAG_STAGE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_COMPLETE = ".budgetrl_download_complete"
+
+
+class RegistryError(ValueError):
+    """A model URI that cannot be resolved, or a checkpoint that cannot be registered."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed registry URI: ``models:/name/version``, ``models:/name@alias`` or ``runs:/id/path``."""
+
+    kind: str  # "version" | "alias" | "latest" | "run"
+    name: str  # registered model name, or the run id for kind "run"
+    ref: str  # version number, alias, "latest", or the artifact path for kind "run"
+
+
+def is_registry_uri(target: str) -> bool:
+    return str(target).startswith(REGISTRY_PREFIXES)
+
+
+def parse_model_uri(uri: str) -> ModelRef:
+    """Parse a registry URI; raises ``RegistryError`` naming the URI when it is malformed."""
+    if uri.startswith("runs:/"):
+        rest = uri[len("runs:/"):].strip("/")
+        run_id, _, path = rest.partition("/")
+        if not run_id or not path:
+            raise RegistryError(f"{uri!r}: expected runs:/RUN_ID/ARTIFACT_PATH (e.g. runs:/abc123/checkpoint)")
+        return ModelRef("run", run_id, path)
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri!r}: not a registry URI (models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH)")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        if name and alias and "/" not in alias:
+            return ModelRef("alias", name, alias)
+    elif "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if name and version.isdigit() and int(version) > 0:
+            return ModelRef("version", name, str(int(version)))
+        if name and version == "latest":
+            return ModelRef("latest", name, "latest")
+    raise RegistryError(f"{uri!r}: expected models:/NAME/VERSION (VERSION a positive integer or 'latest') "
+                        "or models:/NAME@ALIAS")
+
+
+def _client(tracking_uri: str | None):
+    from mlflow import MlflowClient
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking._probe(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+# ---------------------------------------------------------------------------------------------
+# Register
+
+
+def _local_files(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def _artifact_files(client, run_id: str, path: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            out.update(_artifact_files(client, run_id, info.path))
+        else:
+            out[info.path] = int(info.file_size or 0)
+    return out
+
+
+def _run_holds_checkpoint(client, run_id: str, ckpt: Path) -> bool:
+    """The run's ``checkpoint/`` artifact has the same files with the same sizes as ``ckpt``."""
+    try:
+        remote = _artifact_files(client, run_id, CHECKPOINT_ARTIFACT)
+    except Exception:
+        return False
+    prefix = CHECKPOINT_ARTIFACT + "/"
+    remote = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in remote.items()}
+    return bool(remote) and remote == _local_files(ckpt)
+
+
+def _find_training_run(client, ckpt: Path) -> str | None:
+    """The run the trainer tagged with this checkpoint path (``budgetrl.checkpoint``), if any."""
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        if not experiments:
+            return None
+        value = str(ckpt).replace("'", "\\'")
+        runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_CHECKPOINT}` = '{value}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    except Exception:
+        return None
+    return runs[0].info.run_id if runs else None
+
+
+def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathLike, name: str,
+                        run_id: str | None = None, tags: Mapping[str, str] | None = None, *,
+                        alias: str | None = None, experiment: str = "budgetrl",
+                        description: str | None = None) -> int:
+    """Register ``checkpoint_dir`` as a new version of registered model ``name``; returns the version.
+
+    ``run_id`` is the run that produced the checkpoint (its lineage tags are copied onto the version);
+    when not given, the training run tagged with this checkpoint path is looked up. If that run
+    already holds the same files as its ``checkpoint`` artifact, the version points at it; otherwise a
+    registration run in ``experiment`` logs the directory. ``alias`` (e.g. ``prod``) is moved to the
+    new version. ``tags`` are added to the version as given.
+    """
+    ckpt = Path(checkpoint_dir).expanduser().resolve()
+    if not (ckpt / "config.json").is_file():
+        raise RegistryError(f"checkpoint_dir={str(checkpoint_dir)!r}: not a Hugging Face save_pretrained "
+                            "directory (no config.json)")
+    if not _NAME_RE.match(name):
+        raise RegistryError(f"name={name!r}: use letters, digits, '_', '-', '.' (no '/' or '@')")
+    client, uri = _client(tracking_uri)
+
+    source_run = None
+    if run_id is not None:
+        try:
+            source_run = client.get_run(run_id)
+        except Exception as e:
+            raise RegistryError(f"run_id={run_id!r}: no such run in {uri}: {e}") from e
+    else:
+        found = _find_training_run(client, ckpt)
+        source_run = client.get_run(found) if found else None
+
+    version_tags = {tracking.TAG_SOURCE_CHECKPOINT: str(ckpt)}
+    if source_run is not None:
+        version_tags[tracking.TAG_SOURCE_RUN] = source_run.info.run_id
+        version_tags.update({k: source_run.data.tags[k] for k in _INHERITED_TAGS if k in source_run.data.tags})
+    version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+
+    if source_run is not None and _run_holds_checkpoint(client, source_run.info.run_id, ckpt):
+        holder = source_run.info.run_id
+    else:
+        run_tags = {k: v for k, v in version_tags.items() if k.startswith(tracking.TAG_PREFIX)}
+        run_tags[tracking.TAG_STAGE] = "register"
+        tracker = tracking.Tracker.start(uri, experiment, run_name=f"register-{name}", tags=run_tags)
+        with tracker:
+            tracker.log_artifacts(str(ckpt), CHECKPOINT_ARTIFACT)
+        holder = tracker.run_id
+
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        try:
+            client.create_registered_model(name, description="budgetrl checkpoints")
+        except Exception:  # created concurrently
+            client.get_registered_model(name)
+    mv = client.create_model_version(name, source=f"runs:/{holder}/{CHECKPOINT_ARTIFACT}", run_id=holder,
+                                     tags=version_tags, description=description)
+    version = int(mv.version)
+    if alias:
+        client.set_registered_model_alias(name, alias, str(version))
+    return version
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolve
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BUDGETRL_MODEL_CACHE", Path.home() / ".cache" / "budgetrl" / "models"))
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", part)
+
+
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """Check that a registry URI names something that exists (no download); returns a description."""
+    ref = parse_model_uri(uri)
+    client, store = _client(tracking_uri)
+    return _lookup(client, store, uri, ref)[0]
+
+
+def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]:
+    """(description, artifact URI to download, cache key) for a parsed reference."""
+    try:
+        if ref.kind == "run":
+            client.get_run(ref.name)
+            return f"run {ref.name} artifact {ref.ref}", f"runs:/{ref.name}/{ref.ref}", f"runs/{ref.name}/{_safe(ref.ref)}"
+        if ref.kind == "alias":
+            mv = client.get_model_version_by_alias(ref.name, ref.ref)
+        elif ref.kind == "latest":
+            versions = client.search_model_versions(f"name = '{ref.name}'")
+            if not versions:
+                raise RegistryError(f"{uri!r}: registered model {ref.name!r} has no versions in {store}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(ref.name, ref.ref)
+    except RegistryError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RegistryError(f"{uri!r}: not found in the registry at {store}: {first}") from e
+    download = client.get_model_version_download_uri(mv.name, mv.version)
+    # The version's run id makes the cache key change if a name is deleted and re-registered.
+    key = f"models/{_safe(mv.name)}/{mv.version}-{_safe(mv.run_id or 'norun')[:12]}"
+    return f"registered model {mv.name} version {mv.version}", download, key
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike | None = None) -> str:
+    """A local model directory for ``uri``: a local path as is, a registry URI downloaded (once).
+
+    Downloads land in ``cache_dir`` (default ``$BUDGETRL_MODEL_CACHE`` or ``~/.cache/budgetrl/models``)
+    under the model name and version; a finished download is reused, a half-finished one is not
+    (files are downloaded into a temporary directory and renamed into place).
+    """
+    if not is_registry_uri(uri):
+        path = Path(uri).expanduser()
+        if not (path / "config.json").is_file():
+            raise RegistryError(f"{uri!r}: no such model directory (no config.json)")
+        return str(path.resolve())
+    import mlflow
+
+    ref = parse_model_uri(uri)
+    client, store = _client(tracking_uri)
+    _, download_uri, key = _lookup(client, store, uri, ref)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    target = root / key
+    if (target / _COMPLETE).is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(tmp),
+                                                         tracking_uri=store))
+        if not (local / "config.json").is_file():
+            raise RegistryError(f"{uri!r}: the artifact at {download_uri} is not a Hugging Face model "
+                                "directory (no config.json)")
+        (local / _COMPLETE).write_text(uri + "\n")
+        staged = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
+        local.rename(staged)
+        try:
+            staged.rename(target)
+        except OSError:  # another process finished first: use its copy
+            shutil.rmtree(staged, ignore_errors=True)
+            if not (target / _COMPLETE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

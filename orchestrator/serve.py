@@ -1,0 +1,833 @@
+"""Budgeted serving on Ray Serve: OpenAI-compatible completions and chat with thinking/solution budgets.
+
+``python -m orchestrator serve CHECKPOINT_OR_MODEL_URI [key=value ...]`` serves a Hugging Face
+checkpoint directory, or a registry model (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
+``runs:/RUN_ID/checkpoint``; see ``registry.py``), behind ``/v1/completions`` and
+``/v1/chat/completions``. Every request may set ``thinking_budget`` and ``solution_budget``; the
+replica runs the project's own two-phase generation (``rollout/budget.py``) on the project's engines
+(vLLM, or HF ``generate``), batching concurrent requests (``@serve.batch``), and reports thinking and
+solution tokens separately in ``usage``.
+
+Layers: ``ServeConfig`` (schema, validated before Ray starts) -> ``BudgetedServer`` (plain Python:
+request validation, batched generation, OpenAI-shaped responses; testable without Ray) ->
+``BudgetedLLM`` (the Serve deployment: FastAPI ingress, dynamic batching, one engine thread) ->
+``deploy`` / ``main`` (start Ray and Serve, bind ``http.host:http.port``, run the app).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from ray import serve
+
+from . import registry
+from .config import ConfigError, RayConfig, VllmConfig, _describe
+
+logger = logging.getLogger("ray.serve")
+
+# ================================================================================================
+# Config
+
+
+@dataclass
+class ServeModelConfig:
+    # A local Hugging Face directory, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH.
+    path: str = MISSING
+    name: Optional[str] = None  # the name clients put in "model"; default: model.path as given
+    aliases: list[str] = field(default_factory=list)  # other accepted "model" values (filled in)
+    tracking_uri: Optional[str] = None  # MLflow store of registry URIs; default MLFLOW_TRACKING_URI, ./mlflow.db
+    cache_dir: Optional[str] = None  # where registry models are downloaded; default ~/.cache/budgetrl/models
+    engine: str = "vllm"  # vllm | hf
+    dtype: str = "float32"
+    max_model_len: int = 4096  # context window: prompt + thinking + </think> + solution
+    prompt_template: str = "<s>{prompt}<think>"  # completions (and chat without chat_template)
+    chat_template: bool = False  # use the tokenizer's chat template for chat requests and prompts
+    think_end: str = "</think>"
+    seed: int = 0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class ServeBudgetConfig:
+    thinking: int = 1024  # default thinking budget of a request that sets none
+    solution: int = 512
+    max_thinking: int = 2048  # larger requested budgets get HTTP 400
+    max_solution: int = 1024
+
+
+@dataclass
+class SamplingDefaults:
+    temperature: float = 1.0  # OpenAI's default
+    top_p: float = 1.0
+    max_n: int = 8
+
+
+@dataclass
+class AutoscalingConfig:
+    enabled: bool = False  # false: deployment.num_replicas fixed replicas
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0
+
+
+@dataclass
+class DeploymentConfig:
+    name: str = "budgetrl"  # Serve application name
+    num_replicas: int = 1
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_ongoing_requests: int = 64  # per replica; more wait in the proxy
+    max_batch_size: int = 32  # samples (prompts x n) per engine batch; also the most one request may ask
+    batch_wait_timeout_s: float = 0.01
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"  # loopback only; there is no authentication
+    port: int = 8000
+    route_prefix: str = "/"  # the API is at {route_prefix}/v1/...
+
+
+@dataclass
+class ServeConfig:
+    model: ServeModelConfig = field(default_factory=ServeModelConfig)
+    budget: ServeBudgetConfig = field(default_factory=ServeBudgetConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def load_serve_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                      target: str | None = None, check_paths: bool = True) -> ServeConfig:
+    """YAML file (optional) + ``key=value`` overrides + the served target -> validated ``ServeConfig``.
+
+    Raises ``ConfigError`` naming the key and value. ``check_paths=False`` skips checks that read
+    the model (directory, tokenizer, registry lookups).
+    """
+    layers = [OmegaConf.structured(ServeConfig)]
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        dotlist.append(f"{key.strip().lstrip('+')}={value}")
+    if target is not None:
+        dotlist.append(f"model.path={target}")
+    try:
+        if dotlist:
+            # OmegaConf would read "models:/a/1" as a string anyway; quote nothing.
+            layers.append(OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    validate_serve_config(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _bad(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None:
+    """Reject impossible values (naming key and value); fill in absolute paths and served names."""
+
+    def positive(key: str, value: float) -> None:
+        if value is None or value <= 0:
+            _bad(key, value, "must be > 0")
+
+    def non_negative(key: str, value: float) -> None:
+        if value is None or value < 0:
+            _bad(key, value, "must be >= 0")
+
+    m = cfg.model
+    if not m.path or not str(m.path).strip():
+        _bad("model.path", m.path, "set it to a model directory or a models:/ URI")
+    given = str(m.path)
+    if m.engine not in ("vllm", "hf"):
+        _bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        _bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+    if "{prompt}" not in m.prompt_template and not m.chat_template:
+        _bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
+    if not m.think_end:
+        _bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
+    positive("model.max_model_len", m.max_model_len)
+    positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
+    if m.name is not None and not m.name.strip():
+        _bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
+
+    b = cfg.budget
+    for key in ("thinking", "solution", "max_thinking", "max_solution"):
+        positive(f"budget.{key}", getattr(b, key))
+    if b.thinking > b.max_thinking:
+        _bad("budget.thinking", b.thinking, f"the default is above budget.max_thinking={b.max_thinking}")
+    if b.solution > b.max_solution:
+        _bad("budget.solution", b.solution, f"the default is above budget.max_solution={b.max_solution}")
+    if b.max_thinking + 1 + b.max_solution >= m.max_model_len:
+        raise ConfigError(
+            f"budget.max_thinking={b.max_thinking} + 1 (</think>) + budget.max_solution={b.max_solution} = "
+            f"{b.max_thinking + 1 + b.max_solution} leaves no room for a prompt in "
+            f"model.max_model_len={m.max_model_len}; lower the budgets or raise model.max_model_len")
+
+    s = cfg.sampling
+    non_negative("sampling.temperature", s.temperature)
+    if not 0 < s.top_p <= 1:
+        _bad("sampling.top_p", s.top_p, "must be in (0, 1]")
+    positive("sampling.max_n", s.max_n)
+
+    d = cfg.deployment
+    if not d.name or "/" in d.name:
+        _bad("deployment.name", d.name, "must be a non-empty name without '/'")
+    positive("deployment.num_replicas", d.num_replicas)
+    a = d.autoscaling
+    if a.enabled:
+        non_negative("deployment.autoscaling.min_replicas", a.min_replicas)
+        positive("deployment.autoscaling.max_replicas", a.max_replicas)
+        if a.max_replicas < a.min_replicas:
+            _bad("deployment.autoscaling.max_replicas", a.max_replicas,
+                 f"must be >= deployment.autoscaling.min_replicas={a.min_replicas}")
+        positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
+    non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
+    non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
+    positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
+    positive("deployment.max_batch_size", d.max_batch_size)
+    non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)
+    if s.max_n > d.max_batch_size:
+        _bad("sampling.max_n", s.max_n, f"must be <= deployment.max_batch_size={d.max_batch_size}")
+
+    h = cfg.http
+    if not h.host or any(c.isspace() for c in h.host):
+        _bad("http.host", h.host, "must be a host or IP address, e.g. 127.0.0.1")
+    if not 1 <= h.port <= 65535:
+        _bad("http.port", h.port, "must be in 1..65535")
+    if not h.route_prefix.startswith("/") or (h.route_prefix != "/" and h.route_prefix.endswith("/")) \
+            or any(c.isspace() for c in h.route_prefix):
+        _bad("http.route_prefix", h.route_prefix, "must start with '/' and not end with '/' (e.g. '/' or '/llm')")
+    if cfg.ray.num_cpus is not None:
+        positive("ray.num_cpus", cfg.ray.num_cpus)
+
+    # The model: syntax always, existence and tokenizer when check_paths.
+    names = [m.name or given]
+    if registry.is_registry_uri(given):
+        try:
+            ref = registry.parse_model_uri(given)
+        except registry.RegistryError as exc:
+            _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+        from .tracking import resolve_tracking_uri
+
+        m.tracking_uri = resolve_tracking_uri(m.tracking_uri)
+        if ref.kind != "run":
+            names.append(ref.name)
+        if check_paths:
+            try:
+                registry.check_model_uri(given, m.tracking_uri)
+            except Exception as exc:  # RegistryError, TrackingError
+                _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+    else:
+        local = Path(given).expanduser()
+        if check_paths:
+            if not (local / "config.json").is_file():
+                _bad("model.path", given, "no such model directory (no config.json)")
+            _check_model_dir(cfg, local)
+        m.path = str(local.resolve())
+        names.append(m.path)
+    if m.cache_dir:
+        m.cache_dir = str(Path(m.cache_dir).expanduser().resolve())
+    m.aliases = [n for n in dict.fromkeys(names[1:] + list(m.aliases)) if n and n != names[0]]
+    m.name = names[0]
+
+
+def _check_model_dir(cfg: ServeConfig, path: Path) -> None:
+    """Tokenizer and context checks that need the model's files (local directories only)."""
+    m = cfg.model
+    try:
+        conf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        _bad("model.path", str(path), f"config.json is unreadable: {exc}")
+    limit = conf.get("max_position_embeddings")
+    if isinstance(limit, int) and m.max_model_len > limit:
+        _bad("model.max_model_len", m.max_model_len, f"the model's max_position_embeddings is {limit}")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        _bad("model.path", str(path), f"cannot load its tokenizer: {exc}")
+    tid = tok.convert_tokens_to_ids(m.think_end)
+    if tid is None or tid == tok.unk_token_id:
+        _bad("model.think_end", m.think_end, f"is not a single token of the tokenizer at {path}")
+    if tok.eos_token_id is None:
+        _bad("model.path", str(path), "its tokenizer has no eos_token")
+    if m.chat_template and not getattr(tok, "chat_template", None):
+        _bad("model.chat_template", True, f"the tokenizer at {path} has no chat template")
+
+
+def config_warnings(cfg: ServeConfig) -> list[str]:
+    """Settings that work but deserve a line on stderr (binding beyond loopback)."""
+    host = cfg.http.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return []
+    return [f"http.host={host!r}: the server has no authentication or TLS; anyone who can reach "
+            f"{host}:{cfg.http.port} can use it. Keep it behind a firewall or an authenticating proxy."]
+
+
+def base_url(cfg: ServeConfig) -> str:
+    """The OpenAI ``base_url`` of a deployment: ``http://HOST:PORT{route_prefix}/v1``."""
+    prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix
+    host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.http.port}{prefix}/v1"
+
+
+# ================================================================================================
+# Requests -> budgeted generation -> OpenAI-shaped responses (plain Python, no Ray)
+
+
+class APIError(Exception):
+    """An error answered with the OpenAI error shape ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Request fields this server does not implement: a request that sets them gets a 400 rather than
+# an answer that silently ignores them.
+_UNSUPPORTED = ("stream", "stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions",
+                "response_format", "logit_bias")
+
+
+@dataclass
+class Job:
+    """One validated request: every sample (prompts x n) with its budgets and sampling settings."""
+
+    kind: str  # "completion" | "chat"
+    model: str
+    prompt_ids: list[list[int]]  # one per prompt
+    n: int
+    thinking_budget: int
+    solution_budget: int
+    temperature: float
+    top_p: float
+    seed: int | None
+
+    @property
+    def size(self) -> int:
+        return len(self.prompt_ids) * self.n
+
+    def samples(self) -> list[tuple[list[int], int | None]]:
+        """(prompt ids, seed) per sample, prompt-major (choice index = prompt index * n + j)."""
+        out = []
+        for i, ids in enumerate(self.prompt_ids):
+            for j in range(self.n):
+                k = i * self.n + j
+                out.append((ids, None if self.seed is None else (self.seed + 2 * k) % (2**31 - 1)))
+        return out
+
+
+def _job_size(jobs: list[Job]) -> int:
+    return sum(j.size for j in jobs)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class BudgetedServer:
+    """Tokenizer + engine (through ``RolloutWorker``) + the request logic of both endpoints."""
+
+    def __init__(self, cfg: ServeConfig, model_dir: str):
+        from .rollout.worker import RolloutWorker
+
+        self.cfg = cfg
+        m = cfg.model
+        engine_kwargs: dict[str, Any] = dict(dtype=m.dtype, seed=m.seed)
+        if m.engine == "vllm":
+            engine_kwargs.update(max_model_len=m.max_model_len, kv_cache_gib=m.vllm.kv_cache_gib,
+                                 enforce_eager=m.vllm.enforce_eager, multiprocess=m.vllm.multiprocess,
+                                 gpu_memory_utilization=m.vllm.gpu_memory_utilization,
+                                 enable_prefix_caching=m.vllm.enable_prefix_caching)
+        self.worker = RolloutWorker(model_dir, engine=m.engine, prompt_template=m.prompt_template,
+                                    chat_template=m.chat_template, think_end=m.think_end,
+                                    engine_kwargs=engine_kwargs)
+        self.tokenizer = self.worker.tokenizer
+        self.model_dir = model_dir
+        self.names = [m.name, *m.aliases]
+        self.batches = 0
+        self.batched_samples = 0
+
+    # ------------------------------------------------------------------------------ validation
+
+    def _int(self, body: dict, key: str, default: int | None, *, minimum: int, maximum: int | None = None,
+             max_key: str | None = None) -> int | None:
+        v = body.get(key)
+        if v is None:
+            return default
+        if not _is_int(v):
+            raise APIError(f"{key} must be an integer, got {json.dumps(v)}", param=key, code="invalid_type")
+        if v < minimum:
+            raise APIError(f"{key} must be >= {minimum}, got {v}", param=key, code="invalid_value")
+        if maximum is not None and v > maximum:
+            raise APIError(f"{key}={v} is above this server's maximum of {maximum} ({max_key})", param=key,
+                           code="budget_exceeded" if key.endswith("budget") else "invalid_value")
+        return v
+
+    def _number(self, body: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+        v = body.get(key)
+        if v is None:
+            return default
+        if not _is_number(v):
+            raise APIError(f"{key} must be a number, got {json.dumps(v)}", param=key, code="invalid_type")
+        if (v <= lo if lo_open else v < lo) or v > hi:
+            bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+            raise APIError(f"{key} must be in {bound}, got {v}", param=key, code="invalid_value")
+        return float(v)
+
+    def _texts(self, kind: str, body: dict) -> tuple[list[str], str]:
+        """Model input texts (templates applied) and the field they came from."""
+        if kind == "completion":
+            p = body.get("prompt")
+            if isinstance(p, str):
+                prompts = [p]
+            elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+                prompts = p
+            elif isinstance(p, list) and p and all(_is_int(x) or isinstance(x, list) for x in p):
+                raise APIError("prompt: token-id prompts are not supported; send text", param="prompt",
+                               code="invalid_type")
+            else:
+                raise APIError("prompt must be a string or a non-empty list of strings", param="prompt",
+                               code="invalid_type" if p is not None else "missing")
+            return [self._render(x) for x in prompts], "prompt"
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise APIError("messages must be a non-empty list of {role, content} objects", param="messages",
+                           code="invalid_type" if msgs is not None else "missing")
+        clean = []
+        for i, msg in enumerate(msgs):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+                raise APIError(f"messages[{i}] must be an object with a string role", param=f"messages[{i}]",
+                               code="invalid_type")
+            content = msg.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                        raise APIError(f"messages[{i}].content: only text parts are supported",
+                                       param=f"messages[{i}].content", code="invalid_type")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            elif content is None:
+                content = ""
+            elif not isinstance(content, str):
+                raise APIError(f"messages[{i}].content must be a string or a list of text parts",
+                               param=f"messages[{i}].content", code="invalid_type")
+            clean.append({"role": msg["role"], "content": content})
+        if self.cfg.model.chat_template:
+            try:
+                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:
+                raise APIError(f"messages: the chat template rejected them: {exc}", param="messages",
+                               code="invalid_value") from exc
+            return [text], "messages"
+        # No chat template: the message contents, joined by newlines, fill the prompt template.
+        return [self._render("\n".join(c["content"] for c in clean))], "messages"
+
+    def _render(self, prompt: str) -> str:
+        from .rollout.worker import render_prompt
+
+        return render_prompt(self.cfg.model.prompt_template, prompt, self.tokenizer, self.cfg.model.chat_template)
+
+    def prepare(self, kind: str, body: Any) -> Job:
+        """Validate a request body and tokenize its prompts; raises ``APIError`` (HTTP 400)."""
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object", code="invalid_type")
+        cfg = self.cfg
+        model = body.get("model")
+        if model is None:
+            model = self.names[0]
+        if model not in self.names:
+            raise APIError(f"model {json.dumps(model)} is not served here; this server serves "
+                           f"{json.dumps(self.names[0])}", param="model", code="model_not_found")
+        for key in _UNSUPPORTED:
+            v = body.get(key)
+            if v is not None and v is not False and v != [] and v != 0:
+                raise APIError(f"{key} is not supported by this server", param=key, code="unsupported")
+        b = cfg.budget
+        t = self._int(body, "thinking_budget", b.thinking, minimum=1, maximum=b.max_thinking,
+                      max_key="budget.max_thinking")
+        s = self._int(body, "solution_budget", b.solution, minimum=1, maximum=b.max_solution,
+                      max_key="budget.max_solution")
+        cap_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        cap = self._int(body, cap_key, None, minimum=2)
+        if cap is not None:  # thinking + solution never exceed it (the thinking is cut first)
+            t = min(t, cap - 1)
+            s = min(s, cap - t)
+        n = self._int(body, "n", 1, minimum=1, maximum=cfg.sampling.max_n, max_key="sampling.max_n")
+        temperature = self._number(body, "temperature", cfg.sampling.temperature, 0.0, 2.0)
+        top_p = self._number(body, "top_p", cfg.sampling.top_p, 0.0, 1.0, lo_open=True)
+        seed = body.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
+        texts, field_name = self._texts(kind, body)
+        if len(texts) * n > cfg.deployment.max_batch_size:
+            raise APIError(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} samples, above this server's "
+                           f"maximum of {cfg.deployment.max_batch_size} per request (deployment.max_batch_size)",
+                           param="n", code="invalid_value")
+        ids = [self.tokenizer(x, add_special_tokens=False)["input_ids"] for x in texts]
+        limit = cfg.model.max_model_len
+        for i, p in enumerate(ids):
+            where = field_name if len(ids) == 1 else f"{field_name}[{i}]"
+            if not p:
+                raise APIError(f"{where} is empty after the template", param=field_name, code="invalid_value")
+            need = len(p) + t + 1 + s
+            if need > limit:
+                raise APIError(f"{where} is {len(p)} tokens; with thinking_budget={t}, the </think> marker and "
+                               f"solution_budget={s} it needs {need} tokens, over the context window of "
+                               f"{limit} (model.max_model_len)", param=field_name, code="context_length_exceeded")
+        return Job(kind, model, ids, n, t, s, temperature, top_p, seed)
+
+    # ------------------------------------------------------------------------------ generation
+
+    def generate(self, jobs: list[Job]) -> list[list | Exception]:
+        """Run many jobs as few engine batches as possible (one per temperature/top_p pair)."""
+        from .rollout.budget import two_phase_generate
+
+        results: list[list | Exception] = [[] for _ in jobs]
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.temperature, job.top_p), []).append(i)
+        w = self.worker
+        for (temperature, top_p), idx in groups.items():
+            prompts, budgets, seeds, owner = [], [], [], []
+            for i in idx:
+                for ids, seed in jobs[i].samples():
+                    prompts.append(ids)
+                    budgets.append((jobs[i].thinking_budget, jobs[i].solution_budget))
+                    seeds.append(seed)
+                    owner.append(i)
+            try:
+                samples = two_phase_generate(w.engine, prompts, budgets, think_end_id=w.think_end_id, eos_id=w.eos_id,
+                                             temperature=temperature, top_p=top_p, seeds=seeds)
+            except Exception as exc:  # only this group's requests fail
+                logger.exception("generation failed for %d samples", len(prompts))
+                for i in idx:
+                    results[i] = exc
+                continue
+            self.batches += 1
+            self.batched_samples += len(prompts)
+            for i, smp in zip(owner, samples):
+                results[i].append(smp)  # type: ignore[union-attr]
+        return results
+
+    def respond(self, job: Job, samples: list) -> dict:
+        """OpenAI-shaped response body for a job and its samples (prompt-major order)."""
+        w, tok = self.worker, self.tokenizer
+        choices, think_total, sol_total, forced_total = [], 0, 0, 0
+        for k, smp in enumerate(samples):
+            natural = bool(smp.thinking_ids) and smp.thinking_ids[-1] == w.think_end_id and not smp.forced_think_end
+            think_ids = smp.thinking_ids[:-1] if natural else smp.thinking_ids
+            sol_ids = smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == w.eos_id else smp.solution_ids
+            thinking = tok.decode(think_ids, skip_special_tokens=False)
+            solution = tok.decode(sol_ids, skip_special_tokens=True)
+            nt, ns = len(smp.thinking_ids), len(smp.solution_ids)
+            think_total += nt
+            sol_total += ns
+            forced_total += int(smp.forced_think_end)
+            extra = {"thinking_tokens": nt, "solution_tokens": ns, "thinking_truncated": smp.thinking_truncated,
+                     "forced_think_end": smp.forced_think_end}
+            if job.kind == "completion":
+                choices.append({"index": k, "text": thinking + self.cfg.model.think_end + solution, "logprobs": None,
+                                "finish_reason": smp.finish_reason, **extra})
+            else:
+                choices.append({"index": k, "message": {"role": "assistant", "content": solution,
+                                                        "reasoning_content": thinking},
+                                "logprobs": None, "finish_reason": smp.finish_reason, **extra})
+        prompt_tokens = sum(len(p) for p in job.prompt_ids)
+        completion = think_total + sol_total
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                 "total_tokens": prompt_tokens + completion, "thinking_tokens": think_total,
+                 "solution_tokens": sol_total, "forced_think_end_tokens": forced_total,
+                 "completion_tokens_details": {"reasoning_tokens": think_total}}
+        kind = "text_completion" if job.kind == "completion" else "chat.completion"
+        prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+                "model": job.model, "choices": choices, "usage": usage,
+                "budget": {"thinking": job.thinking_budget, "solution": job.solution_budget}}
+
+    def handle(self, kind: str, body: Any) -> dict:
+        """Validate, generate and respond in one call (no batching across requests)."""
+        job = self.prepare(kind, body)
+        result = self.generate([job])[0]
+        if isinstance(result, Exception):
+            raise result
+        return self.respond(job, result)
+
+    def models(self) -> dict:
+        b = self.cfg.budget
+        return {"object": "list", "data": [{
+            "id": self.names[0], "object": "model", "created": 0, "owned_by": "budgetrl",
+            "max_model_len": self.cfg.model.max_model_len,
+            "budget": {"thinking": b.thinking, "solution": b.solution, "max_thinking": b.max_thinking,
+                       "max_solution": b.max_solution}}]}
+
+
+# ================================================================================================
+# The Ray Serve deployment
+
+app = FastAPI(title="budgetrl", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment
+@serve.ingress(app)
+class BudgetedLLM:
+    """One replica: a model loaded on one engine thread, concurrent requests batched together."""
+
+    def __init__(self, cfg: ServeConfig):
+        model_dir = registry.resolve_model_uri(cfg.model.path, cfg.model.tracking_uri, cfg.model.cache_dir)
+        # Every engine call (construction included) runs on this one thread: the engine is not
+        # thread-safe, and the event loop stays free to accept and batch requests meanwhile.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.server = self._pool.submit(BudgetedServer, cfg, model_dir).result()
+        self._generate_batch.set_max_batch_size(cfg.deployment.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(cfg.deployment.batch_wait_timeout_s)
+        self.counts = {"requests": 0, "ok": 0, "client_errors": 0, "server_errors": 0}
+        self.replica = uuid.uuid4().hex[:8]
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_job_size)
+    async def _generate_batch(self, jobs: list[Job]) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.server.generate, jobs)
+
+    async def _answer(self, kind: str, request: Request) -> JSONResponse:
+        self.counts["requests"] += 1
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                raise APIError("the request body is not valid JSON", code="invalid_json") from None
+            job = self.server.prepare(kind, body)
+            result = await self._generate_batch(job)
+            if isinstance(result, Exception):
+                raise result
+            response = self.server.respond(job, result)
+        except APIError as exc:
+            self.counts["client_errors" if exc.status < 500 else "server_errors"] += 1
+            return _error(exc)
+        except Exception as exc:
+            logger.exception("request failed")
+            self.counts["server_errors"] += 1
+            return _error(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
+                                   type_="server_error", code="internal_error"))
+        self.counts["ok"] += 1
+        return JSONResponse(response)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> JSONResponse:
+        return await self._answer("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> JSONResponse:
+        return await self._answer("chat", request)
+
+    @app.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        return JSONResponse(self.server.models())
+
+    @app.get("/stats")
+    async def stats(self) -> JSONResponse:
+        """This replica's counters (not OpenAI API): requests, ok, client/server errors, batches."""
+        s = self.server
+        return JSONResponse({"replica": self.replica, **self.counts, "batches": s.batches,
+                             "batched_samples": s.batched_samples,
+                             "mean_batch_samples": s.batched_samples / s.batches if s.batches else 0.0})
+
+
+# ================================================================================================
+# Starting it
+
+
+class ServeStartError(RuntimeError):
+    """Serve could not start the application as configured (e.g. Serve already runs on another port)."""
+
+
+def replica_env(cfg: ServeConfig) -> dict[str, str]:
+    from .runtime import VLLM_CPU_ENV
+
+    env = dict(VLLM_CPU_ENV, VLLM_CPU_KVCACHE_SPACE=str(max(1, int(round(cfg.model.vllm.kv_cache_gib)))),
+               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    if cfg.model.vllm.multiprocess:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return env
+
+
+def build_app(cfg: ServeConfig):
+    """The bound Serve application (replicas, autoscaling, resources from ``cfg.deployment``)."""
+    d = cfg.deployment
+    options: dict[str, Any] = dict(
+        name="BudgetedLLM",
+        max_ongoing_requests=d.max_ongoing_requests,
+        ray_actor_options={"num_cpus": d.cpus_per_replica, "num_gpus": d.gpus_per_replica,
+                           "runtime_env": {"env_vars": replica_env(cfg)}},
+        max_constructor_retry_count=2,
+    )
+    if d.autoscaling.enabled:
+        a = d.autoscaling
+        options["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                         "target_ongoing_requests": a.target_ongoing_requests,
+                                         "initial_replicas": max(1, a.min_replicas)}
+        options["num_replicas"] = "auto"
+    else:
+        options["num_replicas"] = d.num_replicas
+    return BudgetedLLM.options(**options).bind(cfg)
+
+
+def _init_ray(cfg: ServeConfig) -> bool:
+    """Join ray.address / RAY_ADDRESS, else start a private local runtime; True if this process owns it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def deploy(cfg: ServeConfig) -> str:
+    """Start Serve's HTTP proxy on ``http.host:http.port`` (Ray must be up) and run the app; returns base_url.
+
+    Blocks until the replicas are healthy (the model loaded)."""
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    try:
+        from ray.serve.context import _get_global_client
+
+        running = _get_global_client().http_config
+        if (running.host, int(running.port)) != (cfg.http.host, cfg.http.port):
+            raise ServeStartError(
+                f"http.port={cfg.http.port}/http.host={cfg.http.host!r}: Serve already runs in this Ray cluster "
+                f"on {running.host}:{running.port}; use those values or shut that Serve instance down")
+    except ImportError:  # private API moved: skip the check
+        pass
+    serve.run(build_app(cfg), name=cfg.deployment.name, route_prefix=cfg.http.route_prefix)
+    return base_url(cfg)
+
+
+def main(target: str, overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None, *,
+         block: bool = True) -> int:
+    """``python -m orchestrator serve TARGET [key=value ...] [--config FILE]``; 2 on a config error."""
+    try:
+        cfg = load_serve_config(config_path, overrides, target=target)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    for line in config_warnings(cfg):
+        print(f"warning: {line}", file=sys.stderr)
+    import ray
+
+    owns_ray = _init_ray(cfg)
+    try:
+        try:
+            url = deploy(cfg)
+        except ServeStartError as exc:
+            print(f"serve: {exc}", file=sys.stderr)
+            return 1
+        print(f"serving {cfg.model.name!r} at {url} (OpenAI-compatible: /completions, /chat/completions, "
+              f"/models); Ctrl-C stops", flush=True)
+        if not block:
+            return 0
+        stop = threading.Event()
+        try:
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        except ValueError:  # not the main thread
+            pass
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        if block or owns_ray:
+            try:
+                if owns_ray:
+                    serve.shutdown()
+                else:
+                    serve.delete(cfg.deployment.name)
+            except Exception:
+                pass
+            if owns_ray:
+                ray.shutdown()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m orchestrator serve", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` subcommand's arguments (shared by ``orchestrator.cli`` and ``python -m orchestrator.serve``)."""
+    p.add_argument("target", help="checkpoint directory, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/PATH")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. http.port=8001 budget.thinking=64")
+    p.add_argument("--config", default=None, help="serving YAML (e.g. configs/serve.yaml); default: schema defaults")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Parse ``TARGET [key=value ...] [--config FILE]`` (options anywhere) and run ``main``."""
+    args = _parser().parse_intermixed_args(argv)
+    return main(args.target, args.overrides, args.config)
+
+
+if __name__ == "__main__":
+    # Run the importable module, not this __main__ copy, so Ray pickles the deployment by reference.
+    from orchestrator import serve as _serve
+
+    sys.exit(_serve.cli())

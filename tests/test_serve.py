@@ -1,0 +1,306 @@
+"""Budgeted serving: config validation, the MLflow registry round trip, the HF fallback in-process, and
+the Ray Serve deployment (vLLM replica serving ``models:/tiny/1``) called with the official OpenAI client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "serve.yaml")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_model):
+    """One SQLite MLflow store for the module (creating one costs seconds), tiny registered as version 1."""
+    from orchestrator import registry
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    assert registry.register_checkpoint(uri, tiny_model, "tiny", tags={"note": "first"}, alias="prod") == 1
+    return uri, root
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("budget.thinking=-3", "budget.thinking=-3: must be > 0"),
+    ("budget.thinking=200", "budget.thinking=200: the default is above budget.max_thinking=128"),
+    ("budget.max_solution=200", "budget.max_solution=200 = 329 leaves no room for a prompt in model.max_model_len=256"),
+    ("model.engine=trt", "model.engine='trt'"),
+    ("model.dtype=int8", "model.dtype='int8'"),
+    ("model.think_end=<nope>", "model.think_end='<nope>': is not a single token"),
+    ("model.max_model_len=1024", "model.max_model_len=1024: the model's max_position_embeddings is 256"),
+    ("http.port=0", "http.port=0: must be in 1..65535"),
+    ("http.port=abc", "http.port"),
+    ("http.route_prefix=llm", "http.route_prefix='llm'"),
+    ("deployment.autoscaling.enabled=true", None),
+    ("deployment.autoscaling.enabled=true deployment.autoscaling.max_replicas=0",
+     "deployment.autoscaling.max_replicas=0"),
+    ("sampling.top_p=0", "sampling.top_p=0.0: must be in (0, 1]"),
+    ("sampling.max_n=64", "sampling.max_n=64: must be <= deployment.max_batch_size=32"),
+    ("bogus.key=1", "bogus"),
+])
+def test_config_errors_name_key_and_value(tiny_model, override, message):
+    from orchestrator.serve import load_serve_config
+
+    if message is None:
+        load_serve_config(CONFIG, override.split(), target=tiny_model)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_serve_config(CONFIG, override.split(), target=tiny_model)
+    assert message in str(err.value)
+
+
+def test_config_target_checks(tmp_path, tiny_model, store):
+    from orchestrator.serve import config_warnings, load_serve_config
+
+    with pytest.raises(ConfigError, match="model.path=.*no such model directory"):
+        load_serve_config(CONFIG, [], target=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="model.path='models:/x'.*models:/NAME/VERSION"):
+        load_serve_config(CONFIG, [], target="models:/x")
+    with pytest.raises(ConfigError, match="model.path='models:/absent/1'.*not found"):
+        load_serve_config(CONFIG, [f"model.tracking_uri={store[0]}"], target="models:/absent/1")
+    cfg = load_serve_config(CONFIG, [f"model.tracking_uri={store[0]}"], target="models:/tiny@prod")
+    assert cfg.model.name == "models:/tiny@prod" and cfg.model.aliases == ["tiny"]
+    cfg = load_serve_config(CONFIG, ["http.host=0.0.0.0"], target=tiny_model)
+    assert cfg.model.name == tiny_model and cfg.http.host == "0.0.0.0"
+    assert "no authentication" in config_warnings(cfg)[0]
+    assert config_warnings(load_serve_config(CONFIG, [], target=tiny_model)) == []
+
+
+def test_deployment_options_from_config(tiny_model):
+    from orchestrator.serve import build_app, load_serve_config
+
+    cfg = load_serve_config(CONFIG, ["deployment.autoscaling.enabled=true", "deployment.autoscaling.min_replicas=0",
+                                     "deployment.autoscaling.max_replicas=3", "deployment.cpus_per_replica=2"],
+                            target=tiny_model)
+    d = build_app(cfg)._bound_deployment
+    a = d._deployment_config.autoscaling_config
+    assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (0, 3, 16)
+    assert d.ray_actor_options["num_cpus"] == 2
+    assert d.ray_actor_options["runtime_env"]["env_vars"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+# -------------------------------------------------------------------------------------------- registry
+
+
+def test_register_and_resolve_round_trip(tmp_path, tiny_model, store):
+    from orchestrator import registry, tracking
+
+    store = store[0]
+    cache = tmp_path / "cache"
+    v2 = registry.register_checkpoint(store, tiny_model, "tiny")  # version 1 is the fixture's
+    assert v2 >= 2
+
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(store, registry_uri=store).get_model_version("tiny", "1")
+    assert mv.tags[tracking.TAG_SOURCE_CHECKPOINT] == str(Path(tiny_model).resolve())
+    assert mv.tags["note"] == "first" and mv.source.startswith("runs:/")
+
+    original = (Path(tiny_model) / "model.safetensors").read_bytes()
+    for uri, version in (("models:/tiny/1", 1), ("models:/tiny@prod", 1), ("models:/tiny/latest", v2),
+                         (mv.source, None)):
+        local = Path(registry.resolve_model_uri(uri, store, cache))
+        assert (local / "model.safetensors").read_bytes() == original, uri
+        assert (local / "tokenizer.json").is_file()
+        if version is not None:
+            assert local.parent.name == "tiny" and local.name.startswith(f"{version}-")
+    # A finished download is reused; a local directory passes through.
+    assert registry.resolve_model_uri("models:/tiny/1", store, cache) == registry.resolve_model_uri(
+        "models:/tiny@prod", store, cache)
+    assert registry.resolve_model_uri(tiny_model) == str(Path(tiny_model).resolve())
+
+    with pytest.raises(registry.RegistryError, match="not found"):
+        registry.resolve_model_uri("models:/tiny/9", store, cache)
+    with pytest.raises(registry.RegistryError, match="no config.json"):
+        registry.register_checkpoint(store, tmp_path, "tiny")
+
+
+def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, store):
+    """A checkpoint the trainer logged is registered from that run (no copy), with its lineage."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from orchestrator import registry, tracking
+
+    store = store[0]
+    ckpt = str(shutil.copytree(tiny_model, tmp_path / "run" / "checkpoint"))  # a path no other run has
+    tags = {tracking.TAG_CONFIG_HASH: "abc123def456", tracking.TAG_WORKLOAD: "train", registry.TAG_CHECKPOINT: ckpt}
+    with tracking.Tracker.start(store, "budgetrl", run_name="train", tags=tags) as run:
+        run.log_artifacts(ckpt, "checkpoint")
+    version = registry.register_checkpoint(store, ckpt, "trained")  # run found by its checkpoint tag
+    mv = MlflowClient(store, registry_uri=store).get_model_version("trained", str(version))
+    assert mv.source == f"runs:/{run.run_id}/checkpoint" and mv.run_id == run.run_id
+    assert mv.tags[tracking.TAG_SOURCE_RUN] == run.run_id
+    assert mv.tags[tracking.TAG_CONFIG_HASH] == "abc123def456"
+    assert mv.tags[tracking.TAG_SOURCE_CHECKPOINT] == ckpt
+
+
+# ------------------------------------------------------------------------------- HF fallback, no Ray
+
+
+def test_hf_engine_budgets_and_errors_in_process(tiny_model):
+    from orchestrator.serve import APIError, BudgetedServer, load_serve_config
+
+    cfg = load_serve_config(CONFIG, ["model.engine=hf"], target=tiny_model)
+    server = BudgetedServer(cfg, cfg.model.path)
+    r = server.handle("completion", {"model": tiny_model, "prompt": ["12+34", "5+6"], "n": 2,
+                                     "thinking_budget": 5, "solution_budget": 4, "seed": 1})
+    assert len(r["choices"]) == 4 and r["budget"] == {"thinking": 5, "solution": 4}
+    for c in r["choices"]:
+        assert c["thinking_tokens"] <= 5 and 1 <= c["solution_tokens"] <= 4
+        # Truncated means exactly the budget, then a forced </think>.
+        assert c["thinking_truncated"] == (c["thinking_tokens"] == 5 and c["forced_think_end"])
+        assert cfg.model.think_end in c["text"]
+    u = r["usage"]
+    assert u["thinking_tokens"] == sum(c["thinking_tokens"] for c in r["choices"])
+    assert u["completion_tokens"] == u["thinking_tokens"] + u["solution_tokens"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["prompt_tokens"] == (1 + 5 + 1) + (1 + 3 + 1)  # <s> and <think> are one token, characters one each
+    with pytest.raises(APIError) as err:
+        server.handle("completion", {"prompt": "1+1", "thinking_budget": 129})
+    assert err.value.param == "thinking_budget" and "budget.max_thinking" in err.value.message
+
+
+# ---------------------------------------------------------------------------------- Ray Serve + OpenAI
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, store):
+    """The deployment serving models:/tiny/1 from the SQLite registry, on a free loopback port."""
+    from ray import serve
+
+    from orchestrator.serve import deploy, load_serve_config
+
+    uri, root = store
+    cfg = load_serve_config(CONFIG, [f"http.port={_free_port()}", f"model.tracking_uri={uri}",
+                                     f"model.cache_dir={root}/cache", "deployment.batch_wait_timeout_s=0.05"],
+                            target="models:/tiny/1")
+    url = deploy(cfg)
+    yield cfg, url
+    serve.shutdown()
+
+
+@pytest.fixture
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60)
+
+
+def _stats(url: str) -> dict:
+    import httpx
+
+    return httpx.get(url.removesuffix("/v1") + "/stats", timeout=10).json()
+
+
+def _check_usage(usage, choices):
+    extra = usage.model_extra
+    assert extra["thinking_tokens"] == sum(c.model_extra["thinking_tokens"] for c in choices)
+    assert extra["solution_tokens"] == sum(c.model_extra["solution_tokens"] for c in choices)
+    assert usage.completion_tokens == extra["thinking_tokens"] + extra["solution_tokens"]
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens_details.reasoning_tokens == extra["thinking_tokens"]
+
+
+def test_completions_honour_budgets(client):
+    r = client.completions.create(model="models:/tiny/1", prompt=["12+34", "5+6"], n=2, temperature=1.0,
+                                  extra_body={"thinking_budget": 5, "solution_budget": 4})
+    assert len(r.choices) == 4 and [c.index for c in r.choices] == [0, 1, 2, 3]
+    for c in r.choices:
+        e = c.model_extra
+        assert 0 <= e["thinking_tokens"] <= 5 and 1 <= e["solution_tokens"] <= 4
+        # A random model rarely closes its thinking: mostly exactly the budget, then a forced </think>
+        # (fewer tokens only if it emitted </think>, or EOS, which is dropped and the marker forced).
+        assert e["thinking_truncated"] == (e["thinking_tokens"] == 5 and e["forced_think_end"])
+        assert "</think>" in c.text and c.finish_reason in ("stop", "length")
+    _check_usage(r.usage, r.choices)
+    assert r.usage.prompt_tokens == (1 + 5 + 1) + (1 + 3 + 1)
+
+    # max_tokens caps thinking + solution: thinking cut to max_tokens - 1 first.
+    r = client.completions.create(model="tiny", prompt="7+8", max_tokens=6,
+                                  extra_body={"thinking_budget": 10, "solution_budget": 10})
+    assert r.usage.completion_tokens <= 6 and r.model_extra["budget"] == {"thinking": 5, "solution": 1}
+
+
+def test_chat_returns_reasoning_separately(client):
+    r = client.chat.completions.create(model="models:/tiny/1", messages=[{"role": "user", "content": "12+34"}],
+                                       extra_body={"thinking_budget": 6, "solution_budget": 3})
+    c = r.choices[0]
+    assert c.message.role == "assistant" and isinstance(c.message.content, str)
+    assert isinstance(c.message.model_extra["reasoning_content"], str)
+    assert c.model_extra["thinking_tokens"] <= 6 and c.model_extra["solution_tokens"] <= 3
+    _check_usage(r.usage, r.choices)
+    # Defaults from the config: budget.thinking=16, budget.solution=8.
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1+1"}])
+    assert r.model_extra["budget"] == {"thinking": 16, "solution": 8}
+    assert [m.id for m in client.models.list().data] == ["models:/tiny/1"]
+
+
+def test_bad_requests_get_400_naming_the_field(client, served):
+    import openai
+
+    before = _stats(served[1])
+    cases = [
+        (dict(extra_body={"thinking_budget": -1}), "thinking_budget"),
+        (dict(extra_body={"thinking_budget": 2.5}), "thinking_budget"),
+        (dict(extra_body={"solution_budget": "8"}), "solution_budget"),
+        (dict(extra_body={"thinking_budget": 129}), "thinking_budget"),  # budget.max_thinking=128
+        (dict(extra_body={"solution_budget": 65}), "solution_budget"),
+        (dict(prompt="9" * 300), "prompt"),  # over the 256-token context window
+        (dict(model="gpt-4o"), "model"),
+        (dict(n=9), "n"),
+        (dict(temperature=-1), "temperature"),
+    ]
+    for kwargs, param in cases:
+        args = {"model": "tiny", "prompt": "1+2", **kwargs}
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(**args)
+        assert err.value.status_code == 400
+        body = err.value.response.json()["error"]
+        assert body["param"] == param and param in body["message"], body
+        assert body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[], extra_body={"thinking_budget": 3})
+    assert err.value.response.json()["error"]["param"] == "messages"
+    # The server keeps serving after the bad requests.
+    r = client.completions.create(model="tiny", prompt="1+2", extra_body={"thinking_budget": 3, "solution_budget": 2})
+    assert r.usage.model_extra["thinking_tokens"] <= 3
+    after = _stats(served[1])
+    assert after["client_errors"] - before["client_errors"] == len(cases) + 1
+    assert after["server_errors"] == 0 and after["ok"] - before["ok"] == 1
+
+
+def test_concurrent_requests_are_batched(served):
+    from openai import AsyncOpenAI
+
+    before = _stats(served[1])
+
+    async def run():
+        async with AsyncOpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=60) as c:
+            return await asyncio.gather(*[
+                c.completions.create(model="tiny", prompt=f"{i}+{i}",
+                                     extra_body={"thinking_budget": 4 + i % 3, "solution_budget": 3})
+                for i in range(8)])
+
+    results = asyncio.run(run())
+    for i, r in enumerate(results):
+        assert r.choices[0].model_extra["thinking_tokens"] <= 4 + i % 3
+    after = _stats(served[1])
+    batches = after["batches"] - before["batches"]
+    assert after["ok"] - before["ok"] == 8 and batches < 8  # some requests shared an engine batch
