@@ -1126,6 +1126,8 @@ def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, 
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=f"{plan.study_name}-{inv['id']}-{attempt}",
                                   storage_path=str(Path(plan.sweep_dir) / "tune"), verbose=1, log_to_file=True,
+                                  # the trials' stdout/stderr files land next to their results
+                                  sync_config=tune.SyncConfig(sync_artifacts=True),
                                   failure_config=tune.FailureConfig(max_failures=sweep.retries)),
     )
     log(f"sweep: running {remaining} trial(s), {sweep.max_concurrency} at a time")
