@@ -76,7 +76,7 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    files = [f for f in sorted(root.glob("*.yaml")) if f.name not in ("length_analysis.yaml", "serve.yaml")]
+    files = [f for f in sorted(root.glob("*.yaml")) if f.name != "serve.yaml" and not f.name.startswith("length_analysis")]
     assert files, "configs/ holds no YAML"
     for f in files:
         load_config(f)
