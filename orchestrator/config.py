@@ -231,18 +231,15 @@ def _split_override(item: str) -> tuple[str, str]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value")
     key, value = item.split("=", 1)
-    key = key.strip().lstrip("+")
-    return ALIASES.get(key, key), value
+    return key.strip().lstrip("+"), value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_paths: bool = True) -> Config:
-    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance).
+def merge_structured(schema: type, path: str | os.PathLike | None = None, overrides=(), *,
+                     aliases: dict[str, str] | None = None, extra: dict | None = None) -> Any:
+    """Schema defaults <- YAML file <- ``key=value`` overrides <- ``extra`` -> a dataclass instance.
 
-    ``check_paths=False`` skips the existence checks of model and data paths (for validating a
-    cluster config on a machine that does not hold the cluster's files)."""
-    schema = OmegaConf.structured(Config)
-    layers = [schema]
+    The one place every command's config is read; errors are ``ConfigError`` naming the key path."""
+    layers = [OmegaConf.structured(schema)]
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -254,14 +251,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     dotlist = []
     for item in overrides:
         key, value = _split_override(item)
-        dotlist.append(f"{key}={value}")
+        dotlist.append(f"{(aliases or {}).get(key, key)}={value}")
     try:
         if dotlist:
             layers.append(OmegaConf.from_dotlist(dotlist))
-        merged = OmegaConf.merge(*layers)
-        obj = OmegaConf.to_object(merged)
+        if extra:
+            layers.append(OmegaConf.create(extra))
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_paths: bool = True) -> Config:
+    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance).
+
+    ``check_paths=False`` skips the existence checks of model and data paths (for validating a
+    cluster config on a machine that does not hold the cluster's files)."""
+    obj = merge_structured(Config, path, overrides, aliases=ALIASES)
     validate(obj, check_paths=check_paths)
     return obj
 

@@ -34,12 +34,11 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 from ray import serve
 
 from . import registry
-from .config import ConfigError, RayConfig, VllmConfig, _describe
+from .config import ConfigError, RayConfig, VllmConfig, merge_structured
 
 logger = logging.getLogger("ray.serve")
 
@@ -124,30 +123,8 @@ def load_serve_config(path: str | os.PathLike | None, overrides: list[str] | tup
     Raises ``ConfigError`` naming the key and value. ``check_paths=False`` skips checks that read
     the model (directory, tokenizer, registry lookups).
     """
-    layers = [OmegaConf.structured(ServeConfig)]
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-    dotlist = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        dotlist.append(f"{key.strip().lstrip('+')}={value}")
-    if target is not None:
-        dotlist.append(f"model.path={target}")
-    try:
-        if dotlist:
-            # OmegaConf would read "models:/a/1" as a string anyway; quote nothing.
-            layers.append(OmegaConf.from_dotlist(dotlist))
-        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc)) from None
+    cfg = merge_structured(ServeConfig, path, overrides,
+                           extra={"model": {"path": target}} if target is not None else None)
     validate_serve_config(cfg, check_paths=check_paths)
     return cfg
 

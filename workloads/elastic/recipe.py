@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
 from orchestrator import frontier, tracking
-from orchestrator.config import ConfigError, load_config, to_dict
+from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
 
 
 @dataclass
@@ -31,13 +30,7 @@ class ElasticConfig:
 
 
 def load(path: str, overrides: list[str] = ()) -> ElasticConfig:
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ElasticConfig), OmegaConf.load(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{key}: {str(exc).splitlines()[0]}" if key else str(exc).splitlines()[0]) from None
+    cfg = merge_structured(ElasticConfig, path, overrides)
     base = Path(cfg.base)
     if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
         for root in Path(path).resolve().parents:

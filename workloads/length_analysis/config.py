@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, merge_structured
 
 AUTO = "auto"
 
@@ -102,41 +101,14 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     Input paths that are relative resolve against the current directory (where the command runs).
     """
-    layers: list[Any] = [OmegaConf.structured(AnalysisConfig)]
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as exc:  # YAML syntax
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-    dotlist = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        dotlist.append(f"{key.strip().lstrip('+')}={value}")
-    try:
-        if dotlist:
-            layers.append(OmegaConf.from_dotlist(dotlist))
-        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    cfg = merge_structured(AnalysisConfig, path, overrides)
     validate(cfg)
     return cfg
 
 
 def make_config(**kwargs: Any) -> AnalysisConfig:
     """Build and validate a config from Python values (nested dicts allowed), e.g. in a notebook."""
-    try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(AnalysisConfig), kwargs))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    cfg = merge_structured(AnalysisConfig, extra=kwargs)
     validate(cfg)
     return cfg
 
