@@ -123,7 +123,8 @@ class AlgorithmConfig:
 
 @dataclass
 class LearnerConfig:
-    num_workers: int = 1
+    num_workers: int = 1  # data-parallel ranks (gloo on CPU, NCCL on GPU)
+    strategy: str = "auto"  # auto (fsdp on GPUs, ddp on CPUs) | ddp (replicated, all-reduce) | fsdp (FSDP2 shards)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank, e.g. {learner_gpu: 1}
@@ -343,8 +344,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 
     le = cfg.learner
     positive("learner.num_workers", le.num_workers)
-    if le.num_workers != 1:
-        bad("learner.num_workers", le.num_workers, "multi-rank learners are not supported yet; use 1")
+    if le.strategy not in ("auto", "ddp", "fsdp"):
+        bad("learner.strategy", le.strategy, "must be auto, ddp or fsdp")
     positive("learner.lr", le.lr)
     positive("learner.micro_batch_size", le.micro_batch_size)
     non_negative("learner.num_threads", le.num_threads)

@@ -38,7 +38,6 @@ class WorkerGroup:
     """Rollout workers and the learner of one run, placed together."""
 
     def __init__(self, cfg: Config, model_path: str, *, learner: bool = True):
-        from .learner.worker import Learner
         from .rollout.worker import RolloutWorker
 
         r, le = cfg.rollout, cfg.learner
@@ -74,21 +73,13 @@ class WorkerGroup:
         if not learner:
             ray.get([w.ready.remote() for w in self.rollout])
             return
-        a = cfg.algorithm
-        remote_learner = ray.remote(Learner)
-        self.learner = remote_learner.options(
-            num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
-            runtime_env={"env_vars": dict(WORKER_ENV)},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r.num_workers),
-        ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
-                 micro_batch_size=le.micro_batch_size, clip_low=a.clip_low, clip_high=a.clip_high,
-                 kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
-                 mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
-                 num_threads=le.num_threads or None, seed=cfg.trainer.seed)
-        ray.get([w.ready.remote() for w in self.rollout] + [self.learner.version.remote()])
+        self.learner = LearnerGroup(cfg, model_path, self.pg, first_bundle=r.num_workers)
+        ray.get([w.ready.remote() for w in self.rollout])
 
     def shutdown(self) -> None:
-        for a in self.rollout + ([self.learner] if self.learner is not None else []):
+        if self.learner is not None:
+            self.learner.shutdown()
+        for a in self.rollout:
             try:
                 ray.kill(a)
             except Exception:
@@ -97,3 +88,94 @@ class WorkerGroup:
             remove_placement_group(self.pg)
         except Exception:
             pass
+
+
+class LearnerGroup:
+    """The learner ranks of one run behind one handle (rank 0 answers for the group).
+
+    ``step`` sends the same batch (one object in the store) to every rank. Weight export, saves and
+    state saves are collectives under FSDP, so they go to every rank there and to rank 0 otherwise.
+    """
+
+    def __init__(self, cfg: Config, model_path: str, pg, *, first_bundle: int):
+        from .learner.distributed import rendezvous_address, resolve_strategy
+        from .learner.worker import Learner
+
+        le, a = cfg.learner, cfg.algorithm
+        self.world_size = le.num_workers
+        strategy = le.strategy
+        if le.gpus_per_worker <= 0 and strategy == "auto":
+            strategy = "ddp"
+        self.strategy = resolve_strategy(strategy, _device_kind(le.gpus_per_worker), self.world_size)
+        self.sharded = self.strategy == "fsdp"
+
+        def placed(i: int):
+            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i)
+
+        dist_init = None
+        if self.world_size > 1:  # the rendezvous lives on rank 0's node
+            dist_init = ray.get(ray.remote(rendezvous_address).options(
+                num_cpus=0, scheduling_strategy=placed(0)).remote())
+        remote_learner = ray.remote(Learner)
+        self.ranks = [
+            remote_learner.options(
+                num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
+                runtime_env={"env_vars": dict(WORKER_ENV)}, scheduling_strategy=placed(i),
+            ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
+                     micro_batch_size=le.micro_batch_size, clip_low=a.clip_low, clip_high=a.clip_high,
+                     kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
+                     mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
+                     num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
+                     strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init)
+            for i in range(self.world_size)
+        ]
+        ray.get([r.version.remote() for r in self.ranks])
+
+    @property
+    def lead(self):
+        return self.ranks[0]
+
+    def _all(self, method: str, *args):
+        return [getattr(r, method).remote(*args) for r in self.ranks]
+
+    def _collective(self, method: str, *args):
+        """Refs of a call that every rank must join (FSDP) or only rank 0 makes; rank 0's ref first."""
+        if self.sharded:
+            return self._all(method, *args)
+        return [getattr(self.lead, method).remote(*args)]
+
+    def step(self, batch) -> dict:
+        ref = ray.put(batch)
+        return ray.get(self._all("step", ref))[0]
+
+    def get_weights(self):
+        """An object ref to rank 0's full weights (to broadcast to every rollout worker)."""
+        refs = self._collective("get_weights")
+        if len(refs) > 1:
+            ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def save(self, path: str) -> str:
+        return ray.get(self._collective("save", path))[0]
+
+    def save_state(self, path: str) -> str:
+        return ray.get(self._collective("save_state", path))[0]
+
+    def load_state(self, path: str) -> int:
+        return ray.get(self._all("load_state", path))[0]
+
+    def version(self) -> int:
+        return ray.get(self.lead.version.remote())
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            try:
+                ray.kill(r)
+            except Exception:
+                pass
+
+
+def _device_kind(gpus_per_worker: float):
+    import torch
+
+    return torch.device("cuda" if gpus_per_worker > 0 else "cpu")

@@ -219,9 +219,9 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
         records, rstats = score_rollouts(records, spec, pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
-        lmetrics = ray.get(group.learner.step.remote(batch))
+        lmetrics = group.learner.step(batch)
         tl = time.perf_counter()
-        weights = group.learner.get_weights.remote()
+        weights = group.learner.get_weights()
         version = step
         ray.get([w.update_weights.remote(weights, version) for w in group.rollout])
         tsync = time.perf_counter()
@@ -251,7 +251,7 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
                 tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
                 log(f"stopping at step {step}: the caller's on_eval asked to stop")
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-            ray.get(group.learner.save.remote(str(out_dir / f"checkpoint-{step:05d}")))
+            group.learner.save(str(out_dir / f"checkpoint-{step:05d}"))
     bar.close()
     if last_eval is not None:  # stopped early right after an eval: that eval is the final one
         result.steps, result.eval_after, summary = last_eval
@@ -262,7 +262,7 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
         if on_eval:
             on_eval(t.steps, result.eval_after)
     log(f"eval after {result.steps} steps:\n{format_summary(summary)}")
-    ckpt = ray.get(group.learner.save.remote(str(out_dir / "checkpoint")))
+    ckpt = group.learner.save(str(out_dir / "checkpoint"))
     result.checkpoint = ckpt
     tracker.set_tags({"budgetrl.checkpoint": ckpt})
     if (out_dir / "rollouts").is_dir():

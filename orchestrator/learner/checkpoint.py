@@ -6,6 +6,7 @@ Ray Serve load them unchanged; model state is never pickled.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -65,8 +66,12 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> str:
+def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *, state_dict: dict | None = None,
+                       architectures: list[str] | None = None) -> str:
     """Write ``save_pretrained`` (safetensors) + tokenizer to ``out_dir`` atomically; returns its path.
+
+    ``state_dict`` saves gathered weights of a wrapped (FSDP) model; ``architectures`` keeps the
+    config naming the HF class, not the wrapper's.
 
     The files go to a hidden sibling temp directory first and are renamed into place, so a crash never
     leaves a half-written checkpoint at ``out_dir``. An existing ``out_dir`` is replaced: it is moved
@@ -76,7 +81,12 @@ def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if architectures:
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["architectures"] = list(architectures)
+            cfg_path.write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _fsync_tree(tmp)
@@ -91,3 +101,47 @@ def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike) -> str:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return str(out)
+
+
+# ---- resumable training state ------------------------------------------------------------------
+# A state directory holds everything a killed run needs to continue: ``model/`` (a save_pretrained
+# checkpoint of the policy), the optimizer moments as safetensors with their param groups as JSON,
+# the learner's RNG and step counters as JSON, and the driver's ``trainer_state.json``, written last
+# as the completion marker. Nothing is pickled.
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
+LEARNER_STATE = "learner.json"
+
+
+def save_optimizer_state(osd: dict, out_dir: str | os.PathLike) -> None:
+    """Name-keyed optimizer state (``get_optimizer_state_dict`` layout) -> safetensors + JSON."""
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {}
+    for fqn, state in osd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{fqn}::{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{fqn}::{key}"] = value
+    out = Path(out_dir)
+    save_file(tensors, str(out / OPTIMIZER_TENSORS))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    (out / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": groups, "scalars": scalars}))
+
+
+def load_optimizer_state(state_dir: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    d = Path(state_dir)
+    meta = json.loads((d / OPTIMIZER_GROUPS).read_text())
+    state: dict[str, dict] = {}
+    for name, t in load_file(str(d / OPTIMIZER_TENSORS)).items():
+        fqn, key = name.rsplit("::", 1)
+        state.setdefault(fqn, {})[key] = t
+    for name, v in meta["scalars"].items():
+        fqn, key = name.rsplit("::", 1)
+        state.setdefault(fqn, {})[key] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

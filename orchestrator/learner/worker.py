@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from orchestrator.learner.checkpoint import load_policy, resolve_device, resolve_dtype, save_hf_checkpoint
+from orchestrator.learner import distributed as dist
+from orchestrator.learner.checkpoint import (
+    LEARNER_STATE,
+    load_optimizer_state,
+    load_policy,
+    resolve_device,
+    resolve_dtype,
+    save_hf_checkpoint,
+    save_optimizer_state,
+)
 from orchestrator.learner.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -116,7 +127,13 @@ def sequences_from_table(batch: pa.Table, vocab_size: int | None = None) -> Sequ
 
 
 class Learner:
-    """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy."""
+    """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy.
+
+    With ``world_size > 1`` it is one rank of a data-parallel group (``dist_init`` is the rendezvous):
+    every rank gets the whole batch, all ranks draw the same mini-batch permutation, and rank ``r``
+    trains on rows ``r, r + world, ...`` of each mini-batch, so N ranks apply exactly the update one
+    rank would on the same batch.
+    """
 
     def __init__(
         self,
@@ -141,9 +158,13 @@ class Learner:
         device: str = "auto",
         rank: int = 0,
         world_size: int = 1,
+        strategy: str = "auto",
+        dist_init: str | None = None,
     ):
-        if world_size != 1 or rank != 0:
-            raise NotImplementedError("world_size: data-parallel learners (world_size > 1) are not built yet")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
+        if world_size > 1 and not dist_init:
+            raise ValueError("dist_init: a tcp://HOST:PORT rendezvous is needed when world_size > 1")
         if loss_agg not in AGGREGATIONS:
             raise ValueError(f"loss_agg: unknown value {loss_agg!r}; expected one of {AGGREGATIONS}")
         if kl_estimator not in KL_ESTIMATORS:
@@ -172,25 +193,40 @@ class Learner:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         torch.manual_seed(seed + rank)
-        self._rng = np.random.default_rng(seed + rank)
+        # One permutation stream shared by all ranks: they must agree on every mini-batch.
+        self._rng = np.random.default_rng(seed)
         self.device = resolve_device(device)
         self.rank, self.world_size = rank, world_size
+        self.strategy = dist.resolve_strategy(strategy, self.device, world_size)
+        self.sharded = self.strategy == "fsdp"
+        # FSDP averages gradients over ranks; the losses already divide by global counts (SUM semantics).
+        self._loss_scale = float(world_size) if self.sharded else 1.0
         self.lr, self.grad_clip = float(lr), grad_clip
         self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, ppo_epochs, mini_batches
         self.clip_low, self.clip_high = float(clip_low), float(clip_high)
         self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
         self.lr_warmup_steps = int(lr_warmup_steps)
         self._version = 0
+        if world_size > 1:
+            dist.init_process_group(dist_init, rank, world_size, self.device)
 
         # Master weights fp32 whatever the compute dtype: autocast handles bf16 matmuls.
         self.model, self.tokenizer = load_policy(model_path, torch.float32, self.device)
         self.model.eval()
+        self.architectures = [type(self.model).__name__]
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
+        self._tied = self._tied_output_key()
+        if world_size > 1:
+            dist.broadcast_parameters(self.model)
         self.ref_model = None
         if self.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
             if self.compute_dtype != torch.float32:
                 self.ref_model.to(self.compute_dtype)  # never trained: no need for fp32 masters
+        if self.sharded:
+            dist.shard_fsdp(self.model, self.compute_dtype)
+            if self.ref_model is not None:
+                dist.shard_fsdp(self.ref_model, self.compute_dtype)
         decay, no_decay = [], []
         for p in self.model.parameters():  # parameters() yields a tied weight once
             if p.requires_grad:
@@ -230,7 +266,8 @@ class Learner:
         old = None
         if not single_update:
             old, ent_sum, ent_n = self._logprobs_all(self.model, seqs, with_entropy=True)
-            acc.add("entropy", ent_sum, ent_n)
+            lead = 1.0 if self.rank == 0 else 0.0  # already summed over ranks
+            acc.add("entropy", ent_sum * lead, ent_n * lead)
         ref = self._logprobs_all(self.ref_model, seqs)[0] if self.ref_model is not None else None
 
         updates = skipped = 0
@@ -241,6 +278,7 @@ class Learner:
                 updates += int(stepped)
                 skipped += int(not stepped)
         self._version += 1
+        acc = acc.reduced(self) if self.world_size > 1 else acc
         loss_tokens = float(sum(m.sum() for m in seqs.loss_mask))
         return {
             "loss": acc.mean("loss"),
@@ -258,6 +296,7 @@ class Learner:
             "updates": float(updates),
             "skipped_updates": float(skipped),
             "policy_version": float(self._version),
+            "world_size": float(self.world_size),
             "seconds": time.perf_counter() - t0,
         }
 
@@ -266,6 +305,7 @@ class Learner:
 
         vLLM's CPU engine keeps a stale packed lm_head when a tied model's update omits
         ``lm_head.weight``, so it is sent explicitly. ``dtype`` casts (e.g. "bfloat16" halves transfer).
+        Under FSDP this is a collective: every rank calls it, rank 0 gets the weights, others ``{}``.
         """
         cast = resolve_dtype(dtype) if dtype is not None else None
         copies: dict[tuple, torch.Tensor] = {}
@@ -277,12 +317,15 @@ class Learner:
                 copies[key] = t.detach().to(device="cpu", dtype=cast or t.dtype, copy=True).contiguous()
             return copies[key]
 
-        for name, tensor in self.model.state_dict().items():
+        state = dist.full_model_state_dict(self.model, self.sharded)
+        if self.sharded and self.rank != 0:
+            return {}
+        for name, tensor in state.items():
             out[name] = cpu_copy(tensor)
-        out_emb = self.model.get_output_embeddings()
-        if out_emb is not None:
-            prefix = next(name for name, mod in self.model.named_modules() if mod is out_emb)
-            out.setdefault(f"{prefix}.weight", cpu_copy(out_emb.weight))
+        if self._tied is not None:
+            out_key, in_key = self._tied
+            if out_key not in out and in_key in out:
+                out[out_key] = out[in_key]
         return out
 
     @torch.no_grad()
@@ -306,11 +349,63 @@ class Learner:
         seqs = sequences_from_table(table, self.vocab_size)
         return [lp.tolist() for lp in self._logprobs_all(self.model, seqs)[0]]
 
-    def save(self, out_dir: str) -> str:
-        """HF ``save_pretrained`` directory (safetensors, fp32 masters) + tokenizer, written atomically."""
-        return save_hf_checkpoint(self.model, self.tokenizer, out_dir)
+    def save(self, out_dir: str) -> str | None:
+        """HF ``save_pretrained`` directory (safetensors, fp32 masters) + tokenizer, written atomically.
+
+        Under FSDP every rank calls it (the weights are gathered); rank 0 writes and returns the path."""
+        if not self.sharded:
+            if self.rank != 0:
+                return None
+            return save_hf_checkpoint(self.model, self.tokenizer, out_dir)
+        state = self.get_weights()
+        if self.rank != 0:
+            return None
+        return save_hf_checkpoint(self.model, self.tokenizer, out_dir, state_dict=state,
+                                  architectures=self.architectures)
+
+    def save_state(self, out_dir: str) -> str | None:
+        """Everything needed to continue training: ``model/`` (HF checkpoint), optimizer, RNG, version.
+
+        Collective under FSDP (every rank calls; rank 0 writes). Not atomic by itself: the driver
+        writes into a temporary directory and swaps it into place (``trainer_state.json`` last)."""
+        osd = dist.full_optimizer_state_dict(self.model, self.optimizer, self.sharded)
+        model_dir = self.save(str(Path(out_dir) / "model"))
+        if self.rank != 0:
+            return None
+        save_optimizer_state(osd, out_dir)
+        rng = {"version": self._version, "numpy": self._rng.bit_generator.state,
+               "torch": torch.get_rng_state().tolist()}
+        (Path(out_dir) / LEARNER_STATE).write_text(json.dumps(rng))
+        return model_dir
+
+    def load_state(self, state_dir: str) -> int:
+        """Restore weights, optimizer moments, RNG and version from ``save_state``; returns the version.
+
+        The reference model (KL) is untouched: it stays the run's start checkpoint."""
+        from safetensors.torch import load_file
+
+        d = Path(state_dir)
+        weights = load_file(str(d / "model" / "model.safetensors"))
+        dist.load_full_model_state_dict(self.model, weights, self.sharded)
+        dist.load_full_optimizer_state_dict(self.model, self.optimizer, load_optimizer_state(d), self.sharded)
+        meta = json.loads((d / LEARNER_STATE).read_text())
+        self._version = int(meta["version"])
+        self._rng.bit_generator.state = meta["numpy"]
+        torch.set_rng_state(torch.tensor(meta["torch"], dtype=torch.uint8))
+        return self._version
+
+    def shutdown(self) -> None:
+        dist.destroy()
 
     # ---- internals --------------------------------------------------------------------------------
+
+    def _tied_output_key(self) -> tuple[str, str] | None:
+        """(output embedding key, input embedding key) when the output embedding is a separate module."""
+        out_emb, in_emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if out_emb is None:
+            return None
+        names = {id(mod): name for name, mod in self.model.named_modules()}
+        return f"{names[id(out_emb)]}.weight", f"{names[id(in_emb)]}.weight"
 
     def _lr_at(self, version: int) -> float:
         """Linear warmup over the first ``lr_warmup_steps`` step() calls (RL steps), then constant."""
@@ -319,15 +414,21 @@ class Learner:
         return self.lr * min(1.0, (version + 1) / self.lr_warmup_steps)
 
     def _autocast(self):
-        if self.compute_dtype == torch.float32:
+        if self.compute_dtype == torch.float32 or self.sharded:  # FSDP casts through its mp_policy
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
-    def _micro_batches(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
-        """Split ``idx`` into micro-batches of similar length: less padding, same summed gradient."""
-        lengths = seqs.prompt_len[idx] + seqs.resp_len[idx]
-        order = idx[np.argsort(lengths, kind="stable")]
-        return [order[i : i + self.micro_batch_size] for i in range(0, len(order), self.micro_batch_size)]
+    def _local_chunks(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
+        """This rank's rows of ``idx`` (every world_size-th), as micro-batches of similar length.
+
+        Every rank gets the same number of chunks (FSDP runs collectives in each forward); a chunk may
+        be empty on some ranks."""
+        local = idx[self.rank :: self.world_size]
+        per_rank = -(-len(idx) // self.world_size)
+        k = max(1, -(-per_rank // self.micro_batch_size))
+        lengths = seqs.prompt_len[local] + seqs.resp_len[local]
+        order = local[np.argsort(lengths, kind="stable")]
+        return np.array_split(order, k)
 
     def _pack(self, seqs: Sequences, idx: np.ndarray) -> _Packed:
         prompt_len, resp_len = seqs.prompt_len[idx], seqs.resp_len[idx]
@@ -364,14 +465,20 @@ class Learner:
 
     @torch.no_grad()
     def _logprobs_all(self, model, seqs: Sequences, with_entropy: bool = False):
-        """Per-sequence response-token logprobs (numpy) and, optionally, masked entropy sum and count."""
+        """Per-sequence response-token logprobs (numpy) and, optionally, masked entropy sum and count.
+
+        Each rank scores its share of the rows; the shares are all-gathered so every rank has all."""
         result: list[np.ndarray | None] = [None] * len(seqs)
         ent_sum = ent_n = 0.0
-        for idx in self._micro_batches(seqs, np.arange(len(seqs))):
+        for idx in self._local_chunks(seqs, np.arange(len(seqs))):
+            if len(idx) == 0:
+                if self.sharded:  # keep FSDP's per-forward collectives in step with the other ranks
+                    self._forward(model, self._pack(seqs, np.arange(1)), with_entropy)
+                continue
             packed = self._pack(seqs, idx)
             out = self._forward(model, packed, with_entropy)
             lp = out[0] if with_entropy else out
-            lp = lp.cpu().numpy()
+            lp = lp.float().cpu().numpy()
             for row, i in enumerate(idx):
                 col = packed.resp_col[row]
                 result[i] = lp[row, col : col + packed.resp_len[row]].copy()
@@ -379,30 +486,46 @@ class Learner:
                 mask = self._place(seqs.loss_mask, idx, packed)
                 ent_sum += float((out[1] * mask).sum())
                 ent_n += float(mask.sum())
+        if self.world_size > 1:
+            import torch.distributed as tdist
+
+            shares: list = [None] * self.world_size
+            mine = {i: lp for i, lp in enumerate(result) if lp is not None}
+            tdist.all_gather_object(shares, mine)
+            for share in shares:
+                for i, lp in share.items():
+                    result[i] = lp
+            ent_sum, ent_n = dist.all_reduce_sum([ent_sum, ent_n], self.device)
         return result, ent_sum, ent_n
 
     def _global_sum(self, value: float) -> float:
-        """Sum over data-parallel ranks (identity for one rank).
-
-        With DP, loss denominators (mini-batch mask tokens / sequences) must be global so that the
-        all-reduced gradient equals the single-process one: all_reduce(SUM) the count here.
-        """
-        return value
+        """Sum over data-parallel ranks (identity for one rank): loss denominators are global counts."""
+        if self.world_size == 1:
+            return value
+        return dist.all_reduce_sum([value], self.device)[0]
 
     def _all_reduce_gradients(self) -> None:
-        """Data-parallel hook: all_reduce(SUM) each ``p.grad`` here (losses already use global counts)."""
-        return
+        """DDP: all_reduce(SUM) the gradients (losses already use global counts); FSDP reduces itself."""
+        if self.world_size > 1 and not self.sharded:
+            dist.all_reduce_gradients(self.params)
 
     def _update(self, seqs, idx, old, ref, acc: _Totals, with_entropy: bool) -> bool:
-        """Accumulate one mini-batch's gradient over micro-batches and take one AdamW step."""
-        loss_tokens = float(sum(seqs.loss_mask[i].sum() for i in idx))
-        loss_tokens = self._global_sum(loss_tokens)
-        denom = loss_tokens if self.loss_agg == "token_mean" else self._global_sum(float(len(idx)))
+        """Accumulate one mini-batch's gradient over micro-batches and take one AdamW step.
+
+        ``idx`` is the whole (global) mini-batch; this rank computes on its share of it."""
+        loss_tokens = float(sum(seqs.loss_mask[i].sum() for i in idx))  # every rank sees the whole batch
+        denom = loss_tokens if self.loss_agg == "token_mean" else float(len(idx))
         if loss_tokens == 0:
             return False  # nothing to learn; an AdamW step would still move weights via momentum
+        lead = 1.0 if self.rank == 0 else 0.0  # per-update scalars are counted once, on rank 0
         self.optimizer.zero_grad(set_to_none=True)
         mb_loss = mb_pg = mb_kl = 0.0
-        for micro in self._micro_batches(seqs, idx):
+        for micro in self._local_chunks(seqs, idx):
+            if len(micro) == 0:
+                if self.sharded:  # a zero-weight forward/backward keeps FSDP's collectives in step
+                    packed = self._pack(seqs, np.arange(1))
+                    (self._forward(self.model, packed).sum() * 0.0).backward()
+                continue
             packed = self._pack(seqs, micro)
             mask = self._place(seqs.loss_mask, micro, packed)
             out = self._forward(self.model, packed, with_entropy)
@@ -425,7 +548,7 @@ class Learner:
                 kl = masked_aggregate(kl_tok, mask, self.loss_agg, denom)
                 loss = loss + self.kl_coef * kl
                 mb_kl += float(kl.detach())
-            loss.backward()
+            (loss * self._loss_scale).backward()
             mb_loss += float(loss.detach())
             mb_pg += float(pg.detach())
             for key in ("clip_frac", "approx_kl", "ratio_mean"):
@@ -435,11 +558,13 @@ class Learner:
 
         self._all_reduce_gradients()
         max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        acc.add("loss", mb_loss, 1.0)
-        acc.add("pg_loss", mb_pg, 1.0)
-        acc.add("kl", mb_kl, 1.0)
-        acc.add("grad_norm", grad_norm, 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        # Loss parts are this rank's share of the global loss: summed over ranks they are the loss.
+        acc.add("loss", mb_loss, lead)
+        acc.add("pg_loss", mb_pg, lead)
+        acc.add("kl", mb_kl, lead)
+        acc.add("grad_norm", grad_norm * lead, lead)  # identical on every rank after the reduction
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return False
@@ -462,3 +587,15 @@ class _Totals:
     def mean(self, key: str) -> float:
         w = self.weights.get(key, 0.0)
         return self.sums[key] / w if w > 0 else 0.0
+
+    KEYS = ("loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_mean", "entropy", "grad_norm")
+
+    def reduced(self, learner: Learner) -> _Totals:
+        """Sums and weights added up over the learner's ranks (one collective, fixed key order)."""
+        vals = [self.sums.get(k, 0.0) for k in self.KEYS] + [self.weights.get(k, 0.0) for k in self.KEYS]
+        vals = dist.all_reduce_sum(vals, learner.device)
+        out = _Totals()
+        n = len(self.KEYS)
+        out.sums = dict(zip(self.KEYS, vals[:n]))
+        out.weights = dict(zip(self.KEYS, vals[n:]))
+        return out
