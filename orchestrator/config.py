@@ -17,6 +17,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .cost import CostModel
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key path and the value."""
@@ -155,6 +157,11 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate only before and after training
     checkpoint_every: int = 0  # 0: only the final checkpoint
     log_samples_every: int = 10
+    # Resumable state (weights, optimizer, RNG, data position) every N steps; 0: never (no resume).
+    # MLflow receives a step's metrics once the state covering it is saved (see orchestrator/resume.py).
+    state_every: int = 10
+    resume: str = "auto"  # auto: continue an unfinished run of the same run_name | never | must
+    max_restarts: int = 3  # rollout/learner actors replaced after a crash, per run
     output_dir: str = "outputs"
     run_name: Optional[str] = None
     seed: int = 0
@@ -200,6 +207,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    cost: CostModel = field(default_factory=CostModel)  # prices for the cost/* metrics of every run
 
 
 # Short names the CLI accepts on the command line (``eval CONFIG checkpoint=... budgets=...``).
@@ -363,6 +371,15 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     non_negative("trainer.steps", t.steps)
     positive("trainer.prompts_per_step", t.prompts_per_step)
     non_negative("trainer.eval_every", t.eval_every)
+    non_negative("trainer.state_every", t.state_every)
+    non_negative("trainer.max_restarts", t.max_restarts)
+    if t.resume not in ("auto", "never", "must"):
+        bad("trainer.resume", t.resume, "must be auto, never or must")
+    if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name in (".", "..")):
+        bad("trainer.run_name", t.run_name, "must be a plain directory name")
+    c = cfg.cost
+    non_negative("cost.accelerator_hour_price", c.accelerator_hour_price)
+    non_negative("cost.cpu_hour_price", c.cpu_hour_price)
     total = t.prompts_per_step * r.group_size
     if total % a.mini_batches:
         bad("algorithm.mini_batches", a.mini_batches,

@@ -57,24 +57,53 @@ class WorkerGroup:
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.vllm.kv_cache_gib))))
         if r.vllm.multiprocess:
             env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        remote_rollout = ray.remote(RolloutWorker)
-        self.rollout = [
-            remote_rollout.options(
-                num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, resources=dict(r.resources) or None,
-                runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
-                name=None,
-            ).remote(model_path, engine=r.engine, prompt_template=cfg.model.prompt_template,
-                     chat_template=cfg.model.chat_template, think_end=cfg.model.think_end, worker_index=i,
-                     engine_kwargs=engine_kwargs)
-            for i in range(r.num_workers)
-        ]
+        self._rollout_cls = ray.remote(RolloutWorker)
+        self._rollout_args = dict(engine=r.engine, prompt_template=cfg.model.prompt_template,
+                                  chat_template=cfg.model.chat_template, think_end=cfg.model.think_end,
+                                  engine_kwargs=engine_kwargs)
+        self._rollout_env = env
+        self.cfg, self.model_path = cfg, model_path
+        self.rollout = [self._new_rollout(i) for i in range(r.num_workers)]
         self.learner = None
         if not learner:
             ray.get([w.ready.remote() for w in self.rollout])
             return
         self.learner = LearnerGroup(cfg, model_path, self.pg, first_bundle=r.num_workers)
         ray.get([w.ready.remote() for w in self.rollout])
+
+    def _new_rollout(self, i: int):
+        r = self.cfg.rollout
+        return self._rollout_cls.options(
+            num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, resources=dict(r.resources) or None,
+            runtime_env={"env_vars": self._rollout_env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+        ).remote(self.model_path, worker_index=i, **self._rollout_args)
+
+    def dead_rollouts(self, timeout_s: float = 30.0) -> list[int]:
+        """Indices of rollout workers that no longer answer."""
+        dead = []
+        for i, w in enumerate(self.rollout):
+            try:
+                ray.get(w.ready.remote(), timeout=timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(i)
+        return dead
+
+    def replace_rollouts(self, indices: list[int]) -> list[int]:
+        """New workers in the dead workers' bundles (they start from the run's start weights: push yours)."""
+        for i in indices:
+            try:
+                ray.kill(self.rollout[i])
+            except Exception:
+                pass
+            self.rollout[i] = self._new_rollout(i)
+        ray.get([self.rollout[i].ready.remote() for i in indices])
+        return indices
+
+    def replace_learner(self, model_path: str) -> None:
+        """A new learner group in the same bundles, from ``model_path`` (then load a state into it)."""
+        self.learner.shutdown()
+        self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
 
     def shutdown(self) -> None:
         if self.learner is not None:

@@ -367,6 +367,9 @@ class Tracker:
         """JSON or YAML by extension (``.json``, ``.yaml``/``.yml``)."""
         self.client.log_dict(self.run_id, dict(d), artifact_file)
 
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
@@ -390,3 +393,55 @@ class Tracker:
         else:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Durable metrics
+
+
+class MetricBuffer:
+    """Metrics held until the training state that produced them is saved, then written in batches.
+
+    A resumed run re-does the steps after its last saved state; holding their metrics until then means
+    MLflow never shows a step twice, nor a step the final weights did not go through. Records keep
+    their first timestamp, so sending one again after a crash is idempotent (the store drops exact
+    duplicates). While the store is unreachable records stay here and go out at the next flush.
+    """
+
+    BATCH = 1000  # MLflow's log_batch limit on metrics per request
+
+    def __init__(self, records: list | None = None):
+        self.records: list[list] = [list(r) for r in (records or [])]
+        self.failed_flushes = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, metrics: Mapping[str, Any], step: int) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"metric {key!r} is not a number: {value!r}") from e
+            if math.isfinite(value):
+                self.records.append([key, value, ts, int(step)])
+
+    def flush(self, tracker: Tracker) -> bool:
+        """Send everything held; False (records kept, one warning) when the store cannot take them."""
+        if not self.records:
+            return True
+        try:
+            _probe(tracker.tracking_uri)
+            for i in range(0, len(self.records), self.BATCH):
+                chunk = self.records[i:i + self.BATCH]
+                tracker.client.log_batch(tracker.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+        except Exception as e:  # an unreachable or failing store must not end the training run
+            self.failed_flushes += 1
+            if self.failed_flushes == 1:
+                warnings.warn(f"run {tracker.run_id}: tracking store unavailable ({type(e).__name__}: {e}); "
+                              f"holding {len(self.records)} metric values until it is back", stacklevel=2)
+            return False
+        self.records.clear()
+        self.failed_flushes = 0
+        return True

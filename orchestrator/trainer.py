@@ -1,15 +1,20 @@
 """The controller: one plain loop in the driver that runs budget-constrained GRPO.
 
 sample prompts -> rollouts (RolloutWorker actors) -> rewards (process pool) -> group advantages
--> learner step (Learner actor) -> weight sync to every engine -> MLflow. Evaluation over the
+-> learner step (Learner ranks) -> weight sync to every engine -> MLflow. Evaluation over the
 budget grid runs before training, every ``trainer.eval_every`` steps, and after the last step.
 The driver moves Arrow tables and object refs; it never holds the model.
+
+Reliability: every ``trainer.state_every`` steps the run saves a resumable state (orchestrator/resume.py);
+a re-run of the same run name continues from it in the same MLflow run. A step's metrics reach MLflow
+once a state covering that step is saved, so no step is ever shown twice. A rollout worker that dies
+is replaced (current weights pushed) and the step retried; a learner that dies is rebuilt from the
+last state and the run continues from there, up to ``trainer.max_restarts`` times.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
 import time
 from collections.abc import Callable
@@ -20,8 +25,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from . import frontier, tracking
+from . import frontier, resume, tracking
 from .config import Config, eval_budgets, to_dict, to_yaml
+from .cost import run_cost
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
 from .evaluation import evaluate, format_summary, generate
@@ -29,6 +35,7 @@ from .learner.losses import group_advantages
 from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec
+from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
 from .runtime import WorkerGroup, init_ray
 from .warmstart import prepare_start_checkpoint
 
@@ -41,6 +48,8 @@ class TrainResult:
     eval_before: list[dict] = field(default_factory=list)
     eval_after: list[dict] = field(default_factory=list)
     steps: int = 0
+    resumed_from: int | None = None  # the step a resumed run continued from
+    restarts: int = 0  # actors replaced after crashes
 
 
 def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
@@ -60,21 +69,6 @@ def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
     return train, evals.slice(0, cfg.eval.num_prompts), verifier
 
 
-def fresh_run_dir(cfg: Config, kind: str, log=print) -> tuple[str, Path]:
-    """(run name, output dir) that never overwrites an earlier run's outputs: a taken name gets a suffix."""
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = cfg.trainer.run_name or f"{kind}-{stamp}"
-    out = Path(cfg.trainer.output_dir) / name
-    if out.exists() and any(out.iterdir()):
-        new = f"{name}-{stamp}"
-        n = 1
-        while (Path(cfg.trainer.output_dir) / new).exists():
-            new, n = f"{name}-{stamp}-{n}", n + 1
-        log(f"output dir {out} is taken by an earlier run; this run writes to {Path(cfg.trainer.output_dir) / new}")
-        name, out = new, Path(cfg.trainer.output_dir) / new
-    return name, out
-
-
 class PromptSampler:
     """Epochs over the training prompts in a seeded random order."""
 
@@ -88,6 +82,15 @@ class PromptSampler:
         idx = self.order[self.pos:self.pos + self.batch]
         self.pos += self.batch
         return self.prompts.take(pa.array(idx))
+
+    def state(self) -> dict:
+        return {"order": self.order.tolist(), "pos": int(self.pos), "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: dict) -> None:
+        if max(state["order"], default=-1) >= self.prompts.num_rows:
+            raise ValueError("resume: the saved data position does not fit the training prompts (data changed?)")
+        self.order, self.pos = np.asarray(state["order"], dtype=np.int64), int(state["pos"])
+        self.rng.bit_generator.state = state["rng"]
 
 
 def reward_spec(cfg: Config, verifier: str) -> RewardSpec:
@@ -123,7 +126,8 @@ def learner_batch(records: pa.Table, cfg: Config) -> tuple[pa.Table, dict]:
 
 
 def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, step: int, tag: str,
-              out_dir: Path) -> list[dict]:
+              out_dir: Path, log_metrics: Callable[[dict, int], None] | None = None) -> list[dict]:
+    """Eval metrics (through ``log_metrics`` when given, e.g. a run's durable buffer) and artifacts."""
     rows = summary.to_pylist()
     metrics = {}
     for row in rows:
@@ -131,9 +135,9 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
             metrics[f"eval/{row['budget_label']}/{k}"] = row[k]
     for row in by_diff.to_pylist():
         metrics[f"eval/{row['budget_label']}/accuracy_d{row['difficulty']}"] = row["accuracy"]
-    tracker.log_metrics(metrics, step=step)
+    (log_metrics or tracker.log_metrics)(metrics, step)
     path = write_rollouts(records, out_dir / "eval" / f"{tag}.parquet")
-    tracker.log_artifacts(str(Path(path).parent), "eval")
+    tracker.log_artifact(path, "eval")
     tracker.log_table(summary, f"eval/{tag}_summary.parquet")
     tracker.log_table(by_diff, f"eval/{tag}_by_difficulty.parquet")
     df = summary.to_pandas().rename(columns={"budget_label": "label"})
@@ -144,91 +148,206 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
 
 
 def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None) -> TrainResult:
-    """Run one training run end to end; returns where its checkpoint and MLflow run are.
+    """Run one training run end to end (or continue a killed one); returns its checkpoint and MLflow run.
 
     ``on_eval(step, summary_rows)`` is called after every budget-grid evaluation (step 0 included);
     returning True stops training there (a sweep pruning a trial): the checkpoint is still saved.
     """
-    run_name, out_dir = fresh_run_dir(cfg, "train", log)
+    run_name, out_dir, state_path = resume.plan_run(cfg, log)
     config_dict = to_dict(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    state = resume.read_state(state_path) if state_path is not None else None
     # Fail on an unreachable tracking store before any expensive work starts.
-    tags = {**tracking.lineage_tags(config_dict, workload="train", stage="rl"), **cfg.tracking.tags}
-    tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,
-                                     params=tracking.flatten(config_dict), tags=tags,
-                                     parent_run_id=cfg.tracking.parent_run_id)
+    if state is not None:
+        tracker = tracking.Tracker.resume(uri, state["run_id"])
+        log(f"resuming run {run_name} (MLflow run {state['run_id']}) from step {state['step']} of {state_path}")
+    else:
+        tags = {**tracking.lineage_tags(config_dict, workload="train", stage="rl"), **cfg.tracking.tags}
+        tracker = tracking.Tracker.start(uri, cfg.tracking.experiment, run_name=run_name,
+                                         params=tracking.flatten(config_dict), tags=tags,
+                                         parent_run_id=cfg.tracking.parent_run_id)
     with tracker:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        tracker.log_artifacts(str(out_dir), "config")
+        if state is None:
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+            tracker.log_artifacts(str(out_dir), "config")
         init_ray(cfg)
         start, ws_metrics = prepare_start_checkpoint(cfg, log=log)
-        if ws_metrics:
+        if ws_metrics and state is None:
             tracker.log_metrics({f"warmstart/{k}": v for k, v in ws_metrics.items()}, step=0)
         train_prompts, eval_prompts, verifier = load_prompt_tables(cfg)
-        tracker.set_tags({tracking.TAG_SOURCE_CHECKPOINT: start,
-                          tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts)})
+        if state is None:
+            tracker.set_tags({tracking.TAG_SOURCE_CHECKPOINT: start,
+                              tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts)})
         spec = reward_spec(cfg, verifier)
-        budgets = eval_budgets(cfg)
         group = WorkerGroup(cfg, start)
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
             with pool_cm as pool:
-                result = _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log,
-                               on_eval)
+                run = _Run(cfg, group, pool, spec, eval_budgets(cfg), train_prompts, eval_prompts, tracker, out_dir,
+                           log, on_eval, start)
+                result = run.execute(state_path)
         finally:
             group.shutdown()
         result.run_id = tracker.run_id
         return result
 
 
-def _run_eval(cfg, group, pool, spec, budgets, prompts, step):
-    e = cfg.eval
-    return evaluate(group.rollout, prompts, budgets, samples_per_prompt=e.samples_per_prompt,
-                    temperature=e.temperature, top_p=e.top_p, reward_spec=spec, pool=pool, step=step,
-                    seed=cfg.rollout.seed)
+class _Run:
+    """The controller loop's state: step, data position, durable metric buffer, actor restarts."""
 
+    def __init__(self, cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log, on_eval,
+                 start_checkpoint):
+        self.cfg, self.group, self.pool, self.spec, self.budgets = cfg, group, pool, spec, budgets
+        self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
+        self.tracker, self.out_dir, self.log, self.on_eval = tracker, out_dir, log, on_eval
+        self.start_checkpoint = start_checkpoint
+        self.buffer = tracking.MetricBuffer()
+        self.result = TrainResult(run_id="", checkpoint="", output_dir=str(out_dir))
+        self.sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
+                                     budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
+                                     top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
+                                     train_forced_think_end=cfg.budget.train_forced_think_end)
+        self._fresh_position()
+        self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
+        self.t0 = time.perf_counter()
 
-def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log,
-          on_eval=None) -> TrainResult:
-    from tqdm import tqdm
+    # ---- state ------------------------------------------------------------------------------------
 
-    t = cfg.trainer
-    result = TrainResult(run_id="", checkpoint="", output_dir=str(out_dir))
-    t0 = time.perf_counter()
-    records, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, 0)
-    result.eval_before = _log_eval(tracker, summary, by_diff, records, 0, "step_0000", out_dir)
-    log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
-    stop = bool(on_eval and on_eval(0, result.eval_before))
-    last_eval = (0, result.eval_before, summary) if stop else None
+    def _fresh_position(self) -> None:
+        self.sampler = PromptSampler(self.train_prompts, self.cfg.trainer.prompts_per_step, self.cfg.trainer.seed)
+        self.step = 0
+        self.totals = {"generated_tokens": 0.0, "reward_errors": 0.0, "reward_timeouts": 0.0}
 
-    sampler = PromptSampler(train_prompts, t.prompts_per_step, t.seed)
-    sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
-                            budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
-                            train_forced_think_end=cfg.budget.train_forced_think_end)
-    totals = {"generated_tokens": 0.0, "reward_errors": 0.0, "reward_timeouts": 0.0}
-    bar = tqdm(range(1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=stop)
-    for step in bar:
-        if stop:
-            break
+    def wall(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def _payload(self) -> dict:
+        return {"step": self.step, "run_id": self.tracker.run_id, "sampler": self.sampler.state(),
+                "totals": self.totals, "eval_before": self.result.eval_before, "wall_seconds": self.wall(),
+                "restarts": self.result.restarts, "pending_metrics": self.buffer.records,
+                "resumed_from": self.result.resumed_from}
+
+    def save_state(self) -> None:
+        """Durable state first (it carries the pending metrics), then the metrics go to MLflow."""
+        resume.write_state(self.out_dir, self.group.learner.save_state, self._payload())
+        self.buffer.flush(self.tracker)
+
+    def restore(self, state_path: Path | None) -> None:
+        """Continue from a saved state (or from the start checkpoint when there is none yet)."""
+        if state_path is None:
+            self._fresh_position()
+            self.buffer = tracking.MetricBuffer()
+            self._push_weights()  # the learner was rebuilt from the start checkpoint
+            return
+        st = resume.read_state(state_path)
+        self.group.learner.load_state(str(state_path))
+        self.step = int(st["step"])
+        self.sampler.restore(st["sampler"])
+        self.totals = dict(st["totals"])
+        self.result.eval_before = st.get("eval_before") or []
+        self.result.restarts = max(self.result.restarts, int(st.get("restarts", 0)))
+        self.elapsed_before, self.t0 = float(st.get("wall_seconds", 0.0)), time.perf_counter()
+        self.buffer = tracking.MetricBuffer(st.get("pending_metrics"))
+        self.buffer.flush(self.tracker)  # idempotent: those records may have gone out before the crash
+        self._push_weights()
+
+    # ---- fault handling ---------------------------------------------------------------------------
+
+    def _restarted(self, what: str, exc: BaseException) -> None:
+        self.result.restarts += 1
+        if self.result.restarts > self.cfg.trainer.max_restarts:
+            raise RuntimeError(f"{what} failed again after trainer.max_restarts={self.cfg.trainer.max_restarts} "
+                               f"restarts: {exc}") from exc
+        self.log(f"step {self.step + 1}: {what} died ({type(exc).__name__}); replacing it "
+                 f"(restart {self.result.restarts} of at most {self.cfg.trainer.max_restarts})")
+
+    def _push_weights(self) -> None:
+        weights = self.group.learner.get_weights()
+        self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, self.step) for w in self.group.rollout]),
+                          retry_push=False)
+
+    def _on_rollouts(self, fn: Callable, retry_push: bool = True):
+        """Run ``fn`` over the rollout workers; a worker that died is replaced with the current weights
+        and ``fn`` runs again (the step's prompts are re-generated: nothing from the failed try is used)."""
+        while True:
+            try:
+                return fn()
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                dead = self.group.dead_rollouts()
+                if not dead:
+                    raise  # not a rollout worker (e.g. the learner that produced the weights): the caller handles it
+                self._restarted("a rollout worker", exc)
+                replaced = self.group.replace_rollouts(dead)
+                weights = self.group.learner.get_weights()
+                ray.get([self.group.rollout[i].update_weights.remote(weights, self.step) for i in replaced])
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def execute(self, state_path: Path | None) -> TrainResult:
+        t = self.cfg.trainer
+        stop = False
+        if state_path is not None:
+            self.restore(state_path)
+            self.result.resumed_from = self.step
+            self.tracker.set_tags({"budgetrl.resumed_from_step": str(self.step)})
+        else:
+            t0 = time.perf_counter()
+            records, summary, by_diff = self._eval(0)
+            self.result.eval_before = _log_eval(self.tracker, summary, by_diff, records, 0, "step_0000",
+                                                self.out_dir, self.buffer.add)
+            self.buffer.flush(self.tracker)
+            self.log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
+            stop = bool(self.on_eval and self.on_eval(0, self.result.eval_before))
+        last_eval = (0, self.result.eval_before, None) if stop else None
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=stop)
+        while not stop and self.step < t.steps:
+            try:
+                stop, last = self._one_step(bar)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # A learner rank died mid-step: rebuild the group and continue from the last state.
+                self._restarted("a learner rank", exc)
+                self.group.replace_learner(self.start_checkpoint)
+                state = resume.latest_state(self.out_dir)
+                self.log(f"continuing from {'step ' + str(resume.read_state(state)['step']) if state else 'the start'}")
+                self.restore(state)
+                bar.n = self.step
+                bar.refresh()
+                continue
+            if last is not None:
+                last_eval = last
+        bar.close()
+        return self._finish(last_eval)
+
+    def _eval(self, step: int):
+        e = self.cfg.eval
+        return self._on_rollouts(lambda: evaluate(
+            self.group.rollout, self.eval_prompts, self.budgets, samples_per_prompt=e.samples_per_prompt,
+            temperature=e.temperature, top_p=e.top_p, reward_spec=self.spec, pool=self.pool, step=step,
+            seed=self.cfg.rollout.seed))
+
+    def _one_step(self, bar) -> tuple[bool, tuple | None]:
+        cfg, t = self.cfg, self.cfg.trainer
+        step = self.step + 1
         ts = time.perf_counter()
-        prompts = sampler.next()
-        records = generate(group.rollout, prompts, sampling, step)
+        prompts = self.sampler.next()
+        records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, self.sampling, step))
         tg = time.perf_counter()
-        records, rstats = score_rollouts(records, spec, pool)
+        records, rstats = score_rollouts(records, self.spec, self.pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
-        lmetrics = group.learner.step(batch)
+        lmetrics = self.group.learner.step(batch)
         tl = time.perf_counter()
-        weights = group.learner.get_weights()
-        version = step
-        ray.get([w.update_weights.remote(weights, version) for w in group.rollout])
+        weights = self.group.learner.get_weights()
+        self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, step) for w in self.group.rollout]))
         tsync = time.perf_counter()
+        self.step = step
         m = step_metrics(records)
-        totals["generated_tokens"] += m["generated_tokens"]
-        totals["reward_errors"] += rstats["reward_errors"]
-        totals["reward_timeouts"] += rstats["reward_timeouts"]
+        self.totals["generated_tokens"] += m["generated_tokens"]
+        self.totals["reward_errors"] += rstats["reward_errors"]
+        self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
         metrics.update({f"train/{k}": v for k, v in bstats.items()})
         metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
@@ -236,41 +355,68 @@ def _loop(cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker,
                         "time/sync": tsync - tl, "time/step": tsync - ts,
                         "train/reward_errors": rstats["reward_errors"],
                         "train/reward_timeouts": rstats["reward_timeouts"],
-                        "cost/generated_tokens_total": totals["generated_tokens"],
-                        "cost/wall_seconds": time.perf_counter() - t0})
-        tracker.log_metrics(metrics, step=step)
+                        "cost/generated_tokens_total": self.totals["generated_tokens"],
+                        "cost/wall_seconds": self.wall()})
+        self.buffer.add(metrics, step)
+        bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", think=f"{m['thinking_tokens']:.1f}",
                         trunc=f"{m['truncation_rate']:.2f}")
         if t.log_samples_every and (step % t.log_samples_every == 0 or step == 1):
-            write_rollouts(records, out_dir / "rollouts" / f"step_{step:05d}.parquet")
+            write_rollouts(records, self.out_dir / "rollouts" / f"step_{step:05d}.parquet")
+        stop, last = False, None
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
-            records_e, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, step)
-            rows = _log_eval(tracker, summary, by_diff, records_e, step, f"step_{step:04d}", out_dir)
-            if on_eval and on_eval(step, rows):
-                stop, last_eval = True, (step, rows, summary)
-                tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
-                log(f"stopping at step {step}: the caller's on_eval asked to stop")
+            records_e, summary, by_diff = self._eval(step)
+            rows = _log_eval(self.tracker, summary, by_diff, records_e, step, f"step_{step:04d}", self.out_dir,
+                             self.buffer.add)
+            if self.on_eval and self.on_eval(step, rows):
+                stop, last = True, (step, rows, summary)
+                self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
+                self.log(f"stopping at step {step}: the caller's on_eval asked to stop")
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-            group.learner.save(str(out_dir / f"checkpoint-{step:05d}"))
-    bar.close()
-    if last_eval is not None:  # stopped early right after an eval: that eval is the final one
-        result.steps, result.eval_after, summary = last_eval
-    else:
-        result.steps = t.steps
-        records_e, summary, by_diff = _run_eval(cfg, group, pool, spec, budgets, eval_prompts, t.steps)
-        result.eval_after = _log_eval(tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}", out_dir)
-        if on_eval:
-            on_eval(t.steps, result.eval_after)
-    log(f"eval after {result.steps} steps:\n{format_summary(summary)}")
-    ckpt = group.learner.save(str(out_dir / "checkpoint"))
-    result.checkpoint = ckpt
-    tracker.set_tags({"budgetrl.checkpoint": ckpt})
-    if (out_dir / "rollouts").is_dir():
-        tracker.log_artifacts(str(out_dir / "rollouts"), "rollouts")
-    tracker.log_artifacts(ckpt, "checkpoint")
-    tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
-    tracker.log_metrics({"cost/wall_seconds": time.perf_counter() - t0}, step=result.steps)
-    (out_dir / "result.json").write_text(json.dumps(
-        {"checkpoint": ckpt, "eval_before": result.eval_before, "eval_after": result.eval_after}, indent=1))
-    result.checkpoint = ckpt
-    return result
+            self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
+        if t.state_every and step % t.state_every == 0 and step != t.steps and not stop:
+            self.save_state()
+        elif not t.state_every:
+            self.buffer.flush(self.tracker)  # nothing to resume from: metrics go out as they come
+        return stop, last
+
+    def _finish(self, last_eval) -> TrainResult:
+        cfg, t, result = self.cfg, self.cfg.trainer, self.result
+        if last_eval is not None:  # stopped early right after an eval: that eval is the final one
+            result.steps, result.eval_after, summary = last_eval
+            if summary is None:  # stopped at step 0
+                result.eval_after = result.eval_before
+        else:
+            result.steps = t.steps
+            records_e, summary, by_diff = self._eval(t.steps)
+            result.eval_after = _log_eval(self.tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}",
+                                          self.out_dir, self.buffer.add)
+            if self.on_eval:
+                self.on_eval(t.steps, result.eval_after)
+        if summary is not None:
+            self.log(f"eval after {result.steps} steps:\n{format_summary(summary)}")
+        ckpt = self.group.learner.save(str(self.out_dir / "checkpoint"))  # the weights are safe before MLflow I/O
+        result.checkpoint = ckpt
+        costs = run_cost(cfg, self.wall(), cfg.cost)
+        self.buffer.add({**costs, "cost/wall_seconds": self.wall()}, result.steps)
+        worker_stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
+        self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in worker_stats for k, v in s.items()
+                         if k != "worker_index"}, result.steps)
+        if not self.buffer.flush(self.tracker):
+            dump = self.out_dir / "unflushed_metrics.json"
+            dump.write_text(json.dumps({"run_id": self.tracker.run_id, "metrics": self.buffer.records}))
+            raise tracking.TrackingError(
+                f"tracking store {self.tracker.tracking_uri} is unreachable at the end of the run: the checkpoint "
+                f"is saved at {ckpt}; {len(self.buffer)} metric values are kept in {dump} (re-run the same "
+                f"command when the store is back to send them)")
+        self.tracker.set_tags({"budgetrl.checkpoint": ckpt, "budgetrl.cost_currency": cfg.cost.currency,
+                               "budgetrl.restarts": str(result.restarts)})
+        if (self.out_dir / "rollouts").is_dir():
+            self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
+        self.tracker.log_artifacts(ckpt, "checkpoint")
+        self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
+        (self.out_dir / resume.RESULT).write_text(json.dumps(
+            {"checkpoint": ckpt, "run_id": self.tracker.run_id, "steps": result.steps,
+             "eval_before": result.eval_before, "eval_after": result.eval_after}, indent=1))
+        resume.remove_state(self.out_dir)
+        return result

@@ -55,6 +55,7 @@ class RolloutWorker:
         self.worker_index = worker_index
         self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
         self.policy_version = 0
+        self.counters = {"generate_calls": 0, "prompts": 0, "samples": 0, "weight_syncs": 0}
 
     def ready(self) -> int:
         return self.worker_index
@@ -73,6 +74,9 @@ class RolloutWorker:
             think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
 
+        self.counters["generate_calls"] += 1
+        self.counters["prompts"] += len(rows)
+        self.counters["samples"] += len(samples)
         cols: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
         for k, smp in enumerate(samples):
             row = rows[k // g]
@@ -109,10 +113,15 @@ class RolloutWorker:
             state_dict = deserialize_state_dict(bytes(state_dict))
         self.engine.load_weights(state_dict)
         self.policy_version = version
+        self.counters["weight_syncs"] += 1
         return time.perf_counter() - t0
 
     def version(self) -> int:
         return self.policy_version
+
+    def stats(self) -> dict:
+        """What this worker did since it started: calls, prompts, samples, weight syncs, policy version."""
+        return {**self.counters, "policy_version": self.policy_version, "worker_index": self.worker_index}
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.engine.prompt_logprobs(sequences)
