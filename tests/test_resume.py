@@ -1,0 +1,125 @@
+"""Runs that survive faults: actors killed mid-step, then the driver itself killed with SIGKILL.
+
+One real training run (its own Ray runtime, vLLM rollouts, 2 rollout workers, MLflow in SQLite) in a
+subprocess. While it trains, the test SIGKILLs a rollout worker process, then a learner process, then
+the whole driver process group. Re-running the same command resumes: the same MLflow run ends with
+every step's metrics exactly once, and nothing the first attempt saved is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def _command(tmp: Path) -> list[str]:
+    overrides = [f"model.path={tmp / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
+                 "warmstart.batch_size=32", f"trainer.steps={STEPS}", "trainer.state_every=2",
+                 "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.num_workers=2",
+                 "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5", "ray.num_cpus=4",
+                 f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=faults", "trainer.log_samples_every=0",
+                 "eval.num_prompts=8", "data.eval_size=8", "data.train_size=64", "budgets=[6x4]",
+                 "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=16",
+                 "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+                 "tracking.experiment=faults", "reward.num_workers=1", "rollout.vllm.kv_cache_gib=1"]
+    overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+    return [sys.executable, "-m", "orchestrator", "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
+
+
+def _state_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / "state" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _actor_pids(root: psutil.Process, title: str) -> list[int]:
+    pids = []
+    for p in root.children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(f"ray::{title}"):
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def _wait(cond, proc, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(900)
+def test_faults_then_sigkill_then_resume(tmp_path):
+    from mlflow import MlflowClient
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+    out = tmp_path / "out" / "faults"
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        root = psutil.Process(proc.pid)
+        _wait(lambda: _state_step(out) >= 2, proc, 600, "the first state")
+        rollouts = _wait(lambda: _actor_pids(root, "RolloutWorker"), proc, 30, "rollout worker processes")
+        os.kill(rollouts[0], signal.SIGKILL)  # a rollout worker dies mid-run
+        _wait(lambda: _state_step(out) >= 4, proc, 300, "a state after the rollout worker was replaced")
+        learners = _wait(lambda: _actor_pids(root, "Learner"), proc, 30, "learner processes")
+        os.kill(learners[0], signal.SIGKILL)  # the learner dies mid-run
+        _wait(lambda: _state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt")
+        killed_at = _state_step(out)
+        os.killpg(proc.pid, signal.SIGKILL)  # then the driver and everything it started
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log1.close()
+    first_log = (tmp_path / "first.log").read_text()
+    assert "a rollout worker died" in first_log and "a learner rank died" in first_log, first_log[-3000:]
+    assert not (out / "result.json").exists() and (out / "state").is_dir()
+
+    second = subprocess.run(_command(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming run faults" in second.stdout + second.stderr
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("faults")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1, "the resumed attempt must continue the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    resumed_from = int(run.data.tags["budgetrl.resumed_from_step"])
+    assert resumed_from >= killed_at >= 6
+    for key in ("train/reward", "learner/policy_version", "time/step", "cost/generated_tokens_total"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, STEPS + 1)), (key, sorted(steps))  # every step once
+    versions = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learner/policy_version")}
+    assert versions == {s: float(s) for s in range(1, STEPS + 1)}  # the learner never lost or repeated a step
+    m = run.data.metrics
+    assert m["cost/total"] > 0 and m["cost/cpu_hours"] > 0
+    for i in (0, 1):  # both rollout workers took part and hold the final policy
+        assert m[f"rollout/worker_{i}/samples"] > 0 and m[f"rollout/worker_{i}/policy_version"] == STEPS
+    result = json.loads((out / "result.json").read_text())
+    assert result["run_id"] == run.info.run_id and result["steps"] == STEPS
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert not (out / "state").exists() and not list(out.glob(".state-*"))
