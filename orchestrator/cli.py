@@ -145,9 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.command == "train":
+        from .tracking import TrackingError
         from .trainer import train
 
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        except (ConfigError, TrackingError) as exc:  # raised before any work: bad data, store, resume
+            print(f"{'config' if isinstance(exc, ConfigError) else 'tracking'} error: {exc}", file=sys.stderr)
+            return 2
         print(f"run {result.run_id}: checkpoint {result.checkpoint}")
         return 0
     if args.command == "eval":

@@ -60,6 +60,9 @@ class DataConfig:
     train_size: int = 4096
     eval_size: int = 256
     seed: int = 0
+    # A prompt whose tokens plus the largest budget exceed model.max_model_len: error (before any work),
+    # drop (skip it, counted in the log and the run's tags) or truncate_left (keep its last tokens).
+    overlong_prompts: str = "error"
 
 
 @dataclass
@@ -395,6 +398,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if check_paths and d.eval_path is not None and not Path(d.eval_path).exists():
         bad("data.eval_path", d.eval_path, "no such file")
     positive("data.eval_size", d.eval_size)
+    if d.overlong_prompts not in ("error", "drop", "truncate_left"):
+        bad("data.overlong_prompts", d.overlong_prompts, "must be error, drop or truncate_left")
 
     e = cfg.eval
     if not e.budgets:

@@ -60,7 +60,8 @@ class WorkerGroup:
         self._rollout_cls = ray.remote(RolloutWorker)
         self._rollout_args = dict(engine=r.engine, prompt_template=cfg.model.prompt_template,
                                   chat_template=cfg.model.chat_template, think_end=cfg.model.think_end,
-                                  engine_kwargs=engine_kwargs)
+                                  engine_kwargs=engine_kwargs,
+                                  truncate_prompts=cfg.data.overlong_prompts == "truncate_left")
         self._rollout_env = env
         self.cfg, self.model_path = cfg, model_path
         self.rollout = [self._new_rollout(i) for i in range(r.num_workers)]

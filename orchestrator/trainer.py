@@ -26,7 +26,7 @@ import pyarrow as pa
 import ray
 
 from . import frontier, resume, tracking
-from .config import Config, eval_budgets, to_dict, to_yaml
+from .config import Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
@@ -93,6 +93,44 @@ class PromptSampler:
         self.rng.bit_generator.state = state["rng"]
 
 
+def fit_prompts(cfg: Config, model_path: str, train: pa.Table, evals: pa.Table, log=print
+                ) -> tuple[pa.Table, pa.Table, dict]:
+    """Apply ``data.overlong_prompts`` to prompts that cannot fit the context window with their budget.
+
+    Checked with the model's tokenizer before any actor starts: ``error`` names the longest prompt,
+    ``drop`` removes them, ``truncate_left`` leaves them for the rollout workers to cut."""
+    from transformers import AutoTokenizer
+
+    from .rollout.worker import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    m, mode = cfg.model, cfg.data.overlong_prompts
+    train_budget = cfg.budget.thinking + cfg.budget.solution
+    eval_budget = max(b.thinking + b.solution for b in eval_budgets(cfg))
+    counts, out = {}, []
+    for name, table, budget in (("train", train, train_budget), ("eval", evals, eval_budget)):
+        texts = [render_prompt(m.prompt_template, p, tok, m.chat_template) for p in table["prompt"].to_pylist()]
+        lengths = np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
+        limit = m.max_model_len - budget - 1
+        over = lengths > limit
+        counts[name] = int(over.sum())
+        if counts[name] and mode == "error":
+            worst = int(np.argmax(lengths))
+            raise ConfigError(
+                f"data.overlong_prompts='error': {counts[name]} {name} prompt(s) do not fit model.max_model_len="
+                f"{m.max_model_len} with a {budget}-token budget (longest: prompt_id "
+                f"{table['prompt_id'][worst].as_py()!r}, {lengths[worst]} tokens > {limit}); set "
+                f"data.overlong_prompts to drop or truncate_left, or raise model.max_model_len")
+        if counts[name] and mode == "drop":
+            table = table.filter(pa.array(~over))
+            if table.num_rows == 0:
+                raise ConfigError(f"data.overlong_prompts='drop': every {name} prompt is longer than {limit} tokens")
+        if counts[name]:
+            log(f"{counts[name]} {name} prompt(s) longer than {limit} tokens: {mode}")
+        out.append(table)
+    return out[0], out[1], counts
+
+
 def reward_spec(cfg: Config, verifier: str) -> RewardSpec:
     r = cfg.reward
     return RewardSpec(verifier=verifier, correct_reward=r.correct_reward, wrong_reward=r.wrong_reward,
@@ -126,8 +164,14 @@ def learner_batch(records: pa.Table, cfg: Config) -> tuple[pa.Table, dict]:
 
 
 def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, step: int, tag: str,
-              out_dir: Path, log_metrics: Callable[[dict, int], None] | None = None) -> list[dict]:
-    """Eval metrics (through ``log_metrics`` when given, e.g. a run's durable buffer) and artifacts."""
+              out_dir: Path, log_metrics: Callable[[dict, int], None] | None = None,
+              tolerate_store_errors: bool = False) -> list[dict]:
+    """Eval metrics (through ``log_metrics`` when given, e.g. a run's durable buffer) and artifacts.
+
+    The artifacts are written under ``out_dir/eval`` first and then logged; with
+    ``tolerate_store_errors`` an upload that fails only warns (the files stay for a later upload)."""
+    import pyarrow.parquet as pq
+
     rows = summary.to_pylist()
     metrics = {}
     for row in rows:
@@ -136,14 +180,29 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
     for row in by_diff.to_pylist():
         metrics[f"eval/{row['budget_label']}/accuracy_d{row['difficulty']}"] = row["accuracy"]
     (log_metrics or tracker.log_metrics)(metrics, step)
-    path = write_rollouts(records, out_dir / "eval" / f"{tag}.parquet")
-    tracker.log_artifact(path, "eval")
-    tracker.log_table(summary, f"eval/{tag}_summary.parquet")
-    tracker.log_table(by_diff, f"eval/{tag}_by_difficulty.parquet")
+    eval_dir = out_dir / "eval"
+    files = [write_rollouts(records, eval_dir / f"{tag}.parquet")]
+    for table, name in ((summary, f"{tag}_summary.parquet"), (by_diff, f"{tag}_by_difficulty.parquet")):
+        pq.write_table(table, eval_dir / name)
+        files.append(str(eval_dir / name))
     df = summary.to_pandas().rename(columns={"budget_label": "label"})
     fig = frontier.plot_frontier(df, x="mean_tokens", y="accuracy", label="label",
                                  title=f"accuracy vs tokens ({tag}, step {step})")
-    tracker.log_figure(fig, f"eval/{tag}_frontier.png")
+    fig.savefig(eval_dir / f"{tag}_frontier.png", dpi=110, bbox_inches="tight")
+    files.append(str(eval_dir / f"{tag}_frontier.png"))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    try:
+        for f in files:
+            tracker.log_artifact(f, "eval")
+    except Exception as exc:
+        if not tolerate_store_errors:
+            raise
+        import warnings
+
+        warnings.warn(f"eval artifacts of {tag} not logged ({type(exc).__name__}: {exc}); they stay in {eval_dir} "
+                      "and are logged at the end of the run", stacklevel=2)
     return rows
 
 
@@ -153,7 +212,16 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
     ``on_eval(step, summary_rows)`` is called after every budget-grid evaluation (step 0 included);
     returning True stops training there (a sweep pruning a trial): the checkpoint is still saved.
     """
+    from .warmstart import ensure_base_model
+
     run_name, out_dir, state_path = resume.plan_run(cfg, log)
+    # Data that cannot be used fails here, before MLflow or Ray: unreadable files, overlong prompts.
+    try:
+        train_prompts, eval_prompts, verifier = load_prompt_tables(cfg)
+    except (OSError, ValueError) as exc:
+        key = "data.path" if cfg.data.path is not None else "data.task"
+        raise ConfigError(f"{key}: {exc}") from exc
+    train_prompts, eval_prompts, overlong = fit_prompts(cfg, ensure_base_model(cfg), train_prompts, eval_prompts, log)
     config_dict = to_dict(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     state = resume.read_state(state_path) if state_path is not None else None
@@ -175,10 +243,10 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
         start, ws_metrics = prepare_start_checkpoint(cfg, log=log)
         if ws_metrics and state is None:
             tracker.log_metrics({f"warmstart/{k}": v for k, v in ws_metrics.items()}, step=0)
-        train_prompts, eval_prompts, verifier = load_prompt_tables(cfg)
         if state is None:
             tracker.set_tags({tracking.TAG_SOURCE_CHECKPOINT: start,
-                              tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts)})
+                              tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts),
+                              "budgetrl.overlong_prompts": json.dumps(overlong)})
         spec = reward_spec(cfg, verifier)
         group = WorkerGroup(cfg, start)
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
@@ -295,7 +363,7 @@ class _Run:
             t0 = time.perf_counter()
             records, summary, by_diff = self._eval(0)
             self.result.eval_before = _log_eval(self.tracker, summary, by_diff, records, 0, "step_0000",
-                                                self.out_dir, self.buffer.add)
+                                                self.out_dir, self.buffer.add, tolerate_store_errors=True)
             self.buffer.flush(self.tracker)
             self.log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
             stop = bool(self.on_eval and self.on_eval(0, self.result.eval_before))
@@ -367,7 +435,7 @@ class _Run:
         if t.eval_every and step % t.eval_every == 0 and step != t.steps:
             records_e, summary, by_diff = self._eval(step)
             rows = _log_eval(self.tracker, summary, by_diff, records_e, step, f"step_{step:04d}", self.out_dir,
-                             self.buffer.add)
+                             self.buffer.add, tolerate_store_errors=True)
             if self.on_eval and self.on_eval(step, rows):
                 stop, last = True, (step, rows, summary)
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
@@ -390,7 +458,7 @@ class _Run:
             result.steps = t.steps
             records_e, summary, by_diff = self._eval(t.steps)
             result.eval_after = _log_eval(self.tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}",
-                                          self.out_dir, self.buffer.add)
+                                          self.out_dir, self.buffer.add, tolerate_store_errors=True)
             if self.on_eval:
                 self.on_eval(t.steps, result.eval_after)
         if summary is not None:
@@ -402,21 +470,33 @@ class _Run:
         worker_stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
         self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in worker_stats for k, v in s.items()
                          if k != "worker_index"}, result.steps)
-        if not self.buffer.flush(self.tracker):
+        for wait in (0, 5, 15, 30):  # a store that blinks at the very end gets a few chances
+            time.sleep(wait)
+            if self.buffer.flush(self.tracker):
+                break
+        else:
             dump = self.out_dir / "unflushed_metrics.json"
-            dump.write_text(json.dumps({"run_id": self.tracker.run_id, "metrics": self.buffer.records}))
+            dump.write_text(json.dumps({"run_id": self.tracker.run_id, "tracking_uri": self.tracker.tracking_uri,
+                                        "columns": ["key", "value", "timestamp_ms", "step"],
+                                        "metrics": self.buffer.records}))
+            self._write_result(ckpt)
             raise tracking.TrackingError(
                 f"tracking store {self.tracker.tracking_uri} is unreachable at the end of the run: the checkpoint "
-                f"is saved at {ckpt}; {len(self.buffer)} metric values are kept in {dump} (re-run the same "
-                f"command when the store is back to send them)")
+                f"is saved at {ckpt}; {len(self.buffer)} metric values of run {self.tracker.run_id} are kept in {dump}")
         self.tracker.set_tags({"budgetrl.checkpoint": ckpt, "budgetrl.cost_currency": cfg.cost.currency,
                                "budgetrl.restarts": str(result.restarts)})
+        self.tracker.log_artifacts(str(self.out_dir / "eval"), "eval")  # idempotent; fills uploads that failed
         if (self.out_dir / "rollouts").is_dir():
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
         self.tracker.log_artifacts(ckpt, "checkpoint")
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
-        (self.out_dir / resume.RESULT).write_text(json.dumps(
-            {"checkpoint": ckpt, "run_id": self.tracker.run_id, "steps": result.steps,
-             "eval_before": result.eval_before, "eval_after": result.eval_after}, indent=1))
-        resume.remove_state(self.out_dir)
+        self._write_result(ckpt)
         return result
+
+    def _write_result(self, ckpt: str) -> None:
+        """``result.json`` marks the run finished (a re-run of its name starts a new run); the state goes."""
+        r = self.result
+        (self.out_dir / resume.RESULT).write_text(json.dumps(
+            {"checkpoint": ckpt, "run_id": self.tracker.run_id, "steps": r.steps, "resumed_from": r.resumed_from,
+             "restarts": r.restarts, "eval_before": r.eval_before, "eval_after": r.eval_after}, indent=1))
+        resume.remove_state(self.out_dir)

@@ -39,7 +39,7 @@ def render_prompt(template: str, prompt: str, tokenizer=None, chat_template: boo
 class RolloutWorker:
     def __init__(self, model_path: str, *, engine: str = "vllm", prompt_template: str = "{prompt}",
                  chat_template: bool = False, think_end: str = "</think>", worker_index: int = 0,
-                 engine_kwargs: dict | None = None):
+                 engine_kwargs: dict | None = None, truncate_prompts: bool = False):
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -53,6 +53,9 @@ class RolloutWorker:
         self.prompt_template = prompt_template
         self.chat_template = chat_template
         self.worker_index = worker_index
+        # Overlong prompts keep their last tokens (the question and the thinking marker) when asked.
+        self.truncate_prompts = truncate_prompts
+        self.max_model_len = int((engine_kwargs or {}).get("max_model_len", 0)) or None
         self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
         self.policy_version = 0
         self.counters = {"generate_calls": 0, "prompts": 0, "samples": 0, "weight_syncs": 0}
@@ -65,6 +68,9 @@ class RolloutWorker:
         rows = prompts.to_pylist()
         texts = [render_prompt(self.prompt_template, r["prompt"], self.tokenizer, self.chat_template) for r in rows]
         enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if self.truncate_prompts and self.max_model_len:
+            limit = self.max_model_len - spec.budget_thinking - spec.budget_solution - 1
+            enc = [ids[-limit:] if len(ids) > limit else ids for ids in enc]
         g = spec.group_size
         flat_prompts = [ids for ids in enc for _ in range(g)]
         base = (spec.seed * 1_000_003 + step * 10_007 + self.worker_index * 7_919) % (2**31 - 1)

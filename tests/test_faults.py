@@ -1,0 +1,154 @@
+"""The fault matrix, the parts that need no training run: bad data, overlong prompts, MLflow outages.
+
+(Actors and the driver killed mid-run: tests/test_resume.py; hanging verifiers: tests/test_rewards.py;
+a killed sweep driver: tests/test_sweep.py.) Real MLflow: SQLite files and a real ``mlflow server``
+on 127.0.0.1 that the test stops and starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import TINY
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp: Path, tiny_model: str, *extra: str):
+    base = [f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+            f"trainer.output_dir={tmp / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+            "budget.thinking=16", "budget.solution=8", "eval.max_thinking=16", "eval.max_solution=8",
+            "budgets=[unconstrained]", "model.max_model_len=64", "eval.num_prompts=4"]
+    return load_config(ROOT / "configs" / "quickstart.yaml", base + [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+                       + list(extra))
+
+
+def _prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("content", [b"PAR1 this is not parquet", b""])
+def test_corrupt_prompt_file_fails_before_any_work(tmp_path, tiny_model, content):
+    from orchestrator.trainer import train
+
+    bad = tmp_path / "prompts.parquet"
+    bad.write_bytes(content)
+    cfg = _cfg(tmp_path, tiny_model, f"data.path={bad}")
+    with pytest.raises(ConfigError, match=r"data\.path: .*prompts\.parquet"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlong_prompts_error_drop_and_truncate(tmp_path, tiny_model):
+    from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
+    from orchestrator.trainer import fit_prompts, load_prompt_tables, train
+
+    rows = [{"prompt_id": "short", "prompt": "1+2=", "answer": "3"},
+            {"prompt_id": "long", "prompt": "9" * 80 + "+1=", "answer": "1" + "0" * 80}]
+    path = _prompts(tmp_path / "p.jsonl", rows)
+    cfg = _cfg(tmp_path, tiny_model, f"data.path={path}")
+    with pytest.raises(ConfigError, match=r"overlong_prompts='error'.*max_model_len=64.*prompt_id 'long'"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "mlflow.db").exists()
+
+    cfg = _cfg(tmp_path, tiny_model, f"data.path={path}", "data.overlong_prompts=drop")
+    train_t, eval_t, _ = load_prompt_tables(cfg)
+    kept, kept_eval, counts = fit_prompts(cfg, tiny_model, train_t, eval_t, log=lambda *_: None)
+    assert kept["prompt_id"].to_pylist() == ["short"] and counts == {"train": 1, "eval": 1}
+
+    worker = RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
+                           engine_kwargs=dict(dtype="float32", max_model_len=64), truncate_prompts=True)
+    spec = SamplingSpec(group_size=1, budget_thinking=16, budget_solution=8, temperature=0.0)
+    out = worker.generate(train_t, spec)
+    full = worker.tokenizer("<s>" + rows[1]["prompt"] + "<think>", add_special_tokens=False)["input_ids"]
+    ids = out.to_pylist()[1]["prompt_token_ids"]
+    assert len(ids) + 16 + 8 < 64 and ids == full[-len(ids):]  # the end (question, <think>) is kept
+    assert out.to_pylist()[0]["prompt_token_ids"][:1] == worker.tokenizer("<s>")["input_ids"]
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path, tiny_model):
+    import ray
+
+    from orchestrator.tracking import TrackingError
+    from orchestrator.trainer import train
+
+    ray_before = ray.is_initialized()
+    cfg = _cfg(tmp_path, tiny_model, "tracking.tracking_uri=http://127.0.0.1:1")
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match=r"127\.0\.0\.1:1"):
+        train(cfg, log=lambda *_: None)
+    assert time.monotonic() - t0 < 30 and ray.is_initialized() == ray_before  # Ray was not started
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(tmp: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return proc
+        except requests.RequestException:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail("mlflow server did not start")
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_metrics_survive_a_tracking_server_outage(tmp_path):
+    """Metrics logged while the server is down are held, then sent once (re-sending is idempotent)."""
+    from orchestrator.tracking import MetricBuffer, Tracker
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(tmp_path, port)
+    try:
+        tracker = Tracker.start(uri, "outage", run_name="outage")
+        buf = MetricBuffer()
+        buf.add({"train/reward": 0.1}, step=1)
+        assert buf.flush(tracker)
+        _stop_server(server)
+        for step in (2, 3):
+            buf.add({"train/reward": 0.1 * step}, step=step)
+        with pytest.warns(UserWarning, match="holding 2 metric values"):
+            assert not buf.flush(tracker)
+        assert len(buf) == 2  # nothing dropped while the store is away
+        saved = [list(r) for r in buf.records]  # what a state file would carry across a crash
+        server = _start_server(tmp_path, port)
+        assert buf.flush(tracker) and len(buf) == 0
+        assert MetricBuffer(saved).flush(tracker)  # sent again after a crash: no duplicates
+        hist = tracker.client.get_metric_history(tracker.run_id, "train/reward")
+        assert sorted(m.step for m in hist) == [1, 2, 3]
+        tracker.end()
+    finally:
+        _stop_server(server)
