@@ -37,7 +37,10 @@ def init_ray(cfg: Config) -> None:
 class WorkerGroup:
     """Rollout workers and the learner of one run, placed together."""
 
-    def __init__(self, cfg: Config, model_path: str, *, learner: bool = True):
+    def __init__(self, cfg: Config, model_path: str, *, learner: bool = True, name: str | None = None):
+        """``name`` (a run's identity) names the placement group: a group left behind by a dead earlier
+        attempt of the same run (e.g. a Tune trial whose process was killed; placement groups outlive
+        the actor that made them) is removed first, so the retry gets its resources back."""
         from .rollout.worker import RolloutWorker
 
         r, le = cfg.rollout, cfg.learner
@@ -45,7 +48,9 @@ class WorkerGroup:
         bundles += [{"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources}
                     for _ in range(le.num_workers if learner else 0)]
         bundles = [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
-        self.pg = placement_group(bundles, strategy="PACK")
+        if name:
+            _remove_stale_placement_group(name)
+        self.pg = placement_group(bundles, strategy="PACK", name=name or "")
         ray.get(self.pg.ready(), timeout=600)
 
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
@@ -203,6 +208,16 @@ class LearnerGroup:
                 ray.kill(r)
             except Exception:
                 pass
+
+
+def _remove_stale_placement_group(name: str) -> None:
+    from ray.util import get_placement_group
+
+    try:
+        stale = get_placement_group(name)
+    except ValueError:  # none by that name
+        return
+    remove_placement_group(stale)
 
 
 def _device_kind(gpus_per_worker: float):

@@ -248,7 +248,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
                               tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts),
                               "budgetrl.overlong_prompts": json.dumps(overlong)})
         spec = reward_spec(cfg, verifier)
-        group = WorkerGroup(cfg, start)
+        group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}")
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
             with pool_cm as pool:

@@ -123,3 +123,66 @@ def test_faults_then_sigkill_then_resume(tmp_path):
     assert result["run_id"] == run.info.run_id and result["steps"] == STEPS
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert not (out / "state").exists() and not list(out.glob(".state-*"))
+
+
+def _titles(root: psutil.Process) -> list[str]:
+    out = []
+    for p in root.children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if cmd.startswith("ray::"):
+            out.append(f"{p.pid} {cmd[:60]}")
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_killed_tune_trial_is_retried_and_continues_its_run(tmp_path, tiny_model):
+    """A sweep trial's process SIGKILLed mid-run: Tune retries it (retries: 1), the retry continues the
+    trial's own run from its state, and the study ends with the trial complete, its run with every step once."""
+    import optuna
+    import yaml
+    from mlflow import MlflowClient
+
+    base = [f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+            "rollout.engine=hf", "rollout.group_size=2", "trainer.steps=8", "trainer.state_every=2",
+            "trainer.prompts_per_step=2", "trainer.eval_every=0", "trainer.log_samples_every=0",
+            f"trainer.output_dir={tmp_path / 'out'}", "eval.num_prompts=4", "data.eval_size=4", "data.train_size=16",
+            "eval.budgets=[6x4]", "eval.max_thinking=12", "eval.max_solution=4", "budget.thinking=6",
+            "budget.solution=4", "learner.micro_batch_size=8", "learner.num_threads=1", "reward.num_workers=0",
+            *[f"model.tiny.{k}={v}" for k, v in TINY.items()]]
+    sweep = {"base_config": str(ROOT / "configs" / "quickstart.yaml"), "base_overrides": base, "study_name": "kill",
+             "num_trials": 1, "max_concurrency": 1, "retries": 1, "sampler": "random",
+             "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "experiment": "kill", "space": {"learner.lr": {"type": "log_float", "low": 1e-5, "high": 1e-4}},
+             "objectives": [{"metric": "accuracy", "budget": "6x4"}], "resources": {"ray_num_cpus": 4}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(path)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    out = tmp_path / "out" / "kill-t0000"
+    try:
+        root = psutil.Process(proc.pid)
+        _wait(lambda: _state_step(out) >= 2, proc, 600, "the trial's first state")
+        trials = [t.split()[0] for t in _titles(root) if "run_trial" in t or "ImplicitFunc" in t]
+        assert trials, _titles(root)
+        os.kill(int(trials[0]), signal.SIGKILL)  # the trial's process dies mid-run
+        rc = proc.wait(600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "sweep.log").read_text()
+    assert rc == 0, text[-4000:]
+    study = optuna.load_study(study_name="kill", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kill").experiment_id],
+                              filter_string="attributes.run_name = 'kill-t0000'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert int(runs[0].data.tags["budgetrl.resumed_from_step"]) >= 2
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/reward")]
+    assert sorted(steps) == list(range(1, 9))
