@@ -165,6 +165,9 @@ class TrainerConfig:
     state_every: int = 10
     resume: str = "auto"  # auto: continue an unfinished run of the same run_name | never | must
     max_restarts: int = 3  # rollout/learner actors replaced after a crash, per run
+    # Stop once this many tokens were generated (training rollouts + a curriculum's previews); 0: no limit.
+    # Compares methods at equal generation cost; trainer.steps still caps the run.
+    max_generated_tokens: int = 0
     output_dir: str = "outputs"
     run_name: Optional[str] = None
     seed: int = 0
@@ -376,6 +379,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     non_negative("trainer.eval_every", t.eval_every)
     non_negative("trainer.state_every", t.state_every)
     non_negative("trainer.max_restarts", t.max_restarts)
+    non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
     if t.resume not in ("auto", "never", "must"):
         bad("trainer.resume", t.resume, "must be auto, never or must")
     if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name in (".", "..")):

@@ -25,7 +25,7 @@ TRAINER_STATE = "trainer_state.json"
 RESULT = "result.json"
 # Keys a resumed run may change: length of the run, logging cadence, where it runs and logs.
 MUTABLE = ("trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.state_every",
-           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "ray.", "tracking.tracking_uri",
+           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.max_generated_tokens", "ray.", "tracking.tracking_uri",
            "reward.num_workers", "reward.timeout_s", "cost.")
 
 

@@ -28,6 +28,7 @@ import ray
 from . import frontier, resume, tracking
 from .config import Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
+from .curriculum import Curriculum, CurriculumContext
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
 from .evaluation import evaluate, format_summary, generate
@@ -206,11 +207,13 @@ def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, 
     return rows
 
 
-def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None) -> TrainResult:
+def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None,
+          curriculum: Curriculum | None = None) -> TrainResult:
     """Run one training run end to end (or continue a killed one); returns its checkpoint and MLflow run.
 
     ``on_eval(step, summary_rows)`` is called after every budget-grid evaluation (step 0 included);
     returning True stops training there (a sweep pruning a trial): the checkpoint is still saved.
+    ``curriculum`` (orchestrator/curriculum.py) selects and rewrites each step's prompts.
     """
     from .warmstart import ensure_base_model
 
@@ -253,7 +256,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
         try:
             with pool_cm as pool:
                 run = _Run(cfg, group, pool, spec, eval_budgets(cfg), train_prompts, eval_prompts, tracker, out_dir,
-                           log, on_eval, start)
+                           log, on_eval, start, curriculum)
                 result = run.execute(state_path)
         finally:
             group.shutdown()
@@ -265,11 +268,13 @@ class _Run:
     """The controller loop's state: step, data position, durable metric buffer, actor restarts."""
 
     def __init__(self, cfg, group, pool, spec, budgets, train_prompts, eval_prompts, tracker, out_dir, log, on_eval,
-                 start_checkpoint):
+                 start_checkpoint, curriculum=None):
         self.cfg, self.group, self.pool, self.spec, self.budgets = cfg, group, pool, spec, budgets
         self.train_prompts, self.eval_prompts = train_prompts, eval_prompts
         self.tracker, self.out_dir, self.log, self.on_eval = tracker, out_dir, log, on_eval
         self.start_checkpoint = start_checkpoint
+        self.curriculum = curriculum
+        self._curriculum_start = None
         self.buffer = tracking.MetricBuffer()
         self.result = TrainResult(run_id="", checkpoint="", output_dir=str(out_dir))
         self.sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
@@ -294,7 +299,8 @@ class _Run:
         return {"step": self.step, "run_id": self.tracker.run_id, "sampler": self.sampler.state(),
                 "totals": self.totals, "eval_before": self.result.eval_before, "wall_seconds": self.wall(),
                 "restarts": self.result.restarts, "pending_metrics": self.buffer.records,
-                "resumed_from": self.result.resumed_from}
+                "resumed_from": self.result.resumed_from,
+                "curriculum": self.curriculum.state() if self.curriculum is not None else None}
 
     def save_state(self) -> None:
         """Durable state first (it carries the pending metrics), then the metrics go to MLflow."""
@@ -307,6 +313,8 @@ class _Run:
             self._fresh_position()
             self.buffer = tracking.MetricBuffer()
             self._push_weights()  # the learner was rebuilt from the start checkpoint
+            if self.curriculum is not None and self._curriculum_start is not None:
+                self.curriculum.restore(self._curriculum_start)
             return
         st = resume.read_state(state_path)
         self.group.learner.load_state(str(state_path))
@@ -318,6 +326,8 @@ class _Run:
         self.elapsed_before, self.t0 = float(st.get("wall_seconds", 0.0)), time.perf_counter()
         self.buffer = tracking.MetricBuffer(st.get("pending_metrics"))
         self.buffer.flush(self.tracker)  # idempotent: those records may have gone out before the crash
+        if self.curriculum is not None and st.get("curriculum") is not None:
+            self.curriculum.restore(st["curriculum"])
         self._push_weights()
 
     # ---- fault handling ---------------------------------------------------------------------------
@@ -367,11 +377,17 @@ class _Run:
             self.buffer.flush(self.tracker)
             self.log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
             stop = bool(self.on_eval and self.on_eval(0, self.result.eval_before))
+            if self.curriculum is not None and not stop:
+                cmetrics = self.curriculum.setup(CurriculumContext(self._scored_rollout, self.train_prompts, self.log))
+                self.buffer.add({f"curriculum/{k}": v for k, v in (cmetrics or {}).items()}
+                                | {"cost/generated_tokens_total": self.totals["generated_tokens"]}, 0)
+                self.buffer.flush(self.tracker)
+        self._curriculum_start = self.curriculum.state() if self.curriculum is not None else None
         last_eval = (0, self.result.eval_before, None) if stop else None
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=stop)
-        while not stop and self.step < t.steps:
+        while not stop and self.step < t.steps and not self._out_of_tokens():
             try:
                 stop, last = self._one_step(bar)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -389,6 +405,35 @@ class _Run:
         bar.close()
         return self._finish(last_eval)
 
+    def _out_of_tokens(self) -> bool:
+        limit = self.cfg.trainer.max_generated_tokens
+        return bool(limit) and self.totals["generated_tokens"] >= limit
+
+    def _scored_rollout(self, prompts: pa.Table, group_size: int) -> pa.Table:
+        """Training-budget rollouts, scored, outside the learning loop (a curriculum's preview)."""
+        import dataclasses
+
+        spec = dataclasses.replace(self.sampling, group_size=group_size)
+        records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, spec, self.step))
+        records, _ = score_rollouts(records, self.spec, self.pool)
+        self.totals["generated_tokens"] += step_metrics(records)["generated_tokens"]
+        return records
+
+    def _draw(self, step: int) -> pa.Table:
+        """This step's prompts: the sampler's batch, through the curriculum (refilled when it drops rows)."""
+        prompts = self.sampler.next()
+        if self.curriculum is None:
+            return prompts
+        want, parts, n = prompts.num_rows, [], 0
+        for _ in range(8):  # a curriculum that drops nearly everything must not stall the run
+            parts.append(self.curriculum.select(prompts, step))
+            n += parts[-1].num_rows
+            if n >= want:
+                break
+            prompts = self.sampler.next()
+        chosen = pa.concat_tables(parts, promote_options="default")
+        return chosen.slice(0, want) if chosen.num_rows else prompts
+
     def _eval(self, step: int):
         e = self.cfg.eval
         return self._on_rollouts(lambda: evaluate(
@@ -400,7 +445,7 @@ class _Run:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step + 1
         ts = time.perf_counter()
-        prompts = self.sampler.next()
+        prompts = self._draw(step)
         records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, self.sampling, step))
         tg = time.perf_counter()
         records, rstats = score_rollouts(records, self.spec, self.pool)
@@ -418,6 +463,8 @@ class _Run:
         self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
         metrics.update({f"train/{k}": v for k, v in bstats.items()})
+        if self.curriculum is not None:
+            metrics.update({f"curriculum/{k}": v for k, v in (self.curriculum.observe(records, step) or {}).items()})
         metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
         metrics.update({"time/generate": tg - ts, "time/reward": tr - tg, "time/learn": tl - tr,
                         "time/sync": tsync - tl, "time/step": tsync - ts,
@@ -432,7 +479,8 @@ class _Run:
         if t.log_samples_every and (step % t.log_samples_every == 0 or step == 1):
             write_rollouts(records, self.out_dir / "rollouts" / f"step_{step:05d}.parquet")
         stop, last = False, None
-        if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+        final = step == t.steps or self._out_of_tokens()  # the final eval and checkpoint come in _finish
+        if t.eval_every and step % t.eval_every == 0 and not final:
             records_e, summary, by_diff = self._eval(step)
             rows = _log_eval(self.tracker, summary, by_diff, records_e, step, f"step_{step:04d}", self.out_dir,
                              self.buffer.add, tolerate_store_errors=True)
@@ -440,9 +488,9 @@ class _Run:
                 stop, last = True, (step, rows, summary)
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
                 self.log(f"stopping at step {step}: the caller's on_eval asked to stop")
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
             self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
-        if t.state_every and step % t.state_every == 0 and step != t.steps and not stop:
+        if t.state_every and step % t.state_every == 0 and not final and not stop:
             self.save_state()
         elif not t.state_every:
             self.buffer.flush(self.tracker)  # nothing to resume from: metrics go out as they come
@@ -455,12 +503,16 @@ class _Run:
             if summary is None:  # stopped at step 0
                 result.eval_after = result.eval_before
         else:
-            result.steps = t.steps
-            records_e, summary, by_diff = self._eval(t.steps)
-            result.eval_after = _log_eval(self.tracker, summary, by_diff, records_e, t.steps, f"step_{t.steps:04d}",
-                                          self.out_dir, self.buffer.add, tolerate_store_errors=True)
+            result.steps = self.step
+            if self._out_of_tokens() and self.step < t.steps:
+                self.log(f"stopping at step {self.step}: trainer.max_generated_tokens={t.max_generated_tokens} reached")
+                self.tracker.set_tags({"budgetrl.stopped_at_step": str(self.step)})
+            records_e, summary, by_diff = self._eval(self.step)
+            result.eval_after = _log_eval(self.tracker, summary, by_diff, records_e, self.step,
+                                          f"step_{self.step:04d}", self.out_dir, self.buffer.add,
+                                          tolerate_store_errors=True)
             if self.on_eval:
-                self.on_eval(t.steps, result.eval_after)
+                self.on_eval(self.step, result.eval_after)
         if summary is not None:
             self.log(f"eval after {result.steps} steps:\n{format_summary(summary)}")
         ckpt = self.group.learner.save(str(self.out_dir / "checkpoint"))  # the weights are safe before MLflow I/O

@@ -68,15 +68,21 @@ class RolloutWorker:
         rows = prompts.to_pylist()
         texts = [render_prompt(self.prompt_template, r["prompt"], self.tokenizer, self.chat_template) for r in rows]
         enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        # A curriculum's response prefix (e.g. the start of the reference reasoning): generation continues
+        # after it; its tokens are injected (loss weight 0) and do not use the thinking budget.
+        prefixes = [self.tokenizer(r.get("response_prefix") or "", add_special_tokens=False)["input_ids"]
+                    if r.get("response_prefix") else [] for r in rows]
         if self.truncate_prompts and self.max_model_len:
             limit = self.max_model_len - spec.budget_thinking - spec.budget_solution - 1
-            enc = [ids[-limit:] if len(ids) > limit else ids for ids in enc]
+            enc = [ids[-(limit - len(pre)):] if len(ids) + len(pre) > limit else ids for ids, pre in zip(enc, prefixes)]
         g = spec.group_size
         flat_prompts = [ids for ids in enc for _ in range(g)]
+        flat_prefix = [pre for pre in prefixes for _ in range(g)]
         base = (spec.seed * 1_000_003 + step * 10_007 + self.worker_index * 7_919) % (2**31 - 1)
         seeds = [(base + i * 2) % (2**31 - 1) for i in range(len(flat_prompts))] if spec.temperature > 0 else None
         samples = two_phase_generate(
-            self.engine, flat_prompts, [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
+            self.engine, [p + pre for p, pre in zip(flat_prompts, flat_prefix)],
+            [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
             think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
 
@@ -92,6 +98,11 @@ class RolloutWorker:
             sol_ids = smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == self.eos_id \
                 else smp.solution_ids
             mask = [0 if (f and not spec.train_forced_think_end) else 1 for f in inj]
+            pre = flat_prefix[k]
+            if pre:
+                resp, lps, inj, mask = pre + resp, [float("nan")] * len(pre) + lps, [True] * len(pre) + inj, \
+                    [0] * len(pre) + mask
+                think_ids = pre + list(think_ids)
             values = {
                 "prompt_id": row["prompt_id"], "sample_index": k % g, "step": step,
                 "policy_version": self.policy_version, "task": row.get("task"), "difficulty": row.get("difficulty"),
