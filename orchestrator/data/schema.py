@@ -26,7 +26,8 @@ PROMPT_SCHEMA = pa.schema(
 # One row per sampled response. Token counts never include the prompt. ``thinking_tokens`` counts the
 # tokens the model generated in phase 1 (a naturally emitted end-of-thinking marker included) and is
 # always <= ``budget_thinking``; a marker the rollout had to force is not counted there but appears in
-# ``response_token_ids`` with ``injected`` set. ``loss_mask`` is 1 for tokens the learner trains on.
+# ``response_token_ids`` with ``injected`` set, as are a curriculum's response-prefix tokens (which
+# ``thinking`` shows but ``thinking_tokens`` does not count). ``loss_mask`` is 1 for tokens the learner trains on.
 ROLLOUT_SCHEMA = pa.schema(
     [
         pa.field("prompt_id", pa.string(), nullable=False),
