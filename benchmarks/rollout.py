@@ -1,0 +1,160 @@
+"""Rollout throughput, side by side in one run: the orchestrator's vLLM rollout worker vs plain HF
+``generate``, and budgeted two-phase generation vs one phase of the same total tokens.
+
+Each engine runs in its own subprocess (vLLM's in-process mode replaces torch.set_num_threads in its
+process, so it must not share one with HF), on the same model, prompts and lengths, one after the
+other, with a warm-up batch first. Prints two tables with the ratio last:
+
+1. generated tokens/s: ``RolloutWorker`` (vLLM, two-phase t x s) vs HF ``model.generate`` of t+s new
+   tokens per sample (sampling, batched, left-padded);
+2. seconds: two-phase budgeted rollout vs a single vLLM ``generate`` that produces exactly as many
+   tokens per sample (``ignore_eos``, max_tokens = that sample's two-phase total).
+
+    .venv/bin/python benchmarks/rollout.py                      # random tiny model (the quickstart's shape)
+    .venv/bin/python benchmarks/rollout.py --model outputs/quickstart/checkpoint --prompts 64 --samples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _prompts(n: int) -> list[str]:
+    from workloads.tasks.arithmetic import TASK
+
+    return TASK.generate(n, difficulties=(2, 3, 4), seed=123, split="eval")["prompt"].to_pylist()
+
+
+def run_vllm(args) -> dict:
+    os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                       "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"})
+    import pyarrow as pa
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
+
+    worker = RolloutWorker(args.model, engine="vllm", prompt_template="<s>{prompt}<think>",
+                           engine_kwargs=dict(dtype="float32", max_model_len=args.max_model_len, seed=0))
+    table = pa.table({"prompt_id": [str(i) for i in range(args.prompts)], "prompt": _prompts(args.prompts),
+                      "answer": ["0"] * args.prompts})
+    spec = SamplingSpec(group_size=args.samples, budget_thinking=args.thinking, budget_solution=args.solution,
+                        temperature=1.0)
+    worker.generate(table, spec)  # warm-up
+    two_phase, tokens, totals = 0.0, 0, []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        out = worker.generate(table, spec, step=r + 1)
+        two_phase += time.perf_counter() - t0
+        n = [a + b for a, b in zip(out["thinking_tokens"].to_pylist(), out["solution_tokens"].to_pylist())]
+        tokens += sum(n)
+        totals.append((out["prompt_token_ids"].to_pylist(), n))
+    llm = worker.engine.llm
+    single = 0.0
+    for prompts, n in totals:  # one phase, exactly the same number of tokens per sample
+        params = [SamplingParams(max_tokens=max(1, k), ignore_eos=True, temperature=1.0, logprobs=0, detokenize=False)
+                  for k in n]
+        t0 = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        single += time.perf_counter() - t0
+    return {"engine": "vllm", "tokens": tokens, "seconds": two_phase, "single_phase_seconds": single}
+
+
+def run_hf(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True).eval()
+    texts = [f"<s>{p}<think>" for p in _prompts(args.prompts) for _ in range(args.samples)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    inp = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(inp)
+    for i, row in enumerate(ids):
+        inp[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    new = args.thinking + args.solution
+
+    def once():
+        with torch.no_grad():
+            out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=new, do_sample=True,
+                                 temperature=1.0, top_k=0, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        gen = out[:, width:]
+        return int((gen != pad).sum())
+
+    once()  # warm-up
+    tokens, seconds = 0, 0.0
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        tokens += once()
+        seconds += time.perf_counter() - t0
+    return {"engine": "hf", "tokens": tokens, "seconds": seconds}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model directory (default: build the random tiny model)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--thinking", type=int, default=48)
+    ap.add_argument("--solution", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for HF generate")
+    ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    for name in ("prompts", "samples", "thinking", "solution", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if args.worker:
+        print("RESULT " + json.dumps(run_vllm(args) if args.worker == "vllm" else run_hf(args)), flush=True)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            from orchestrator.tiny_model import build_tiny_model
+
+            args.model = str(build_tiny_model(Path(tmp) / "tiny"))
+        elif not (Path(args.model) / "config.json").is_file():
+            ap.error(f"--model {args.model}: not a Hugging Face model directory")
+        results = {}
+        for engine in ("vllm", "hf"):
+            cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model,
+                   *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                     ("prompts", "samples", "thinking", "solution", "repeats", "threads", "max_model_len")]]
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+                raise SystemExit(f"{engine} run failed ({out.returncode})")
+            results[engine] = json.loads(line[0][7:])
+    v, h = results["vllm"], results["hf"]
+    n = args.prompts * args.samples
+    print(f"model {args.model}; {args.prompts} prompts x {args.samples} samples, budget {args.thinking}x"
+          f"{args.solution}, {args.repeats} timed batches each after a warm-up; {os.cpu_count()} CPUs\n")
+    print(f"{'engine':<34} {'tokens':>9} {'seconds':>8} {'tokens/s':>9}")
+    for label, r in (("RolloutWorker (vLLM, two-phase)", v), ("HF generate (one call, t+s new)", h)):
+        print(f"{label:<34} {r['tokens']:>9d} {r['seconds']:>8.2f} {r['tokens'] / r['seconds']:>9.0f}")
+    print(f"ratio vLLM/HF tokens/s: {(v['tokens'] / v['seconds']) / (h['tokens'] / h['seconds']):.2f}x (goal >= 3x)\n")
+    print(f"{'generation':<34} {'seconds':>8}")
+    print(f"{'two-phase budgeted (t, then s)':<34} {v['seconds']:>8.2f}")
+    print(f"{'one phase, same tokens per sample':<34} {v['single_phase_seconds']:>8.2f}")
+    print(f"ratio two-phase/one-phase time: {v['seconds'] / v['single_phase_seconds']:.3f}x (goal <= 1.10x); "
+          f"{n * args.repeats} samples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
