@@ -317,7 +317,9 @@ def _study_states(storage: str) -> list[tuple[int, str]]:
     import optuna
 
     try:
-        study = optuna.load_study(study_name="tiny", storage=storage)
+        # Never create the schema from here: racing the driver's create_all fails one of the two.
+        rdb = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+        study = optuna.load_study(study_name="tiny", storage=rdb)
         return [(t.number, t.state.name) for t in study.get_trials()]
     except Exception:  # noqa: BLE001 - no study yet, or the driver is creating the schema right now
         return []
