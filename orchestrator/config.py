@@ -277,6 +277,19 @@ def merge_structured(schema: type, path: str | os.PathLike | None = None, overri
         raise ConfigError(_describe(exc)) from None
 
 
+def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str = "base") -> str:
+    """A workload's base training config: as given, else relative to the workload config's folders."""
+    p = Path(base)
+    if not p.is_absolute() and not p.is_file():
+        for root in Path(workload_config).resolve().parents:
+            if (root / p).is_file():
+                p = root / p
+                break
+    if not p.is_file():
+        raise ConfigError(f"{key}={base!r}: no such training config")
+    return str(p)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
                 check_paths: bool = True) -> Config:
     """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance).

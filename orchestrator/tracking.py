@@ -251,6 +251,21 @@ def _experiment_id(client: MlflowClient, uri: str, name: str, artifact_location:
     return experiment.experiment_id
 
 
+def finite_metrics(metrics: Mapping[str, Any]) -> tuple[list[tuple[str, float]], list[str]]:
+    """(finite (key, float) pairs, "key=value" of the non-finite ones); TypeError names a non-number."""
+    values, dropped = [], []
+    for key, value in metrics.items():
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metric {key!r} is not a number: {value!r}") from e
+        if math.isfinite(value):
+            values.append((key, value))
+        else:
+            dropped.append(f"{key}={value}")
+    return values, dropped
+
+
 class Tracker:
     """One MLflow run. Use as a context manager: it ends FINISHED, FAILED on an exception, KILLED on ^C."""
 
@@ -336,16 +351,8 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         """One batched write; NaN/inf values are dropped with a warning (one bad step must not kill a run)."""
         timestamp = int(time.time() * 1000)
-        batch, dropped = [], []
-        for key, value in metrics.items():
-            try:
-                value = float(value)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"metric {key!r} is not a number: {value!r}") from e
-            if math.isfinite(value):
-                batch.append(Metric(key, value, timestamp, int(step)))
-            else:
-                dropped.append(f"{key}={value}")
+        values, dropped = finite_metrics(metrics)
+        batch = [Metric(key, value, timestamp, int(step)) for key, value in values]
         if dropped:
             warnings.warn(f"run {self.run_id} step {step}: dropped non-finite metrics {', '.join(dropped)}", stacklevel=2)
         self.client.log_batch(self.run_id, metrics=batch)
@@ -419,13 +426,8 @@ class MetricBuffer:
 
     def add(self, metrics: Mapping[str, Any], step: int) -> None:
         ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            try:
-                value = float(value)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"metric {key!r} is not a number: {value!r}") from e
-            if math.isfinite(value):
-                self.records.append([key, value, ts, int(step)])
+        values, _ = finite_metrics(metrics)  # NaN/inf are dropped, as Tracker.log_metrics does
+        self.records.extend([key, value, ts, int(step)] for key, value in values)
 
     def flush(self, tracker: Tracker) -> bool:
         """Send everything held; False (records kept, one warning) when the store cannot take them."""

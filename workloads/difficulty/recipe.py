@@ -11,13 +11,12 @@ learner steps per difficulty for both, and the share of prompts intervened over 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import tracking
-from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
 
 from .curriculum import DifficultyConfig, DifficultyCurriculum
 
@@ -34,15 +33,7 @@ class DifficultyRecipeConfig:
 
 def load(path: str, overrides: list[str] = ()) -> DifficultyRecipeConfig:
     cfg = merge_structured(DifficultyRecipeConfig, path, overrides)
-    base = Path(cfg.base)
-    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
-        for root in Path(path).resolve().parents:
-            if (root / base).is_file():
-                base = root / base
-                break
-    if not base.is_file():
-        raise ConfigError(f"base={cfg.base!r}: no such training config")
-    cfg.base = str(base)
+    cfg.base = resolve_base_config(cfg.base, path)
     if cfg.max_generated_tokens <= 0:
         raise ConfigError(f"max_generated_tokens={cfg.max_generated_tokens!r}: must be > 0 (the shared budget)")
     cfg.curriculum.validate()

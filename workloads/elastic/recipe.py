@@ -10,13 +10,12 @@ budget-trained models on identical prompts: the paper's table, at whatever scale
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import frontier, tracking
-from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
 
 
 @dataclass
@@ -31,15 +30,7 @@ class ElasticConfig:
 
 def load(path: str, overrides: list[str] = ()) -> ElasticConfig:
     cfg = merge_structured(ElasticConfig, path, overrides)
-    base = Path(cfg.base)
-    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
-        for root in Path(path).resolve().parents:
-            if (root / base).is_file():
-                base = root / base
-                break
-    if not base.is_file():
-        raise ConfigError(f"base={cfg.base!r}: no such training config")
-    cfg.base = str(base)
+    cfg.base = resolve_base_config(cfg.base, path)
     return cfg
 
 
