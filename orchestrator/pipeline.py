@@ -110,14 +110,30 @@ class StageContext:
 
     def start_run(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
                   run_name: str | None = None) -> tracking.Tracker:
-        """A child run of the parent for a stage that does not call ``train`` (merge, eval, ...)."""
-        return self.parent.child(run_name or self.name, params=params, tags={**self.lineage_tags(), **(tags or {})})
+        """A child run of the parent for a stage that does not call ``train`` (merge, eval, ...).
+
+        Its tags are this stage's own (config hash of the stage config, git commit, inputs), not the
+        parent's, so a child never carries the parent's ``budgetrl.stage_run.*`` bookkeeping."""
+        return _child(self.parent, run_name or self.name, params,
+                      {**tracking.lineage_tags(_hashable(self.config), workload=self.workload, stage=self.name),
+                       **self.lineage_tags(), **(tags or {})})
 
 
 def _plain(config: Any) -> Any:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         return dataclasses.asdict(config)
     return config
+
+
+def _hashable(config: Any) -> dict:
+    c = _plain(config)
+    return c if isinstance(c, Mapping) else {"config": c}
+
+
+def _child(parent: tracking.Tracker, run_name: str, params, tags) -> tracking.Tracker:
+    experiment = parent.client.get_experiment(parent.experiment_id).name
+    return tracking.Tracker.start(parent.tracking_uri, experiment, run_name=run_name, params=params, tags=tags,
+                                  parent_run_id=parent.run_id)
 
 
 def stage_key(stage: Stage, inputs: Mapping[str, StageResult]) -> str:
@@ -219,9 +235,10 @@ def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str
         ctx = StageContext(stage.name, key, stage.config, out_dir, inputs, parent, workload, log)
         done = _read_marker(out_dir)
         if done is not None:
-            tags = {**ctx.lineage_tags(), **_result_tags(done), tracking.TAG_REUSED_RUN: str(done.run_id),
+            tags = {**tracking.lineage_tags(_hashable(stage.config), workload=workload, stage=stage.name),
+                    **ctx.lineage_tags(), **_result_tags(done), tracking.TAG_REUSED_RUN: str(done.run_id),
                     tracking.TAG_SKIPPED: "true"}
-            with parent.child(f"{stage.name} (reused)", tags=tags) as child:
+            with _child(parent, f"{stage.name} (reused)", None, tags) as child:
                 pass
             log(f"pipeline: {stage.name}: reusing {out_dir} (run {done.run_id})")
             return dataclasses.replace(done, skipped=True, logged_run_id=child.run_id, seconds=0.0)

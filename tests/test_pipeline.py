@@ -88,6 +88,7 @@ def test_rerun_skips_done_stages_and_reruns_changed_ones(tmp_path):
     reused = {c.data.tags["budgetrl.stage"]: c.data.tags for c in _children(uri, pid)}
     assert reused["b"]["budgetrl.reused_run"] == first["b"].run_id
     assert reused["b"]["budgetrl.skipped"] == "true"
+    assert not any(k.startswith("budgetrl.stage_run.") for k in reused["b"]), "no parent bookkeeping on children"
     parent_tags = MlflowClient(uri).get_run(pid).data.tags
     assert parent_tags["budgetrl.stage_skipped.a"] == "true"
     assert parent_tags["budgetrl.stage_run.b"] == first["b"].run_id
