@@ -180,13 +180,15 @@ def _sft_mix_task(base_cfg: Config, mix: WarmstartMix, tasks: list, model_dir: s
         c.warmstart.train_size, c.warmstart.concise_fraction = mix.per_task, mix.concise_fraction
         examples += sft_examples(c, tok)
     random.Random(seed).shuffle(examples)
+    digest = tracking.dataset_digest(pa.table({"prompt": [p for p, _ in examples], "target": [t for _, t in examples]}))
     every = max(1, mix.steps // 8)
 
     def report(step: int, m: dict) -> None:
         print(f"warm start (mix): step {step}/{mix.steps} loss {m.get('loss', float('nan')):.4f}", flush=True)
 
-    return sft_train(model_dir, out_dir, examples, steps=mix.steps, batch_size=mix.batch_size, lr=mix.lr, seed=seed,
-                     num_threads=mix.num_threads or None, progress=False, log_every=every, on_log=report)
+    metrics = sft_train(model_dir, out_dir, examples, steps=mix.steps, batch_size=mix.batch_size, lr=mix.lr,
+                        seed=seed, num_threads=mix.num_threads or None, progress=False, log_every=every, on_log=report)
+    return {"metrics": metrics, "dataset_digest": digest}
 
 
 def _mix_tasks(cfg: MetaConfig) -> list[tuple[str, list[int]]]:
@@ -206,13 +208,14 @@ def _warmstart_stage(cfg: MetaConfig, base_cfg: Config):
         with ctx.start_run(params={"warmstart": to_plain(cfg.warmstart), "model": model_dir}) as run:
             t0 = time.time()
             task = ray.remote(_sft_mix_task).options(num_cpus=1, runtime_env={"env_vars": dict(WORKER_ENV)})
-            metrics = ray.get(task.remote(base_cfg, cfg.warmstart, _mix_tasks(cfg), model_dir, str(out),
-                                          base_cfg.trainer.seed))
-            metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            got = ray.get(task.remote(base_cfg, cfg.warmstart, _mix_tasks(cfg), model_dir, str(out),
+                                      base_cfg.trainer.seed))
+            metrics = {k: float(v) for k, v in got["metrics"].items() if isinstance(v, (int, float))}
             metrics["wall_seconds"] = time.time() - t0
             run.log_metrics({f"warmstart/{k}": v for k, v in metrics.items()}, step=0)
             run.set_tags({tracking.TAG_SOURCE_CHECKPOINT: model_dir})
-        return StageOutput(run_id=run.run_id, checkpoint=str(out), outputs={"metrics": metrics})
+        return StageOutput(run_id=run.run_id, checkpoint=str(out), dataset_digest=got["dataset_digest"],
+                           outputs={"metrics": metrics})
 
     return fn
 
