@@ -1,6 +1,7 @@
 """DAG runner: concurrency of independent stages, skip on re-run, re-run on a changed config, failures,
 and the lineage of a real tiny DAG's final checkpoint read back from MLflow alone."""
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_independent_stages_run_concurrently(tmp_path):
 
     def work(ctx):
         t0 = time.perf_counter()
-        time.sleep(0.6)
+        time.sleep(1.0)
         with lock:
             spans[ctx.name] = (t0, time.perf_counter())
         return StageOutput(outputs={"inputs": sorted(ctx.inputs)})
@@ -177,7 +178,7 @@ def test_tiny_dag_lineage_from_mlflow_alone(ray_session, tiny_model, tmp_path):
         assert n["parent_run_id"] == m["parent_run_id"]
     assert by_stage["deduction-L1"][1]["dataset_digest"] != by_stage["induction-L1"][1]["dataset_digest"]
     tags = MlflowClient(uri).get_run(m_id).data.tags
-    assert set(eval(tags["budgetrl.source_checkpoints"])) == {res["deduction-L1"].checkpoint,
+    assert set(json.loads(tags["budgetrl.source_checkpoints"])) == {res["deduction-L1"].checkpoint,
                                                               res["induction-L1"].checkpoint}
 
     again = go()  # same configs: every stage is skipped, and the lineage still resolves to the producing runs
