@@ -43,6 +43,16 @@ TAG_SOURCE_RUN = "budgetrl.source_run"
 TAG_WORKLOAD = "budgetrl.workload"
 TAG_STAGE = "budgetrl.stage"
 TAG_STUDY = "budgetrl.study"
+TAG_CHECKPOINT = "budgetrl.checkpoint"  # the checkpoint a run produced (set by the trainer and pipeline stages)
+# Multi-stage pipelines (orchestrator/pipeline.py): a stage's inputs and its identity.
+TAG_SOURCE_RUNS = "budgetrl.source_runs"  # comma-separated run ids of every input stage
+TAG_SOURCE_CHECKPOINTS = "budgetrl.source_checkpoints"  # JSON list of the input checkpoints
+TAG_INPUTS = "budgetrl.inputs"  # JSON list of {stage, run_id, checkpoint, key, dataset_digest}
+TAG_STAGE_KEY = "budgetrl.stage_key"  # hash of the stage config and its inputs' identities
+TAG_REUSED_RUN = "budgetrl.reused_run"  # on a skipped stage's child: the run that produced its outputs
+TAG_SKIPPED = "budgetrl.skipped"
+TAG_STAGE_RUN_PREFIX = "budgetrl.stage_run."  # on a pipeline's parent: stage name -> producing run id
+TAG_STAGE_SKIPPED_PREFIX = "budgetrl.stage_skipped."
 TAG_PARENT_RUN = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": MLflow's own nesting tag, shown by the UI
 
 # Seconds to wait for an HTTP tracking server before giving up; MLflow's own client would retry
@@ -447,3 +457,55 @@ class MetricBuffer:
         self.records.clear()
         self.failed_flushes = 0
         return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Lineage read back
+
+
+def find_checkpoint_run(tracking_uri: str | None, checkpoint: str | os.PathLike) -> str | None:
+    """The run that produced ``checkpoint`` (tag ``budgetrl.checkpoint``; reused-stage children skipped)."""
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    value = str(checkpoint).replace("'", "\\'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{TAG_CHECKPOINT}` = '{value}'",
+                              max_results=100, order_by=["attributes.start_time ASC"])
+    runs = [r for r in runs if TAG_REUSED_RUN not in r.data.tags]
+    return runs[0].info.run_id if runs else None
+
+
+def lineage_graph(tracking_uri: str | None, *, run_id: str | None = None,
+                  checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The lineage of a run (or of the run that produced ``checkpoint``), read from MLflow tags alone.
+
+    Returns ``{"root": run_id, "nodes": {run_id: {stage, checkpoint, dataset_digest, config_hash,
+    stage_key, parent_run_id, inputs: [run ids]}}, "edges": [(source run, run), ...]}``, following the
+    ``budgetrl.inputs`` tags that pipeline stages carry (``budgetrl.source_run`` for other runs)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if run_id is None:
+        if checkpoint is None:
+            raise ValueError("lineage_graph: give run_id or checkpoint")
+        run_id = find_checkpoint_run(uri, checkpoint)
+        if run_id is None:
+            raise LookupError(f"no run in {uri} is tagged {TAG_CHECKPOINT}={checkpoint}")
+    client = MlflowClient(uri)
+    nodes: dict[str, dict] = {}
+    edges: list[tuple[str, str]] = []
+    todo = [run_id]
+    while todo:
+        rid = todo.pop()
+        if rid in nodes:
+            continue
+        tags = client.get_run(rid).data.tags
+        if TAG_INPUTS in tags:
+            sources = [i["run_id"] for i in json.loads(tags[TAG_INPUTS]) if i.get("run_id")]
+        else:
+            sources = [tags[TAG_SOURCE_RUN]] if tags.get(TAG_SOURCE_RUN) else []
+        nodes[rid] = {"stage": tags.get(TAG_STAGE), "checkpoint": tags.get(TAG_CHECKPOINT),
+                      "source_checkpoint": tags.get(TAG_SOURCE_CHECKPOINT),
+                      "dataset_digest": tags.get(TAG_DATASET_DIGEST), "config_hash": tags.get(TAG_CONFIG_HASH),
+                      "stage_key": tags.get(TAG_STAGE_KEY), "parent_run_id": tags.get(TAG_PARENT_RUN),
+                      "inputs": sources}
+        edges += [(src, rid) for src in sources]
+        todo += sources
+    return {"root": run_id, "nodes": nodes, "edges": edges}

@@ -1,0 +1,74 @@
+"""Meta-ability DAG recipe: the shipped config resolves to the paper's stage graph and rewards, bad
+configs fail before any work, and the comparison table formats. (The DAG runner and a real tiny DAG
+are tested in test_pipeline.py; the full tiny DAG's measured run is in docs/meta_abilities.md.)"""
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError
+from orchestrator.merge import effective_weights
+from workloads.meta_abilities.recipe import (build_stages, comparison_table, format_table, load, model_stages,
+                                             stage_configs)
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "configs" / "meta_abilities" / "tiny.yaml"
+
+
+def test_shipped_config_builds_the_paper_dag():
+    cfg = load(str(CFG))
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert stages["deduction-L1"].deps == ("warmstart",) and stages["deduction-L2"].deps == ("deduction-L1",)
+    assert set(stages["merge"].deps) == {"deduction-L2", "induction-L2", "abduction-L2"}
+    assert stages["domain-from-merged"].deps == ("merge",) and stages["domain-from-base"].deps == ("warmstart",)
+    assert {f"eval-{m}" for m in model_stages(cfg)} <= set(stages)
+    assert set(model_stages(cfg)) == {"base", "deduction", "induction", "abduction", "merged", "domain-from-base",
+                                      "domain-from-merged"}
+    trains = stage_configs(cfg, check_paths=False)
+    r = trains["abduction-L2"].reward
+    assert (r.correct_reward, r.wrong_reward, r.format_weight) == (2.0, -1.5, 1.0)
+    assert r.format_fn == "workloads.tasks.logic:meta_ability_format_prefilled"
+    assert trains["abduction-L2"].data.difficulties == [2] and trains["abduction-L2"].data.task == "abduction"
+    d = trains["domain-from-merged"].reward
+    assert (d.correct_reward, d.wrong_reward, d.format_weight) == (1.0, 0.0, 0.0)
+    assert trains["domain-from-merged"].data.task == "addition"
+    assert effective_weights([cfg.merge.weights[a] for a in cfg.abilities], cfg.merge.normalize) == \
+        pytest.approx([0.769, 0.154, 0.077], abs=1e-3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["abilities=[deduction,telepathy]"], "telepathy"),
+    (["levels=[1,6]"], "levels"),
+    (["merge.weights={deduction: 0.0, induction: 0.0, abduction: 0.0}"], "sum to 0"),
+    (["max_concurrency=0"], "max_concurrency"),
+    (["ability=[budget.solution=0]"], "budget.solution=0"),
+    (["nonsense=1"], "nonsense"),
+])
+def test_bad_configs_fail_before_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        build_stages(load(str(CFG), overrides))
+
+
+def test_fewer_abilities_ignore_other_weights():
+    cfg = load(str(CFG), ["abilities=[deduction,induction]"])
+    assert {s.name for s in build_stages(cfg) if s.name.startswith("eval-")} == {
+        "eval-base", "eval-deduction", "eval-induction", "eval-merged", "eval-domain-from-base",
+        "eval-domain-from-merged"}
+
+
+def test_changing_one_stage_changes_only_its_key_and_downstream():
+    from orchestrator.pipeline import stage_key
+
+    a = {s.name: s for s in build_stages(load(str(CFG)))}
+    b = {s.name: s for s in build_stages(load(str(CFG), ["merge.weights={deduction: 1.0, induction: 0.5, "
+                                                         "abduction: 0.1}"]))}
+    assert a["deduction-L2"].config == b["deduction-L2"].config
+    assert a["merge"].config != b["merge"].config
+    assert stage_key(a["warmstart"], {}) == stage_key(b["warmstart"], {})
+
+
+def test_comparison_table_format():
+    rows = {"base": [{"task": "deduction", "level": 1, "accuracy": 0.25}],
+            "merged": [{"task": "deduction", "level": 1, "accuracy": 0.5}]}
+    text = format_table(comparison_table(rows))
+    assert "| model | deduction L1 |" in text and "| merged | 0.500 |" in text
