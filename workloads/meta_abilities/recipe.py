@@ -25,7 +25,7 @@ import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import tracking
-from orchestrator.config import Budget, Config, ConfigError, load_config, merge_structured, to_dict, validate
+from orchestrator.config import Budget, Config, ConfigError, load_config, merge_structured, resolve_base_config, to_dict, validate
 from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 ABILITIES = ("deduction", "induction", "abduction")
@@ -88,15 +88,7 @@ class MetaConfig:
 
 def load(path: str, overrides: list[str] = ()) -> MetaConfig:
     cfg = merge_structured(MetaConfig, path, overrides)
-    base = Path(cfg.base)
-    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
-        for root in Path(path).resolve().parents:
-            if (root / base).is_file():
-                base = root / base
-                break
-    if not base.is_file():
-        raise ConfigError(f"base={cfg.base!r}: no such training config")
-    cfg.base = str(base)
+    cfg.base = resolve_base_config(cfg.base, path)
     check(cfg)
     return cfg
 
