@@ -16,7 +16,8 @@ its own ``frontier/hypervolume`` against. (Only an objective with no natural bou
 
     .venv/bin/python benchmarks/sweep_search.py                      # 8 trials x 32 steps, 2 at a time, 1 repeat
     .venv/bin/python benchmarks/sweep_search.py --quick              # smoke run: 2 trials x 2 steps, short warm start
-    .venv/bin/python benchmarks/sweep_search.py --repeats 3 --out /tmp/sweep-bench n_startup_trials=2
+    .venv/bin/python benchmarks/sweep_search.py --repeats 3 --out /tmp/sweep-bench --n-startup-trials 2
+    .venv/bin/python benchmarks/sweep_search.py --report /tmp/sweep-bench/bench-TIME   # table of an earlier run
 
 Extra ``key=value`` arguments are sweep overrides applied to both searchers (``base.KEY=value`` for the
 base training config). Prints one line per finished trial, a table (searcher, trials, trial-steps, front
@@ -86,7 +87,8 @@ def summarize(rows: list[dict]) -> dict:
     """Mean / spread of each searcher's hypervolume and the optuna/random ratio over repeats.
 
     ``ratio_of_means`` is mean HV(optuna) / mean HV(random); ``ratios`` are the per-repeat ratios
-    (inf where only random's hypervolume is 0, nan where both are).
+    (inf where only random's hypervolume is 0, nan where both are); ``ratio_of_means`` is None when a
+    searcher has no sweep.
     """
     by: dict[str, dict[int, float]] = {}
     for r in rows:
@@ -99,7 +101,7 @@ def summarize(rows: list[dict]) -> dict:
     a, b = by.get("optuna", {}), by.get("random", {})
     ratios = [_ratio(a[k], b[k]) for k in sorted(set(a) & set(b))]
     out["ratios"] = ratios
-    out["ratio_of_means"] = _ratio(out["optuna"]["mean"], out["random"]["mean"]) if a and b else math.nan
+    out["ratio_of_means"] = _ratio(out["optuna"]["mean"], out["random"]["mean"]) if a and b else None
     return out
 
 
@@ -197,7 +199,8 @@ def run_one(args, run_dir: Path, label: str, repeat: int, log_file) -> dict:
     finally:
         progress.stop()
     wall = time.time() - t0
-    return {"searcher": label, "repeat": repeat, "plan": plan, "result": result, "wall_s": wall}
+    return {"searcher": label, "repeat": repeat, "plan": plan, "trials": result.trials, "wall_s": wall,
+            "finished": result.finished}
 
 
 def prepare(args, run_dir: Path, log_file):
@@ -213,10 +216,12 @@ def prepare(args, run_dir: Path, log_file):
     t0 = time.time()
     start, metrics = prepare_start_checkpoint(plan.base, log=lambda m: print(m, flush=True))
     print(f"warm start: {start} ({time.time() - t0:.0f} s{', cached' if metrics.get('reused') else ''})", flush=True)
-    return plan, started
+    return started
 
 
-def _fmt_ratio(x: float) -> str:
+def _fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "n/a (one searcher has no sweep yet)"
     if math.isinf(x):
         return "inf (random's hypervolume is 0)"
     return "n/a (both hypervolumes are 0)" if math.isnan(x) else f"{x:.2f}x"
@@ -240,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "(default: a new temporary directory)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 2 trials x 2 steps, 20-step warm start, 16 eval prompts")
+    ap.add_argument("--report", metavar="RUN_DIR",
+                    help="run nothing: recompute the table of an earlier run (OUT/bench-TIME) from its studies")
     ap.add_argument("overrides", nargs="*", help="key=value sweep overrides for both searchers (base.KEY=value)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -263,6 +270,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "experiment", "base.trainer.output_dir", "base.model.path", "base.trainer.steps"}
         if key in owned:
             ap.error(f"override {item!r}: {key} is set by this benchmark (use its options instead)")
+    if args.report:
+        if not (Path(args.report) / ARGS_FILE).is_file():
+            ap.error(f"--report={args.report!r}: no {ARGS_FILE} there (give a run directory OUT/bench-TIME)")
+        return args
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="budgetrl-sweep-search-")
     out = Path(args.out).resolve()
@@ -274,11 +285,105 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rows_from_studies(args, run_dir: Path) -> list[dict]:
+    """The sweeps of an earlier (finished or still running) benchmark run, read back from its studies."""
+    from orchestrator.sweep import ATTR_INVOCATIONS, load_sweep, open_study, trials_table
+
+    rows = []
+    for r in range(args.repeats):
+        for label in SEARCHERS:
+            plan = load_sweep(args.config, sweep_overrides(args, run_dir, label, r))
+            study = open_study(plan, create=False)
+            if study is None:
+                continue
+            invocations = study.user_attrs.get(ATTR_INVOCATIONS) or [{}]
+            inv = invocations[-1]
+            wall = math.nan
+            if inv.get("ended"):
+                wall = (dt.datetime.fromisoformat(inv["ended"]) - dt.datetime.fromisoformat(inv["started"])).total_seconds()
+            rows.append({"searcher": label, "repeat": r, "plan": plan, "trials": trials_table(study, plan),
+                         "wall_s": wall, "finished": inv.get("status") == "finished"})
+    return rows
+
+
+def report(args, run_dir: Path, rows: list[dict], t_start: float | None) -> int:
+    """Hypervolumes against the common reference, the table, results.json; the ratio printed last."""
+    if not rows:
+        print(f"no sweeps found in {run_dir}", file=sys.stderr)
+        return 1
+    plan = rows[0]["plan"]
+    maximize = [o.name for o in plan.objectives if o.mode == "max"]
+    minimize = [o.name for o in plan.objectives if o.mode == "min"]
+    ref = common_reference(plan, [row["trials"] for row in rows])
+    table = []
+    for row in rows:
+        trials = row["trials"]
+        complete = int((trials["state"] == "COMPLETE").sum()) if not trials.empty else 0
+        size, hv = front_hypervolume(trials, maximize, minimize, ref)
+        row.update(hypervolume=hv, front_size=size, complete=complete)
+        table.append({"searcher": row["searcher"], "repeat": row["repeat"], "seed": row["plan"].sweep.seed,
+                      "trials": f"{complete}/{args.trials}", "trial-steps": complete * args.steps,
+                      "front size": size, "hypervolume": round(hv, 4), "wall s": round(row["wall_s"], 1)})
+    stats = summarize(rows)
+    frames = [row["trials"].assign(searcher=row["searcher"], repeat=row["repeat"])
+              for row in rows if not row["trials"].empty]
+    if frames:
+        pd.concat(frames, ignore_index=True).to_parquet(run_dir / "trials.parquet", index=False)
+    finished = all(row["finished"] for row in rows) and len(rows) == len(SEARCHERS) * args.repeats
+    summary = {"command": sys.argv, "trials": args.trials, "steps": args.steps, "concurrency": args.concurrency,
+               "repeats": args.repeats, "n_startup_trials": plan.sweep.n_startup_trials if
+               args.n_startup_trials is None else args.n_startup_trials, "reference": ref,
+               "objectives": [o.name for o in plan.objectives], "rows": table, "stats": stats,
+               "total_wall_s": None if t_start is None else time.time() - t_start, "finished": finished}
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+
+    print(f"\nhypervolume of each final Pareto front ({', '.join(f'max {m}' for m in maximize)}, "
+          f"{', '.join(f'min {m}' for m in minimize)}); common reference {ref}")
+    print(pd.DataFrame(table).to_string(index=False))
+    if args.repeats > 1:
+        for name in SEARCHERS:
+            if name not in stats:
+                continue
+            s = stats[name]
+            print(f"{name}: hypervolume mean {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f}, "
+                  f"{s['n']} repeats)")
+        finite = [x for x in stats["ratios"] if math.isfinite(x)]
+        print("per-repeat ratios optuna/random: " + ", ".join(_fmt_ratio(x) for x in stats["ratios"])
+              + (f" (mean {np.mean(finite):.2f}, std {np.std(finite, ddof=1) if len(finite) > 1 else 0.0:.2f})"
+                 if finite else ""))
+    total = "" if t_start is None else f"total wall time {time.time() - t_start:.0f} s; "
+    print(f"{total}results in {run_dir / 'results.json'}")
+    if not finished:
+        print("WARNING: not every sweep finished all its trials (see the driver log); the figures are partial",
+              file=sys.stderr)
+    what = "mean hypervolume" if args.repeats > 1 else "hypervolume"
+    print(f"ratio optuna/random ({what}, {args.trials} trials x {args.steps} steps each): "
+          f"{_fmt_ratio(stats.get('ratio_of_means'))}", flush=True)
+    return 0 if finished else 1
+
+
+ARGS_FILE = "args.json"
+ARG_KEYS = ("config", "trials", "steps", "concurrency", "repeats", "seed", "n_startup_trials", "out", "quick",
+            "overrides")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        run_dir = Path(args.report).resolve()
+        saved = json.loads((run_dir / ARGS_FILE).read_text())
+        for k in ARG_KEYS:
+            setattr(args, k, saved[k])
+        try:
+            return report(args, run_dir, rows_from_studies(args, run_dir), None)
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
     out = Path(args.out).resolve()
+    args.out = str(out)
     run_dir = out / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
     run_dir.mkdir(parents=True, exist_ok=False)
+    (run_dir / ARGS_FILE).write_text(json.dumps({k: getattr(args, k) for k in ARG_KEYS}, indent=1))
     log_path = run_dir / "sweeps.log"
     print(f"sweep search benchmark: {args.trials} trials x {args.steps} steps x {args.repeats} repeat(s), "
           f"{args.concurrency} at a time; out {run_dir} (driver log {log_path.name})", flush=True)
@@ -287,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     started_ray = False
     with open(log_path, "a") as log_file:
         try:
-            plan, started_ray = prepare(args, run_dir, log_file)
+            started_ray = prepare(args, run_dir, log_file)
             for r in range(args.repeats):
                 order = list(SEARCHERS) if r % 2 == 0 else list(reversed(SEARCHERS))  # alternate who goes first
                 for label in order:
@@ -300,48 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 import ray
 
                 ray.shutdown()
-
-    maximize = [o.name for o in plan.objectives if o.mode == "max"]
-    minimize = [o.name for o in plan.objectives if o.mode == "min"]
-    ref = common_reference(plan, [row["result"].trials for row in rows])
-    table = []
-    for row in rows:
-        trials = row["result"].trials
-        complete = int((trials["state"] == "COMPLETE").sum()) if not trials.empty else 0
-        size, hv = front_hypervolume(trials, maximize, minimize, ref)
-        row.update(hypervolume=hv, front_size=size, complete=complete)
-        table.append({"searcher": row["searcher"], "repeat": row["repeat"], "seed": row["plan"].sweep.seed,
-                      "trials": f"{complete}/{args.trials}", "trial-steps": complete * args.steps,
-                      "front size": size, "hypervolume": round(hv, 4), "wall s": round(row["wall_s"], 1)})
-    stats = summarize(rows)
-    all_trials = pd.concat([row["result"].trials.assign(searcher=row["searcher"], repeat=row["repeat"])
-                            for row in rows if not row["result"].trials.empty], ignore_index=True)
-    all_trials.to_parquet(run_dir / "trials.parquet", index=False)
-    finished = all(row["result"].finished for row in rows)
-    summary = {"command": sys.argv, "trials": args.trials, "steps": args.steps, "concurrency": args.concurrency,
-               "repeats": args.repeats, "reference": ref, "objectives": [o.name for o in plan.objectives],
-               "rows": table, "stats": stats, "total_wall_s": time.time() - t_start, "finished": finished}
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-
-    print(f"\nhypervolume of each final Pareto front ({', '.join(f'max {m}' for m in maximize)}, "
-          f"{', '.join(f'min {m}' for m in minimize)}); common reference {ref}")
-    print(pd.DataFrame(table).to_string(index=False))
-    if args.repeats > 1:
-        for name in SEARCHERS:
-            s = stats[name]
-            print(f"{name}: hypervolume mean {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f}, "
-                  f"{s['n']} repeats)")
-        finite = [x for x in stats["ratios"] if math.isfinite(x)]
-        print("per-repeat ratios optuna/random: " + ", ".join(_fmt_ratio(x) for x in stats["ratios"])
-              + (f" (mean {np.mean(finite):.2f}, std {np.std(finite, ddof=1) if len(finite) > 1 else 0.0:.2f})"
-                 if finite else ""))
-    print(f"total wall time {time.time() - t_start:.0f} s; results in {run_dir / 'results.json'}")
-    if not finished:
-        print("WARNING: a sweep did not finish all its trials (see the driver log)", file=sys.stderr)
-    what = "mean hypervolume" if args.repeats > 1 else "hypervolume"
-    print(f"ratio optuna/random ({what}, {args.trials} trials x {args.steps} steps each): "
-          f"{_fmt_ratio(stats['ratio_of_means'])}", flush=True)
-    return 0 if finished else 1
+    return report(args, run_dir, rows, t_start)
 
 
 if __name__ == "__main__":
