@@ -176,7 +176,7 @@ def sweep_overrides(args, run_dir: Path, label: str, repeat: int) -> list[str]:
 
 
 def run_one(args, run_dir: Path, label: str, repeat: int, log_file) -> dict:
-    from orchestrator.sweep import load_sweep, run_sweep
+    from orchestrator.sweep import load_sweep, open_storage, run_sweep
 
     plan = load_sweep(args.config, sweep_overrides(args, run_dir, label, repeat))
     tag = f"{label} r{repeat}"
@@ -187,6 +187,9 @@ def run_one(args, run_dir: Path, label: str, repeat: int, log_file) -> dict:
         if text.startswith("sweep: trial ") and ":" in text[len("sweep: trial "):]:
             print(f"[{tag}] started {text[len('sweep: '):]}", flush=True)
 
+    # Create the (empty) study schema before the progress poller can touch the file: two processes
+    # creating Optuna's tables at once fail with "table studies already exists".
+    open_storage(plan.storage)
     progress = TrialProgress(plan.storage, plan.study_name, tag, args.trials, plan.objectives)
     print(f"[{tag}] sweep {plan.study_name}: {args.trials} trials x {args.steps} steps, "
           f"{args.concurrency} at a time, sampler {plan.sweep.sampler} (seed {plan.sweep.seed}"
