@@ -360,8 +360,11 @@ def report(args, run_dir: Path, rows: list[dict], t_start: float | None) -> int:
         print("WARNING: not every sweep finished all its trials (see the driver log); the figures are partial",
               file=sys.stderr)
     what = "mean hypervolume" if args.repeats > 1 else "hypervolume"
-    print(f"ratio optuna/random ({what}, {args.trials} trials x {args.steps} steps each): "
-          f"{_fmt_ratio(stats.get('ratio_of_means'))}", flush=True)
+    ratio = _fmt_ratio(stats.get("ratio_of_means"))
+    if not finished:  # unequal trial-steps: say so on the line people read
+        done = ", ".join(f"{row['searcher']} r{row['repeat']} {row['complete']}/{args.trials}" for row in rows)
+        ratio = f"PARTIAL, not at equal trial-steps ({done} complete trials): {ratio}"
+    print(f"ratio optuna/random ({what}, {args.trials} trials x {args.steps} steps each): {ratio}", flush=True)
     return 0 if finished else 1
 
 
