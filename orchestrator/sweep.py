@@ -583,7 +583,13 @@ def open_storage(url: str):
     if url.startswith("sqlite"):
         # Trials tell the study from their own processes; wait for the SQLite lock instead of failing.
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as exc:  # two processes creating the schema at once: one loses the race
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _quiet_optuna() -> None:
