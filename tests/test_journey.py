@@ -140,8 +140,8 @@ def test_policy_proposer_on_the_tiny_model(tiny_model):
         assert replay(ADDITION, "58+67=", j.reasoning).all_ok and j.answer == "125"
 
 
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, tmp_path, num_workers):
+def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, tmp_path):
+    """2 data-parallel workers (the recipe's 1-worker default runs in the end-to-end test)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,8 +150,8 @@ def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, 
     examples = [(f"<s>{a}+{b}=<think>", f"{a + b}</think>{a + b}</s>") for a in range(8) for b in range(8)]
     out = tmp_path / "ckpt"
     m = sft_train_ray(tiny_model, out, examples, steps=25, batch_size=16, lr=3e-3, warmup_steps=2, log_every=5,
-                      num_workers=num_workers, num_threads=1, storage_path=tmp_path / "rt")
-    assert m["num_workers"] == num_workers and m["steps"] == 25
+                      num_workers=2, num_threads=1, storage_path=tmp_path / "rt")
+    assert m["num_workers"] == 2 and m["steps"] == 25
     assert m["loss"] < 0.7 * m["initial_loss"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
@@ -189,7 +189,8 @@ def test_tiny_recipe_end_to_end(ray_session, tmp_path):
     base = [f"model.path={tmp_path / 'tiny'}", "warmstart.steps=2", "warmstart.train_size=64",
             "warmstart.batch_size=16", f"trainer.output_dir={tmp_path / 'out'}", "eval.num_prompts=6",
             "data.eval_size=6", "data.train_size=32", "eval.budgets=[8x4,unconstrained]", "eval.max_thinking=24",
-            "warmstart.num_threads=1", f"tracking.tracking_uri={uri}", "tracking.experiment=journey-test"]
+            "warmstart.num_threads=1", f"tracking.tracking_uri={uri}", "tracking.experiment=journey-test",
+            "rollout.engine=hf"]  # the HF engine starts faster than vLLM; the real run uses vLLM
     base += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     cfg = load(str(ROOT / "configs" / "journey" / "tiny.yaml"),
                ["data.n=8", "sft.steps=3", "sft.batch_size=4", "sft.num_threads=1", "sft.log_every=1",
@@ -210,6 +211,7 @@ def test_tiny_recipe_end_to_end(ray_session, tmp_path):
         assert (Path(out["checkpoints"][kind]) / "model.safetensors").is_file()
     assert stages["sft_shortcut"].data.params["steps"] == stages["sft_journey"].data.params["steps"] == "3"
     assert "sft/loss" in stages["sft_journey"].data.metrics
+    assert stages["sft_journey"].data.metrics["sft/final_num_workers"] == 1
     arts = {a.path for a in client.list_artifacts(out["parent_run_id"], "journey")}
     assert {"journey/comparison.parquet", "journey/comparison.png", "journey/comparison.md",
             "journey/trajectory_lengths.parquet"} <= arts
