@@ -91,6 +91,9 @@ def sft_train_ray(
     from ray.train.torch import TorchTrainer
 
     examples = [(str(p), str(t)) for p, t in examples]
+    # Ray Train workers run in their own working directory: a relative local path must not reach them.
+    if Path(model_dir).exists():
+        model_dir = Path(model_dir).resolve()
     _validate(examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every, num_threads)
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
@@ -98,7 +101,7 @@ def sft_train_ray(
         raise ValueError(f"batch_size={batch_size} must be at least num_workers={num_workers}")
     sft = dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, schedule=schedule,
                weight_decay=weight_decay, seed=seed, dtype=dtype, log_every=log_every)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     storage = Path(storage_path) if storage_path else out.parent / "ray_train"
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
