@@ -140,8 +140,9 @@ def test_policy_proposer_on_the_tiny_model(tiny_model):
         assert replay(ADDITION, "58+67=", j.reasoning).all_ok and j.answer == "125"
 
 
-def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, tmp_path):
-    """2 data-parallel workers (the recipe's 1-worker default runs in the end-to-end test)."""
+def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, tmp_path, monkeypatch):
+    """2 data-parallel workers (the recipe's 1-worker default runs in the end-to-end test), from a model
+    path relative to the driver's cwd (Ray Train workers run elsewhere)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +150,8 @@ def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, 
 
     examples = [(f"<s>{a}+{b}=<think>", f"{a + b}</think>{a + b}</s>") for a in range(8) for b in range(8)]
     out = tmp_path / "ckpt"
-    m = sft_train_ray(tiny_model, out, examples, steps=25, batch_size=16, lr=3e-3, warmup_steps=2, log_every=5,
+    monkeypatch.chdir(Path(tiny_model).parent)
+    m = sft_train_ray(Path(tiny_model).name, out, examples, steps=25, batch_size=16, lr=3e-3, warmup_steps=2, log_every=5,
                       num_workers=2, num_threads=1, storage_path=tmp_path / "rt")
     assert m["num_workers"] == 2 and m["steps"] == 25
     assert m["loss"] < 0.7 * m["initial_loss"]
