@@ -106,6 +106,126 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         buf = buf[batch_size:]
 
 
+def _check_data(data, world_size: int) -> None:
+    if world_size > 1 and len(data) < world_size:
+        raise ValueError(f"{len(data)} examples cannot be split over {world_size} workers")
+
+
+def sft_loop(
+    model,
+    tokenizer,
+    examples: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    warmup_steps: int = 20,
+    schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    dtype: str = "float32",
+    log_every: int = 20,
+    progress: bool = True,
+    on_log: Callable[[int, dict], None] | None = None,
+    device: str = "cpu",
+    forward=None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """The SFT optimisation loop on an already loaded ``model`` (shared by ``sft_train`` and Ray Train).
+
+    Every rank draws the same global batch of ``batch_size`` examples and takes its ``rank::world_size``
+    share; ``forward`` is the module to call (a DDP wrapper of ``model`` under data parallelism), so
+    gradients average over ranks. Metrics are this rank's (the loss of its share of each batch).
+    """
+    examples = list(examples)
+    forward = forward if forward is not None else model
+    model.train()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = _tokenize(tokenizer, examples, getattr(model.config, "max_position_embeddings", None))
+    _check_data(data, world_size)
+    if batch_size < world_size:
+        raise ValueError(f"batch_size={batch_size} is smaller than the number of workers ({world_size})")
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
+    )
+    batches = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "float32")
+
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    total_tokens = window_tokens = 0
+    window_losses: list[float] = []
+    window_start = start
+    initial_loss = None
+    metrics: dict = {}
+    bar = tqdm(range(1, steps + 1), desc="sft", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx, epoch = next(batches)
+        idx = idx[rank::world_size]
+        input_ids, attention, labels = (t.to(device) for t in _collate([data[i] for i in idx], pad_id))
+        with autocast:
+            loss = forward(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step_lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+
+        value = loss.item()
+        initial_loss = value if initial_loss is None else initial_loss
+        n_tokens = int(attention.sum())
+        total_tokens += n_tokens
+        window_tokens += n_tokens
+        window_losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if step % log_every == 0 or step == steps:
+            now = time.perf_counter()
+            metrics = {
+                "loss": sum(window_losses) / len(window_losses),
+                "lr": step_lr,
+                "grad_norm": float(grad_norm),
+                "epoch": epoch,
+                "seconds": now - start,
+                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+            }
+            if on_log is not None:
+                on_log(step, dict(metrics))
+            window_losses, window_tokens, window_start = [], 0, now
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "loss": metrics["loss"],
+        "initial_loss": initial_loss,
+        "steps": steps,
+        "seconds": seconds,
+        "tokens_per_s": total_tokens / max(seconds, 1e-9),
+        "epochs": epoch,
+        "examples": len(data),
+    }
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, args: dict, result: dict) -> Path:
+    """``save_pretrained`` (safetensors) plus tokenizer and the run's args/metrics in ``METRICS_FILE``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / METRICS_FILE).write_text(json.dumps({"args": args, "metrics": result}, indent=1))
+    return out
+
+
 def sft_train(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -133,7 +253,6 @@ def sft_train(
     metrics: ``loss`` (mean over the last logging window), ``initial_loss``, ``steps``, ``seconds``,
     ``tokens_per_s`` (non-padding tokens processed per second), ``epochs``.
     """
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     examples = list(examples)
@@ -148,81 +267,9 @@ def sft_train(
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-        model.train()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        data = _tokenize(tokenizer, examples, getattr(model.config, "max_position_embeddings", None))
-
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr,
-            betas=(0.9, 0.95),
-            foreach=True,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
-        )
-        batches = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
-        autocast = torch.autocast(
-            device_type=device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "float32"
-        )
-
-        start = time.perf_counter()
-        total_tokens = window_tokens = 0
-        window_losses: list[float] = []
-        window_start = start
-        initial_loss = None
-        metrics: dict = {}
-        bar = tqdm(range(1, steps + 1), desc="sft", disable=not progress, dynamic_ncols=True)
-        for step in bar:
-            idx, epoch = next(batches)
-            input_ids, attention, labels = (t.to(device) for t in _collate([data[i] for i in idx], pad_id))
-            with autocast:
-                loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            step_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-
-            value = loss.item()
-            initial_loss = value if initial_loss is None else initial_loss
-            n_tokens = int(attention.sum())
-            total_tokens += n_tokens
-            window_tokens += n_tokens
-            window_losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            if step % log_every == 0 or step == steps:
-                now = time.perf_counter()
-                metrics = {
-                    "loss": sum(window_losses) / len(window_losses),
-                    "lr": step_lr,
-                    "grad_norm": float(grad_norm),
-                    "epoch": epoch,
-                    "seconds": now - start,
-                    "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                }
-                if on_log is not None:
-                    on_log(step, dict(metrics))
-                window_losses, window_tokens, window_start = [], 0, now
-        bar.close()
-        seconds = time.perf_counter() - start
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        result = {
-            "loss": metrics["loss"],
-            "initial_loss": initial_loss,
-            "steps": steps,
-            "seconds": seconds,
-            "tokens_per_s": total_tokens / max(seconds, 1e-9),
-            "epochs": epoch,
-            "examples": len(data),
-        }
+        result = sft_loop(model, tokenizer, examples, steps=steps, batch_size=batch_size, lr=lr,
+                          warmup_steps=warmup_steps, schedule=schedule, weight_decay=weight_decay, seed=seed,
+                          dtype=dtype, log_every=log_every, progress=progress, on_log=on_log, device=device)
         args = {
             "source": str(model_dir),
             "steps": steps,
@@ -234,7 +281,7 @@ def sft_train(
             "seed": seed,
             "dtype": dtype,
         }
-        (out / METRICS_FILE).write_text(json.dumps({"args": args, "metrics": result}, indent=1))
+        save_checkpoint(model, tokenizer, out_dir, args, result)
         return result
     finally:
         if num_threads is not None:

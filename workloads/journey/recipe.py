@@ -1,0 +1,294 @@
+"""Journey-learning recipe: base -> tree data -> shortcut-SFT vs journey-SFT (Ray Train) -> evaluation.
+
+One parent MLflow run, one child per stage:
+
+- ``base``: the start checkpoint, the base training config's model warm-started on a little addition
+  (``orchestrator.warmstart``; the warm start is reused when its inputs are unchanged);
+- ``data``: step-level search trees -> N shortcut/journey pairs (``data.py``), Parquet artifact;
+- ``sft_shortcut`` and ``sft_journey``: SFT on Ray Train (``TorchTrainer``) from the same base with the same
+  N, steps, batch size and lr, on the N shortcuts vs the N matching journeys;
+- ``eval``: base, shortcut-SFT and journey-SFT on the held-out eval split over the base config's budget
+  grid (vLLM rollout workers; one engine, weights swapped in place between models); the answer after
+  ``</think>`` is graded by the task's verifier.
+
+The parent gets the comparison table (Parquet + markdown + plot) and the mean trajectory lengths.
+DPO (the paper's optional stage) is not implemented.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from orchestrator import frontier, tracking
+from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+
+from .data import DataGenConfig, generate_pairs, length_summary, policy_proposer, validate, write
+
+MODELS = ("base", "shortcut", "journey")
+
+
+@dataclass
+class SFTStageConfig:
+    epochs: float = 3.0  # the paper's 3 epochs over the N examples; steps = ceil(epochs * N / batch_size)
+    steps: int = 0  # > 0: this many optimizer steps instead of epochs
+    batch_size: int = 32
+    lr: float = 5.0e-4
+    warmup_steps: int = 5
+    schedule: str = "cosine"
+    num_workers: int = 1  # Ray Train workers (data parallel)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    num_threads: int = 2  # torch threads per worker on CPU (0: Ray's default)
+    log_every: int = 10
+
+
+@dataclass
+class JourneyConfig:
+    base: str = "configs/quickstart.yaml"  # training config: model, warm start, rollout, eval grid
+    overrides: list[str] = field(default_factory=list)  # applied to the base config
+    data: DataGenConfig = field(default_factory=DataGenConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    name: str = "journey"
+
+
+def load(path: str, overrides: list[str] = ()) -> JourneyConfig:
+    cfg = merge_structured(JourneyConfig, path, overrides)
+    base = Path(cfg.base)
+    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
+        for root in Path(path).resolve().parents:
+            if (root / base).is_file():
+                base = root / base
+                break
+    if not base.is_file():
+        raise ConfigError(f"base={cfg.base!r}: no such training config")
+    cfg.base = str(base)
+    return cfg
+
+
+def train_config(cfg: JourneyConfig):
+    """The base training config with the recipe's overrides, validated, plus checks of the recipe keys."""
+    tcfg = load_config(cfg.base, list(cfg.overrides) + [f"trainer.run_name={cfg.name}"])
+    try:
+        validate(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    s = cfg.sft
+    if not (s.epochs > 0 or s.steps > 0):
+        raise ConfigError(f"sft.epochs={s.epochs} and sft.steps={s.steps}: one must be positive")
+    if s.num_workers < 1 or s.batch_size < s.num_workers:
+        raise ConfigError(f"sft.num_workers={s.num_workers}, sft.batch_size={s.batch_size}: need 1 <= workers <= batch")
+    if tcfg.data.task != cfg.data.task:
+        raise ConfigError(f"data.task={cfg.data.task!r} differs from the base config's data.task={tcfg.data.task!r}")
+    return tcfg
+
+
+def sft_steps(cfg: JourneyConfig) -> int:
+    return cfg.sft.steps if cfg.sft.steps > 0 else max(1, math.ceil(cfg.sft.epochs * cfg.data.n / cfg.sft.batch_size))
+
+
+def sft_examples(table: pa.Table, kind: str, tcfg, eos: str) -> list[tuple[str, str]]:
+    from orchestrator.rollout.worker import render_prompt
+
+    rows = table.filter(pa.compute.equal(table["kind"], kind)).select(["prompt", "text"]).to_pylist()
+    return [(render_prompt(tcfg.model.prompt_template, r["prompt"]), r["text"] + eos) for r in rows]
+
+
+def checkpoint_weights(path: str) -> dict:
+    """A checkpoint's tensors for an in-place engine update (the tied output embedding sent explicitly)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(path) / "model.safetensors"))
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state
+
+
+def comparison_table(summaries: dict[str, list[dict]]) -> pa.Table:
+    rows = []
+    for model, summary in summaries.items():
+        for r in summary:
+            rows.append({"model": model, "budget": r["budget_label"], "budget_thinking": r["budget_thinking"],
+                         "budget_solution": r["budget_solution"], "accuracy": r["accuracy"],
+                         "mean_tokens": r["mean_tokens"], "mean_thinking_tokens": r["mean_thinking_tokens"],
+                         "truncation_rate": r["truncation_rate"], "samples": r["samples"]})
+    return pa.Table.from_pylist(rows)
+
+
+def format_table(table: pa.Table, lengths: dict[str, float], n: int) -> str:
+    models = list(dict.fromkeys(table.column("model").to_pylist()))
+    budgets = list(dict.fromkeys(table.column("budget").to_pylist()))
+    cell = {(r["model"], r["budget"]): r for r in table.to_pylist()}
+    lines = ["| budget | " + " | ".join(f"{m}: acc | tokens" for m in models) + " |",
+             "|---|" + "---|---|" * len(models)]
+    for b in budgets:
+        parts = []
+        for m in models:
+            r = cell.get((m, b))
+            parts.append(f"{r['accuracy']:.3f} | {r['mean_tokens']:.1f}" if r else " | ")
+        lines.append(f"| {b} | " + " | ".join(parts) + " |")
+    lines += ["", f"training trajectories (N = {n} each): mean tokens shortcut "
+              f"{lengths.get('shortcut/mean_num_tokens', float('nan')):.1f}, journey "
+              f"{lengths.get('journey/mean_num_tokens', float('nan')):.1f}; mean steps "
+              f"{lengths.get('shortcut/mean_num_steps', float('nan')):.2f} vs "
+              f"{lengths.get('journey/mean_num_steps', float('nan')):.2f}; wrong steps per journey "
+              f"{lengths.get('journey/mean_num_wrong', float('nan')):.2f}"]
+    return "\n".join(lines)
+
+
+def run(cfg: JourneyConfig, log=print) -> dict:
+    """All stages under one parent run; returns the table, lengths, checkpoints and run ids."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.config import eval_budgets
+    from orchestrator.evaluation import evaluate, format_summary
+    from orchestrator.learner.sft_ray import sft_train_ray
+    from orchestrator.resume import fresh_run_dir
+    from orchestrator.rewards import RewardPool
+    from orchestrator.runtime import WorkerGroup, init_ray
+    from orchestrator.trainer import _log_eval, load_prompt_tables, reward_spec
+    from orchestrator.warmstart import prepare_start_checkpoint
+
+    tcfg = train_config(cfg)  # everything validated before MLflow or Ray start
+    t_start = time.time()
+    _, out_dir = fresh_run_dir(tcfg, "journey", log=log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(tcfg.tracking.tracking_uri)
+    recipe_params = {"base": cfg.base, "overrides": " ".join(cfg.overrides),
+                     **{f"data.{k}": v for k, v in vars(cfg.data).items()},
+                     **{f"sft.{k}": v for k, v in vars(cfg.sft).items()}, "sft.resolved_steps": sft_steps(cfg)}
+    parent = tracking.Tracker.start(uri, tcfg.tracking.experiment, run_name=cfg.name, params=recipe_params,
+                                    tags=tracking.lineage_tags(to_dict(tcfg), workload="journey", stage="pipeline"))
+    seconds: dict[str, float] = {}
+    runs: dict[str, str] = {}
+
+    def stage(name: str, **tags):
+        child = parent.child(name, tags={tracking.TAG_STAGE: name, **{k: str(v) for k, v in tags.items()}})
+        runs[name] = child.run_id
+        return child
+
+    with parent:
+        init_ray(tcfg)
+        # (a) base
+        t0 = time.time()
+        with stage("base", **{tracking.TAG_SOURCE_CHECKPOINT: tcfg.model.path}) as child:
+            base, ws = prepare_start_checkpoint(tcfg, log=log)
+            child.log_params({"checkpoint": base, "warmstart.steps": tcfg.warmstart.steps})
+            if ws:
+                child.log_metrics({f"warmstart/{k}": v for k, v in ws.items()}, step=0)
+        seconds["base"] = time.time() - t0
+        tok = AutoTokenizer.from_pretrained(base)
+
+        # (b) data
+        t0 = time.time()
+        with stage("data", **{tracking.TAG_SOURCE_CHECKPOINT: base}) as child:
+            proposer = (policy_proposer(cfg.data, base, tcfg.model.prompt_template, tcfg.model.max_model_len)
+                        if cfg.data.proposer == "policy" else None)
+            pairs = generate_pairs(cfg.data, tokenizer=tok, proposer=proposer, think_end=tcfg.model.think_end)
+            path = write(pairs, out_dir / "data" / "pairs.parquet")
+            digest = tracking.dataset_digest(pairs)
+            lengths = length_summary(pairs)
+            child.set_tags({tracking.TAG_DATASET_DIGEST: digest})
+            child.log_metrics(lengths, step=0)
+            child.log_artifact(path, "data")
+            log(f"journey: {cfg.data.n} pairs -> {path} (digest {digest}); " +
+                ", ".join(f"{k} {v:.2f}" for k, v in lengths.items()))
+        seconds["data"] = time.time() - t0
+
+        # (c) shortcut-SFT and journey-SFT: same base, N, steps, batch, lr
+        steps = sft_steps(cfg)
+        ckpts = {"base": base}
+        for kind in ("shortcut", "journey"):
+            t0 = time.time()
+            examples = sft_examples(pairs, kind, tcfg, tok.eos_token)
+            subset = pairs.filter(pa.compute.equal(pairs["kind"], kind))
+            with stage(f"sft_{kind}", **{tracking.TAG_SOURCE_CHECKPOINT: base,
+                                         tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(subset)}) as child:
+                s = cfg.sft
+                child.log_params({"kind": kind, "examples": len(examples), "steps": steps, "batch_size": s.batch_size,
+                                  "lr": s.lr, "num_workers": s.num_workers, "source_checkpoint": base})
+                log(f"journey: SFT on {len(examples)} {kind}s for {steps} steps (Ray Train, {s.num_workers} worker(s))")
+                ckpt = str(out_dir / "checkpoints" / f"sft_{kind}")
+                metrics = sft_train_ray(base, ckpt, examples, steps=steps, batch_size=s.batch_size, lr=s.lr,
+                                        warmup_steps=s.warmup_steps, schedule=s.schedule, seed=tcfg.trainer.seed,
+                                        log_every=s.log_every, num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                        cpus_per_worker=s.cpus_per_worker, num_threads=s.num_threads or None,
+                                        storage_path=out_dir / "ray_train", name=f"sft_{kind}", tracker=child)
+                child.log_metrics({f"sft/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                                  step=steps)
+                child.set_tags({"budgetrl.checkpoint": ckpt})
+                ckpts[kind] = ckpt
+            seconds[f"sft_{kind}"] = time.time() - t0
+
+        # (d) evaluation: one engine, weights swapped between models
+        t0 = time.time()
+        with stage("eval", **{tracking.TAG_SOURCE_CHECKPOINT: base}) as child:
+            import ray
+
+            _, prompts, verifier = load_prompt_tables(tcfg)
+            child.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
+            group = WorkerGroup(tcfg, base, learner=False)
+            pool_cm = RewardPool(tcfg.reward.num_workers) if tcfg.reward.num_workers > 0 else contextlib.nullcontext()
+            summaries = {}
+            try:
+                with pool_cm as pool:
+                    for version, model in enumerate(MODELS):
+                        if model != "base":
+                            state = checkpoint_weights(ckpts[model])
+                            ray.get([w.update_weights.remote(state, version) for w in group.rollout])
+                        e = tcfg.eval
+                        records, summary, by_diff = evaluate(
+                            group.rollout, prompts, eval_budgets(tcfg), samples_per_prompt=e.samples_per_prompt,
+                            temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(tcfg, verifier),
+                            pool=pool, seed=tcfg.rollout.seed)
+
+                        def prefixed(m: dict, step: int, model=model) -> None:
+                            child.log_metrics({k.replace("eval/", f"eval/{model}/", 1): v for k, v in m.items()}, step)
+
+                        summaries[model] = _log_eval(child, summary, by_diff, records, 0, model, out_dir,
+                                                     log_metrics=prefixed)
+                        log(f"journey: eval of {model}\n" + format_summary(summary))
+            finally:
+                group.shutdown()
+        seconds["eval"] = time.time() - t0
+
+        # (e) the comparison on the parent
+        table = comparison_table(summaries)
+        parent.log_table(table, "journey/comparison.parquet")
+        lengths_table = pa.Table.from_pylist([
+            {"kind": k, "n": int(lengths[f"{k}/n"]), "mean_num_tokens": lengths[f"{k}/mean_num_tokens"],
+             "mean_num_steps": lengths[f"{k}/mean_num_steps"], "mean_num_wrong": lengths[f"{k}/mean_num_wrong"]}
+            for k in ("shortcut", "journey")])
+        parent.log_table(lengths_table, "journey/trajectory_lengths.parquet")
+        import matplotlib.pyplot as plt
+
+        fig = frontier.plot_frontier(table.to_pandas().rename(columns={"budget": "label"}), x="mean_tokens",
+                                     y="accuracy", label="label", group="model",
+                                     title=f"accuracy vs tokens: base, shortcut-SFT, journey-SFT (N={cfg.data.n})")
+        parent.log_figure(fig, "journey/comparison.png")
+        plt.close(fig)
+        text = format_table(table, lengths, cfg.data.n)
+        seconds["total"] = time.time() - t_start
+        parent.log_dict({"markdown": text, "runs": runs, "checkpoints": ckpts, "seconds": seconds},
+                        "journey/comparison.json")
+        md = out_dir / "comparison.md"
+        md.write_text(text + "\n")
+        parent.log_artifact(md, "journey")
+        parent.log_metrics({**{f"{r['model']}/{r['budget']}/accuracy": r["accuracy"] for r in table.to_pylist()},
+                            **{f"lengths/{k}": v for k, v in lengths.items()},
+                            **{f"seconds/{k}": v for k, v in seconds.items()}}, step=0)
+        parent.set_tags({f"budgetrl.stage_run.{k}": v for k, v in runs.items()})
+        log("journey: comparison (greedy unless eval.temperature > 0)\n" + text +
+            "\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+        return {"parent_run_id": parent.run_id, "table": table, "lengths": lengths, "runs": runs,
+                "checkpoints": ckpts, "seconds": seconds, "data_path": path, "output_dir": str(out_dir)}
+
+
+def main(config: str, overrides: list[str]) -> int:
+    run(load(config, overrides))
+    return 0
