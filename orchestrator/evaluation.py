@@ -62,6 +62,18 @@ def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples
     return records.drop_columns(["budget_label"]), summary, by_difficulty
 
 
+def model_comparison(rows_by_model: dict[str, list[dict]]) -> pa.Table:
+    """Summary rows of several models over the same budget grid -> one table with a ``model`` column."""
+    out = []
+    for model, rows in rows_by_model.items():
+        for r in rows:
+            out.append({"model": model, "budget": r["budget_label"], "budget_thinking": r["budget_thinking"],
+                        "budget_solution": r["budget_solution"], "accuracy": r["accuracy"],
+                        "mean_tokens": r["mean_tokens"], "mean_thinking_tokens": r["mean_thinking_tokens"],
+                        "truncation_rate": r["truncation_rate"], "samples": r["samples"]})
+    return pa.Table.from_pylist(out)
+
+
 def format_summary(summary: pa.Table) -> str:
     """A plain text table for the terminal."""
     cols = ["budget_label", "accuracy", "mean_thinking_tokens", "mean_solution_tokens", "mean_tokens",

@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
+from orchestrator.evaluation import model_comparison as comparison_table
 
 
 @dataclass
@@ -52,17 +53,6 @@ def _stage_configs(cfg: ElasticConfig, check_paths: bool = True):
             raise ConfigError(f"baseline budget.thinking={u.budget.thinking} must exceed the budgeted run's "
                               f"{b.budget.thinking}")
     return stages
-
-
-def comparison_table(rows_by_model: dict[str, list[dict]]) -> pa.Table:
-    out = []
-    for model, rows in rows_by_model.items():
-        for r in rows:
-            out.append({"model": model, "budget": r["budget_label"], "budget_thinking": r["budget_thinking"],
-                        "budget_solution": r["budget_solution"], "accuracy": r["accuracy"],
-                        "mean_tokens": r["mean_tokens"], "mean_thinking_tokens": r["mean_thinking_tokens"],
-                        "truncation_rate": r["truncation_rate"], "samples": r["samples"]})
-    return pa.Table.from_pylist(out)
 
 
 def format_table(table: pa.Table) -> str:

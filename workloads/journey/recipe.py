@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+from orchestrator.evaluation import model_comparison as comparison_table
 
 from .data import DataGenConfig, generate_pairs, length_summary, policy_proposer, validate, write
 
@@ -107,17 +108,6 @@ def checkpoint_weights(path: str) -> dict:
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
-
-
-def comparison_table(summaries: dict[str, list[dict]]) -> pa.Table:
-    rows = []
-    for model, summary in summaries.items():
-        for r in summary:
-            rows.append({"model": model, "budget": r["budget_label"], "budget_thinking": r["budget_thinking"],
-                         "budget_solution": r["budget_solution"], "accuracy": r["accuracy"],
-                         "mean_tokens": r["mean_tokens"], "mean_thinking_tokens": r["mean_thinking_tokens"],
-                         "truncation_rate": r["truncation_rate"], "samples": r["samples"]})
-    return pa.Table.from_pylist(rows)
 
 
 def format_table(table: pa.Table, lengths: dict[str, float], n: int) -> str:
