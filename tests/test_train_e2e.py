@@ -22,7 +22,8 @@ def trained(ray_session, tmp_path_factory):
                  "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64", "budgets=[6x4,unconstrained]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
                  "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-                 "tracking.experiment=e2e", "reward.num_workers=1"]
+                 "tracking.experiment=e2e", "reward.num_workers=1", "rollout.num_workers=2",
+                 "rollout.cpus_per_worker=0.5"]
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     result = train(cfg, log=lambda *_: None)
@@ -49,6 +50,18 @@ def test_run_logged_to_mlflow(trained):
     arts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert "eval/step_0000_frontier.png" in arts and "eval/step_0002_summary.parquet" in arts
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}
+
+
+def test_two_rollout_workers_split_batches_and_get_every_sync(trained):
+    from mlflow import MlflowClient
+
+    cfg, result, _ = trained
+    m = MlflowClient(cfg.tracking.tracking_uri).get_run(result.run_id).data.metrics
+    # 2 steps x 4 prompts x 4 samples, plus 2 evals (before, after) x 12 prompts x 2 budgets, split evenly
+    for i in (0, 1):
+        assert m[f"rollout/worker_{i}/weight_syncs"] == 2  # every sync reached every worker
+        assert m[f"rollout/worker_{i}/policy_version"] == 2
+        assert m[f"rollout/worker_{i}/samples"] == (2 * 4 * 4 + 2 * 12 * 2) / 2
 
 
 def test_rollout_records_respect_budgets(trained):
