@@ -31,7 +31,21 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local" always starts a fresh runtime, never a stale cluster left in the temp dir.
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=cfg.ray.num_cpus, log_to_driver=True)
+
+
+def start_local_ray(attempts: int = 3, **kwargs) -> None:
+    """``ray.init(address="local", ...)``, tried again when the node misses Ray's fixed 30 s start-up
+    window (seen on an overloaded machine: "The current node timed out during startup")."""
+    kwargs.setdefault("include_dashboard", False)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            ray.shutdown()
 
 
 class WorkerGroup:

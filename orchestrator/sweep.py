@@ -1007,7 +1007,9 @@ def _init_ray(plan: SweepPlan, demand_cpus: float, log) -> bool:
     num_cpus = plan.sweep.resources.ray_num_cpus or plan.base.ray.num_cpus or max(
         2, math.ceil(plan.sweep.max_concurrency * demand_cpus))
     log(f"sweep: starting a local Ray runtime with {num_cpus} logical CPUs")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    from .runtime import start_local_ray
+
+    start_local_ray(num_cpus=num_cpus, log_to_driver=False)
     return True
 
 
