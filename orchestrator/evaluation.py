@@ -74,6 +74,22 @@ def model_comparison(rows_by_model: dict[str, list[dict]]) -> pa.Table:
     return pa.Table.from_pylist(out)
 
 
+def format_model_comparison(table: pa.Table) -> str:
+    """Markdown: one row per budget, accuracy and mean tokens per model (``model_comparison`` tables)."""
+    models = list(dict.fromkeys(table.column("model").to_pylist()))
+    budgets = list(dict.fromkeys(table.column("budget").to_pylist()))
+    cell = {(r["model"], r["budget"]): r for r in table.to_pylist()}
+    head = "| budget | " + " | ".join(f"{m}: acc | tokens" for m in models) + " |"
+    lines = [head, "|---|" + "---|---|" * len(models)]
+    for b in budgets:
+        parts = []
+        for m in models:
+            r = cell.get((m, b))
+            parts.append(f"{r['accuracy']:.3f} | {r['mean_tokens']:.1f}" if r else " | ")
+        lines.append(f"| {b} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
 def format_summary(summary: pa.Table) -> str:
     """A plain text table for the terminal."""
     cols = ["budget_label", "accuracy", "mean_thinking_tokens", "mean_solution_tokens", "mean_tokens",

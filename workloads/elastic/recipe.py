@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
+from orchestrator.evaluation import format_model_comparison as format_table
 from orchestrator.evaluation import model_comparison as comparison_table
 
 
@@ -53,21 +53,6 @@ def _stage_configs(cfg: ElasticConfig, check_paths: bool = True):
             raise ConfigError(f"baseline budget.thinking={u.budget.thinking} must exceed the budgeted run's "
                               f"{b.budget.thinking}")
     return stages
-
-
-def format_table(table: pa.Table) -> str:
-    models = list(dict.fromkeys(table.column("model").to_pylist()))
-    budgets = list(dict.fromkeys(table.column("budget").to_pylist()))
-    cell = {(r["model"], r["budget"]): r for r in table.to_pylist()}
-    head = "| budget | " + " | ".join(f"{m}: acc | tokens" for m in models) + " |"
-    lines = [head, "|---|" + "---|---|" * len(models)]
-    for b in budgets:
-        parts = []
-        for m in models:
-            r = cell.get((m, b))
-            parts.append(f"{r['accuracy']:.3f} | {r['mean_tokens']:.1f}" if r else " | ")
-        lines.append(f"| {b} | " + " | ".join(parts) + " |")
-    return "\n".join(lines)
 
 
 def run(cfg: ElasticConfig, log=print) -> dict:

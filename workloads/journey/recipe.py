@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+from orchestrator.evaluation import format_model_comparison
 from orchestrator.evaluation import model_comparison as comparison_table
 
 from .data import DataGenConfig, generate_pairs, length_summary, policy_proposer, validate, write
@@ -111,17 +112,7 @@ def checkpoint_weights(path: str) -> dict:
 
 
 def format_table(table: pa.Table, lengths: dict[str, float], n: int) -> str:
-    models = list(dict.fromkeys(table.column("model").to_pylist()))
-    budgets = list(dict.fromkeys(table.column("budget").to_pylist()))
-    cell = {(r["model"], r["budget"]): r for r in table.to_pylist()}
-    lines = ["| budget | " + " | ".join(f"{m}: acc | tokens" for m in models) + " |",
-             "|---|" + "---|---|" * len(models)]
-    for b in budgets:
-        parts = []
-        for m in models:
-            r = cell.get((m, b))
-            parts.append(f"{r['accuracy']:.3f} | {r['mean_tokens']:.1f}" if r else " | ")
-        lines.append(f"| {b} | " + " | ".join(parts) + " |")
+    lines = [format_model_comparison(table)]
     lines += ["", f"training trajectories (N = {n} each): mean tokens shortcut "
               f"{lengths.get('shortcut/mean_num_tokens', float('nan')):.1f}, journey "
               f"{lengths.get('journey/mean_num_tokens', float('nan')):.1f}; mean steps "
