@@ -13,17 +13,23 @@ import ray
 
 from .config import Budget
 from .rewards import RewardPool, RewardSpec
-from .rollout.worker import SamplingSpec
+from .rollout.worker import ENGINE_SECONDS, SamplingSpec, engine_seconds
 from .rewards.stage import score_rollouts
 
 
 def generate(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) -> pa.Table:
-    """Split the prompt table across rollout workers and concatenate their records."""
+    """Split the prompt table across rollout workers and concatenate their records.
+
+    The result's schema metadata keeps the slowest worker's engine seconds (the critical path).
+    """
     n = len(workers)
     size = -(-prompts.num_rows // n)
     refs = [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
             for i, w in enumerate(workers) if i * size < prompts.num_rows]
-    return pa.concat_tables(ray.get(refs))
+    parts = ray.get(refs)
+    slowest = max(engine_seconds(p) for p in parts)
+    out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
+    return out.replace_schema_metadata({ENGINE_SECONDS: str(slowest)})
 
 
 def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.Table:

@@ -35,7 +35,7 @@ from .evaluation import evaluate, format_summary, generate
 from .learner.losses import group_advantages
 from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
-from .rollout.worker import SamplingSpec
+from .rollout.worker import SamplingSpec, engine_seconds
 from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
 from .runtime import WorkerGroup, init_ray
 from .warmstart import prepare_start_checkpoint
@@ -448,6 +448,7 @@ class _Run:
         prompts = self._draw(step)
         records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, self.sampling, step))
         tg = time.perf_counter()
+        t_engine = engine_seconds(records)
         records, rstats = score_rollouts(records, self.spec, self.pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
@@ -466,8 +467,13 @@ class _Run:
         if self.curriculum is not None:
             metrics.update({f"curriculum/{k}": v for k, v in (self.curriculum.observe(records, step) or {}).items()})
         metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
+        # What the step spends outside the engine's generation and the learner's update: scheduling,
+        # serialization, reward, batching, weight sync (issue 9's overhead share).
+        t_compute = t_engine + float(lmetrics.get("seconds", 0.0))
         metrics.update({"time/generate": tg - ts, "time/reward": tr - tg, "time/learn": tl - tr,
-                        "time/sync": tsync - tl, "time/step": tsync - ts,
+                        "time/sync": tsync - tl, "time/step": tsync - ts, "time/generate_engine": t_engine,
+                        "time/overhead": tsync - ts - t_compute,
+                        "time/overhead_share": (tsync - ts - t_compute) / max(tsync - ts, 1e-9),
                         "train/reward_errors": rstats["reward_errors"],
                         "train/reward_timeouts": rstats["reward_timeouts"],
                         "cost/generated_tokens_total": self.totals["generated_tokens"],

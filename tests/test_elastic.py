@@ -50,7 +50,8 @@ def test_tiny_run_nests_stages_under_parent(ray_session, tmp_path):
               "warmstart.batch_size=16", "trainer.steps=1", "trainer.prompts_per_step=2", "rollout.group_size=2",
               f"trainer.output_dir={tmp_path / 'out'}", "eval.num_prompts=6", "data.eval_size=6",
               "data.train_size=32", "eval.budgets=[4x4]", "eval.max_thinking=12", "learner.micro_batch_size=4",
-              "learner.num_threads=1", f"tracking.tracking_uri={uri}", "tracking.experiment=elastic-test"]
+              "learner.num_threads=1", f"tracking.tracking_uri={uri}", "tracking.experiment=elastic-test",
+              "rollout.engine=hf"]  # starts faster than vLLM (two runs); test_train_e2e covers vLLM
     common += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     cfg = ElasticConfig(base=str(ROOT / "configs" / "quickstart.yaml"), overrides=common,
                         budgeted=["budget.thinking=4"], baseline=["budget.thinking=12"], name="el")

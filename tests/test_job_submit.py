@@ -146,7 +146,8 @@ def test_ray_job_submit_train(ray_head):
                  "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64",
                  "budgets=[6x4,unconstrained]", "eval.max_thinking=24", "budget.thinking=6",
                  "budget.solution=4", "learner.micro_batch_size=8", "learner.num_threads=1",
-                 "tracking.experiment=jobsubmit", "reward.num_workers=1"]
+                 "tracking.experiment=jobsubmit", "reward.num_workers=1",
+                 "rollout.engine=hf"]  # what is under test is the submission; test_train_e2e covers vLLM
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     job_id = f"budgetrl-test-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}}

@@ -133,7 +133,7 @@ def test_failure_names_the_stage_and_stops_dependents(tmp_path):
 
 
 def test_tiny_dag_lineage_from_mlflow_alone(ray_session, tiny_model, tmp_path):
-    """base -> deduction RL (real train(): Ray, vLLM, MLflow) -> merge(deduction RL, base); then the merged
+    """base -> deduction RL (real train(): Ray, HF rollouts, MLflow) -> merge(deduction RL, base); then the merged
     checkpoint's lineage, read from MLflow alone; a re-run skips every stage and still resolves."""
     from workloads.meta_abilities.recipe import MetaConfig, _merge_stage, _train_stage, stage_configs
 
@@ -142,7 +142,7 @@ def test_tiny_dag_lineage_from_mlflow_alone(ray_session, tiny_model, tmp_path):
                  "data.train_size=8", "data.eval_size=2", "eval.num_prompts=2", "eval.budgets=[unconstrained]",
                  "eval.max_thinking=16", "eval.max_solution=16", "budget.thinking=16", "budget.solution=16",
                  "learner.micro_batch_size=4", "learner.num_threads=1", f"tracking.tracking_uri={uri}",
-                 "tracking.experiment=lineage-test"] + [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+                 "tracking.experiment=lineage-test", "rollout.engine=hf"] + [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     cfg = MetaConfig(base=str(ROOT / "configs" / "quickstart.yaml"), abilities=["deduction", "induction"],
                      levels=[1], overrides=overrides, run_domain_from_base=False)
     cfg.merge.weights = {"deduction": 1.0, "induction": 0.2}

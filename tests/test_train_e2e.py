@@ -42,6 +42,10 @@ def test_run_logged_to_mlflow(trained):
         hist = client.get_metric_history(result.run_id, key)
         assert [m.step for m in hist] == [1, 2], key
     assert client.get_metric_history(result.run_id, "eval/6x4/accuracy")
+    m = run.data.metrics  # the engine's and the learner's own time are inside the step's parts
+    assert 0 < m["time/generate_engine"] < m["time/generate"]
+    assert 0 < m["learner/seconds"] < m["time/learn"]
+    assert 0 < m["time/overhead"] < m["time/step"] and 0 < m["time/overhead_share"] < 1
     tags = run.data.tags
     for tag in ("budgetrl.config_hash", "budgetrl.dataset_digest", "budgetrl.source_checkpoint"):
         assert tags.get(tag), tag

@@ -16,6 +16,13 @@ from ..data.schema import ROLLOUT_SCHEMA
 from .budget import two_phase_generate
 from .engine import make_engine
 
+ENGINE_SECONDS = b"budgetrl.engine_seconds"  # schema metadata of a generate() result
+
+
+def engine_seconds(table: pa.Table) -> float:
+    """Seconds the engine spent producing ``table`` (0.0 when it does not say)."""
+    return float((table.schema.metadata or {}).get(ENGINE_SECONDS, 0.0))
+
 
 @dataclass(frozen=True)
 class SamplingSpec:
@@ -80,11 +87,13 @@ class RolloutWorker:
         flat_prefix = [pre for pre in prefixes for _ in range(g)]
         base = (spec.seed * 1_000_003 + step * 10_007 + self.worker_index * 7_919) % (2**31 - 1)
         seeds = [(base + i * 2) % (2**31 - 1) for i in range(len(flat_prompts))] if spec.temperature > 0 else None
+        t0 = time.perf_counter()
         samples = two_phase_generate(
             self.engine, [p + pre for p, pre in zip(flat_prompts, flat_prefix)],
             [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
             think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
+        engine_seconds = time.perf_counter() - t0
 
         self.counters["generate_calls"] += 1
         self.counters["prompts"] += len(rows)
@@ -119,7 +128,8 @@ class RolloutWorker:
             }
             for name in cols:
                 cols[name].append(values[name])
-        return pa.table(cols, schema=ROLLOUT_SCHEMA)
+        # Time inside the engine, so the trainer can tell generation from the loop's own overhead.
+        return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata({ENGINE_SECONDS: str(engine_seconds)}))
 
     def update_weights(self, state_dict, version: int) -> float:
         """Load new weights in place (dict of tensors or safetensors bytes); returns seconds taken."""
