@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages resolve from the checkout
+
+from shapes import SHAPES, build  # noqa: E402
 
 
 def _prompts(n: int) -> list[str]:
@@ -44,7 +47,8 @@ def run_vllm(args) -> dict:
     from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
 
     worker = RolloutWorker(args.model, engine="vllm", prompt_template="<s>{prompt}<think>",
-                           engine_kwargs=dict(dtype="float32", max_model_len=args.max_model_len, seed=0))
+                           engine_kwargs=dict(dtype="float32", max_model_len=args.max_model_len, seed=0,
+                                              max_num_seqs=args.max_num_seqs))
     table = pa.table({"prompt_id": [str(i) for i in range(args.prompts)], "prompt": _prompts(args.prompts),
                       "answer": ["0"] * args.prompts})
     spec = SamplingSpec(group_size=args.samples, budget_thinking=args.thinking, budget_solution=args.solution,
@@ -105,7 +109,9 @@ def run_hf(args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF model directory (default: build the random tiny model)")
+    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="random model to build when --model is not given (tiny: the quickstart's)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--thinking", type=int, default=48)
@@ -113,6 +119,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for HF generate")
     ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=0, help="vLLM max_num_seqs (0: the engine's default)")
     ap.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     for name in ("prompts", "samples", "thinking", "solution", "repeats", "threads"):
@@ -123,16 +130,15 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
-            from orchestrator.tiny_model import build_tiny_model
-
-            args.model = str(build_tiny_model(Path(tmp) / "tiny"))
+            args.model = str(build(args.shape, tmp))
         elif not (Path(args.model) / "config.json").is_file():
             ap.error(f"--model {args.model}: not a Hugging Face model directory")
         results = {}
         for engine in ("vllm", "hf"):
             cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model,
                    *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                     ("prompts", "samples", "thinking", "solution", "repeats", "threads", "max_model_len")]]
+                     ("prompts", "samples", "thinking", "solution", "repeats", "threads", "max_model_len",
+                      "max_num_seqs")]]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
             line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]

@@ -19,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# name: (hidden, layers, heads, ffn); vocab is the tiny tokenizer's (head dim 32 for vLLM's CPU attention)
-SIZES = {"tiny": (128, 3, 4, 512), "small": (256, 4, 8, 1024), "medium": (512, 8, 16, 2048),
-         "large": (768, 14, 24, 3072)}
+from shapes import SHAPES as SIZES, build
 
 
 def main() -> int:
@@ -41,15 +39,12 @@ def main() -> int:
     from orchestrator.learner.worker import Learner
     from orchestrator.rollout.worker import RolloutWorker
     from orchestrator.runtime import VLLM_CPU_ENV, WORKER_ENV
-    from orchestrator.tiny_model import build_tiny_model
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
-            hidden, layers, heads, ffn = SIZES[name]
-            path = build_tiny_model(Path(tmp) / name, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                                    intermediate_size=ffn, max_position_embeddings=256)
+            path = build(name, tmp, max_position_embeddings=256)
             learner = ray.remote(Learner).options(num_cpus=1, runtime_env={"env_vars": WORKER_ENV}).remote(
                 str(path), device="cpu")
             worker = ray.remote(RolloutWorker).options(

@@ -158,6 +158,7 @@ def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None
         _bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
     positive("model.max_model_len", m.max_model_len)
     positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
+    non_negative("model.vllm.max_num_seqs", m.vllm.max_num_seqs)
     if m.name is not None and not m.name.strip():
         _bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
 
@@ -364,7 +365,7 @@ class BudgetedServer:
             engine_kwargs.update(max_model_len=m.max_model_len, kv_cache_gib=m.vllm.kv_cache_gib,
                                  enforce_eager=m.vllm.enforce_eager, multiprocess=m.vllm.multiprocess,
                                  gpu_memory_utilization=m.vllm.gpu_memory_utilization,
-                                 enable_prefix_caching=m.vllm.enable_prefix_caching)
+                                 enable_prefix_caching=m.vllm.enable_prefix_caching, max_num_seqs=m.vllm.max_num_seqs)
         self.worker = RolloutWorker(model_dir, engine=m.engine, prompt_template=m.prompt_template,
                                     chat_template=m.chat_template, think_end=m.think_end,
                                     engine_kwargs=engine_kwargs)

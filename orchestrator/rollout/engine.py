@@ -65,7 +65,7 @@ class VllmEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
-                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True):
+                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0):
         on_gpu = torch.cuda.is_available()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -84,6 +84,9 @@ class VllmEngine:
             # Whole rollout batches prefill in one step instead of being chunked (a prefill chunk split
             # across steps is also what trips vLLM-CPU's per-request generators, see below).
             kwargs["max_num_batched_tokens"] = max(16384, max_model_len)
+            max_num_seqs = max_num_seqs or 1024  # vLLM's 256 splits a rollout batch into waves
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
         # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
         # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
         self.per_request_seed = on_gpu
@@ -91,27 +94,27 @@ class VllmEngine:
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
 
-    def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
+    def _params(self, r: GenRequest, temperature: float, top_p: float):
         from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
+                              top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
+                              logprobs=0, detokenize=False)
+
+    @staticmethod
+    def _output(out) -> GenOutput:
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        lps = [float(step[t].logprob) if step is not None and t in step else float("nan")
+               for t, step in zip(ids, c.logprobs or [None] * len(ids))]
+        return GenOutput(ids, lps, "length" if c.finish_reason == "length" else "stop")
+
+    def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=r.prompt_token_ids) for r in requests]
-        params = [
-            SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
-                           top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
-                           logprobs=0, detokenize=False)
-            for r in requests
-        ]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
-        results = []
-        for _r, out in zip(requests, outs):
-            c = out.outputs[0]
-            ids = list(c.token_ids)
-            lps = [float(step[t].logprob) if step is not None and t in step else float("nan")
-                   for t, step in zip(ids, c.logprobs or [None] * len(ids))]
-            reason = "length" if c.finish_reason == "length" else "stop"
-            results.append(GenOutput(ids, lps, reason))
-        return results
+        outs = self.llm.generate(prompts, [self._params(r, temperature, top_p) for r in requests], use_tqdm=False)
+        return [self._output(out) for out in outs]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         payload: object = state_dict

