@@ -58,11 +58,40 @@ def test_hint_shrinks_as_pass_rate_rises_and_solved_prompts_drop():
     assert again.rates == cur.rates and again.rates["b"][0] == pytest.approx(0.5)
 
 
+def test_unseen_prompts_take_their_levels_rate_as_a_prior():
+    """A prompt never drawn before gets a hint from its difficulty level's pass rate, is never dropped on
+    it, and its own samples replace the prior; prior: none leaves it alone."""
+    cfg = DifficultyConfig(hint_below=0.5, max_hint_fraction=0.5, min_observations=1)
+    seen = pa.table({"prompt_id": ["x", "x", "y", "y"], "correct": [False, False, False, True],
+                     "difficulty": pa.array([2, 2, 2, 2], pa.int32())})
+    cur = DifficultyCurriculum(cfg)
+    cur.observe(seen, 1)  # level 2: 1 of 4 right
+    assert cur.levels["2"] == [0.25, 4.0] and "a" not in cur.rates
+    sel = cur.select(_prompts(None), 2).to_pylist()
+    assert [r["prompt_id"] for r in sel] == ["a", "b"]  # rate 0.25 < hint_below: hinted, not dropped
+    assert sel[0]["response_prefix"] == "12+34: " and sel[1]["response_prefix"] == "56+78: "
+    m = cur.observe(pa.table({"prompt_id": ["a", "a"], "correct": [True, True],
+                              "difficulty": pa.array([2, 2], pa.int32())}), 2)
+    assert m["prior_intervened_share"] == 1.0 and m["intervened_share"] == 1.0
+    assert cur.levels["2"][0] == pytest.approx(0.625)  # 0.5 * 0.25 + 0.5 * 1.0
+    sel = cur.select(_prompts(None), 3).to_pylist()
+    assert [r["prompt_id"] for r in sel] == ["b"]  # a's own rate (1.0) drops it; b still uses the prior
+    assert sel[0]["response_prefix"] is None  # level rate 0.625 >= hint_below
+    again = DifficultyCurriculum(cfg)
+    again.restore(cur.state())
+    assert again.levels == cur.levels
+    none = DifficultyCurriculum(DifficultyConfig(hint_below=0.5, prior="none"))
+    none.observe(seen, 1)
+    assert [r["response_prefix"] for r in none.select(_prompts(None), 2).to_pylist()] == [None, None]
+
+
 def test_bad_curriculum_config_names_the_key():
     from orchestrator.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"curriculum\.ema=0: must be in \(0, 1\]"):
         DifficultyCurriculum(DifficultyConfig(ema=0))
+    with pytest.raises(ConfigError, match=r"curriculum\.prior='level': must be difficulty or none"):
+        DifficultyCurriculum(DifficultyConfig(prior="level"))
 
 
 def test_recipe_compares_at_equal_generated_tokens(ray_session, tmp_path, tiny_model):
