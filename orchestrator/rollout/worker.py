@@ -93,7 +93,7 @@ class RolloutWorker:
             [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
             think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
-        engine_seconds = time.perf_counter() - t0
+        t_engine = time.perf_counter() - t0
 
         self.counters["generate_calls"] += 1
         self.counters["prompts"] += len(rows)
@@ -129,7 +129,7 @@ class RolloutWorker:
             for name in cols:
                 cols[name].append(values[name])
         # Time inside the engine, so the trainer can tell generation from the loop's own overhead.
-        return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata({ENGINE_SECONDS: str(engine_seconds)}))
+        return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata({ENGINE_SECONDS: str(t_engine)}))
 
     def update_weights(self, state_dict, version: int) -> float:
         """Load new weights in place (dict of tensors or safetensors bytes); returns seconds taken."""
