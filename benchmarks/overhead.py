@@ -41,16 +41,19 @@ def main() -> int:
     os.chdir(ROOT)
     from mlflow import MlflowClient
 
-    from orchestrator.config import load_config, validate
+    from orchestrator.config import ConfigError, load_config, validate
     from orchestrator.trainer import train
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        cfg = load_config(args.config, [
-            f"trainer.steps={args.steps}", "trainer.eval_every=0", "trainer.resume=never",
-            "trainer.run_name=bench-overhead", "eval.num_prompts=1", 'eval.budgets=["8x8"]',
-            f"tracking.tracking_uri={uri}", "tracking.experiment=bench-overhead", *args.overrides])
-        validate(cfg)
+        try:
+            cfg = load_config(args.config, [
+                f"trainer.steps={args.steps}", "trainer.eval_every=0", "trainer.resume=never",
+                "trainer.run_name=bench-overhead", "eval.num_prompts=1", 'eval.budgets=["8x8"]',
+                f"tracking.tracking_uri={uri}", "tracking.experiment=bench-overhead", *args.overrides])
+            validate(cfg)
+        except ConfigError as exc:  # a bad --config or override: say which, before any work
+            ap.error(str(exc))
         result = train(cfg)
         client = MlflowClient(uri)
 

@@ -83,7 +83,7 @@ class VllmConfig:
     gpu_memory_utilization: float = 0.5
     enable_prefix_caching: bool = True
     # Requests decoded together. 0: vLLM's default on GPU; 1024 on CPU, where vLLM's default (256) splits a
-    # rollout batch of 16 prompts x 8 samples x 4 into waves (benchmarks/rollout.py: +20-30% tokens/s).
+    # 512-sample rollout batch into two waves (docs/performance.md, section 1).
     max_num_seqs: int = 0
 
 

@@ -28,8 +28,7 @@ def generate(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) ->
             for i, w in enumerate(workers) if i * size < prompts.num_rows]
     parts = ray.get(refs)
     slowest = max((engine_seconds(p) for p in parts), default=0.0)
-    out = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
-    return out.replace_schema_metadata({ENGINE_SECONDS: str(slowest)})
+    return pa.concat_tables(parts).replace_schema_metadata({ENGINE_SECONDS: str(slowest)})
 
 
 def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.Table:

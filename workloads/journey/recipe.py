@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from orchestrator import frontier, tracking
-from orchestrator.config import ConfigError, load_config, merge_structured, to_dict
+from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
 from orchestrator.evaluation import format_model_comparison
 from orchestrator.evaluation import model_comparison as comparison_table
 
@@ -61,15 +61,7 @@ class JourneyConfig:
 
 def load(path: str, overrides: list[str] = ()) -> JourneyConfig:
     cfg = merge_structured(JourneyConfig, path, overrides)
-    base = Path(cfg.base)
-    if not base.is_absolute() and not base.is_file():  # relative to the workload config, else to cwd
-        for root in Path(path).resolve().parents:
-            if (root / base).is_file():
-                base = root / base
-                break
-    if not base.is_file():
-        raise ConfigError(f"base={cfg.base!r}: no such training config")
-    cfg.base = str(base)
+    cfg.base = resolve_base_config(cfg.base, path)  # relative to the workload config, else to cwd
     return cfg
 
 
