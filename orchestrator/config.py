@@ -85,6 +85,9 @@ class VllmConfig:
     # Requests decoded together. 0: vLLM's default on GPU; 1024 on CPU, where vLLM's default (256) splits a
     # 512-sample rollout batch into two waves (docs/performance.md, section 1).
     max_num_seqs: int = 0
+    # Enforce the thinking and solution budgets inside one request per sample (a logits processor forces
+    # </think> and EOS) instead of a second generate call that re-prefills prompt + thinking.
+    budget_forcing: bool = True
 
 
 @dataclass

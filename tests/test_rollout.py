@@ -132,3 +132,56 @@ def test_vllm_large_sampled_batch(vllm_worker, tiny_model):
     assert sum(len(p) + len(r) for p, r in zip(table["prompt_token_ids"].to_pylist(),
                                                table["response_token_ids"].to_pylist())) > 8192
     _check_budgets(table, tiny_model, 40, 4)
+
+
+def test_budget_forcing_matches_two_calls(ray_session, tiny_model):
+    """One request per sample (the logits processor) gives exactly the two-call samples, greedy."""
+    from orchestrator.runtime import VLLM_CPU_ENV
+
+    def _budget_forcing_vs_two_calls(model: str) -> dict:
+        """In a Ray task (its own vLLM engine): greedy budgeted samples with the budget forced inside one
+        request vs two generate calls, on budgets that make the thinking close, run out, and (with a
+        frequent token standing in for EOS) end before closing, which takes the second-phase fallback."""
+        from collections import Counter
+
+        from transformers import AutoTokenizer
+
+        from orchestrator.rollout.budget import two_phase_generate
+        from orchestrator.rollout.engine import VllmEngine
+
+        tok = AutoTokenizer.from_pretrained(model)
+        think_end = tok.convert_tokens_to_ids("</think>")
+        engine = VllmEngine(model, max_model_len=256, seed=0)
+        prompts = [tok(f"<s>{10 + i}+{20 + i}=<think>", add_special_tokens=False)["input_ids"] for i in range(16)]
+        budgets = [(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
+        free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=engine.eos_token_id,
+                                  temperature=0.0)
+        # The most frequent generated token as "EOS": some samples stop on it while thinking.
+        common = Counter(t for s in free for t in s.thinking_ids + s.solution_ids if t != think_end).most_common(1)[0][0]
+        result = {}
+        for eos in (engine.eos_token_id, common):
+            runs = []
+            for forcing in (True, False):
+                engine.budget_forcing = forcing  # the processor stays registered; False takes two calls
+                runs.append(two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=eos,
+                                               temperature=0.0))
+            result[eos == common] = runs
+        return {"think_end": think_end, "budgets": budgets,
+                "runs": {k: [[vars(s) for s in run] for run in v] for k, v in result.items()}}
+
+    # Defined here so Ray ships it by value (the test module is not importable in Ray's workers).
+    task = ray_session.remote(_budget_forcing_vs_two_calls).options(
+        num_cpus=1, runtime_env={"env_vars": dict(VLLM_CPU_ENV, VLLM_CPU_KVCACHE_SPACE="1")})
+    out = ray_session.get(task.remote(tiny_model))
+    kinds = set()
+    for forced, two_calls in out["runs"].values():
+        for a, b, (t, s) in zip(forced, two_calls, out["budgets"]):
+            for k in ("thinking_ids", "solution_ids", "forced_think_end", "thinking_truncated", "finish_reason"):
+                assert a[k] == b[k], (k, a, b)
+            assert a["thinking_logprobs"] == pytest.approx(b["thinking_logprobs"], abs=1e-4)
+            assert a["solution_logprobs"] == pytest.approx(b["solution_logprobs"], abs=1e-4)
+            assert len(a["thinking_ids"]) <= t and len(a["solution_ids"]) <= s
+            assert out["think_end"] not in a["thinking_ids"][:-1]  # a sampled marker ends the thinking
+            kinds.add("truncated" if a["thinking_truncated"] else "ended early" if a["forced_think_end"] else "closed")
+            kinds.add(f"solution {a['finish_reason']}")
+    assert {"truncated", "ended early", "solution length"} <= kinds, kinds

@@ -3,7 +3,8 @@
 Phase 1 thinks for at most ``t`` tokens and stops at the end-of-thinking token. If it did not emit
 that token (budget ran out, or the model ended early), the marker is appended: an *injected* token.
 Phase 2 continues from prompt + thinking + marker for at most ``s`` tokens, up to end-of-sequence.
-Both phases run as one batch each on the engine, so prefix caching reuses the phase-1 KV cache.
+On vLLM both phases run inside one request per sample (``budget_forcing.py``); otherwise each phase
+is one batch on the engine.
 """
 
 from __future__ import annotations
@@ -42,32 +43,65 @@ class BudgetedSample:
 def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Sequence[tuple[int, int]], *,
                        think_end_id: int, eos_id: int, temperature: float, top_p: float = 1.0,
                        seeds: Sequence[int | None] | None = None) -> list[BudgetedSample]:
-    """Generate one budgeted response per prompt (repeat a prompt for a group of samples)."""
+    """Generate one budgeted response per prompt (repeat a prompt for a group of samples).
+
+    On an engine with ``budget_forcing`` each sample is one request whose budgets a logits processor
+    enforces (``rollout/budget_forcing.py``: no second prefill); otherwise, and for samples that
+    ended without closing their thinking, phase 2 is a second ``generate`` call.
+    """
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
     for t, s in budgets:
         if t <= 0 or s <= 0:
             raise ValueError(f"budgets must be positive, got thinking={t}, solution={s}")
     seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-    phase1 = engine.generate(
-        [GenRequest(list(p), t, [think_end_id, eos_id], seed) for p, (t, _), seed in zip(prompts, budgets, seeds)],
-        temperature, top_p)
+    forcing = bool(getattr(engine, "budget_forcing", False))
+    if forcing:
+        first = engine.generate(
+            [GenRequest(list(p), t + s + 2, [eos_id], seed, (think_end_id, t, eos_id, s))
+             for p, (t, s), seed in zip(prompts, budgets, seeds)], temperature, top_p)
+    else:
+        first = engine.generate(
+            [GenRequest(list(p), t, [think_end_id, eos_id], seed) for p, (t, _), seed in zip(prompts, budgets, seeds)],
+            temperature, top_p)
 
-    requests2, partial = [], []
-    for p, (t, s), seed, out in zip(prompts, budgets, seeds, phase1):
+    samples: list[BudgetedSample | None] = [None] * len(prompts)
+    rest, partial = [], []  # samples that still need phase 2
+    for i, (p, (t, s), seed, out) in enumerate(zip(prompts, budgets, seeds, first)):
         ids, lps = list(out.token_ids), list(out.logprobs)
+        if forcing and (done := _split_forced(ids, lps, out.finish_reason, t, s, think_end_id, eos_id)):
+            samples[i] = done
+            continue
         closed = bool(ids) and ids[-1] == think_end_id
         if ids and ids[-1] == eos_id:  # ended without closing its thinking: drop EOS, force the marker
             ids, lps = ids[:-1], lps[:-1]
         truncated = not closed and len(ids) >= t
         forced = not closed
         cont = list(p) + ids + ([think_end_id] if forced else [])
-        requests2.append(GenRequest(cont, s, [eos_id], None if seed is None else seed + 1))
+        rest.append((i, GenRequest(cont, s, [eos_id], None if seed is None else seed + 1)))
         partial.append((ids, lps, forced, truncated))
 
-    phase2 = engine.generate(requests2, temperature, top_p)
-    samples = []
-    for (ids, lps, forced, truncated), out in zip(partial, phase2):
-        samples.append(BudgetedSample(ids, lps, forced, truncated, list(out.token_ids), list(out.logprobs),
-                                      out.finish_reason))
-    return samples
+    if rest:
+        phase2 = engine.generate([r for _, r in rest], temperature, top_p)
+        for (i, _), (ids, lps, forced, truncated), out in zip(rest, partial, phase2):
+            samples[i] = BudgetedSample(ids, lps, forced, truncated, list(out.token_ids), list(out.logprobs),
+                                        out.finish_reason)
+    return samples  # type: ignore[return-value]
+
+
+def _split_forced(ids: list[int], lps: list[float], finish: str, t: int, s: int, think_end_id: int,
+                  eos_id: int) -> BudgetedSample | None:
+    """Split one budget-forced output into thinking and solution; None if its thinking never closed
+    (it sampled EOS, or hit the context length, first): that sample takes a second phase."""
+    try:
+        k = ids.index(think_end_id)
+    except ValueError:
+        return None
+    if k > t:
+        return None
+    forced = k == t  # the marker at index t is always the processor's: a sampled one comes earlier
+    n_think = k if forced else k + 1
+    sol, sol_lps = ids[k + 1:], lps[k + 1:]
+    if len(sol) == s + 1 and sol[-1] == eos_id:  # the processor's EOS: the solution budget ran out
+        sol, sol_lps, finish = sol[:s], sol_lps[:s], "length"
+    return BudgetedSample(ids[:n_think], lps[:n_think], forced, forced, sol, sol_lps, finish)

@@ -20,6 +20,8 @@ class GenRequest:
     max_tokens: int
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    # (think_end_id, t, eos_id, s): budget forcing inside this request (engines with budget_forcing)
+    budget_forcing: tuple[int, int, int, int] | None = None
 
 
 @dataclass
@@ -31,6 +33,7 @@ class GenOutput:
 
 class Engine(Protocol):
     eos_token_id: int
+    budget_forcing: bool  # honours GenRequest.budget_forcing (one request per budgeted sample)
 
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]: ...
 
@@ -65,7 +68,8 @@ class VllmEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
-                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0):
+                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
+                 budget_forcing: bool = True):
         on_gpu = torch.cuda.is_available()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -87,6 +91,9 @@ class VllmEngine:
             max_num_seqs = max_num_seqs or 1024  # vLLM's 256 splits a rollout batch into waves
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
+        self.budget_forcing = budget_forcing
+        if budget_forcing:  # by name, so a multiprocess engine imports it in its own process
+            kwargs["logits_processors"] = ["orchestrator.rollout.budget_forcing:BudgetForcing"]
         # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
         # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
         self.per_request_seed = on_gpu
@@ -97,9 +104,12 @@ class VllmEngine:
     def _params(self, r: GenRequest, temperature: float, top_p: float):
         from vllm import SamplingParams
 
+        if r.budget_forcing is not None and not self.budget_forcing:
+            raise ValueError("GenRequest.budget_forcing needs an engine built with budget_forcing=True")
         return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
                               top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
-                              logprobs=0, detokenize=False)
+                              logprobs=0, detokenize=False,
+                              extra_args=None if r.budget_forcing is None else {"budget_forcing": list(r.budget_forcing)})
 
     @staticmethod
     def _output(out) -> GenOutput:
@@ -144,6 +154,8 @@ class VllmEngine:
 
 class HFEngine:
     """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface."""
+
+    budget_forcing = False  # budgeted samples take two generate calls
 
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, num_threads: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
