@@ -16,6 +16,7 @@ Both are also timed end to end (process start to exit). Prints a table with the 
 
     .venv/bin/python benchmarks/rl_step.py                     # random tiny model, 16 prompts x 8, 16x8
     .venv/bin/python benchmarks/rl_step.py --model outputs/warmstart/<hash>/checkpoint --steps 30
+    .venv/bin/python benchmarks/rl_step.py --off-policy-steps 1        # generate step k+1 while learning k
 
 Needs the ``bench`` extra (``bash scripts/install.sh cpu,dev,bench``).
 """
@@ -63,6 +64,7 @@ def run_ours(args, tmp: Path) -> dict:
         f"learner.micro_batch_size={args.prompts * args.group}",
         'eval.budgets=["8x8"]', "eval.num_prompts=1", f"tracking.tracking_uri={uri}",
         "tracking.experiment=bench-rl-step", f"ray.num_cpus={os.cpu_count()}",
+        f"trainer.off_policy_steps={args.off_policy_steps}",
     ])
     result = train(cfg, log=lambda *a: None)
     client = MlflowClient(uri)
@@ -132,6 +134,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm",
                     help="the orchestrator's rollout engine (hf: the same generate TRL uses)")
+    ap.add_argument("--off-policy-steps", type=int, choices=[0, 1], default=0,
+                    help="the orchestrator's trainer.off_policy_steps (1: generate the next step while learning)")
     ap.add_argument("--only", choices=["ours", "trl"], help="run one side")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,8 +165,9 @@ def main() -> int:
             if args.only and side != args.only:
                 continue
             cmd = [sys.executable, __file__, "--worker", side, "--model", args.model,
-                   *[f"--{k}={getattr(args, k)}" for k in
-                     ("steps", "prompts", "group", "thinking", "solution", "lr", "beta", "threads", "engine")]]
+                   *[f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                     ("steps", "prompts", "group", "thinking", "solution", "lr", "beta", "threads", "engine",
+                       "off_policy_steps")]]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                                  env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
@@ -176,20 +181,22 @@ def main() -> int:
     print(f"model {args.model}; {args.prompts} prompts x {args.group} samples = {n} per step, "
           f"{args.thinking}+{args.solution} tokens max, {args.steps} steps (first = warm-up); "
           f"{os.cpu_count()} CPUs\n")
-    print(f"{'trainer':<40} {'s/step':>7} {'tokens/sample':>14} {'samples/s':>10} {'tokens/s':>9} "
+    print(f"{'trainer':<44} {'s/step':>7} {'tokens/sample':>14} {'samples/s':>10} {'tokens/s':>9} "
           f"{'end-to-end s':>13}")
-    labels = {"ours": f"orchestrator (Ray, {'vLLM' if args.engine == 'vllm' else 'HF'} two-phase)",
+    mode = ", one step off-policy" if args.off_policy_steps else ""
+    labels = {"ours": f"orchestrator (Ray, {'vLLM' if args.engine == 'vllm' else 'HF'}{mode})",
               "trl": "TRL GRPOTrainer (HF generate)"}
     rate = {}
     for side, r in results.items():
         per = r["seconds"] / r["steps"]
         rate[side] = n / per
         tps = rate[side] * r["tokens_per_sample"]
-        print(f"{labels[side]:<40} {per:>7.3f} {r['tokens_per_sample']:>14.1f} {rate[side]:>10.1f} {tps:>9.0f} "
+        print(f"{labels[side]:<44} {per:>7.3f} {r['tokens_per_sample']:>14.1f} {rate[side]:>10.1f} {tps:>9.0f} "
               f"{r['wall']:>13.1f}")
     if "ours" in results:
         p = results["ours"]["parts"]
-        print("orchestrator step parts (mean s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items()))
+        print("orchestrator step parts (mean s): " + ", ".join(f"{k} {v:.3f}" for k, v in p.items())
+              + (" (generate = waiting for the rollout that ran during the update)" if args.off_policy_steps else ""))
     if len(rate) == 2:
         tok = {s: rate[s] * results[s]["tokens_per_sample"] for s in rate}
         print(f"ratio orchestrator/TRL generated tokens/s: {tok['ours'] / tok['trl']:.2f}x")

@@ -174,6 +174,10 @@ class TrainerConfig:
     # Stop once this many tokens were generated (training rollouts + a curriculum's previews); 0: no limit.
     # Compares methods at equal generation cost; trainer.steps still caps the run.
     max_generated_tokens: int = 0
+    # 1: the rollout workers generate step k+1's samples while the learner updates on step k's (one-step
+    # off-policy, as verl's one_step_off_policy): a step costs about max(generate, learn) + sync instead
+    # of their sum; the samples are one update behind the policy that learns from them. 0: synchronous.
+    off_policy_steps: int = 0
     output_dir: str = "outputs"
     run_name: Optional[str] = None
     seed: int = 0
@@ -400,6 +404,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     non_negative("trainer.state_every", t.state_every)
     non_negative("trainer.max_restarts", t.max_restarts)
     non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
+    if t.off_policy_steps not in (0, 1):
+        bad("trainer.off_policy_steps", t.off_policy_steps, "must be 0 (synchronous) or 1 (one step ahead)")
     if t.resume not in ("auto", "never", "must"):
         bad("trainer.resume", t.resume, "must be auto, never or must")
     if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name in (".", "..")):

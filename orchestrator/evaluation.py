@@ -22,10 +22,19 @@ def generate(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) ->
 
     The result's schema metadata keeps the slowest worker's engine seconds (the critical path).
     """
+    return gather(submit(workers, prompts, spec, step))
+
+
+def submit(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) -> list:
+    """Start ``generate`` on the workers (an even split of the prompts); returns the Ray refs."""
     n = len(workers)
     size = -(-prompts.num_rows // n)
-    refs = [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
+    return [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
             for i, w in enumerate(workers) if i * size < prompts.num_rows]
+
+
+def gather(refs: list) -> pa.Table:
+    """The records of ``submit``'s refs, in prompt order, with the slowest worker's engine seconds."""
     parts = ray.get(refs)
     slowest = max((engine_seconds(p) for p in parts), default=0.0)
     return pa.concat_tables(parts).replace_schema_metadata({ENGINE_SECONDS: str(slowest)})

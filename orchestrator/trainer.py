@@ -31,7 +31,7 @@ from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
-from .evaluation import evaluate, format_summary, generate
+from .evaluation import evaluate, format_summary, gather, generate, submit
 from .learner.losses import group_advantages
 from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
@@ -217,6 +217,9 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
     """
     from .warmstart import ensure_base_model
 
+    if curriculum is not None and cfg.trainer.off_policy_steps:
+        raise ConfigError(f"trainer.off_policy_steps={cfg.trainer.off_policy_steps}: a curriculum selects each "
+                          "step's prompts from the previous step's results; use 0 with a curriculum")
     run_name, out_dir, state_path = resume.plan_run(cfg, log)
     # Data that cannot be used fails here, before MLflow or Ray: unreadable files, overlong prompts.
     try:
@@ -281,6 +284,9 @@ class _Run:
                                      budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
+        # trainer.off_policy_steps=1: (step, prompts, refs, sampler state before drawing them) of the
+        # rollout started during the previous step's update
+        self._pending: tuple | None = None
         self._fresh_position()
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
@@ -288,6 +294,7 @@ class _Run:
     # ---- state ------------------------------------------------------------------------------------
 
     def _fresh_position(self) -> None:
+        self._pending = None  # a rollout of the old position is not this position's next step
         self.sampler = PromptSampler(self.train_prompts, self.cfg.trainer.prompts_per_step, self.cfg.trainer.seed)
         self.step = 0
         self.totals = {"generated_tokens": 0.0, "reward_errors": 0.0, "reward_timeouts": 0.0}
@@ -296,7 +303,10 @@ class _Run:
         return self.elapsed_before + time.perf_counter() - self.t0
 
     def _payload(self) -> dict:
-        return {"step": self.step, "run_id": self.tracker.run_id, "sampler": self.sampler.state(),
+        # With a rollout already started for the next step, the data position is the one before its
+        # prompts were drawn: a resumed run draws and generates them again.
+        sampler = self._pending[3] if self._pending is not None else self.sampler.state()
+        return {"step": self.step, "run_id": self.tracker.run_id, "sampler": sampler,
                 "totals": self.totals, "eval_before": self.result.eval_before, "wall_seconds": self.wall(),
                 "restarts": self.result.restarts, "pending_metrics": self.buffer.records,
                 "resumed_from": self.result.resumed_from,
@@ -317,6 +327,7 @@ class _Run:
                 self.curriculum.restore(self._curriculum_start)
             return
         st = resume.read_state(state_path)
+        self._pending = None
         self.group.learner.load_state(str(state_path))
         self.step = int(st["step"])
         self.sampler.restore(st["sampler"])
@@ -441,19 +452,45 @@ class _Run:
             temperature=e.temperature, top_p=e.top_p, reward_spec=self.spec, pool=self.pool, step=step,
             seed=self.cfg.rollout.seed))
 
+    def _records(self, prompts: pa.Table, step: int, refs: list | None) -> pa.Table:
+        """This step's records: from ``refs`` (the rollout started during the previous step's update,
+        trainer.off_policy_steps=1) on the first try, else generated now. Retried by _on_rollouts."""
+        if refs:
+            try:
+                return gather(refs)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if self.group.dead_rollouts():
+                    raise  # _on_rollouts replaces the worker, then this runs again and regenerates
+        return generate(self.group.rollout, prompts, self.sampling, step)
+
+    def _start_next(self, step: int) -> None:
+        """Start step ``step + 1``'s rollout on the workers' current weights (one update behind the
+        learner once this step's lands), so it runs while the learner updates."""
+        if not self.cfg.trainer.off_policy_steps or step >= self.cfg.trainer.steps:
+            return
+        before = self.sampler.state()
+        prompts = self._draw(step + 1)
+        self._pending = (step + 1, prompts, submit(self.group.rollout, prompts, self.sampling, step + 1), before)
+
     def _one_step(self, bar) -> tuple[bool, tuple | None]:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step + 1
         ts = time.perf_counter()
-        prompts = self._draw(step)
-        records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, self.sampling, step))
+        pending, self._pending = self._pending, None
+        prompts, refs = (pending[1], pending[2]) if pending is not None and pending[0] == step else (self._draw(step), None)
+        tries = [refs]  # the started rollout is used on the first try only
+        records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
         tg = time.perf_counter()
         t_engine = engine_seconds(records)
+        self._start_next(step)
         records, rstats = score_rollouts(records, self.spec, self.pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
         lmetrics = self.group.learner.step(batch)
         tl = time.perf_counter()
+        if self._pending is not None:  # the next rollout must end before the weights change under it
+            ray.wait(self._pending[2], num_returns=len(self._pending[2]))
+        tw = time.perf_counter()
         weights = self.group.learner.get_weights()
         self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, step) for w in self.group.rollout]))
         tsync = time.perf_counter()
@@ -464,14 +501,20 @@ class _Run:
         self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
         metrics.update({f"train/{k}": v for k, v in bstats.items()})
+        # Updates between the policy that generated the samples and the one that learned from them
+        # (0 synchronous; 1 with trainer.off_policy_steps=1 after the first step).
+        metrics["train/policy_lag"] = (step - 1) - float(np.mean(records["policy_version"].to_numpy()))
         if self.curriculum is not None:
             metrics.update({f"curriculum/{k}": v for k, v in (self.curriculum.observe(records, step) or {}).items()})
         metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
         # What the step spends outside the engine's generation and the learner's update: scheduling,
         # serialization, reward, batching, weight sync (issue 9's overhead share).
-        t_compute = t_engine + float(lmetrics.get("seconds", 0.0))
-        metrics.update({"time/generate": tg - ts, "time/reward": tr - tg, "time/learn": tl - tr,
-                        "time/sync": tsync - tl, "time/step": tsync - ts, "time/generate_engine": t_engine,
+        # Off-policy, the engine runs while the learner does: only the waits for it count, and the
+        # overhead is what is left outside the learner's update and those waits.
+        waited = (tg - ts) + (tw - tl)
+        t_compute = float(lmetrics.get("seconds", 0.0)) + (waited if t.off_policy_steps else t_engine)
+        metrics.update({"time/generate": waited, "time/reward": tr - tg, "time/learn": tl - tr,
+                        "time/sync": tsync - tw, "time/step": tsync - ts, "time/generate_engine": t_engine,
                         "time/overhead": tsync - ts - t_compute,
                         "time/overhead_share": (tsync - ts - t_compute) / max(tsync - ts, 1e-9),
                         "train/reward_errors": rstats["reward_errors"],

@@ -27,6 +27,7 @@ def cfg_file(tmp_path):
     ("model.path=/no/such/model", "/no/such/model"),
     ("rollout.engine=tgi", "rollout.engine='tgi'"),
     ("rollout.vllm.max_num_seqs=-1", "rollout.vllm.max_num_seqs=-1"),
+    ("trainer.off_policy_steps=2", "trainer.off_policy_steps=2"),
     ("budgets=[16x8,oops]", "'oops'"),
     ("learner.lr=0", "learner.lr=0"),
     ("algorithm.kl_estimator=k9", "k9"),

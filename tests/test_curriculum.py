@@ -13,6 +13,8 @@ import pytest
 
 from workloads.difficulty.curriculum import DifficultyConfig, DifficultyCurriculum, hint_steps
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def _prompts(prefix):
     return pa.table({"prompt_id": ["a", "b"], "prompt": ["12+34=", "56+78="], "answer": ["46", "134"],
@@ -92,6 +94,17 @@ def test_bad_curriculum_config_names_the_key():
         DifficultyCurriculum(DifficultyConfig(ema=0))
     with pytest.raises(ConfigError, match=r"curriculum\.prior='level': must be difficulty or none"):
         DifficultyCurriculum(DifficultyConfig(prior="level"))
+
+
+def test_curriculum_with_off_policy_rollouts_fails_before_any_work(tmp_path, tiny_model):
+    from orchestrator.config import ConfigError, load_config
+    from orchestrator.trainer import train
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"model.path={tiny_model}", "trainer.off_policy_steps=1",
+                                                             f"trainer.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"trainer\.off_policy_steps=1: a curriculum"):
+        train(cfg, curriculum=DifficultyCurriculum(DifficultyConfig()))
+    assert not (tmp_path / "out").exists()  # nothing written, no MLflow run, no Ray
 
 
 def test_recipe_compares_at_equal_generated_tokens(ray_session, tmp_path, tiny_model):

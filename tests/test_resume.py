@@ -28,9 +28,12 @@ STEPS = 10
 def _command(tmp: Path) -> list[str]:
     # HF rollout engine: replacing a worker is engine-agnostic, and five vLLM engine starts (two
     # workers, a replacement, two on resume) cost a minute of the suite; test_train_e2e covers vLLM.
+    # One step off-policy: the faults land while a next step's rollout is in flight, the hardest case
+    # (the synchronous loop is the same code without it).
     overrides = [f"model.path={tmp / 'tiny'}", "warmstart.steps=0", "rollout.engine=hf", f"trainer.steps={STEPS}", "trainer.state_every=2",
                  "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.num_workers=2",
                  "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5", "ray.num_cpus=4",
+                 "trainer.off_policy_steps=1",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=faults", "trainer.log_samples_every=0",
                  "eval.num_prompts=8", "data.eval_size=8", "data.train_size=64", "budgets=[6x4]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=16",
@@ -116,6 +119,10 @@ def test_faults_then_sigkill_then_resume(tmp_path):
         assert sorted(steps) == list(range(1, STEPS + 1)), (key, sorted(steps))  # every step once
     versions = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learner/policy_version")}
     assert versions == {s: float(s) for s in range(1, STEPS + 1)}  # the learner never lost or repeated a step
+    # Samples one update behind the learner, except the first step and a step regenerated after a restore.
+    lags = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/policy_lag")}
+    assert lags[1] == 0.0 and set(lags.values()) <= {0.0, 1.0}, lags
+    assert sum(v == 1.0 for v in lags.values()) >= STEPS // 2, lags
     m = run.data.metrics
     assert m["cost/total"] > 0 and m["cost/cpu_hours"] > 0
     for i in (0, 1):  # both rollout workers took part and hold the final policy

@@ -42,6 +42,8 @@ def test_run_logged_to_mlflow(trained):
         hist = client.get_metric_history(result.run_id, key)
         assert [m.step for m in hist] == [1, 2], key
     assert client.get_metric_history(result.run_id, "eval/6x4/accuracy")
+    # synchronous (trainer.off_policy_steps=0): every step learns from its own policy's samples
+    assert [m.value for m in client.get_metric_history(result.run_id, "train/policy_lag")] == [0.0, 0.0]
     m = run.data.metrics  # the engine's and the learner's own time are inside the step's parts
     assert 0 < m["time/generate_engine"] < m["time/generate"]
     assert 0 < m["learner/seconds"] < m["time/learn"]
