@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from . import frontier, resume, tracking
@@ -137,6 +138,10 @@ def reward_spec(cfg: Config, verifier: str) -> RewardSpec:
     return RewardSpec(verifier=verifier, correct_reward=r.correct_reward, wrong_reward=r.wrong_reward,
                       format_weight=r.format_weight, format_fn=r.format_fn, length_penalty=r.length_penalty,
                       timeout_s=r.timeout_s)
+
+
+def generated_tokens(records: pa.Table) -> float:
+    return float(pc.sum(records["thinking_tokens"]).as_py() or 0) + float(pc.sum(records["solution_tokens"]).as_py() or 0)
 
 
 def step_metrics(records: pa.Table) -> dict[str, float]:
@@ -463,11 +468,14 @@ class _Run:
                     raise  # _on_rollouts replaces the worker, then this runs again and regenerates
         return generate(self.group.rollout, prompts, self.sampling, step)
 
-    def _start_next(self, step: int) -> None:
+    def _start_next(self, step: int, records: pa.Table) -> None:
         """Start step ``step + 1``'s rollout on the workers' current weights (one update behind the
         learner once this step's lands), so it runs while the learner updates."""
-        if not self.cfg.trainer.off_policy_steps or step >= self.cfg.trainer.steps:
+        t = self.cfg.trainer
+        if not t.off_policy_steps or step >= t.steps:
             return
+        if t.max_generated_tokens and self.totals["generated_tokens"] + generated_tokens(records) >= t.max_generated_tokens:
+            return  # this step ends the run: no rollout for a step that will not come
         before = self.sampler.state()
         prompts = self._draw(step + 1)
         self._pending = (step + 1, prompts, submit(self.group.rollout, prompts, self.sampling, step + 1), before)
@@ -482,7 +490,7 @@ class _Run:
         records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
         tg = time.perf_counter()
         t_engine = engine_seconds(records)
-        self._start_next(step)
+        self._start_next(step, records)
         records, rstats = score_rollouts(records, self.spec, self.pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
