@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "meta_abilities" / "tiny.yaml"
 
 
-def test_shipped_config_builds_the_paper_dag():
-    cfg = load(str(CFG))
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-long.yaml"])
+def test_shipped_config_builds_the_paper_dag(name):
+    cfg = load(str(CFG.parent / name))
     stages = {s.name: s for s in build_stages(cfg)}
     assert stages["deduction-L1"].deps == ("warmstart",) and stages["deduction-L2"].deps == ("deduction-L1",)
     assert set(stages["merge"].deps) == {"deduction-L2", "induction-L2", "abduction-L2"}
