@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project's packages resolve from the checkout
 
-from shapes import SHAPES, build  # noqa: E402
+from shapes import add_model_arguments, resolve_model  # noqa: E402
 TEMPLATE = "<s>{prompt}<think>"
 
 
@@ -121,9 +121,7 @@ def run_trl(args, tmp: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
-                    help="random model to build when --model is not given (tiny: the quickstart's)")
+    add_model_arguments(ap)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
@@ -155,11 +153,7 @@ def main() -> int:
         except ImportError:
             ap.error("TRL is not installed: bash scripts/install.sh cpu,dev,bench")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
-            args.model = str(build(args.shape, tmp))
-        elif not (Path(args.model) / "config.json").is_file():
-            ap.error(f"--model {args.model}: not a Hugging Face model directory")
-        args.model = str(Path(args.model).resolve())
+        args.model = resolve_model(ap, args, tmp)
         results = {}
         for side in ("ours", "trl"):
             if args.only and side != args.only:

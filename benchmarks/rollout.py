@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project's packages resolve from the checkout
 
-from shapes import SHAPES, build  # noqa: E402
+from shapes import add_model_arguments, resolve_model  # noqa: E402
 
 
 def _prompts(n: int) -> list[str]:
@@ -116,9 +116,7 @@ def run_hf(args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
-                    help="random model to build when --model is not given (tiny: the quickstart's)")
+    add_model_arguments(ap)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--thinking", type=int, default=48)
@@ -136,10 +134,7 @@ def main() -> int:
         print("RESULT " + json.dumps(run_vllm(args) if args.worker == "vllm" else run_hf(args)), flush=True)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        if args.model is None:
-            args.model = str(build(args.shape, tmp))
-        elif not (Path(args.model) / "config.json").is_file():
-            ap.error(f"--model {args.model}: not a Hugging Face model directory")
+        args.model = resolve_model(ap, args, tmp)
         results = {}
         for engine in ("vllm", "hf"):
             cmd = [sys.executable, __file__, "--worker", engine, "--model", args.model,

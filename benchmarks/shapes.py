@@ -20,3 +20,19 @@ def build(shape: str, out_dir: str | Path, max_position_embeddings: int = 512) -
     hidden, layers, heads, ffn = SHAPES[shape]
     return build_tiny_model(Path(out_dir) / shape, hidden_size=hidden, num_layers=layers, num_heads=heads,
                             intermediate_size=ffn, max_position_embeddings=max_position_embeddings)
+
+
+def add_model_arguments(ap) -> None:
+    """``--model`` (a Hugging Face directory) or ``--shape`` (a random model to build)."""
+    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                    help="random model to build when --model is not given (tiny: the quickstart's)")
+
+
+def resolve_model(ap, args, tmp: str | Path) -> str:
+    """The absolute model directory the arguments name, building the random one into ``tmp``."""
+    if args.model is None:
+        return str(build(args.shape, tmp).resolve())
+    if not (Path(args.model) / "config.json").is_file():
+        ap.error(f"--model {args.model}: not a Hugging Face model directory")
+    return str(Path(args.model).resolve())
