@@ -152,7 +152,7 @@ def step_metrics(records: pa.Table) -> dict[str, float]:
     reward = np.asarray(records["reward"].to_numpy(zero_copy_only=False), dtype=float)
     return {"reward": reward.mean(), "accuracy": correct.mean(), "thinking_tokens": think.mean(),
             "solution_tokens": sol.mean(), "truncation_rate": trunc.mean(),
-            "generated_tokens": float(think.sum() + sol.sum())}
+            "generated_tokens": generated_tokens(records)}
 
 
 def learner_batch(records: pa.Table, cfg: Config) -> tuple[pa.Table, dict]:
@@ -272,6 +272,16 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
         return result
 
 
+@dataclass
+class _Prefetch:
+    """A rollout started during the previous step's update (trainer.off_policy_steps=1)."""
+
+    step: int
+    prompts: pa.Table
+    refs: list  # evaluation.submit's Ray refs
+    sampler_before: dict  # the data position before its prompts were drawn (what a state saves)
+
+
 class _Run:
     """The controller loop's state: step, data position, durable metric buffer, actor restarts."""
 
@@ -289,9 +299,7 @@ class _Run:
                                      budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
-        # trainer.off_policy_steps=1: (step, prompts, refs, sampler state before drawing them) of the
-        # rollout started during the previous step's update
-        self._pending: tuple | None = None
+        self._pending: _Prefetch | None = None  # trainer.off_policy_steps=1: the next step's rollout
         self._fresh_position()
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
@@ -310,7 +318,7 @@ class _Run:
     def _payload(self) -> dict:
         # With a rollout already started for the next step, the data position is the one before its
         # prompts were drawn: a resumed run draws and generates them again.
-        sampler = self._pending[3] if self._pending is not None else self.sampler.state()
+        sampler = self._pending.sampler_before if self._pending is not None else self.sampler.state()
         return {"step": self.step, "run_id": self.tracker.run_id, "sampler": sampler,
                 "totals": self.totals, "eval_before": self.result.eval_before, "wall_seconds": self.wall(),
                 "restarts": self.result.restarts, "pending_metrics": self.buffer.records,
@@ -478,14 +486,17 @@ class _Run:
             return  # this step ends the run: no rollout for a step that will not come
         before = self.sampler.state()
         prompts = self._draw(step + 1)
-        self._pending = (step + 1, prompts, submit(self.group.rollout, prompts, self.sampling, step + 1), before)
+        self._pending = _Prefetch(step + 1, prompts, submit(self.group.rollout, prompts, self.sampling, step + 1), before)
 
     def _one_step(self, bar) -> tuple[bool, tuple | None]:
         cfg, t = self.cfg, self.cfg.trainer
         step = self.step + 1
         ts = time.perf_counter()
         pending, self._pending = self._pending, None
-        prompts, refs = (pending[1], pending[2]) if pending is not None and pending[0] == step else (self._draw(step), None)
+        if pending is not None and pending.step == step:
+            prompts, refs = pending.prompts, pending.refs
+        else:
+            prompts, refs = self._draw(step), None
         tries = [refs]  # the started rollout is used on the first try only
         records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
         tg = time.perf_counter()
@@ -497,7 +508,7 @@ class _Run:
         lmetrics = self.group.learner.step(batch)
         tl = time.perf_counter()
         if self._pending is not None:  # the next rollout must end before the weights change under it
-            ray.wait(self._pending[2], num_returns=len(self._pending[2]))
+            ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
         tw = time.perf_counter()
         weights = self.group.learner.get_weights()
         self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, step) for w in self.group.rollout]))

@@ -91,7 +91,9 @@ class VllmEngine:
             max_num_seqs = max_num_seqs or 1024  # vLLM's 256 splits a rollout batch into waves
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
-        self.budget_forcing = budget_forcing
+        # budget_forcing is a switch two_phase_generate reads (False: two calls); the processor is
+        # registered once, here, so only an engine built with it can switch it on.
+        self.budget_forcing = self._forcing_registered = budget_forcing
         if budget_forcing:  # by name, so a multiprocess engine imports it in its own process
             kwargs["logits_processors"] = ["orchestrator.rollout.budget_forcing:BudgetForcing"]
         # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
@@ -104,7 +106,7 @@ class VllmEngine:
     def _params(self, r: GenRequest, temperature: float, top_p: float):
         from vllm import SamplingParams
 
-        if r.budget_forcing is not None and not self.budget_forcing:
+        if r.budget_forcing is not None and not self._forcing_registered:  # vLLM would ignore extra_args
             raise ValueError("GenRequest.budget_forcing needs an engine built with budget_forcing=True")
         return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
                               top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
