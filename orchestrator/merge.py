@@ -1,4 +1,5 @@
-"""Linear merge of N Hugging Face checkpoints in parameter space: ``sum_i w_i * theta_i``.
+"""Merge N Hugging Face checkpoints in parameter space: linear ``sum_i w_i * theta_i`` or, given the
+base they were all fine-tuned from, task arithmetic ``theta_base + sum_i w_i * (theta_i - theta_base)``.
 
 Reads ``*.safetensors`` only (never pickle), checks that every model has the same architecture,
 keys, shapes and dtypes (an error names the first bad key), and writes a ``save_pretrained``
@@ -7,6 +8,11 @@ directory (config, generation config, tokenizer of the first model) atomically. 
 default: 1.0 / 0.2 / 0.1 -> 0.769 / 0.154 / 0.077). Exactness: a term with weight 1.0 and all others
 0.0 copies that model's tensors unchanged, so a one-hot merge (and a merge of identical models)
 returns the source model bit for bit.
+
+Task arithmetic (Ilharco et al., 2023) adds each specialist's *change* from the base with weight
+``w_i``; it is the linear merge of ``[base] + models`` with coefficients ``[1 - sum(w)] + w``, so
+with normalized weights it equals the linear merge, and with ``w_i = 1`` it keeps every
+specialist's full update instead of diluting each to ``1/N``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class MergeSpec:
     weights: list[float] = field(default_factory=list)
     normalize: bool = True
     dtype: str | None = None  # None: keep each tensor's dtype; else "float32" | "bfloat16" | "float16"
+    base: str | None = None  # set: task arithmetic around this checkpoint (the models' common parent)
 
 
 def effective_weights(weights: Sequence[float], normalize: bool) -> list[float]:
@@ -153,15 +160,18 @@ def merge_checkpoints(spec: MergeSpec, out_dir: str | os.PathLike) -> str:
         raise MergeError(f"merge: {len(spec.models)} models but {len(spec.weights)} weights")
     coeffs = effective_weights(spec.weights, spec.normalize)
     dirs = [Path(m) for m in spec.models]
-    states = [load_state(d) for d in dirs]
-    check_compatible(dirs, states)
+    terms, applied = dirs, coeffs
+    if spec.base is not None:  # theta_base + sum c_i (theta_i - theta_base) as one linear merge
+        terms, applied = [Path(spec.base)] + dirs, [1.0 - sum(coeffs)] + coeffs
+    states = [load_state(d) for d in terms]
+    check_compatible(terms, states)
     dtype = resolve_dtype(spec.dtype) if spec.dtype else None
-    merged = merge_states(states, coeffs, dtype)
+    merged = merge_states(states, applied, dtype)
     del states
 
     float_dtypes = {v.dtype for v in merged.values() if v.is_floating_point()}
     model_dtype = dtype or (float_dtypes.pop() if len(float_dtypes) == 1 else torch.float32)
-    model, tokenizer = load_policy(str(dirs[0]), dtype=model_dtype)
+    model, tokenizer = load_policy(str(terms[0]), dtype=model_dtype)
     missing, unexpected = model.load_state_dict(merged, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected:
@@ -171,5 +181,8 @@ def merge_checkpoints(spec: MergeSpec, out_dir: str | os.PathLike) -> str:
     path = save_hf_checkpoint(model, tokenizer, out_dir)
     (Path(path) / MERGE_INFO).write_text(json.dumps(
         {"models": [str(d.absolute()) for d in dirs], "weights": [float(w) for w in spec.weights],
-         "normalize": spec.normalize, "coefficients": coeffs, "dtype": spec.dtype}, indent=1))
+         "normalize": spec.normalize, "coefficients": coeffs, "dtype": spec.dtype,
+         "method": "task_arithmetic" if spec.base is not None else "linear",
+         "base": None if spec.base is None else str(Path(spec.base).absolute()),
+         "base_coefficient": applied[0] if spec.base is not None else None}, indent=1))
     return path

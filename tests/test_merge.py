@@ -1,4 +1,4 @@
-"""Linear checkpoint merge: exactness (identical models, one-hot weights), arithmetic, clear errors."""
+"""Checkpoint merge (linear and task arithmetic): exactness (identical models, one-hot weights), arithmetic, clear errors."""
 
 import json
 import shutil
@@ -61,6 +61,32 @@ def test_two_model_arithmetic_and_normalization(models, tmp_path):
     # The result loads in transformers like any checkpoint.
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
+
+
+def test_task_arithmetic_adds_each_models_change_from_the_base(models, tmp_path):
+    a, b, c = models
+    sa, sb, sc = load_state(a), load_state(b), load_state(c)
+    # Specialists identical to the base: the base, bit for bit, whatever the weights.
+    same = merge_checkpoints(MergeSpec([str(a)] * 3, [1.0, 1.0, 0.5], normalize=False, base=str(a)), tmp_path / "s")
+    assert _equal(load_state(same), sa)
+    # Full weights keep both changes: a + (b - a) + (c - a).
+    out = merge_checkpoints(MergeSpec([str(b), str(c)], [1.0, 1.0], normalize=False, base=str(a)), tmp_path / "t")
+    merged = load_state(out)
+    for k in sa:
+        expected = (sb[k].double() + sc[k].double() - sa[k].double()).float()
+        assert torch.equal(merged[k], expected), k
+    info = json.loads((Path(out) / "budgetrl_merge.json").read_text())
+    assert info["method"] == "task_arithmetic" and info["base_coefficient"] == -1.0
+    assert info["models"] == [str(b.absolute()), str(c.absolute())] and info["base"] == str(a.absolute())
+    # Normalized weights cancel the base: the same tensors as the linear merge.
+    ta = load_state(merge_checkpoints(MergeSpec([str(b), str(c)], [3.0, 1.0], base=str(a)), tmp_path / "n"))
+    lin = load_state(merge_checkpoints(MergeSpec([str(b), str(c)], [3.0, 1.0]), tmp_path / "l"))
+    assert _equal(ta, lin)
+    # A base of another architecture fails naming the key, and nothing is written.
+    wide = build_tiny_model(tmp_path / "wide", **{**TINY, "intermediate_size": 256})
+    with pytest.raises(MergeError, match="intermediate_size"):
+        merge_checkpoints(MergeSpec([str(b)], [1.0], normalize=False, base=str(wide)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_mismatches_fail_naming_the_key(models, tmp_path):

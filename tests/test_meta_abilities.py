@@ -42,6 +42,7 @@ def test_shipped_config_builds_the_paper_dag(name):
     (["levels=[1,6]"], "levels"),
     (["merge.weights={deduction: 0.0, induction: 0.0, abduction: 0.0}"], "sum to 0"),
     (["max_concurrency=0"], "max_concurrency"),
+    (["merge.method=ties"], "merge.method='ties'"),
     (["ability=[budget.solution=0]"], "budget.solution=0"),
     (["nonsense=1"], "nonsense"),
 ])
@@ -55,6 +56,14 @@ def test_fewer_abilities_ignore_other_weights():
     assert {s.name for s in build_stages(cfg) if s.name.startswith("eval-")} == {
         "eval-base", "eval-deduction", "eval-induction", "eval-merged", "eval-domain-from-base",
         "eval-domain-from-merged"}
+
+
+def test_task_arithmetic_merge_reads_the_warm_start_too():
+    cfg = load(str(CFG), ["merge.method=task_arithmetic", "merge.normalize=false",
+                          "merge.weights={deduction: 1.0, induction: 1.0, abduction: 1.0}"])
+    stages = {s.name: s for s in build_stages(cfg)}
+    assert set(stages["merge"].deps) == {"deduction-L2", "induction-L2", "abduction-L2", "warmstart"}
+    assert stages["merge"].config["method"] == "task_arithmetic"
 
 
 def test_changing_one_stage_changes_only_its_key_and_downstream():

@@ -29,6 +29,7 @@ from orchestrator.config import Budget, Config, ConfigError, load_config, merge_
 from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 ABILITIES = ("deduction", "induction", "abduction")
+MERGE_METHODS = ("linear", "task_arithmetic")
 WORKLOAD = "meta_abilities"
 # The paper's scores: format +1/-1; answer +2 full match, -1.5 mismatch, -2 unparseable (docs/tasks.md).
 PAPER_REWARD = ["reward.verifier=auto", "reward.correct_reward=2.0", "reward.wrong_reward=-1.5",
@@ -54,6 +55,9 @@ class WarmstartMix:
 class MergeSection:
     weights: dict[str, float] = field(default_factory=lambda: {"deduction": 1.0, "induction": 0.2, "abduction": 0.1})
     normalize: bool = True  # divide by the sum, as the paper's merge tool does by default
+    # linear: sum_i w_i theta_i (the paper) | task_arithmetic: theta_base + sum_i w_i (theta_i - theta_base),
+    # around the warm start every specialist was trained from
+    method: str = "linear"
 
 
 @dataclass
@@ -107,6 +111,8 @@ def check(cfg: MetaConfig) -> None:
         raise ConfigError(f"merge.weights={dict(cfg.merge.weights)!r}: no weight for {', '.join(missing)}")
     from orchestrator.merge import MergeError, effective_weights
 
+    if cfg.merge.method not in MERGE_METHODS:
+        raise ConfigError(f"merge.method={cfg.merge.method!r}: one of {', '.join(MERGE_METHODS)}")
     try:
         effective_weights([cfg.merge.weights[a] for a in cfg.abilities], cfg.merge.normalize)
     except MergeError as exc:
@@ -235,11 +241,13 @@ def _merge_stage(cfg: MetaConfig, sources: dict[str, str]):
 
         names = list(sources)
         weights = [float(cfg.merge.weights[a]) for a in names]
+        base = ctx.inputs["warmstart"].checkpoint if cfg.merge.method == "task_arithmetic" else None
         spec = MergeSpec(models=[ctx.inputs[sources[a]].checkpoint for a in names], weights=weights,
-                         normalize=cfg.merge.normalize)
+                         normalize=cfg.merge.normalize, base=base)
         coeffs = effective_weights(weights, cfg.merge.normalize)
         with ctx.start_run(params={"merge.abilities": names, "merge.weights": weights,
-                                   "merge.normalize": cfg.merge.normalize, "merge.coefficients": coeffs}) as run:
+                                   "merge.normalize": cfg.merge.normalize, "merge.coefficients": coeffs,
+                                   "merge.method": cfg.merge.method}) as run:
             path = merge_checkpoints(spec, ctx.out_dir / "checkpoint")
         ctx.log(f"merge: {', '.join(f'{a} {c:.3f}' for a, c in zip(names, coeffs))} -> {path}")
         return StageOutput(run_id=run.run_id, checkpoint=path, outputs={"coefficients": dict(zip(names, coeffs))})
@@ -360,9 +368,10 @@ def build_stages(cfg: MetaConfig) -> list[Stage]:
             stages.append(Stage(name, _train_stage(trains[name], prev), (prev,), _hashable(trains[name])))
             prev = name
     last = {a: f"{a}-L{cfg.levels[-1]}" for a in cfg.abilities}
-    stages.append(Stage("merge", _merge_stage(cfg, last), tuple(last.values()),
+    merge_inputs = tuple(last.values()) + (("warmstart",) if cfg.merge.method == "task_arithmetic" else ())
+    stages.append(Stage("merge", _merge_stage(cfg, last), merge_inputs,
                         {"weights": dict(cfg.merge.weights), "normalize": cfg.merge.normalize,
-                         "order": list(last)}))
+                         "order": list(last), "method": cfg.merge.method}))
     stages.append(Stage("domain-from-merged", _train_stage(trains["domain-from-merged"], "merge"), ("merge",),
                         _hashable(trains["domain-from-merged"])))
     if cfg.run_domain_from_base:
@@ -452,6 +461,7 @@ def run(cfg: MetaConfig, log=print, only: list[str] | None = None) -> dict:
                                     params={"base": cfg.base, "abilities": cfg.abilities, "levels": cfg.levels,
                                             "merge.weights": dict(cfg.merge.weights),
                                             "merge.normalize": cfg.merge.normalize,
+                                            "merge.method": cfg.merge.method,
                                             "max_concurrency": cfg.max_concurrency,
                                             "overrides": " ".join(cfg.overrides)},
                                     tags=tracking.lineage_tags(to_plain(cfg), workload=WORKLOAD, stage="pipeline"))
