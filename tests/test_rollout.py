@@ -134,45 +134,45 @@ def test_vllm_large_sampled_batch(vllm_worker, tiny_model):
     _check_budgets(table, tiny_model, 40, 4)
 
 
-def test_budget_forcing_matches_two_calls(ray_session, tiny_model):
+def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
     """One request per sample (the logits processor) gives exactly the two-call samples, greedy."""
-    from orchestrator.runtime import VLLM_CPU_ENV
 
-    def _budget_forcing_vs_two_calls(model: str) -> dict:
-        """In a Ray task (its own vLLM engine): greedy budgeted samples with the budget forced inside one
-        request vs two generate calls, on budgets that make the thinking close, run out, and (with a
-        frequent token standing in for EOS) end before closing, which takes the second-phase fallback."""
+    def _budget_forcing_vs_two_calls(worker) -> dict:
+        """Inside the shared rollout actor, on its engine (built with the processor registered): greedy
+        budgeted samples with the budget forced inside one request vs two generate calls, on budgets
+        that make the thinking close, run out, and (with a frequent token standing in for EOS) end
+        before closing, which takes the second-phase fallback."""
         from collections import Counter
 
-        from transformers import AutoTokenizer
-
         from orchestrator.rollout.budget import two_phase_generate
-        from orchestrator.rollout.engine import VllmEngine
 
-        tok = AutoTokenizer.from_pretrained(model)
+        engine, tok = worker.engine, worker.tokenizer
         think_end = tok.convert_tokens_to_ids("</think>")
-        engine = VllmEngine(model, max_model_len=256, seed=0)
         prompts = [tok(f"<s>{10 + i}+{20 + i}=<think>", add_special_tokens=False)["input_ids"] for i in range(16)]
         budgets = [(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
-        free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=engine.eos_token_id,
-                                  temperature=0.0)
-        # The most frequent generated token as "EOS": some samples stop on it while thinking.
-        common = Counter(t for s in free for t in s.thinking_ids + s.solution_ids if t != think_end).most_common(1)[0][0]
-        result = {}
-        for eos in (engine.eos_token_id, common):
-            runs = []
-            for forcing in (True, False):
-                engine.budget_forcing = forcing  # the processor stays registered; False takes two calls
-                runs.append(two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=eos,
-                                               temperature=0.0))
-            result[eos == common] = runs
-        return {"think_end": think_end, "budgets": budgets,
+        switch = engine.budget_forcing
+        try:
+            free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=engine.eos_token_id,
+                                      temperature=0.0)
+            # The most frequent generated token as "EOS": some samples stop on it while thinking.
+            common = Counter(t for s in free for t in s.thinking_ids + s.solution_ids
+                             if t != think_end).most_common(1)[0][0]
+            result = {}
+            for eos in (engine.eos_token_id, common):
+                runs = []
+                for forcing in (True, False):
+                    engine.budget_forcing = forcing  # the processor stays registered; False takes two calls
+                    runs.append(two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=eos,
+                                                   temperature=0.0))
+                result[eos == common] = runs
+        finally:
+            engine.budget_forcing = switch  # the actor is shared by the session
+        return {"think_end": think_end, "budgets": budgets, "registered": engine._forcing_registered,
                 "runs": {k: [[vars(s) for s in run] for run in v] for k, v in result.items()}}
 
-    # Defined here so Ray ships it by value (the test module is not importable in Ray's workers).
-    task = ray_session.remote(_budget_forcing_vs_two_calls).options(
-        num_cpus=1, runtime_env={"env_vars": dict(VLLM_CPU_ENV, VLLM_CPU_KVCACHE_SPACE="1")})
-    out = ray_session.get(task.remote(tiny_model))
+    # A nested function, so Ray ships it by value (the test module is not importable in Ray's workers).
+    out = ray_session.get(vllm_worker.__ray_call__.remote(_budget_forcing_vs_two_calls))
+    assert out["registered"]
     kinds = set()
     for forced, two_calls in out["runs"].values():
         for a, b, (t, s) in zip(forced, two_calls, out["budgets"]):

@@ -110,7 +110,8 @@ def test_eval_command_on_trained_checkpoint(trained):
     overrides = [f"checkpoint={result.checkpoint}", "budgets=[4x4,12x4]", "model.build_tiny_if_missing=false",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e-eval", "eval.num_prompts=8",
                  f"tracking.tracking_uri={cfg.tracking.tracking_uri}", "tracking.experiment=e2e",
-                 "eval.max_thinking=24", "data.eval_size=12"]
+                 "eval.max_thinking=24", "data.eval_size=12",
+                 "rollout.engine=hf"]  # the command's bookkeeping is under test; the run above evaluates on vLLM
     ecfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     run_id, summary = run_eval(ecfg)
     assert summary.column("budget_label").to_pylist() == ["4x4", "12x4"]
