@@ -43,6 +43,8 @@ def test_shipped_config_builds_the_paper_dag(name):
     (["merge.weights={deduction: 0.0, induction: 0.0, abduction: 0.0}"], "sum to 0"),
     (["max_concurrency=0"], "max_concurrency"),
     (["merge.method=ties"], "merge.method='ties'"),
+    (["per_ability={telepathy: [trainer.steps=5]}"], "per_ability.telepathy"),
+    (["per_ability={deduction: [rollout.group_size=0]}"], "rollout.group_size=0"),
     (["ability=[budget.solution=0]"], "budget.solution=0"),
     (["nonsense=1"], "nonsense"),
 ])
@@ -56,6 +58,19 @@ def test_fewer_abilities_ignore_other_weights():
     assert {s.name for s in build_stages(cfg) if s.name.startswith("eval-")} == {
         "eval-base", "eval-deduction", "eval-induction", "eval-merged", "eval-domain-from-base",
         "eval-domain-from-merged"}
+
+
+def test_per_ability_overrides_touch_only_that_ability():
+    from orchestrator.pipeline import stage_key
+
+    a = {s.name: s for s in build_stages(load(str(CFG)))}
+    b = {s.name: s for s in build_stages(load(str(CFG), ["per_ability={deduction: [rollout.group_size=16]}"]))}
+    trains = stage_configs(load(str(CFG), ["per_ability={deduction: [rollout.group_size=16]}"]))
+    assert trains["deduction-L1"].rollout.group_size == trains["deduction-L2"].rollout.group_size == 16
+    assert trains["induction-L1"].rollout.group_size == stage_configs(load(str(CFG)))["induction-L1"].rollout.group_size
+    assert a["deduction-L1"].config != b["deduction-L1"].config
+    for name in ("induction-L1", "abduction-L2", "domain-from-base", "warmstart"):
+        assert stage_key(a[name], {}) == stage_key(b[name], {}), name
 
 
 def test_task_arithmetic_merge_reads_the_warm_start_too():

@@ -81,6 +81,8 @@ class MetaConfig:
     levels: list[int] = field(default_factory=lambda: [1, 2])
     overrides: list[str] = field(default_factory=list)  # every training stage
     ability: list[str] = field(default_factory=list)  # ability RL stages, after the paper's reward
+    # one ability's RL stages, after `ability` (say more steps or larger groups where start accuracy is low)
+    per_ability: dict[str, list[str]] = field(default_factory=dict)
     domain: list[str] = field(default_factory=list)  # domain RL stages, after the 1/0 reward
     domain_task: str = "addition"
     domain_difficulties: list[int] = field(default_factory=lambda: [2, 3])
@@ -106,6 +108,9 @@ def check(cfg: MetaConfig) -> None:
             raise ConfigError(f"abilities: {a!r} is not one of {', '.join(ABILITIES)}")
     if not cfg.levels or len(set(cfg.levels)) != len(cfg.levels) or any(lv not in range(1, 6) for lv in cfg.levels):
         raise ConfigError(f"levels={cfg.levels!r}: distinct levels in 1..5")
+    unknown = [a for a in cfg.per_ability if a not in cfg.abilities]
+    if unknown:
+        raise ConfigError(f"per_ability.{unknown[0]}: not one of the trained abilities ({', '.join(cfg.abilities)})")
     missing = [a for a in cfg.abilities if a not in cfg.merge.weights]
     if missing:  # weights of abilities not trained are ignored (YAML dicts merge into the defaults)
         raise ConfigError(f"merge.weights={dict(cfg.merge.weights)!r}: no weight for {', '.join(missing)}")
@@ -144,7 +149,7 @@ def stage_configs(cfg: MetaConfig, check_paths: bool = False) -> dict[str, Confi
     for a in cfg.abilities:
         for lv in cfg.levels:
             c = load_config(cfg.base, common + PAPER_REWARD + [f"data.task={a}", f"data.difficulties=[{lv}]"]
-                            + list(cfg.ability), check_paths=check_paths)
+                            + list(cfg.ability) + list(cfg.per_ability.get(a, [])), check_paths=check_paths)
             c.reward.format_fn = _format_fn(c)
             validate(c, check_paths=check_paths)
             out[f"{a}-L{lv}"] = c
