@@ -254,7 +254,8 @@ def _merge_stage(cfg: MetaConfig, sources: dict[str, str]):
                                    "merge.normalize": cfg.merge.normalize, "merge.coefficients": coeffs,
                                    "merge.method": cfg.merge.method}) as run:
             path = merge_checkpoints(spec, ctx.out_dir / "checkpoint")
-        ctx.log(f"merge: {', '.join(f'{a} {c:.3f}' for a, c in zip(names, coeffs))} -> {path}")
+        around = f" + base {1.0 - sum(coeffs):.3f} (task arithmetic around the warm start)" if base else ""
+        ctx.log(f"merge: {', '.join(f'{a} {c:.3f}' for a, c in zip(names, coeffs))}{around} -> {path}")
         return StageOutput(run_id=run.run_id, checkpoint=path, outputs={"coefficients": dict(zip(names, coeffs))})
 
     return fn
