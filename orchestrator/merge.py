@@ -60,6 +60,11 @@ def effective_weights(weights: Sequence[float], normalize: bool) -> list[float]:
     return w
 
 
+def base_coefficient(coefficients: Sequence[float]) -> float:
+    """The base's coefficient when task arithmetic is written as a linear merge: ``1 - sum(w)``."""
+    return 1.0 - sum(coefficients)
+
+
 def _safetensors_files(model_dir: Path) -> list[Path]:
     if not (model_dir / "config.json").is_file():
         raise MergeError(f"merge: {model_dir} is not a Hugging Face model directory (no config.json)")
@@ -162,7 +167,7 @@ def merge_checkpoints(spec: MergeSpec, out_dir: str | os.PathLike) -> str:
     dirs = [Path(m) for m in spec.models]
     terms, applied = dirs, coeffs
     if spec.base is not None:  # theta_base + sum c_i (theta_i - theta_base) as one linear merge
-        terms, applied = [Path(spec.base)] + dirs, [1.0 - sum(coeffs)] + coeffs
+        terms, applied = [Path(spec.base)] + dirs, [base_coefficient(coeffs)] + coeffs
     states = [load_state(d) for d in terms]
     check_compatible(terms, states)
     dtype = resolve_dtype(spec.dtype) if spec.dtype else None

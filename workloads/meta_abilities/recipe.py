@@ -242,7 +242,7 @@ def _train_stage(train_cfg: Config, source: str):
 
 def _merge_stage(cfg: MetaConfig, sources: dict[str, str]):
     def fn(ctx: StageContext) -> StageOutput:
-        from orchestrator.merge import MergeSpec, effective_weights, merge_checkpoints
+        from orchestrator.merge import MergeSpec, base_coefficient, effective_weights, merge_checkpoints
 
         names = list(sources)
         weights = [float(cfg.merge.weights[a]) for a in names]
@@ -254,7 +254,7 @@ def _merge_stage(cfg: MetaConfig, sources: dict[str, str]):
                                    "merge.normalize": cfg.merge.normalize, "merge.coefficients": coeffs,
                                    "merge.method": cfg.merge.method}) as run:
             path = merge_checkpoints(spec, ctx.out_dir / "checkpoint")
-        around = f" + base {1.0 - sum(coeffs):.3f} (task arithmetic around the warm start)" if base else ""
+        around = f" + base {base_coefficient(coeffs):.3f} (task arithmetic around the warm start)" if base else ""
         ctx.log(f"merge: {', '.join(f'{a} {c:.3f}' for a, c in zip(names, coeffs))}{around} -> {path}")
         return StageOutput(run_id=run.run_id, checkpoint=path, outputs={"coefficients": dict(zip(names, coeffs))})
 
