@@ -23,10 +23,12 @@ from .config import Config, ConfigError, merge_structured, to_dict
 STATE = "state"
 TRAINER_STATE = "trainer_state.json"
 RESULT = "result.json"
-# Keys a resumed run may change: length of the run, logging cadence, where it runs and logs.
+# Keys a resumed run may change: length of the run, logging cadence, where it runs and logs. A
+# pipeline re-run opens a new parent MLflow run, so a stage killed mid-training resumes under a new
+# ``tracking.parent_run_id`` (its own run keeps its old parent; the new parent's stage tags name it).
 MUTABLE = ("trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.state_every",
-           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.max_generated_tokens", "ray.", "tracking.tracking_uri",
-           "reward.num_workers", "reward.timeout_s", "cost.")
+           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.max_generated_tokens", "ray.",
+           "tracking.tracking_uri", "tracking.parent_run_id", "reward.num_workers", "reward.timeout_s", "cost.")
 
 
 def fresh_run_dir(cfg: Config, kind: str, log=print) -> tuple[str, Path]:

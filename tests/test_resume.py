@@ -194,3 +194,23 @@ def test_killed_tune_trial_is_retried_and_continues_its_run(tmp_path, tiny_model
     assert int(runs[0].data.tags["budgetrl.resumed_from_step"]) >= 2
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/reward")]
     assert sorted(steps) == list(range(1, 9))
+
+
+def test_resume_plan_ignores_a_new_parent_run_but_not_a_changed_setting(tmp_path):
+    """A pipeline re-run opens a new parent MLflow run: a stage killed mid-training still resumes under
+    it; a changed training setting still refuses, naming the key."""
+    from orchestrator.config import ConfigError, load_config, to_yaml
+    from orchestrator.resume import TRAINER_STATE, plan_run
+
+    def cfg(*extra):
+        return load_config(str(ROOT / "configs/quickstart.yaml"),
+                           [f"trainer.output_dir={tmp_path}", "trainer.run_name=stage", *extra], check_paths=False)
+
+    out = tmp_path / "stage"
+    (out / "state").mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(cfg("tracking.parent_run_id=aaaa")))
+    (out / "state" / TRAINER_STATE).write_text(json.dumps({"step": 3, "run_id": "r"}))
+    name, where, state = plan_run(cfg("tracking.parent_run_id=bbbb"), log=lambda *_: None)
+    assert (name, where, state) == ("stage", out, out / "state")
+    with pytest.raises(ConfigError, match=r"learner\.lr"):
+        plan_run(cfg("tracking.parent_run_id=bbbb", "learner.lr=0.5"), log=lambda *_: None)
