@@ -2,11 +2,13 @@
 
 For each size a random Qwen2 (tied embeddings, the tiny tokenizer) is built, a ``Learner`` and a vLLM
 ``RolloutWorker`` start as Ray actors, and the driver times what the training loop does after every
-step: ``learner.get_weights()`` (full CPU state dict, lm_head included) and ``update_weights`` on the
-worker (``collective_rpc`` -> ``reload_weights`` + prefix-cache reset), over ``--repeats`` syncs.
-Prints parameters, bytes, median seconds per sync and bytes/s, one row per size.
+step, two ways, alternating sync by sync: ``learner.sync_payload()`` (the trainer's way: NumPy views
+of the weights, ``orchestrator/weight_sync.py``) and ``learner.get_weights()`` (a dict of torch tensor
+copies, the way before), each then ``update_weights`` on the worker (``collective_rpc`` ->
+``reload_weights`` + prefix-cache reset). Prints parameters, bytes, median seconds per sync each way,
+the payload's bytes/s, and the ratio (tensor dict / payload) last.
 
-    .venv/bin/python benchmarks/weight_sync.py                  # 0.8M, 3.4M, 25M, 101M parameters
+    .venv/bin/python benchmarks/weight_sync.py                  # 0.8M, 4.2M, 34M, 132M parameters
     .venv/bin/python benchmarks/weight_sync.py --sizes tiny,small --repeats 5
 """
 
@@ -51,25 +53,29 @@ def main() -> int:
                 str(path), engine="vllm", engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0))
             ray.get([worker.ready.remote(), learner.version.remote()])
             weights = ray.get(learner.get_weights.remote())
-            sent = sum(t.numel() * t.element_size() for t in weights.values())  # lm_head sent even when tied
-            params = sum(t.numel() for t in {id(t): t for t in weights.values()}.values())
+            distinct = {id(t): t for t in weights.values()}.values()  # a tied lm_head travels once
+            sent = sum(t.numel() * t.element_size() for t in distinct)
+            params = sum(t.numel() for t in distinct)
             del weights
-            times = []
+            times: dict[str, list[float]] = {"payload": [], "tensors": []}
             for v in range(args.repeats + 1):
-                t0 = time.perf_counter()
-                ref = learner.get_weights.remote()
-                ray.get(worker.update_weights.remote(ref, v))
-                if v:  # the first sync warms up both sides
-                    times.append(time.perf_counter() - t0)
-            med = statistics.median(times)
-            rows.append((name, params, sent, med, sent / med))
-            print(f"{name}: {params / 1e6:.1f}M parameters, sync {med * 1000:.0f} ms", flush=True)
+                for way, method in (("payload", learner.sync_payload), ("tensors", learner.get_weights)):
+                    t0 = time.perf_counter()
+                    ref = method.remote()
+                    ray.get(worker.update_weights.remote(ref, v))
+                    if v:  # the first sync of each way warms up both sides
+                        times[way].append(time.perf_counter() - t0)
+            med = {way: statistics.median(t) for way, t in times.items()}
+            rows.append((name, params, sent, med["payload"], med["tensors"]))
+            print(f"{name}: {params / 1e6:.1f}M parameters, sync {med['payload'] * 1000:.0f} ms "
+                  f"(tensor dict {med['tensors'] * 1000:.0f} ms)", flush=True)
             ray.kill(worker)
             ray.kill(learner)
     ray.shutdown()
-    print(f"\n{'size':<8} {'params':>9} {'MB sent':>8} {'s/sync':>8} {'MB/s':>8}")
-    for name, params, n_bytes, med, bps in rows:
-        print(f"{name:<8} {params / 1e6:>8.1f}M {n_bytes / 1e6:>8.1f} {med:>8.3f} {bps / 1e6:>8.0f}")
+    print(f"\n{'size':<8} {'params':>9} {'MB sent':>8} {'s/sync':>8} {'MB/s':>8} {'dict s/sync':>12} {'dict/payload':>13}")
+    for name, params, n_bytes, med, med_dict in rows:
+        print(f"{name:<8} {params / 1e6:>8.1f}M {n_bytes / 1e6:>8.1f} {med:>8.3f} {n_bytes / med / 1e6:>8.0f} "
+              f"{med_dict:>12.3f} {med_dict / med:>12.2f}x")
     return 0
 
 

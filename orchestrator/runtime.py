@@ -199,8 +199,8 @@ class LearnerGroup:
         return ray.get(self._all("step", ref))[0]
 
     def get_weights(self):
-        """An object ref to rank 0's full weights (to broadcast to every rollout worker)."""
-        refs = self._collective("get_weights")
+        """An object ref to rank 0's full weights as a ``WeightPayload`` (to broadcast to every rollout worker)."""
+        refs = self._collective("sync_payload")
         if len(refs) > 1:
             ray.wait(refs, num_returns=len(refs))
         return refs[0]

@@ -99,9 +99,9 @@ def test_weight_sync_matches_learner_logprobs(vllm_worker, tiny_model):
     batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
         "advantage", pa.array(adv))
     learner.step(batch)
-    weights = learner.get_weights()
-    assert "lm_head.weight" in weights
-    ray.get(vllm_worker.update_weights.remote(weights, 1))
+    weights = learner.sync_payload()  # what the trainer sends: NumPy views, lm_head included
+    assert "lm_head.weight" in weights.arrays
+    ray.get(vllm_worker.update_weights.remote(ray.put(weights), 1))
     try:
         after = ray.get(vllm_worker.prompt_logprobs.remote([p + r for p, r in zip(seq_prompt, seq_resp)]))
         expected = learner.sequence_logprobs(seq_prompt, seq_resp)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from orchestrator import weight_sync
 from orchestrator.learner import distributed as dist
 from orchestrator.learner.checkpoint import (
     LEARNER_STATE,
@@ -307,6 +308,15 @@ class Learner:
         ``lm_head.weight``, so it is sent explicitly. ``dtype`` casts (e.g. "bfloat16" halves transfer).
         Under FSDP this is a collective: every rank calls it, rank 0 gets the weights, others ``{}``.
         """
+        return self._full_state(dtype, copy=True)
+
+    def sync_payload(self, dtype: str | None = None) -> weight_sync.WeightPayload:
+        """The weights for a rollout sync (``get_weights``' contents as a ``WeightPayload``), without a copy
+        on a CPU learner: the arrays view the live parameters, which is safe because Ray copies an actor
+        call's return value into the object store before the actor runs its next call (the update)."""
+        return weight_sync.pack(self._full_state(dtype, copy=False))
+
+    def _full_state(self, dtype: str | None, copy: bool) -> dict[str, torch.Tensor]:
         cast = resolve_dtype(dtype) if dtype is not None else None
         copies: dict[tuple, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
@@ -314,7 +324,7 @@ class Learner:
         def cpu_copy(t: torch.Tensor) -> torch.Tensor:
             key = (t.device, t.data_ptr(), tuple(t.shape), t.dtype)  # tied tensors share one copy
             if key not in copies:
-                copies[key] = t.detach().to(device="cpu", dtype=cast or t.dtype, copy=True).contiguous()
+                copies[key] = t.detach().to(device="cpu", dtype=cast or t.dtype, copy=copy).contiguous()
             return copies[key]
 
         state = dist.full_model_state_dict(self.model, self.sharded)

@@ -131,9 +131,7 @@ class VllmEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         payload: object = state_dict
         if self.multiprocess:  # tensors passed as kwargs to another process arrive as lists: send bytes
-            from safetensors.torch import save
-
-            payload = save({k: v.contiguous() for k, v in state_dict.items()})
+            payload = serialize_state_dict(state_dict)
         self.llm.collective_rpc(_vllm_reload, args=(payload,))
         self.llm.reset_prefix_cache()
 
@@ -234,10 +232,19 @@ def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
 
 
 def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
-    """Safetensors bytes (never pickle) for shipping weights between processes."""
+    """Safetensors bytes (never pickle) for shipping weights between processes. Safetensors refuses
+    tensors that share memory, so a tied output embedding (sent on purpose, see ``get_weights``) is
+    written as its own copy."""
     from safetensors.torch import save
 
-    return save({k: v.contiguous() for k, v in state_dict.items()})
+    flat, seen = {}, set()
+    for k, v in state_dict.items():
+        v = v.contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        flat[k] = v
+    return save(flat)
 
 
 def deserialize_state_dict(blob: bytes) -> dict[str, torch.Tensor]:

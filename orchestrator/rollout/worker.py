@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..data.schema import ROLLOUT_SCHEMA
+from ..weight_sync import WeightPayload, unpack
 from .budget import two_phase_generate
 from .engine import make_engine
 
@@ -132,9 +133,12 @@ class RolloutWorker:
         return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata({ENGINE_SECONDS: str(t_engine)}))
 
     def update_weights(self, state_dict, version: int) -> float:
-        """Load new weights in place (dict of tensors or safetensors bytes); returns seconds taken."""
+        """Load new weights in place (a ``WeightPayload``, a dict of tensors or safetensors bytes); returns
+        seconds taken."""
         t0 = time.perf_counter()
-        if isinstance(state_dict, (bytes, bytearray)):
+        if isinstance(state_dict, WeightPayload):
+            state_dict = unpack(state_dict)
+        elif isinstance(state_dict, (bytes, bytearray)):
             from .engine import deserialize_state_dict
 
             state_dict = deserialize_state_dict(bytes(state_dict))
