@@ -88,6 +88,10 @@ class VllmConfig:
     # Enforce the thinking and solution budgets inside one request per sample (a logits processor forces
     # </think> and EOS) instead of a second generate call that re-prefills prompt + thinking.
     budget_forcing: bool = True
+    # On CPU, load synced weights by copying, stacking and re-packing each layer in place
+    # (orchestrator/rollout/cpu_reload.py) instead of vLLM's layerwise reload_weights; a model the
+    # in-place path does not fit (quantized, unknown names) falls back to reload_weights by itself.
+    inplace_reload: bool = True
 
 
 @dataclass

@@ -589,7 +589,13 @@ class _Run:
         self.buffer.add({**costs, "cost/wall_seconds": self.wall()}, result.steps)
         worker_stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
         self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in worker_stats for k, v in s.items()
-                         if k != "worker_index"}, result.steps)
+                         if k != "worker_index" and isinstance(v, (int, float))}, result.steps)
+        reload_paths = sorted({s["last_reload"] for s in worker_stats if s.get("last_reload")})
+        if reload_paths:  # which weight-load path the engines took (vLLM on CPU: inplace)
+            try:
+                self.tracker.set_tags({"budgetrl.rollout.weight_load": ",".join(reload_paths)})
+            except Exception as exc:  # noqa: BLE001 - a tag is not worth failing a finished run over
+                self.log(f"could not tag the weight-load path ({type(exc).__name__}: {exc})")
         for wait in (0, 5, 15, 30):  # a store that blinks at the very end gets a few chances
             time.sleep(wait)
             if self.buffer.flush(self.tracker):

@@ -102,6 +102,7 @@ def test_weight_sync_matches_learner_logprobs(vllm_worker, tiny_model):
     weights = learner.sync_payload()  # what the trainer sends: NumPy views, lm_head included
     assert "lm_head.weight" in weights.arrays
     ray.get(vllm_worker.update_weights.remote(ray.put(weights), 1))
+    assert ray.get(vllm_worker.stats.remote())["last_reload"] == "inplace"  # the CPU fast path, checked below
     try:
         after = ray.get(vllm_worker.prompt_logprobs.remote([p + r for p, r in zip(seq_prompt, seq_resp)]))
         expected = learner.sequence_logprobs(seq_prompt, seq_resp)
@@ -185,3 +186,28 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
             kinds.add("truncated" if a["thinking_truncated"] else "ended early" if a["forced_think_end"] else "closed")
             kinds.add(f"solution {a['finish_reason']}")
     assert {"truncated", "ended early", "solution length"} <= kinds, kinds
+
+
+def test_inplace_load_refuses_an_update_it_does_not_fit(ray_session, vllm_worker):
+    """An unknown name or a wrong shape: nothing changes and the caller falls back to reload_weights."""
+
+    def probe(worker):  # runs inside the rollout actor; nested so Ray ships it by value
+        import torch
+
+        from orchestrator.rollout.cpu_reload import load_inplace
+
+        def check(vllm_worker):
+            model = vllm_worker.get_model()
+            before = {k: v.detach().clone() for k, v in model.named_parameters()}
+            norm = next(k for k in before if k.endswith("norm.weight"))
+            bad = [{"model.nowhere.weight": torch.zeros(4)},
+                   {norm: torch.zeros(before[norm].numel() + 1)},
+                   {norm: torch.full_like(before[norm], 7.0), "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}]
+            refused = [not load_inplace(model, w) for w in bad]
+            unchanged = all(torch.equal(v, dict(model.named_parameters())[k]) for k, v in before.items())
+            return refused, unchanged
+
+        return worker.engine.llm.collective_rpc(check)[0]
+
+    refused, unchanged = ray_session.get(vllm_worker.__ray_call__.remote(probe))
+    assert refused == [True, True, True] and unchanged

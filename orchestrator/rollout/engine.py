@@ -53,13 +53,20 @@ def _finish(token_ids: list[int], max_tokens: int, stops: set[int]) -> str:
 # ---------------------------------------------------------------------------------------------- vLLM
 
 
-def _vllm_reload(worker, payload) -> None:
-    """Runs inside each vLLM worker (collective_rpc): load new weights in place, no restart."""
+def _vllm_reload(worker, payload, inplace: bool = True) -> str:
+    """Runs inside each vLLM worker (collective_rpc): load new weights in place, no restart. Returns the
+    path taken: ``inplace`` (CPU, orchestrator/rollout/cpu_reload.py) or ``reload_weights`` (vLLM's)."""
     if isinstance(payload, (bytes, bytearray)):
         from safetensors.torch import load
 
         payload = load(bytes(payload))
+    if inplace and not torch.cuda.is_available():
+        from .cpu_reload import load_inplace
+
+        if load_inplace(worker.get_model(), payload):
+            return "inplace"
     worker.reload_weights(weights_iterator=iter(payload.items()))
+    return "reload_weights"
 
 
 class VllmEngine:
@@ -69,7 +76,7 @@ class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
-                 budget_forcing: bool = True):
+                 budget_forcing: bool = True, inplace_reload: bool = True):
         on_gpu = torch.cuda.is_available()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -100,6 +107,8 @@ class VllmEngine:
         # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
         self.per_request_seed = on_gpu
         self.llm = LLM(**kwargs)
+        self.inplace_reload = inplace_reload
+        self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
 
@@ -132,7 +141,7 @@ class VllmEngine:
         payload: object = state_dict
         if self.multiprocess:  # tensors passed as kwargs to another process arrive as lists: send bytes
             payload = serialize_state_dict(state_dict)
-        self.llm.collective_rpc(_vllm_reload, args=(payload,))
+        self.last_reload = self.llm.collective_rpc(_vllm_reload, args=(payload, self.inplace_reload))[0]
         self.llm.reset_prefix_cache()
 
     def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:

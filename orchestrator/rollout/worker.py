@@ -151,8 +151,10 @@ class RolloutWorker:
         return self.policy_version
 
     def stats(self) -> dict:
-        """What this worker did since it started: calls, prompts, samples, weight syncs, policy version."""
-        return {**self.counters, "policy_version": self.policy_version, "worker_index": self.worker_index}
+        """What this worker did since it started: calls, prompts, samples, weight syncs, policy version, and
+        the path the last weight load took (vLLM: ``inplace`` or ``reload_weights``)."""
+        return {**self.counters, "policy_version": self.policy_version, "worker_index": self.worker_index,
+                "last_reload": getattr(self.engine, "last_reload", "")}
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.engine.prompt_logprobs(sequences)
