@@ -2,11 +2,16 @@
 
 For each size a random Qwen2 (tied embeddings, the tiny tokenizer) is built, a ``Learner`` and a vLLM
 ``RolloutWorker`` start as Ray actors, and the driver times what the training loop does after every
-step, two ways, alternating sync by sync: ``learner.sync_payload()`` (the trainer's way: NumPy views
-of the weights, ``orchestrator/weight_sync.py``) and ``learner.get_weights()`` (a dict of torch tensor
-copies, the way before), each then ``update_weights`` on the worker (``collective_rpc`` ->
-``reload_weights`` + prefix-cache reset). Prints parameters, bytes, median seconds per sync each way,
-the payload's bytes/s, and the ratio (tensor dict / payload) last.
+step, four ways, alternating sync by sync:
+
+- ``now`` (the trainer's way): ``learner.sync_payload()`` (NumPy views of the weights,
+  ``orchestrator/weight_sync.py``), loaded in place (``orchestrator/rollout/cpu_reload.py``);
+- ``tensor dict``: ``learner.get_weights()`` (a dict of torch tensor copies), loaded in place;
+- ``reload_weights``: the payload, loaded by vLLM's ``reload_weights``;
+- ``before``: a tensor dict and ``reload_weights`` (the way until 2026-12-01).
+
+Each then resets the prefix cache. Prints parameters, bytes, median seconds per sync each way, the
+current way's bytes/s and the ratio before / now last.
 
     .venv/bin/python benchmarks/weight_sync.py                  # 0.8M, 4.2M, 34M, 132M parameters
     .venv/bin/python benchmarks/weight_sync.py --sizes tiny,small --repeats 5
@@ -21,6 +26,16 @@ import tempfile
 import time
 
 from shapes import SHAPES as SIZES, build
+
+
+# way: (learner method, in-place load on the worker). "now" is the trainer's; "before" the way until
+# this change; the middle two change one part each.
+WAYS = {"now": ("sync_payload", True), "tensor dict": ("get_weights", True),
+        "reload_weights": ("sync_payload", False), "before": ("get_weights", False)}
+
+
+def _set_inplace(worker, inplace: bool) -> None:  # runs in the rollout actor
+    worker.engine.inplace_reload = inplace
 
 
 def main() -> int:
@@ -57,25 +72,29 @@ def main() -> int:
             sent = sum(t.numel() * t.element_size() for t in distinct)
             params = sum(t.numel() for t in distinct)
             del weights
-            times: dict[str, list[float]] = {"payload": [], "tensors": []}
+            times: dict[str, list[float]] = {way: [] for way in WAYS}
             for v in range(args.repeats + 1):
-                for way, method in (("payload", learner.sync_payload), ("tensors", learner.get_weights)):
+                for way, (send, inplace) in WAYS.items():
+                    ray.get(worker.__ray_call__.remote(_set_inplace, inplace))
                     t0 = time.perf_counter()
-                    ref = method.remote()
+                    ref = getattr(learner, send).remote()
                     ray.get(worker.update_weights.remote(ref, v))
                     if v:  # the first sync of each way warms up both sides
                         times[way].append(time.perf_counter() - t0)
             med = {way: statistics.median(t) for way, t in times.items()}
-            rows.append((name, params, sent, med["payload"], med["tensors"]))
-            print(f"{name}: {params / 1e6:.1f}M parameters, sync {med['payload'] * 1000:.0f} ms "
-                  f"(tensor dict {med['tensors'] * 1000:.0f} ms)", flush=True)
+            rows.append((name, params, sent, med))
+            print(f"{name}: {params / 1e6:.1f}M parameters, " + ", ".join(f"{w} {m * 1000:.0f} ms" for w, m in med.items()),
+                  flush=True)
             ray.kill(worker)
             ray.kill(learner)
     ray.shutdown()
-    print(f"\n{'size':<8} {'params':>9} {'MB sent':>8} {'s/sync':>8} {'MB/s':>8} {'dict s/sync':>12} {'dict/payload':>13}")
-    for name, params, n_bytes, med, med_dict in rows:
-        print(f"{name:<8} {params / 1e6:>8.1f}M {n_bytes / 1e6:>8.1f} {med:>8.3f} {n_bytes / med / 1e6:>8.0f} "
-              f"{med_dict:>12.3f} {med_dict / med:>12.2f}x")
+    print(f"\n{'size':<8} {'params':>9} {'MB sent':>8} {'s/sync':>8} {'MB/s':>8} {'tensor dict':>12} "
+          f"{'reload_weights':>15} {'before':>8} {'before/now':>11}")
+    for name, params, n_bytes, med in rows:
+        now = med["now"]
+        print(f"{name:<8} {params / 1e6:>8.1f}M {n_bytes / 1e6:>8.1f} {now:>8.3f} {n_bytes / now / 1e6:>8.0f} "
+              f"{med['tensor dict']:>12.3f} {med['reload_weights']:>15.3f} {med['before']:>8.3f} "
+              f"{med['before'] / now:>10.2f}x")
     return 0
 
 
