@@ -12,6 +12,7 @@ import torch
 
 from conftest import TINY
 from orchestrator.config import load_config
+from orchestrator.weight_sync import unpack
 
 from test_learner import make_batch, random_batch
 
@@ -66,7 +67,7 @@ def reference(ray_session, tiny_model):
     start = Learner(tiny_model, device="cpu").get_weights()
     with _Group(ray_session, _cfg(tiny_model)) as one:
         metrics = [one.step(_batch(tiny_model)) for _ in range(2)]
-        weights = ray_session.get(one.get_weights())
+        weights = unpack(ray_session.get(one.get_weights()))  # the sync payload, as the trainer sends it
     return start, metrics, weights
 
 
@@ -96,7 +97,7 @@ def test_two_fsdp_ranks_match_one_rank(ray_session, tiny_model, reference, tmp_p
         assert two.world_size == 2 and two.strategy == "fsdp"
         for m1 in ref_metrics:
             _assert_same_metrics(m1, two.step(_batch(tiny_model)))
-        weights = ray_session.get(two.get_weights())
+        weights = unpack(ray_session.get(two.get_weights()))  # the sync payload, as the trainer sends it
         path = two.save(str(tmp_path / "ckpt"))
     _assert_same_update(start, ref_weights, weights)
     # gathered FSDP weights make a plain HF checkpoint, named by the HF class
@@ -120,7 +121,7 @@ def test_two_ddp_ranks_match_one_rank_across_a_state_roundtrip(ray_session, tiny
         assert second.load_state(str(tmp_path / "state")) == 1
         _assert_same_metrics(ref_metrics[1], second.step(_batch(tiny_model)))
         assert second.version() == 2
-        weights = ray_session.get(second.get_weights())
+        weights = unpack(ray_session.get(second.get_weights()))  # the sync payload, as the trainer sends it
     _assert_same_update(start, ref_weights, weights)
     state = tmp_path / "state"
     assert (state / "model" / "model.safetensors").is_file() and (state / "optimizer.safetensors").is_file()
