@@ -300,6 +300,7 @@ class _Run:
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # trainer.off_policy_steps=1: the next step's rollout
+        self._deferred_state: dict | None = None  # a state taken at the end of a step, written at the next
         self._fresh_position()
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
@@ -325,13 +326,32 @@ class _Run:
                 "resumed_from": self.result.resumed_from,
                 "curriculum": self.curriculum.state() if self.curriculum is not None else None}
 
-    def save_state(self) -> None:
-        """Durable state first (it carries the pending metrics), then the metrics go to MLflow."""
-        resume.write_state(self.out_dir, self.group.learner.save_state, self._payload())
-        self.buffer.flush(self.tracker)
+    def save_state(self, defer: bool = False) -> None:
+        """Durable state first (it carries the pending metrics), then the metrics go to MLflow.
+
+        ``defer`` (the loop's way): the state's contents are taken now and ``commit_state`` writes them
+        at the start of the next step, once that step's rollout is generating, so the learner's save and
+        the driver's MLflow flush run beside the engine instead of between steps (docs/performance.md,
+        section 4). A crash before the commit resumes from the state before, as a crash mid-save does."""
+        payload = json.loads(json.dumps(self._payload()))  # a snapshot (what write_state writes is JSON)
+        if defer:
+            self._deferred_state = payload
+            return
+        self._write_state(payload)
+
+    def commit_state(self) -> None:
+        """Write a deferred state (no-op without one)."""
+        payload, self._deferred_state = self._deferred_state, None
+        if payload is not None:
+            self._write_state(payload)
+
+    def _write_state(self, payload: dict) -> None:
+        resume.write_state(self.out_dir, self.group.learner.save_state, payload)
+        self.buffer.flush(self.tracker)  # what it holds is the payload's pending metrics: nothing newer yet
 
     def restore(self, state_path: Path | None) -> None:
         """Continue from a saved state (or from the start checkpoint when there is none yet)."""
+        self._deferred_state = None  # taken from weights that are being replaced
         if state_path is None:
             self._fresh_position()
             self.buffer = tracking.MetricBuffer()
@@ -497,6 +517,9 @@ class _Run:
             prompts, refs = pending.prompts, pending.refs
         else:
             prompts, refs = self._draw(step), None
+            if self._deferred_state is not None:  # start generating, then write the state while it runs
+                refs = submit(self.group.rollout, prompts, self.sampling, step)
+        self.commit_state()  # before the learner moves past the state's weights
         tries = [refs]  # the started rollout is used on the first try only
         records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
         tg = time.perf_counter()
@@ -559,13 +582,14 @@ class _Run:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
             self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
         if t.state_every and step % t.state_every == 0 and not final and not stop:
-            self.save_state()
+            self.save_state(defer=True)
         elif not t.state_every:
             self.buffer.flush(self.tracker)  # nothing to resume from: metrics go out as they come
         return stop, last
 
     def _finish(self, last_eval) -> TrainResult:
         cfg, t, result = self.cfg, self.cfg.trainer, self.result
+        self.commit_state()  # none is left by the loop (it saves only before another step); kept safe
         if last_eval is not None:  # stopped early right after an eval: that eval is the final one
             result.steps, result.eval_after, summary = last_eval
             if summary is None:  # stopped at step 0
