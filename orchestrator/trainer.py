@@ -301,6 +301,7 @@ class _Run:
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # trainer.off_policy_steps=1: the next step's rollout
         self._deferred_state: dict | None = None  # a state taken at the end of a step, written at the next
+        self._deferred_flush = False  # trainer.state_every=0: the step's metrics go out during the next rollout
         self._fresh_position()
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
@@ -340,10 +341,13 @@ class _Run:
         self._write_state(payload)
 
     def commit_state(self) -> None:
-        """Write a deferred state (no-op without one)."""
+        """Write a deferred state, or send the metrics a run without states holds (no-op without either)."""
         payload, self._deferred_state = self._deferred_state, None
+        flush, self._deferred_flush = self._deferred_flush, False
         if payload is not None:
             self._write_state(payload)
+        elif flush:
+            self.buffer.flush(self.tracker)
 
     def _write_state(self, payload: dict) -> None:
         resume.write_state(self.out_dir, self.group.learner.save_state, payload)
@@ -517,7 +521,7 @@ class _Run:
             prompts, refs = pending.prompts, pending.refs
         else:
             prompts, refs = self._draw(step), None
-            if self._deferred_state is not None:  # start generating, then write the state while it runs
+            if self._deferred_state is not None or self._deferred_flush:  # generate, then write meanwhile
                 refs = submit(self.group.rollout, prompts, self.sampling, step)
         self.commit_state()  # before the learner moves past the state's weights
         tries = [refs]  # the started rollout is used on the first try only
@@ -584,12 +588,12 @@ class _Run:
         if t.state_every and step % t.state_every == 0 and not final and not stop:
             self.save_state(defer=True)
         elif not t.state_every:
-            self.buffer.flush(self.tracker)  # nothing to resume from: metrics go out as they come
+            self._deferred_flush = True  # nothing to resume from: metrics go out as they come (next step)
         return stop, last
 
     def _finish(self, last_eval) -> TrainResult:
         cfg, t, result = self.cfg, self.cfg.trainer, self.result
-        self.commit_state()  # none is left by the loop (it saves only before another step); kept safe
+        self.commit_state()  # what the last step left deferred (with state_every=0: its metrics)
         if last_eval is not None:  # stopped early right after an eval: that eval is the final one
             result.steps, result.eval_after, summary = last_eval
             if summary is None:  # stopped at step 0

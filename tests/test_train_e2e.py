@@ -19,6 +19,7 @@ def trained(ray_session, tmp_path_factory):
     overrides = [f"model.path={tmp / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
                  "warmstart.batch_size=32", "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e", "trainer.log_samples_every=1",
+                 "trainer.state_every=0",  # no states: each step's metrics go out during the next step's rollout
                  "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64", "budgets=[6x4,unconstrained]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
                  "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
@@ -49,6 +50,7 @@ def test_run_logged_to_mlflow(trained):
     assert 0 < m["learner/seconds"] < m["time/learn"]
     assert 0 < m["time/overhead"] < m["time/step"] and 0 < m["time/overhead_share"] < 1
     tags = run.data.tags
+    assert tags["budgetrl.rollout.weight_load"] == "inplace"  # vLLM on CPU loaded the syncs in place
     for tag in ("budgetrl.config_hash", "budgetrl.dataset_digest", "budgetrl.source_checkpoint"):
         assert tags.get(tag), tag
     assert "warmstart" in tags["budgetrl.source_checkpoint"]
