@@ -327,31 +327,22 @@ class _Run:
                 "resumed_from": self.result.resumed_from,
                 "curriculum": self.curriculum.state() if self.curriculum is not None else None}
 
-    def save_state(self, defer: bool = False) -> None:
-        """Durable state first (it carries the pending metrics), then the metrics go to MLflow.
-
-        ``defer`` (the loop's way): the state's contents are taken now and ``commit_state`` writes them
-        at the start of the next step, once that step's rollout is generating, so the learner's save and
-        the driver's MLflow flush run beside the engine instead of between steps (docs/performance.md,
-        section 4). A crash before the commit resumes from the state before, as a crash mid-save does."""
-        payload = json.loads(json.dumps(self._payload()))  # a snapshot (what write_state writes is JSON)
-        if defer:
-            self._deferred_state = payload
-            return
-        self._write_state(payload)
+    def save_state(self) -> None:
+        """Take the state's contents now; ``commit_state`` writes them (durable state first: it carries
+        the pending metrics; then the metrics go to MLflow) at the start of the next step, once that
+        step's rollout is generating, so the learner's save and the driver's MLflow flush run beside the
+        engine instead of between steps (docs/performance.md, section 4). A crash before the commit
+        resumes from the state before, as a crash mid-save does."""
+        self._deferred_state = json.loads(json.dumps(self._payload()))  # a snapshot; written as this JSON
 
     def commit_state(self) -> None:
         """Write a deferred state, or send the metrics a run without states holds (no-op without either)."""
         payload, self._deferred_state = self._deferred_state, None
         flush, self._deferred_flush = self._deferred_flush, False
         if payload is not None:
-            self._write_state(payload)
-        elif flush:
+            resume.write_state(self.out_dir, self.group.learner.save_state, payload)
+        if payload is not None or flush:  # the buffer holds the payload's pending metrics: nothing newer yet
             self.buffer.flush(self.tracker)
-
-    def _write_state(self, payload: dict) -> None:
-        resume.write_state(self.out_dir, self.group.learner.save_state, payload)
-        self.buffer.flush(self.tracker)  # what it holds is the payload's pending metrics: nothing newer yet
 
     def restore(self, state_path: Path | None) -> None:
         """Continue from a saved state (or from the start checkpoint when there is none yet)."""
@@ -586,7 +577,7 @@ class _Run:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
             self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
         if t.state_every and step % t.state_every == 0 and not final and not stop:
-            self.save_state(defer=True)
+            self.save_state()
         elif not t.state_every:
             self._deferred_flush = True  # nothing to resume from: metrics go out as they come (next step)
         return stop, last

@@ -100,14 +100,14 @@ def load_inplace(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) ->
     stacked, embeddings, plain = plan
     for p, t in plain:
         p.data.copy_(t)
-    touched = []
     for m, t in embeddings:
         m.weight.data[: t.shape[0]].copy_(t)
-        touched.append(m)
-    for m in _tied_heads(model, touched):
-        touched.append(m)
-    for m in {id(m): m for m in touched}.values():
-        m.quant_method.process_weights_after_loading(m)  # re-pack from the new values
+    # Re-pack every embedding layer over a changed parameter, a tied lm_head the update left out included.
+    changed = {id(m.weight) for m, _ in embeddings}
+    _, _, embedding, _ = _kinds()
+    for m in model.modules():
+        if isinstance(m, embedding) and id(m.weight) in changed:
+            m.quant_method.process_weights_after_loading(m)  # re-pack from the new values
     for m, w, b in stacked:
         if b is not None:
             m.bias.data.copy_(b)
@@ -115,9 +115,3 @@ def load_inplace(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) ->
         m.quant_method.process_weights_after_loading(m)  # builds the packed handle, drops the weight
     return True
 
-
-def _tied_heads(model: torch.nn.Module, touched: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """Embedding layers that share a parameter with a touched one (a tied lm_head) re-pack too."""
-    _, _, embedding, _ = _kinds()
-    ids = {id(m.weight) for m in touched}
-    return [m for m in model.modules() if isinstance(m, embedding) and id(m.weight) in ids and m not in touched]
