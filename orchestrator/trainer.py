@@ -523,13 +523,18 @@ class _Run:
         records, rstats = score_rollouts(records, self.spec, self.pool)
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
-        lmetrics = self.group.learner.step(batch)
+        metric_refs, weights = self.group.learner.submit_step(batch)
+        # The sync is sent with the step: each worker loads the new weights as soon as the learner
+        # exports them, and after any rollout already queued on it (an actor runs one caller's calls in
+        # order when tasks are not retried, as here), so an off-policy rollout keeps its weights.
+        sent = [[w.update_weights.remote(weights, step) for w in self.group.rollout]]
+        lmetrics = self.group.learner.step_result(metric_refs)
         tl = time.perf_counter()
-        if self._pending is not None:  # the next rollout must end before the weights change under it
+        if self._pending is not None:  # the time the next rollout keeps the weights waiting
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
         tw = time.perf_counter()
-        weights = self.group.learner.get_weights()
-        self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, step) for w in self.group.rollout]))
+        self._on_rollouts(lambda: ray.get(sent.pop() if sent else
+                                          [w.update_weights.remote(weights, step) for w in self.group.rollout]))
         tsync = time.perf_counter()
         self.step = step
         m = step_metrics(records)

@@ -301,6 +301,13 @@ class Learner:
             "seconds": time.perf_counter() - t0,
         }
 
+    def step_and_payload(self, batch: pa.Table, payload: bool) -> tuple[dict[str, float], weight_sync.WeightPayload | None]:
+        """``step``, then (``payload``) the updated weights as ``sync_payload`` gives them, in one call: the
+        trainer asks for both with ``num_returns=2`` and hands the payload's ref to the rollout workers
+        before the metrics arrive, so the sync starts without a second round trip to this actor."""
+        metrics = self.step(batch)
+        return metrics, (self.sync_payload() if payload else None)
+
     def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Full state dict as contiguous CPU copies, always including the output embedding.
 

@@ -100,25 +100,20 @@ class RolloutWorker:
         self.counters["prompts"] += len(rows)
         self.counters["samples"] += len(samples)
         cols: dict[str, list] = {name: [] for name in ROLLOUT_SCHEMA.names}
+        think_texts, sol_texts = self._texts(samples, flat_prefix)
         for k, smp in enumerate(samples):
             row = rows[k // g]
             resp, lps, inj = smp.response(self.think_end_id)
-            think_ids = smp.thinking_ids[:-1] if smp.thinking_ids and smp.thinking_ids[-1] == self.think_end_id \
-                and not smp.forced_think_end else smp.thinking_ids
-            sol_ids = smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == self.eos_id \
-                else smp.solution_ids
             mask = [0 if (f and not spec.train_forced_think_end) else 1 for f in inj]
             pre = flat_prefix[k]
             if pre:
                 resp, lps, inj, mask = pre + resp, [float("nan")] * len(pre) + lps, [True] * len(pre) + inj, \
                     [0] * len(pre) + mask
-                think_ids = pre + list(think_ids)
             values = {
                 "prompt_id": row["prompt_id"], "sample_index": k % g, "step": step,
                 "policy_version": self.policy_version, "task": row.get("task"), "difficulty": row.get("difficulty"),
                 "domain": row.get("domain"), "prompt": row["prompt"], "answer": row.get("answer"),
-                "thinking": self.tokenizer.decode(think_ids, skip_special_tokens=False),
-                "solution": self.tokenizer.decode(sol_ids, skip_special_tokens=True),
+                "thinking": think_texts[k], "solution": sol_texts[k],
                 "thinking_tokens": len(smp.thinking_ids), "solution_tokens": len(smp.solution_ids),
                 "thinking_truncated": smp.thinking_truncated, "finish_reason": smp.finish_reason,
                 "budget_thinking": spec.budget_thinking, "budget_solution": spec.budget_solution,
@@ -131,6 +126,20 @@ class RolloutWorker:
                 cols[name].append(values[name])
         # Time inside the engine, so the trainer can tell generation from the loop's own overhead.
         return pa.table(cols, schema=ROLLOUT_SCHEMA.with_metadata({ENGINE_SECONDS: str(t_engine)}))
+
+    def _texts(self, samples, prefixes) -> tuple[list[str], list[str]]:
+        """Thinking texts (an injected response prefix first, a natural end marker dropped) and solution
+        texts (EOS dropped), decoded as two batches."""
+        think, sol = [], []
+        for smp, pre in zip(samples, prefixes):
+            ids = smp.thinking_ids
+            if ids and ids[-1] == self.think_end_id and not smp.forced_think_end:
+                ids = ids[:-1]
+            think.append(list(pre) + list(ids) if pre else ids)
+            sol.append(smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == self.eos_id
+                       else smp.solution_ids)
+        return (self.tokenizer.batch_decode(think, skip_special_tokens=False),
+                self.tokenizer.batch_decode(sol, skip_special_tokens=True))
 
     def update_weights(self, state_dict, version: int) -> float:
         """Load new weights in place (a ``WeightPayload``, a dict of tensors or safetensors bytes); returns
