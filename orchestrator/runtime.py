@@ -144,8 +144,9 @@ class WorkerGroup:
 class LearnerGroup:
     """The learner ranks of one run behind one handle (rank 0 answers for the group).
 
-    ``step`` sends the batch with the call to one rank, or as one object in the store to several. Weight export, saves and
-    state saves are collectives under FSDP, so they go to every rank there and to rank 0 otherwise.
+    ``submit_step`` sends the batch with the call to one rank, or as one object in the store to several.
+    Weight export, saves and state saves are collectives under FSDP, so they go to every rank there and
+    to rank 0 otherwise.
     """
 
     def __init__(self, cfg: Config, model_path: str, pg, *, first_bundle: int):
@@ -195,19 +196,13 @@ class LearnerGroup:
             return self._all(method, *args)
         return [getattr(self.lead, method).remote(*args)]
 
-    def _batch_arg(self, batch):
-        # One rank: passed with the call (a small table travels inline, no object-store round trip);
-        # several: one object in the store that every rank reads.
-        return batch if self.world_size == 1 else ray.put(batch)
-
-    def step(self, batch) -> dict:
-        return ray.get(self._all("step", self._batch_arg(batch)))[0]
-
     def submit_step(self, batch) -> tuple[list, object]:
         """Start a step that also exports the new weights: (metrics refs, rank 0's first; an object ref
         to the updated weights as a ``WeightPayload``). The weights ref can go to the rollout workers at
         once (they wait for it), before ``step_result`` collects the metrics."""
-        arg = self._batch_arg(batch)
+        # One rank: the batch goes with the call (a small table travels inline, no object-store round
+        # trip); several: one object in the store that every rank reads.
+        arg = batch if self.world_size == 1 else ray.put(batch)
         calls = [r.step_and_payload.options(num_returns=2).remote(arg, self.sharded or i == 0)
                  for i, r in enumerate(self.ranks)]
         return [m for m, _ in calls], calls[0][1]

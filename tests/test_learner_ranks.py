@@ -59,6 +59,12 @@ def _batch(tiny_model):
     return make_batch(clip(prompts), clip(responses), adv, masks)
 
 
+def _step(group, batch):
+    """The trainer's call: the step's metrics and a ref to the weights the step exported."""
+    metric_refs, weights = group.submit_step(batch)
+    return group.step_result(metric_refs), weights
+
+
 @pytest.fixture(scope="module")
 def reference(ray_session, tiny_model):
     """One rank, two steps: metrics per step, start weights and final weights."""
@@ -66,8 +72,8 @@ def reference(ray_session, tiny_model):
 
     start = Learner(tiny_model, device="cpu").get_weights()
     with _Group(ray_session, _cfg(tiny_model)) as one:
-        metrics = [one.step(_batch(tiny_model)) for _ in range(2)]
-        weights = unpack(ray_session.get(one.get_weights()))  # the sync payload, as the trainer sends it
+        metrics = [_step(one, _batch(tiny_model))[0] for _ in range(2)]
+        weights = unpack(ray_session.get(one.get_weights()))  # the sync payload on its own
     return start, metrics, weights
 
 
@@ -95,11 +101,18 @@ def test_two_fsdp_ranks_match_one_rank(ray_session, tiny_model, reference, tmp_p
     start, ref_metrics, ref_weights = reference
     with _Group(ray_session, _cfg(tiny_model, **{"learner.num_workers": 2, "learner.strategy": "fsdp"})) as two:
         assert two.world_size == 2 and two.strategy == "fsdp"
+        exported = []
         for m1 in ref_metrics:
-            _assert_same_metrics(m1, two.step(_batch(tiny_model)))
-        weights = unpack(ray_session.get(two.get_weights()))  # the sync payload, as the trainer sends it
+            m2, ref = _step(two, _batch(tiny_model))
+            _assert_same_metrics(m1, m2)
+            exported.append(unpack(ray_session.get(ref)))  # the weights the step sent, as the trainer does
+        weights = unpack(ray_session.get(two.get_weights()))
         path = two.save(str(tmp_path / "ckpt"))
     _assert_same_update(start, ref_weights, weights)
+    _assert_same_update(start, ref_weights, exported[1])
+    # each step's export is a snapshot: the next update did not change what the first one sent
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert float((exported[0][name] - exported[1][name]).abs().max()) > 0, name
     # gathered FSDP weights make a plain HF checkpoint, named by the HF class
     assert AutoConfig.from_pretrained(path).architectures == ["Qwen2ForCausalLM"]
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
@@ -115,13 +128,14 @@ def test_two_ddp_ranks_match_one_rank_across_a_state_roundtrip(ray_session, tiny
     cfg = _cfg(tiny_model, **{"learner.num_workers": 2, "learner.strategy": "ddp"})
     with _Group(ray_session, cfg) as first:
         assert first.world_size == 2 and first.strategy == "ddp"
-        _assert_same_metrics(ref_metrics[0], first.step(_batch(tiny_model)))
+        _assert_same_metrics(ref_metrics[0], _step(first, _batch(tiny_model))[0])
         first.save_state(str(tmp_path / "state"))
     with _Group(ray_session, cfg) as second:
         assert second.load_state(str(tmp_path / "state")) == 1
-        _assert_same_metrics(ref_metrics[1], second.step(_batch(tiny_model)))
+        m2, ref = _step(second, _batch(tiny_model))
+        _assert_same_metrics(ref_metrics[1], m2)
         assert second.version() == 2
-        weights = unpack(ray_session.get(second.get_weights()))  # the sync payload, as the trainer sends it
+        weights = unpack(ray_session.get(ref))  # rank 0's export; rank 1 sent none
     _assert_same_update(start, ref_weights, weights)
     state = tmp_path / "state"
     assert (state / "model" / "model.safetensors").is_file() and (state / "optimizer.safetensors").is_file()
