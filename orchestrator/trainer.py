@@ -381,10 +381,9 @@ class _Run:
 
     def _push_weights(self) -> None:
         weights = self.group.learner.get_weights()
-        self._on_rollouts(lambda: ray.get([w.update_weights.remote(weights, self.step) for w in self.group.rollout]),
-                          retry_push=False)
+        self._on_rollouts(lambda: ray.get(self._send_weights(weights, self.step)))
 
-    def _on_rollouts(self, fn: Callable, retry_push: bool = True):
+    def _on_rollouts(self, fn: Callable):
         """Run ``fn`` over the rollout workers; a worker that died is replaced with the current weights
         and ``fn`` runs again (the step's prompts are re-generated: nothing from the failed try is used)."""
         while True:
@@ -397,7 +396,11 @@ class _Run:
                 self._restarted("a rollout worker", exc)
                 replaced = self.group.replace_rollouts(dead)
                 weights = self.group.learner.get_weights()
-                ray.get([self.group.rollout[i].update_weights.remote(weights, self.step) for i in replaced])
+                ray.get(self._send_weights(weights, self.step, [self.group.rollout[i] for i in replaced]))
+
+    def _send_weights(self, weights, version: int, workers: list | None = None) -> list:
+        """Start ``update_weights`` on the rollout workers (every one unless named); returns the refs."""
+        return [w.update_weights.remote(weights, version) for w in (self.group.rollout if workers is None else workers)]
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -527,14 +530,13 @@ class _Run:
         # The sync is sent with the step: each worker loads the new weights as soon as the learner
         # exports them, and after any rollout already queued on it (an actor runs one caller's calls in
         # order when tasks are not retried, as here), so an off-policy rollout keeps its weights.
-        sent = [[w.update_weights.remote(weights, step) for w in self.group.rollout]]
+        sent = [self._send_weights(weights, step)]
         lmetrics = self.group.learner.step_result(metric_refs)
         tl = time.perf_counter()
         if self._pending is not None:  # the time the next rollout keeps the weights waiting
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
         tw = time.perf_counter()
-        self._on_rollouts(lambda: ray.get(sent.pop() if sent else
-                                          [w.update_weights.remote(weights, step) for w in self.group.rollout]))
+        self._on_rollouts(lambda: ray.get(sent.pop() if sent else self._send_weights(weights, step)))
         tsync = time.perf_counter()
         self.step = step
         m = step_metrics(records)
