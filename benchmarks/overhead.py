@@ -7,8 +7,10 @@ run's metrics, over the steps after the first:
 
 - **engine**: seconds inside the vLLM engine's two-phase generation (the slowest rollout worker);
 - **learner**: seconds inside ``Learner.step`` (forward, backward, optimizer);
-- everything else, which is overhead: the rollout call outside the engine (Ray scheduling, prompt
-  rendering and tokenizing, building and shipping the Arrow records), rewards, building the learner
+- everything else, which is overhead: the wait for the rollout outside the engine (Ray scheduling,
+  prompt rendering and tokenizing, building and shipping the Arrow records; each step's rollout is
+  submitted during the step before, queued after its weight sync, so this row can be below zero
+  when part of the engine's time fell in that step's tail), rewards, building the learner
   batch and shipping it, weight sync (``get_weights`` + ``update_weights`` on every worker), and the
   loop between steps (metrics, progress bar, state saves every ``trainer.state_every`` steps).
 
@@ -76,7 +78,9 @@ def main() -> int:
     rows = [
         ("engine: two-phase generation", mean("time/generate_engine")),
         ("learner: Learner.step", mean("learner/seconds")),
-        ("rollout call outside the engine", mean("time/generate") - mean("time/generate_engine")),
+        # The wait for the rollout minus the engine's time: below zero when the rollout, queued after the
+        # previous step's weight sync, ran partly during that step's tail (the between-steps row).
+        ("rollout wait outside the engine", mean("time/generate") - mean("time/generate_engine")),
         ("rewards", mean("time/reward")),
         ("learner call outside the update", mean("time/learn") - mean("learner/seconds")),
         ("weight sync", mean("time/sync")),

@@ -274,7 +274,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
 
 @dataclass
 class _Prefetch:
-    """A rollout started during the previous step's update (trainer.off_policy_steps=1)."""
+    """The next step's rollout, started during this step (see ``_Run._start_next``)."""
 
     step: int
     prompts: pa.Table
@@ -299,7 +299,7 @@ class _Run:
                                      budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
-        self._pending: _Prefetch | None = None  # trainer.off_policy_steps=1: the next step's rollout
+        self._pending: _Prefetch | None = None  # the next step's rollout, started during this step
         self._deferred_state: dict | None = None  # a state taken at the end of a step, written at the next
         self._deferred_flush = False  # trainer.state_every=0: the step's metrics go out during the next rollout
         self._fresh_position()
@@ -484,8 +484,8 @@ class _Run:
             seed=self.cfg.rollout.seed))
 
     def _records(self, prompts: pa.Table, step: int, refs: list | None) -> pa.Table:
-        """This step's records: from ``refs`` (the rollout started during the previous step's update,
-        trainer.off_policy_steps=1) on the first try, else generated now. Retried by _on_rollouts."""
+        """This step's records: from ``refs`` (the rollout started during the previous step) on the
+        first try, else generated now. Retried by _on_rollouts."""
         if refs:
             try:
                 return gather(refs)
@@ -495,10 +495,16 @@ class _Run:
         return generate(self.group.rollout, prompts, self.sampling, step)
 
     def _start_next(self, step: int, records: pa.Table) -> None:
-        """Start step ``step + 1``'s rollout on the workers' current weights (one update behind the
-        learner once this step's lands), so it runs while the learner updates."""
+        """Start step ``step + 1``'s rollout now, on whatever weights each worker holds when it runs.
+
+        Off-policy (``trainer.off_policy_steps=1``) it is called before the learner's update, so the
+        rollout runs beside it on the workers' current weights, one update behind. Synchronous, it is
+        called right after the weight sync is sent: each worker runs it after the sync (an actor runs
+        one caller's calls in order), so it is on-policy as before, and the driver's work between the
+        steps (the sync's acknowledgement, metrics, samples, the next draw and submit) runs beside the
+        engine instead of before it (docs/performance.md, section 4)."""
         t = self.cfg.trainer
-        if not t.off_policy_steps or step >= t.steps:
+        if step >= t.steps:
             return
         if t.max_generated_tokens and self.totals["generated_tokens"] + generated_tokens(records) >= t.max_generated_tokens:
             return  # this step ends the run: no rollout for a step that will not come
@@ -511,7 +517,8 @@ class _Run:
         step = self.step + 1
         ts = time.perf_counter()
         pending, self._pending = self._pending, None
-        if pending is not None and pending.step == step:
+        prefetched = pending is not None and pending.step == step
+        if prefetched:
             prompts, refs = pending.prompts, pending.refs
         else:
             prompts, refs = self._draw(step), None
@@ -522,18 +529,24 @@ class _Run:
         records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
         tg = time.perf_counter()
         t_engine = engine_seconds(records)
-        self._start_next(step, records)
+        if t.off_policy_steps:
+            self._start_next(step, records)
         records, rstats = score_rollouts(records, self.spec, self.pool)
+        # Observed before the next step's prompts are drawn (synchronous runs draw them below).
+        cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
         metric_refs, weights = self.group.learner.submit_step(batch)
         # The sync is sent with the step: each worker loads the new weights as soon as the learner
         # exports them, and after any rollout already queued on it (an actor runs one caller's calls in
-        # order when tasks are not retried, as here), so an off-policy rollout keeps its weights.
+        # order when tasks are not retried, as here), so an off-policy rollout keeps its weights and a
+        # synchronous run's next rollout, queued after the sync, gets the new ones.
         sent = [self._send_weights(weights, step)]
+        if not t.off_policy_steps:
+            self._start_next(step, records)
         lmetrics = self.group.learner.step_result(metric_refs)
         tl = time.perf_counter()
-        if self._pending is not None:  # the time the next rollout keeps the weights waiting
+        if self._pending is not None and t.off_policy_steps:  # the time the next rollout keeps the weights waiting
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
         tw = time.perf_counter()
         self._on_rollouts(lambda: ray.get(sent.pop() if sent else self._send_weights(weights, step)))
@@ -548,15 +561,16 @@ class _Run:
         # Updates between the policy that generated the samples and the one that learned from them
         # (0 synchronous; 1 with trainer.off_policy_steps=1 after the first step).
         metrics["train/policy_lag"] = (step - 1) - float(np.mean(records["policy_version"].to_numpy()))
-        if self.curriculum is not None:
-            metrics.update({f"curriculum/{k}": v for k, v in (self.curriculum.observe(records, step) or {}).items()})
+        metrics.update({f"curriculum/{k}": v for k, v in cur_metrics.items()})
         metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
         # What the step spends outside the engine's generation and the learner's update: scheduling,
         # serialization, reward, batching, weight sync (issue 9's overhead share).
         # Off-policy, the engine runs while the learner does: only the waits for it count, and the
-        # overhead is what is left outside the learner's update and those waits.
+        # overhead is what is left outside the learner's update and those waits. A synchronous rollout
+        # started in the previous step's tail counts only the engine time this step waited for.
         waited = (tg - ts) + (tw - tl)
-        t_compute = float(lmetrics.get("seconds", 0.0)) + (waited if t.off_policy_steps else t_engine)
+        t_gen = waited if t.off_policy_steps else (min(t_engine, waited) if prefetched else t_engine)
+        t_compute = float(lmetrics.get("seconds", 0.0)) + t_gen
         metrics.update({"time/generate": waited, "time/reward": tr - tg, "time/learn": tl - tr,
                         "time/sync": tsync - tw, "time/step": tsync - ts, "time/generate_engine": t_engine,
                         "time/overhead": tsync - ts - t_compute,
