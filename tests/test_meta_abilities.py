@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "configs" / "meta_abilities" / "tiny.yaml"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-long.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "tiny-long.yaml", "tiny-wide.yaml"])
 def test_shipped_config_builds_the_paper_dag(name):
     cfg = load(str(CFG.parent / name))
     stages = {s.name: s for s in build_stages(cfg)}
@@ -47,6 +47,9 @@ def test_shipped_config_builds_the_paper_dag(name):
     (["per_ability={deduction: [rollout.group_size=0]}"], "rollout.group_size=0"),
     (["ability=[budget.solution=0]"], "budget.solution=0"),
     (["nonsense=1"], "nonsense"),
+    (["evaluation.temperature=-0.5"], "evaluation.temperature=-0.5"),
+    (["evaluation.samples=0"], "evaluation.samples=0"),
+    (["evaluation.samples=4"], "evaluation.samples=4 with evaluation.temperature=0"),
 ])
 def test_bad_configs_fail_before_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -97,3 +100,15 @@ def test_comparison_table_format():
             "merged": [{"task": "deduction", "level": 1, "accuracy": 0.5}]}
     text = format_table(comparison_table(rows))
     assert "| model | deduction L1 |" in text and "| merged | 0.500 |" in text
+
+
+def test_sampled_evaluation_reruns_only_the_eval_stages():
+    from orchestrator.pipeline import stage_key
+
+    a = {s.name: s for s in build_stages(load(str(CFG)))}
+    b = {s.name: s for s in build_stages(load(str(CFG), ["evaluation.temperature=0.7", "evaluation.samples=4"]))}
+    for name in a:
+        same = stage_key(a[name], {}) == stage_key(b[name], {})
+        assert same == (not name.startswith("eval-")), name
+    assert all(s["temperature"] == 0.7 and s["samples"] == 4 for s in b["eval-merged"].config["suites"])
+    assert all("temperature" not in s for s in a["eval-merged"].config["suites"])  # greedy keys unchanged

@@ -69,6 +69,10 @@ class EvalSection:
     domain_max_thinking: int = 64
     domain_max_solution: int = 16
     seed: int = 0
+    # 0 is greedy (one answer per instance). A small model's greedy answer can be one label for every
+    # instance (its prior); sampling several answers per instance measures what it puts mass on.
+    temperature: float = 0.0
+    samples: int = 1  # answers per instance; the accuracy is their mean (pass@1 over samples)
 
 
 @dataclass
@@ -128,6 +132,14 @@ def check(cfg: MetaConfig) -> None:
               "domain_max_solution"):
         if getattr(cfg.evaluation, k) <= 0:
             raise ConfigError(f"evaluation.{k}={getattr(cfg.evaluation, k)}: must be > 0")
+    e = cfg.evaluation
+    if e.temperature < 0:
+        raise ConfigError(f"evaluation.temperature={e.temperature}: must be >= 0 (0 is greedy)")
+    if e.samples < 1:
+        raise ConfigError(f"evaluation.samples={e.samples}: must be >= 1")
+    if e.samples > 1 and e.temperature == 0:
+        raise ConfigError(f"evaluation.samples={e.samples} with evaluation.temperature=0: greedy answers "
+                          "are all the same; set evaluation.temperature > 0 or samples=1")
     w = cfg.warmstart
     for k in ("steps", "batch_size", "per_task"):
         if getattr(w, k) <= 0:
@@ -269,7 +281,16 @@ def eval_suites(cfg: MetaConfig) -> list[dict]:
     suites.append({"task": cfg.domain_task, "difficulties": list(cfg.domain_difficulties),
                    "num": e.domain_per_level * len(cfg.domain_difficulties),
                    "max_thinking": e.domain_max_thinking, "max_solution": e.domain_max_solution})
+    if e.temperature > 0:  # greedy suites keep their keys: their stages are not re-run
+        for s in suites:
+            s.update(temperature=e.temperature, samples=e.samples)
     return suites
+
+
+def decoding(cfg: MetaConfig) -> str:
+    """How the table's answers were drawn, for its titles."""
+    e = cfg.evaluation
+    return "greedy" if e.temperature == 0 else f"temperature {e.temperature:g}, {e.samples} per instance"
 
 
 def _format_rate(records: pa.Table) -> float:
@@ -282,7 +303,8 @@ def _format_rate(records: pa.Table) -> float:
 
 def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], seed: int, tracker=None,
                         out_dir: Path | None = None) -> list[dict]:
-    """Greedy accuracy of ``checkpoint`` on every suite, by level; rows of the comparison table."""
+    """Accuracy of ``checkpoint`` on every suite, by level (greedy unless the suite says a temperature
+    and samples per instance); rows of the comparison table."""
     import pyarrow.compute as pc
 
     from orchestrator.data.io import write_rollouts
@@ -303,8 +325,10 @@ def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], 
                 prompts = task.generate(s["num"], difficulties=tuple(s["difficulties"]), seed=seed, split="eval")
                 spec = RewardSpec(verifier=task.verifier, timeout_s=c.reward.timeout_s)
                 budget = Budget(s["max_thinking"], s["max_solution"], "unconstrained")
-                records, _, by_diff = evaluate(group.rollout, prompts, [budget], samples_per_prompt=1,
-                                               temperature=0.0, top_p=1.0, reward_spec=spec, pool=pool, seed=seed)
+                records, _, by_diff = evaluate(group.rollout, prompts, [budget],
+                                               samples_per_prompt=int(s.get("samples", 1)),
+                                               temperature=float(s.get("temperature", 0.0)), top_p=1.0,
+                                               reward_spec=spec, pool=pool, seed=seed)
                 if out_dir is not None:
                     write_rollouts(records, out_dir / "eval" / f"{s['task']}.parquet")
                 for r in by_diff.to_pylist():
@@ -427,7 +451,7 @@ def format_table(table: pa.Table, metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def plot_table(table: pa.Table):
+def plot_table(table: pa.Table, decoding: str = "greedy"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,7 +468,7 @@ def plot_table(table: pa.Table):
     for i, m in enumerate(models):
         ax.bar(x + i * width, [cell.get((m, t, lv), 0.0) for t, lv in cols], width, label=m)
     ax.set_xticks(x + 0.4 - width / 2, [f"{t}\nL{lv}" for t, lv in cols])
-    ax.set_ylabel("accuracy (greedy, held-out)")
+    ax.set_ylabel(f"accuracy ({decoding}, held-out)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("meta-ability alignment: accuracy by model, task and level")
@@ -481,17 +505,17 @@ def run(cfg: MetaConfig, log=print, only: list[str] | None = None) -> dict:
         rows = {m: results[f"eval-{m}"].outputs["rows"] for m in model_stages(cfg) if f"eval-{m}" in results}
         if rows:
             table = comparison_table(rows)
-            text = (format_table(table) + "\n\nShare of well-formed <think>...</think><answer>...</answer> "
+            text = (f"Held-out accuracy ({decoding(cfg)}):\n\n" + format_table(table) + "\n\nShare of well-formed <think>...</think><answer>...</answer> "
                     "responses (the domain task has no answer tags):\n\n" + format_table(table, "format_rate"))
             parent.log_table(table, "meta_abilities/comparison.parquet")
-            parent.log_figure(plot_table(table), "meta_abilities/comparison.png")
+            parent.log_figure(plot_table(table, decoding(cfg)), "meta_abilities/comparison.png")
             parent.log_dict({"markdown": text, "runs": out["runs"],
                              "checkpoints": {k: v.checkpoint for k, v in results.items() if v.checkpoint}},
                             "meta_abilities/comparison.json")
             parent.client.log_text(parent.run_id, text + "\n", "meta_abilities/comparison.md")
             parent.log_metrics({f"{r['model']}/{r['task']}/L{r['level']}/accuracy": r["accuracy"]
                                 for r in table.to_pylist()}, step=0)
-            log("meta_abilities: held-out greedy accuracy\n" + text)
+            log("meta_abilities: the comparison table\n" + text)
             out["table"] = table
         parent.log_metrics({"pipeline/wall_seconds": time.perf_counter() - t0}, step=0)
         if "merge" in results:
