@@ -517,8 +517,7 @@ class _Run:
         step = self.step + 1
         ts = time.perf_counter()
         pending, self._pending = self._pending, None
-        prefetched = pending is not None and pending.step == step
-        if prefetched:
+        if pending is not None and pending.step == step:
             prompts, refs = pending.prompts, pending.refs
         else:
             prompts, refs = self._draw(step), None
@@ -567,9 +566,10 @@ class _Run:
         # serialization, reward, batching, weight sync (issue 9's overhead share).
         # Off-policy, the engine runs while the learner does: only the waits for it count, and the
         # overhead is what is left outside the learner's update and those waits. A synchronous rollout
-        # started in the previous step's tail counts only the engine time this step waited for.
+        # started in the previous step's tail counts only the engine time this step waited for (a
+        # rollout started in this step waited at least its engine time: the min is that time).
         waited = (tg - ts) + (tw - tl)
-        t_gen = waited if t.off_policy_steps else (min(t_engine, waited) if prefetched else t_engine)
+        t_gen = waited if t.off_policy_steps else min(t_engine, waited)
         t_compute = float(lmetrics.get("seconds", 0.0)) + t_gen
         metrics.update({"time/generate": waited, "time/reward": tr - tg, "time/learn": tl - tr,
                         "time/sync": tsync - tw, "time/step": tsync - ts, "time/generate_engine": t_engine,

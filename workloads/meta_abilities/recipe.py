@@ -451,7 +451,7 @@ def format_table(table: pa.Table, metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-def plot_table(table: pa.Table, decoding: str = "greedy"):
+def plot_table(table: pa.Table, how: str = "greedy"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -468,7 +468,7 @@ def plot_table(table: pa.Table, decoding: str = "greedy"):
     for i, m in enumerate(models):
         ax.bar(x + i * width, [cell.get((m, t, lv), 0.0) for t, lv in cols], width, label=m)
     ax.set_xticks(x + 0.4 - width / 2, [f"{t}\nL{lv}" for t, lv in cols])
-    ax.set_ylabel(f"accuracy ({decoding}, held-out)")
+    ax.set_ylabel(f"accuracy ({how}, held-out)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("meta-ability alignment: accuracy by model, task and level")
@@ -505,7 +505,8 @@ def run(cfg: MetaConfig, log=print, only: list[str] | None = None) -> dict:
         rows = {m: results[f"eval-{m}"].outputs["rows"] for m in model_stages(cfg) if f"eval-{m}" in results}
         if rows:
             table = comparison_table(rows)
-            text = (f"Held-out accuracy ({decoding(cfg)}):\n\n" + format_table(table) + "\n\nShare of well-formed <think>...</think><answer>...</answer> "
+            text = (f"Held-out accuracy ({decoding(cfg)}):\n\n" + format_table(table)
+                    + "\n\nShare of well-formed <think>...</think><answer>...</answer> "
                     "responses (the domain task has no answer tags):\n\n" + format_table(table, "format_rate"))
             parent.log_table(table, "meta_abilities/comparison.parquet")
             parent.log_figure(plot_table(table, decoding(cfg)), "meta_abilities/comparison.png")
