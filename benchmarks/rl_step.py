@@ -17,6 +17,8 @@ Both are also timed end to end (process start to exit). Prints a table with the 
     .venv/bin/python benchmarks/rl_step.py                     # random tiny model, 16 prompts x 8, 16x8
     .venv/bin/python benchmarks/rl_step.py --model outputs/warmstart/<hash>/checkpoint --steps 30
     .venv/bin/python benchmarks/rl_step.py --off-policy-steps 1        # generate step k+1 while learning k
+    .venv/bin/python benchmarks/rl_step.py --shape small --fixed-length --thinking 192 --solution 64 --steps 6
+                                                     # 4.2M model, every sample exactly 256 tokens on both sides
 
 Needs the ``bench`` extra (``bash scripts/install.sh cpu,dev,bench``).
 """
@@ -65,6 +67,8 @@ def run_ours(args, tmp: Path) -> dict:
         'eval.budgets=["8x8"]', "eval.num_prompts=1", f"tracking.tracking_uri={uri}",
         "tracking.experiment=bench-rl-step", f"ray.num_cpus={os.cpu_count()}",
         f"trainer.off_policy_steps={args.off_policy_steps}",
+        # room for the longest addition prompt (about 16 tokens with the template) and both budgets
+        f"model.max_model_len={max(256, args.thinking + args.solution + 32)}",
     ])
     result = train(cfg, log=lambda *a: None)
     client = MlflowClient(uri)
