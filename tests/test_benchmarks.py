@@ -1,0 +1,74 @@
+"""benchmarks/: the fixed-length model never stops by itself; the learner MFU script counts FLOPs right."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    spec = importlib.util.spec_from_file_location("shapes", ROOT / "benchmarks" / "shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_never_stopping_model_runs_to_its_limit(shapes, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = shapes.never_stopping(shapes.build("tiny", tmp_path), tmp_path / "fixed")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert not model.config.tie_word_embeddings
+    eos, think_end = tok.eos_token_id, tok.convert_tokens_to_ids("</think>")
+    ids = tok(["<s>12+34=<think>"] * 8, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=96, do_sample=True, top_k=0,
+                         temperature=1.0)
+    new = out[:, ids.shape[1]:]
+    assert new.shape[1] == 96  # nobody stopped early
+    assert not (new == eos).any() and not (new == think_end).any()
+    assert len(set(new.flatten().tolist())) > 20  # the other tokens are still sampled, near-uniformly
+    # A forced </think> as input must not make EOS likely (with tied embeddings it made EOS certain).
+    forced = torch.cat([ids, torch.full((8, 1), think_end)], dim=1)
+    with torch.no_grad():
+        logprobs = model(forced).logits[:, -1].log_softmax(-1)
+    assert logprobs[:, [eos, think_end]].max() < -15
+
+
+def test_learner_mfu_script_reports_throughput_and_mfu():
+    import re
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "learner_mfu.py"), "--shape", "tiny", "--device", "cpu",
+           "--dtype", "float32", "--batch", "8", "--prompt", "8", "--response", "16", "--steps", "2",
+           "--peak-tflops", "0.5", "--no-matmul"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["s/step"])
+    row = lines[header + 1].split()
+    sec, tokens_per_s, tflop = float(row[0]), float(row[1]), float(row[2])
+    assert sec > 0 and tokens_per_s == pytest.approx(8 * 24 / sec, rel=0.01)
+    # 3 passes (forward + backward) + 1 reference forward of the tiny shape's model FLOPs
+    assert tflop == pytest.approx(4 * _tiny_forward_flops(8, 8, 16) / 1e12, rel=1e-3)
+    mfu = re.search(r"MFU against a 0\.5 TFLOP/s peak \(--peak-tflops\): ([\d.]+)%", out.stdout)
+    assert mfu and 0 < float(mfu.group(1)) < 100
+
+    bad = subprocess.run([*cmd[:2], "--batch", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--batch must be >= 1" in bad.stderr
+
+
+def _tiny_forward_flops(batch: int, prompt: int, response: int) -> float:
+    """The tiny shape's forward FLOPs written out: 3 layers of q/k/v/o (128^2 each) and a 512-wide
+    SwiGLU, logits over 128 tokens for the response and one before it, causal attention."""
+    tokens = prompt + response
+    dense = 2 * 3 * (4 * 128 * 128 + 3 * 128 * 512) * batch * tokens
+    return dense + 2 * 128 * 128 * batch * (response + 1) + 2 * 3 * tokens**2 * 128 * batch
