@@ -74,7 +74,7 @@ def run_ours(args, tmp: Path) -> dict:
     client = MlflowClient(uri)
     wall = sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, "cost/wall_seconds"))
     parts = {k: [m.value for m in client.get_metric_history(result.run_id, f"time/{k}")]
-             for k in ("generate", "reward", "learn", "sync", "step")}
+             for k in ("generate", "generate_engine", "reward", "learn", "sync", "step")}
     (s0, w0), (s1, w1) = wall[0], wall[-1]
     per_sample = [sum(m.value for m in client.get_metric_history(result.run_id, f"train/{k}") if m.step > s0)
                   for k in ("thinking_tokens", "solution_tokens")]
