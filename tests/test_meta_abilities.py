@@ -37,6 +37,21 @@ def test_shipped_config_builds_the_paper_dag(name):
         pytest.approx([0.769, 0.154, 0.077], abs=1e-3)
 
 
+def test_level_one_config_merges_by_task_arithmetic_and_samples_its_table():
+    cfg = load(str(CFG.parent / "tiny-rl.yaml"))
+    stages = {s.name: s for s in build_stages(cfg)}
+    # task arithmetic adds each change to the warm start, so the merge reads it too
+    assert set(stages["merge"].deps) == {"deduction-L1", "induction-L1", "abduction-L1", "warmstart"}
+    assert "deduction-L2" not in stages
+    assert cfg.merge.method == "task_arithmetic" and not cfg.merge.normalize
+    assert effective_weights([cfg.merge.weights[a] for a in cfg.abilities], cfg.merge.normalize) == [1.0, 1.0, 1.0]
+    assert (cfg.evaluation.temperature, cfg.evaluation.samples) == (0.7, 4)
+    trains = stage_configs(cfg, check_paths=False)
+    t = trains["induction-L1"]
+    assert (t.trainer.steps, t.trainer.prompts_per_step, t.rollout.group_size, t.learner.lr) == (80, 8, 8, 4e-5)
+    assert t.data.train_size >= t.trainer.steps * t.trainer.prompts_per_step  # each prompt seen once
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["abilities=[deduction,telepathy]"], "telepathy"),
     (["levels=[1,6]"], "levels"),
