@@ -16,6 +16,23 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, ma
 
 
 @pytest.fixture(scope="session")
+def benchmark_module():
+    """``load(name)``: a script of ``benchmarks/`` as a module (the folder is scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     import ray
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    spec = importlib.util.spec_from_file_location("shapes", ROOT / "benchmarks" / "shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def shapes(benchmark_module):
+    return benchmark_module("shapes")
 
 
 def test_never_stopping_model_runs_to_its_limit(shapes, tmp_path):
