@@ -156,7 +156,7 @@ def main() -> int:
           f"{args.batch} sequences x ({args.prompt} + {args.response}) tokens, micro-batch {args.micro_batch}, "
           f"kl {args.kl}; median of {args.steps} steps after a warm-up\n")
     print(f"{'s/step':>8} {'tokens/s':>10} {'model TFLOP/step':>17} {'TFLOP/s':>9} {'peak GiB':>9}")
-    print(f"{sec:>8.3f} {tokens / sec:>10.0f} {flops / 1e12:>17.4g} {achieved:>9.4g} {peak_mem:>9.1f}")
+    print(f"{sec:>8.4g} {tokens / sec:>10.0f} {flops / 1e12:>17.4g} {achieved:>9.4g} {peak_mem:>9.1f}")
     if measured is not None:
         print(f"measured {args.dtype} matmul on this device: {measured:.4g} TFLOP/s; "
               f"learner / matmul: {achieved / measured:.1%}")
