@@ -6,8 +6,8 @@ multiple of 32.
 
 ``--fixed-length`` builds the shape so that it never samples EOS or ``</think>`` by itself: every sample
 then runs to its token limit on both sides of a comparison, the fixed-length setting of throughput
-benchmarks (vLLM's ``ignore_eos``) without a benchmark-only switch in either trainer. A random model
-otherwise stops at one of its ~100 tokens' worth of EOS/``</think>`` after a few dozen tokens.
+benchmarks (vLLM's ``ignore_eos``) without a benchmark-only switch in either trainer. Otherwise a
+random model samples EOS or ``</think>`` with about 2/128 chance a token and stops after a few dozen.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def resolve_model(ap, args, tmp: str | Path) -> str:
     """The absolute model directory the arguments name, building the random one into ``tmp``."""
     if args.model is None:
         path = build(args.shape, tmp)
-        if getattr(args, "fixed_length", False):
+        if args.fixed_length:
             path = never_stopping(path, Path(tmp) / f"{args.shape}-fixed-length")
         return str(path.resolve())
-    if getattr(args, "fixed_length", False):
+    if args.fixed_length:
         ap.error("--fixed-length builds a random model; it does not apply to --model")
     if not (Path(args.model) / "config.json").is_file():
         ap.error(f"--model {args.model}: not a Hugging Face model directory")
