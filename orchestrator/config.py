@@ -175,6 +175,10 @@ class TrainerConfig:
     state_every: int = 10
     resume: str = "auto"  # auto: continue an unfinished run of the same run_name | never | must
     max_restarts: int = 3  # rollout/learner actors replaced after a crash, per run
+    # Seconds to wait for nodes that offer the run's resources: at the start, and when a node holding
+    # rollout workers or learner ranks is lost (Ray re-places them on another node that fits). Past it
+    # the run stops with an error naming the missing resources; its state stays for a re-run.
+    node_wait_s: float = 600.0
     # Stop once this many tokens were generated (training rollouts + a curriculum's previews); 0: no limit.
     # Compares methods at equal generation cost; trainer.steps still caps the run.
     max_generated_tokens: int = 0
@@ -311,8 +315,36 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     ``check_paths=False`` skips the existence checks of model and data paths (for validating a
     cluster config on a machine that does not hold the cluster's files)."""
     obj = merge_structured(Config, path, overrides, aliases=ALIASES)
+    resolve_durable_paths(obj)
     validate(obj, check_paths=check_paths)
     return obj
+
+
+def durable_output(value: str, key: str) -> str:
+    """A relative path a command writes, resolved for a Ray job (``ConfigError`` naming ``key`` when it cannot be)."""
+    from . import paths
+
+    try:
+        return paths.output_path(value, key)
+    except paths.DurablePathError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def resolve_durable_paths(cfg: Config) -> None:
+    """Inside a Ray job, relative paths the run writes go under ``$BUDGETRL_HOME`` (orchestrator/paths.py):
+    the output dir, a model the run builds, and the default SQLite tracking store."""
+    from . import paths
+
+    try:
+        cfg.trainer.output_dir = paths.output_path(cfg.trainer.output_dir, "trainer.output_dir")
+        if cfg.model.build_tiny_if_missing and cfg.model.path:
+            cfg.model.path = paths.input_or_output_path(cfg.model.path, "model.path")
+        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri and paths.ray_job_working_dir() is not None:
+            root = paths.durable_root("tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
+            cfg.tracking.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    except paths.DurablePathError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _describe(exc: OmegaConfBaseException) -> str:
@@ -407,6 +439,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     non_negative("trainer.eval_every", t.eval_every)
     non_negative("trainer.state_every", t.state_every)
     non_negative("trainer.max_restarts", t.max_restarts)
+    non_negative("trainer.node_wait_s", t.node_wait_s)
     non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
     if t.off_policy_steps not in (0, 1):
         bad("trainer.off_policy_steps", t.off_policy_steps, "must be 0 (synchronous) or 1 (one step ahead)")

@@ -70,8 +70,15 @@ class TrackingError(RuntimeError):
 
 
 def default_tracking_uri() -> str:
-    """``sqlite:///<cwd>/mlflow.db``, absolute so Ray actors with another cwd use the same file."""
-    return "sqlite:///" + str(Path.cwd().resolve() / "mlflow.db")
+    """``sqlite:///<cwd>/mlflow.db``, absolute so Ray actors with another cwd use the same file; inside a
+    Ray job ``$BUDGETRL_HOME/mlflow.db`` (the job's cwd is Ray's temporary copy: orchestrator/paths.py)."""
+    from .paths import DurablePathError, durable_root
+
+    try:
+        root = durable_root("tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
+    except DurablePathError as exc:
+        raise TrackingError(str(exc)) from None
+    return "sqlite:///" + str((root or Path.cwd().resolve()) / "mlflow.db")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -93,7 +100,14 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = unquote(uri[len("sqlite:///") :].split("?", 1)[0])
-    return None if path in ("", ":memory:") else Path(path).resolve()
+    if path in ("", ":memory:"):
+        return None
+    from .paths import DurablePathError, output_path
+
+    try:  # a relative file inside a Ray job goes under $BUDGETRL_HOME, not the job's temporary copy
+        return Path(output_path(path, "tracking.tracking_uri")).resolve()
+    except DurablePathError as exc:
+        raise TrackingError(str(exc)) from None
 
 
 def _artifact_root(uri: str) -> str | None:

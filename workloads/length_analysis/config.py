@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from orchestrator.config import ConfigError, merge_structured
+from orchestrator.config import ConfigError, durable_output, merge_structured
 
 AUTO = "auto"
 
@@ -102,6 +102,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     Input paths that are relative resolve against the current directory (where the command runs).
     """
     cfg = merge_structured(AnalysisConfig, path, overrides)
+    cfg.output_dir = durable_output(cfg.output_dir, "output_dir")
     validate(cfg)
     return cfg
 

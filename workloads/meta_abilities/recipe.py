@@ -25,7 +25,7 @@ import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import tracking
-from orchestrator.config import Budget, Config, ConfigError, load_config, merge_structured, resolve_base_config, to_dict, validate
+from orchestrator.config import Budget, Config, ConfigError, durable_output, load_config, merge_structured, resolve_base_config, to_dict, validate
 from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 ABILITIES = ("deduction", "induction", "abduction")
@@ -99,6 +99,7 @@ class MetaConfig:
 def load(path: str, overrides: list[str] = ()) -> MetaConfig:
     cfg = merge_structured(MetaConfig, path, overrides)
     cfg.base = resolve_base_config(cfg.base, path)
+    cfg.output_dir = durable_output(cfg.output_dir, "output_dir")
     check(cfg)
     return cfg
 
