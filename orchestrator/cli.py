@@ -148,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         from .tracking import TrackingError
         from .trainer import train
 
+        from .runtime import NodeUnavailable
+
         try:
             result = train(cfg)
         except (ConfigError, TrackingError) as exc:  # raised before any work: bad data, store, resume
             print(f"{'config' if isinstance(exc, ConfigError) else 'tracking'} error: {exc}", file=sys.stderr)
             return 2
+        except NodeUnavailable as exc:  # the cluster lacks the run's resources now; a re-run continues
+            print(f"cluster error: {exc}", file=sys.stderr)
+            return 3
         print(f"run {result.run_id}: checkpoint {result.checkpoint}")
         return 0
     if args.command == "eval":

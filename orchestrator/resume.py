@@ -27,7 +27,7 @@ RESULT = "result.json"
 # pipeline re-run opens a new parent MLflow run, so a stage killed mid-training resumes under a new
 # ``tracking.parent_run_id`` (its own run keeps its old parent; the new parent's stage tags name it).
 MUTABLE = ("trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.state_every",
-           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.max_generated_tokens", "ray.",
+           "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.node_wait_s", "trainer.max_generated_tokens", "ray.",
            "tracking.tracking_uri", "tracking.parent_run_id", "reward.num_workers", "reward.timeout_s", "cost.")
 
 
@@ -67,18 +67,43 @@ def read_state(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / TRAINER_STATE).read_text())
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and every directory entry to disk (a rename is only as durable
+    as the data and the directory it names: without this a power loss can leave a complete-looking
+    state whose files are empty)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_state(out_dir: str | os.PathLike, save_learner: Callable[[str], object], payload: dict) -> Path:
-    """Write a complete state (learner files, then ``trainer_state.json``) and swap it into ``state/``."""
+    """Write a complete state (learner files, then ``trainer_state.json``) and swap it into ``state/``.
+
+    Order: learner files written and fsynced, then the marker (fsynced with its directory), then
+    ``state/`` renamed aside, the new one renamed in, the parent fsynced. A crash at any point leaves a
+    complete state under ``state/`` or a ``.state-*`` name, which ``latest_state`` finds."""
     out = Path(out_dir)
     tmp = out / f".state-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         save_learner(str(tmp))
+        _fsync_tree(tmp)
         marker = tmp / TRAINER_STATE
         with open(marker, "w") as fh:
             json.dump(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -87,6 +112,7 @@ def write_state(out_dir: str | os.PathLike, save_learner: Callable[[str], object
         old = out / f".state-old-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
     os.rename(tmp, final)
+    _fsync_dir(out)
     for stale in out.glob(".state-*"):  # the replaced state and leftovers of crashed writes
         shutil.rmtree(stale, ignore_errors=True)
     return final

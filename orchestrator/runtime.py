@@ -7,6 +7,7 @@ the job's cluster and inherits the job's runtime_env (its working_dir is never o
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
@@ -62,10 +63,14 @@ class WorkerGroup:
         bundles += [{"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources}
                     for _ in range(le.num_workers if learner else 0)]
         bundles = [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
+        self.roles = [f"rollout worker {i}" for i in range(r.num_workers)]
+        self.roles += [f"learner rank {i}" for i in range(le.num_workers if learner else 0)]
+        self.node_wait_s = cfg.trainer.node_wait_s
         if name:
             _remove_stale_placement_group(name)
         self.pg = placement_group(bundles, strategy="PACK", name=name or "")
-        ray.get(self.pg.ready(), timeout=600)
+        if not self.pg.wait(self.node_wait_s):
+            raise NodeUnavailable(describe_unplaced(self.pg, self.roles, self.node_wait_s))
 
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
         if r.engine == "vllm":
@@ -112,20 +117,36 @@ class WorkerGroup:
         return dead
 
     def replace_rollouts(self, indices: list[int]) -> list[int]:
-        """New workers in the dead workers' bundles (they start from the run's start weights: push yours)."""
+        """New workers in the dead workers' bundles (they start from the run's start weights: push yours).
+
+        A bundle whose node was lost is re-placed by Ray on another node that fits it; this waits up to
+        ``trainer.node_wait_s`` for that, then raises ``NodeUnavailable`` naming the missing resources."""
         for i in indices:
             try:
                 ray.kill(self.rollout[i])
             except Exception:
                 pass
+        self.wait_for_bundles()
+        for i in indices:
             self.rollout[i] = self._new_rollout(i)
         ray.get([self.rollout[i].ready.remote() for i in indices])
         return indices
 
     def replace_learner(self, model_path: str) -> None:
-        """A new learner group in the same bundles, from ``model_path`` (then load a state into it)."""
+        """A new learner group in the same bundles, from ``model_path`` (then load a state into it);
+        waits for bundles on a lost node to be re-placed, like ``replace_rollouts``."""
         self.learner.shutdown()
+        self.wait_for_bundles()
         self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
+
+    def wait_for_bundles(self) -> None:
+        """Return once every bundle has a live node (at once when none was lost), else ``NodeUnavailable``."""
+        if not self.pg.wait(self.node_wait_s):
+            raise NodeUnavailable(describe_unplaced(self.pg, self.roles, self.node_wait_s))
+
+    def placement(self) -> dict:
+        """Which node holds each actor: ``{"rollout": [node], "learner": [node]}`` with id, address, labels."""
+        return placement_of(self.pg, self.roles)
 
     def shutdown(self) -> None:
         if self.learner is not None:
@@ -236,6 +257,53 @@ class LearnerGroup:
                 ray.kill(r)
             except Exception:
                 pass
+
+
+class NodeUnavailable(RuntimeError):
+    """No live node offers what a run's actors need, after waiting ``trainer.node_wait_s``."""
+
+
+def _nodes() -> dict[str, dict]:
+    return {n["NodeID"]: n for n in ray.nodes()}
+
+
+def _node_info(node: dict | None, node_id: str) -> dict:
+    if node is None:
+        return {"node_id": node_id, "alive": False}
+    return {"node_id": node_id, "address": node.get("NodeManagerAddress"), "alive": bool(node.get("Alive")),
+            "labels": {k: v for k, v in (node.get("Labels") or {}).items() if not k.startswith("ray.io/")}}
+
+
+def placement_of(pg, roles: list[str]) -> dict:
+    """Node of every bundle of ``pg`` by role (``rollout worker 3`` -> ``rollout[3]``)."""
+    table = ray.util.placement_group_table(pg)
+    where, nodes = table.get("bundles_to_node_id", {}), _nodes()
+    out: dict[str, list] = {"rollout": [], "learner": []}
+    for i, role in enumerate(roles):
+        node_id = where.get(i, "")
+        out[role.split()[0]].append(_node_info(nodes.get(node_id), node_id) if node_id else {"node_id": None})
+    return out
+
+
+def describe_unplaced(pg, roles: list[str], waited_s: float) -> str:
+    """Which actors have no node, what each asks for, and what the live nodes offer."""
+    table = ray.util.placement_group_table(pg)
+    placed, specs = table.get("bundles_to_node_id", {}), pg.bundle_specs
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    missing = [i for i in range(len(roles)) if i not in placed or placed[i] not in {n["NodeID"] for n in alive}]
+    if not missing:
+        missing = list(range(len(roles)))  # not created as a whole: every bundle waits
+    asks = {}
+    for i in missing:
+        asks.setdefault(json.dumps(specs[i], sort_keys=True), []).append(roles[i])
+    what = "; ".join(f"{', '.join(who)} need {spec}" for spec, who in asks.items())
+    offered = sorted({k for n in alive for k in n.get("Resources", {}) if not k.startswith(("node:", "memory",
+                                                                                               "object_store"))})
+    custom = {k: v for k, v in specs[missing[0]].items() if k not in ("CPU", "GPU", "memory")}
+    example = f" --resources='{json.dumps(custom)}'" if custom else ""
+    return (f"no live node offers what the run needs after waiting {waited_s:g} s (trainer.node_wait_s): {what}. "
+            f"Live nodes: {len(alive)}, offering {', '.join(offered) or 'nothing'}. Add a node that offers it "
+            f"(`ray start --address=HEAD:PORT{example} ...`), or change the run's rollout/learner resources")
 
 
 def _remove_stale_placement_group(name: str) -> None:

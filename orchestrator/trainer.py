@@ -38,8 +38,12 @@ from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
 from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
-from .runtime import WorkerGroup, init_ray
+from .runtime import NodeUnavailable, WorkerGroup, init_ray
 from .warmstart import prepare_start_checkpoint
+
+
+# An actor died, or its node did, taking objects it held with it (e.g. the learner's exported weights).
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 
 
 @dataclass
@@ -52,6 +56,11 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None  # the step a resumed run continued from
     restarts: int = 0  # actors replaced after crashes
+
+
+def _node_label(node: dict) -> str:
+    labels = ", ".join(f"{k}={v}" for k, v in sorted((node.get("labels") or {}).items()))
+    return f"node {(node.get('node_id') or 'unplaced')[:8]}" + (f" ({labels})" if labels else "")
 
 
 def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
@@ -259,17 +268,31 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
                               tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts),
                               "budgetrl.overlong_prompts": json.dumps(overlong)})
         spec = reward_spec(cfg, verifier)
-        group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}")
+        try:
+            group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}")
+        except NodeUnavailable as exc:
+            raise _stopped_for_nodes(exc, out_dir) from None
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
             with pool_cm as pool:
                 run = _Run(cfg, group, pool, spec, eval_budgets(cfg), train_prompts, eval_prompts, tracker, out_dir,
                            log, on_eval, start, curriculum)
                 result = run.execute(state_path)
+        except NodeUnavailable as exc:
+            raise _stopped_for_nodes(exc, out_dir) from None
         finally:
             group.shutdown()
         result.run_id = tracker.run_id
         return result
+
+
+def _stopped_for_nodes(exc: NodeUnavailable, out_dir: Path) -> NodeUnavailable:
+    """The error a run stops with when nodes are missing, saying how to continue it."""
+    state = resume.latest_state(out_dir)
+    kept = (f"its state (step {resume.read_state(state)['step']}) is kept in {state}" if state is not None
+            else "it has no saved state yet")
+    return NodeUnavailable(f"{exc}. The run stopped; {kept}: run the same command again once the nodes are there "
+                           "and it continues")
 
 
 @dataclass
@@ -303,6 +326,7 @@ class _Run:
         self._deferred_state: dict | None = None  # a state taken at the end of a step, written at the next
         self._deferred_flush = False  # trainer.state_every=0: the step's metrics go out during the next rollout
         self._fresh_position()
+        self.placement: dict = {}  # node of every actor (``WorkerGroup.placement``), kept current
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
 
@@ -379,6 +403,36 @@ class _Run:
         self.log(f"step {self.step + 1}: {what} died ({type(exc).__name__}); replacing it "
                  f"(restart {self.result.restarts} of at most {self.cfg.trainer.max_restarts})")
 
+    def _rebuild_learner(self, exc: BaseException) -> None:
+        """A learner rank (or its node) died mid-step: rebuild the group and continue from the last state.
+
+        Without states (``trainer.state_every=0``) the steps since the start were already sent to MLflow
+        and could not be redone without logging them twice: the run stops instead, saying so."""
+        if not self.cfg.trainer.state_every and self.step > 0:
+            raise RuntimeError(
+                f"a learner rank died at step {self.step + 1} ({type(exc).__name__}) and trainer.state_every=0 keeps "
+                f"no state to continue from (steps 1..{self.step} are already logged); set trainer.state_every > 0 "
+                "to survive learner failures") from exc
+        self._restarted("a learner rank", exc)
+        self.group.replace_learner(self.start_checkpoint)
+        self._record_placement("learner rebuilt")
+        state = resume.latest_state(self.out_dir)
+        self.log(f"continuing from {'step ' + str(resume.read_state(state)['step']) if state else 'the start'}")
+        self.restore(state)
+
+    def _record_placement(self, why: str) -> None:
+        """Which node holds each actor, at the start and after every re-placement: logged, and written to
+        ``OUTPUT/RUN/placement.json`` (and result.json, MLflow's ``placement.json`` at the end)."""
+        self.placement = self.group.placement()
+        by_node: dict[str, list[str]] = {}
+        for role, nodes in self.placement.items():
+            for i, n in enumerate(nodes):
+                by_node.setdefault(_node_label(n), []).append(f"{role} {i}")
+        self.log(f"placement ({why}): " + "; ".join(f"{node}: {', '.join(who)}" for node, who in by_node.items()))
+        tmp = self.out_dir / "placement.json.tmp"
+        tmp.write_text(json.dumps(self.placement, indent=1))
+        tmp.replace(self.out_dir / "placement.json")
+
     def _push_weights(self) -> None:
         weights = self.group.learner.get_weights()
         self._on_rollouts(lambda: ray.get(self._send_weights(weights, self.step)))
@@ -389,12 +443,13 @@ class _Run:
         while True:
             try:
                 return fn()
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            except ACTOR_LOST as exc:
                 dead = self.group.dead_rollouts()
                 if not dead:
                     raise  # not a rollout worker (e.g. the learner that produced the weights): the caller handles it
                 self._restarted("a rollout worker", exc)
                 replaced = self.group.replace_rollouts(dead)
+                self._record_placement(f"rollout worker {', '.join(map(str, dead))} replaced")
                 weights = self.group.learner.get_weights()
                 ray.get(self._send_weights(weights, self.step, [self.group.rollout[i] for i in replaced]))
 
@@ -407,6 +462,7 @@ class _Run:
     def execute(self, state_path: Path | None) -> TrainResult:
         t = self.cfg.trainer
         stop = False
+        self._record_placement("start")
         if state_path is not None:
             self.restore(state_path)
             self.result.resumed_from = self.step
@@ -432,13 +488,8 @@ class _Run:
         while not stop and self.step < t.steps and not self._out_of_tokens():
             try:
                 stop, last = self._one_step(bar)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                # A learner rank died mid-step: rebuild the group and continue from the last state.
-                self._restarted("a learner rank", exc)
-                self.group.replace_learner(self.start_checkpoint)
-                state = resume.latest_state(self.out_dir)
-                self.log(f"continuing from {'step ' + str(resume.read_state(state)['step']) if state else 'the start'}")
-                self.restore(state)
+            except ACTOR_LOST as exc:
+                self._rebuild_learner(exc)
                 bar.n = self.step
                 bar.refresh()
                 continue
@@ -489,7 +540,7 @@ class _Run:
         if refs:
             try:
                 return gather(refs)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except ACTOR_LOST:
                 if self.group.dead_rollouts():
                     raise  # _on_rollouts replaces the worker, then this runs again and regenerates
         return generate(self.group.rollout, prompts, self.sampling, step)
@@ -656,6 +707,7 @@ class _Run:
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
         self.tracker.log_artifacts(ckpt, "checkpoint")
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
+        self.tracker.log_dict(self.placement, "placement.json")
         self._write_result(ckpt)
         return result
 
@@ -664,5 +716,6 @@ class _Run:
         r = self.result
         (self.out_dir / resume.RESULT).write_text(json.dumps(
             {"checkpoint": ckpt, "run_id": self.tracker.run_id, "steps": r.steps, "resumed_from": r.resumed_from,
-             "restarts": r.restarts, "eval_before": r.eval_before, "eval_after": r.eval_after}, indent=1))
+             "restarts": r.restarts, "eval_before": r.eval_before, "eval_after": r.eval_after,
+             "placement": self.placement}, indent=1))
         resume.remove_state(self.out_dir)
