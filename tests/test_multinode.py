@@ -1,0 +1,193 @@
+"""Several Ray nodes on one machine: placement by custom resources, jobs that keep their results, lost nodes.
+
+One cluster for the module (``tests/local_cluster.py``), started with the Ray CLI as an operator would,
+with token auth on: a head with no actor resources, two rollout nodes (``rollout_gpu``) and a learner
+node (``learner_gpu``), the custom resources of ``clusters/raycluster-gpu.yaml``'s groups. The tests
+run in file order on that cluster: the job tests use it as started; the node-loss scenario then kills
+nodes and adds spares.
+
+Network: every address the tests and drivers use is 127.0.0.1 (Ray itself resolves it to this
+machine's own address for its internal connections; every process is on this machine).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from conftest import TINY
+from local_cluster import BIN, LocalCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 480
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(Path(tempfile.mkdtemp(prefix="mn", dir="/tmp")))  # short: Ray's socket paths < 107 chars
+    try:
+        c.start_head()
+        c.add_node("rollout-a", {"rollout_gpu": 1})
+        c.add_node("rollout-b", {"rollout_gpu": 1})
+        c.add_node("learner-a", {"learner_gpu": 1})
+        yield c
+    finally:
+        c.stop()
+        import shutil
+
+        shutil.rmtree(c.tmp, ignore_errors=True)
+
+
+def _small(**kw) -> list[str]:
+    """A quickstart shortened to seconds: tiny model, few prompts, short budgets."""
+    values = {"warmstart.steps": 4, "warmstart.train_size": 256, "warmstart.batch_size": 32, "trainer.steps": 2,
+              "trainer.prompts_per_step": 4, "rollout.group_size": 4, "eval.num_prompts": 8, "data.eval_size": 8,
+              "data.train_size": 64, "budgets": "[16x8]", "eval.max_thinking": 24, "budget.thinking": 16,
+              "budget.solution": 8, "learner.micro_batch_size": 16, "learner.num_threads": 1,
+              "reward.num_workers": 1, "rollout.vllm.kv_cache_gib": 1, "model.max_model_len": 64,
+              "rollout.resources.rollout_gpu": 1, "learner.resources.learner_gpu": 1, **kw}
+    return [f"{k}={v}" for k, v in values.items()] + [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+
+
+# ---- ray job submit ---------------------------------------------------------------------------------
+
+
+def _submit(cluster: LocalCluster, args: list[str], env_vars: dict) -> tuple[str, str, str]:
+    """`ray job submit` of ``python -m orchestrator ARGS`` with the repository as working dir; (job id,
+    status from the token-protected Jobs REST API, CLI output + driver log)."""
+    job_id = f"budgetrl-test-{uuid.uuid4().hex[:8]}"
+    submit = [BIN / "ray", "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,
+              "--working-dir", ROOT, "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+              "--", "python", "-m", "orchestrator", *args]
+    deadline, retry_until = time.monotonic() + JOB_TIMEOUT_S, time.monotonic() + 60
+    while True:  # right after `ray start` the job agent may not be registered ("No available agent")
+        try:
+            r = subprocess.run([str(c) for c in submit], env=cluster.env, capture_output=True, text=True,
+                               timeout=max(1.0, deadline - time.monotonic()))
+            output = r.stdout + r.stderr
+        except subprocess.TimeoutExpired:
+            subprocess.run([str(BIN / "ray"), "job", "stop", "--address", cluster.dashboard, job_id],
+                           env=cluster.env, capture_output=True, timeout=60)
+            output = f"`ray job submit` still running after {JOB_TIMEOUT_S}s"
+        if "No available agent" not in output or time.monotonic() > retry_until:
+            break
+        time.sleep(2)
+    url = f"{cluster.dashboard}/api/jobs/{job_id}"
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert requests.get(url, timeout=30).status_code in (401, 403)  # the job API wants the token
+    reply = requests.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    status = reply.json().get("status") if reply.ok else f"HTTP {reply.status_code}"
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", cluster.dashboard, job_id],
+                          env=cluster.env, capture_output=True, text=True, timeout=60)
+    return job_id, status, output + "\n" + logs.stdout
+
+
+def _hf_logprobs(model_dir: str, rows: list[dict]) -> list[np.ndarray]:
+    """Log-probabilities of each row's response tokens under ``model_dir``, computed with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["prompt_token_ids"] + row["response_token_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            n = len(row["response_token_ids"])
+            out.append(logp[-n:].gather(1, ids[0, -n:, None])[:, 0].numpy())
+    return out
+
+
+@pytest.mark.timeout(900)
+def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cluster, tmp_path):
+    """`ray job submit` of the shortened quickstart with the README's relative paths, onto two rollout
+    nodes and a learner node: placement by custom resources, the run's results under $BUDGETRL_HOME and
+    the runtime env's MLflow store after the job ends, every engine on every node holding the learner's
+    final weights; a second job reuses the warm start; without BUDGETRL_HOME the job fails at once."""
+    from mlflow import MlflowClient
+
+    home = cluster.tmp / "home"  # on a real cluster: storage every node mounts
+    uri = f"sqlite:///{cluster.tmp / 'jobs-mlflow.db'}"
+    env_vars = {"MLFLOW_TRACKING_URI": uri, "BUDGETRL_HOME": str(home)}
+    # Relative paths as the README's command has them (model.path, trainer.output_dir from the config).
+    args = ["train", "configs/quickstart.yaml", *_small(**{
+        "rollout.num_workers": 2, "trainer.run_name": "job", "tracking.experiment": "jobs",
+        # A learning signal a random tiny model has (lengths vary within a group), and a large step, so
+        # the weights move and a stale engine would show.
+        "reward.length_penalty": 0.5, "learner.lr": 1e-3, "rollout.temperature": 1.0})]
+    t0 = time.perf_counter()
+    job, status, log = _submit(cluster, args, env_vars)
+    wall = time.perf_counter() - t0
+    assert status == "SUCCEEDED", f"job {job}: {status}\n{log[-5000:]}"
+    print(f"job 1 SUCCEEDED in {wall:.1f}s")
+
+    # The results are where the docs say, after the job ended: nothing only in Ray's working-dir copy.
+    out = home / "outputs" / "job"
+    result = json.loads((out / "result.json").read_text())
+    assert (out / "checkpoint" / "model.safetensors").is_file()
+    assert (home / "outputs" / "models" / "tiny-base" / "config.json").is_file()
+    warm = list((home / "outputs" / "warmstart").glob("*/warmstart.json"))
+    assert len(warm) == 1, warm
+    packages = [p for p in (cluster.tmp / "session_latest" / "runtime_resources" / "working_dir_files").iterdir()
+                if p.is_dir()]
+    assert packages
+    for pkg in packages:
+        assert (pkg / "orchestrator" / "trainer.py").is_file()
+        for heavy in (".venv", ".git", "outputs", "mlruns", "mlflow.db"):
+            assert not (pkg / heavy).exists(), f"{heavy} is in the job's working-dir copy {pkg}"
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_name, r.info.status) for r in runs]
+    run = runs[0]
+    assert run.info.run_id == result["run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/reward")] == [1, 2]
+
+    # Placement: each rollout worker on its own rollout node, the learner on the learner node, nothing on
+    # the head (it offers neither resource).
+    place = result["placement"]
+    roles = [n["labels"]["budgetrl.io/role"] for n in place["rollout"] + place["learner"]]
+    assert roles == ["rollout", "rollout", "learner"], place
+    rollout_nodes = {n["labels"]["budgetrl.io/node"] for n in place["rollout"]}
+    assert rollout_nodes == {"rollout-a", "rollout-b"}, place
+    assert json.loads((out / "placement.json").read_text()) == place
+
+    # Weights reached every engine on every node: the final eval (split across both workers) was
+    # generated by policy version 2, and vLLM's logprobs of its tokens are the final checkpoint's
+    # (transformers on the saved weights), not the warm start's.
+    assert run.data.metrics["rollout/worker_0/policy_version"] == run.data.metrics["rollout/worker_1/policy_version"] == 2
+    rows = pq.read_table(out / "eval" / "step_0002.parquet").to_pylist()
+    assert {r["policy_version"] for r in rows} == {2} and len(rows) == 8
+    final = _hf_logprobs(str(out / "checkpoint"), rows)
+    start = _hf_logprobs(str(warm[0].parent), rows)
+    own = [(np.array([x if x is not None else np.nan for x in r["response_logprobs"]]), np.array(r["injected"]))
+           for r in rows]
+    diff_final = max(np.nanmax(np.abs(lp[~inj] - f[~inj])) for (lp, inj), f in zip(own, final))
+    diff_start = max(np.nanmax(np.abs(lp[~inj] - s[~inj])) for (lp, inj), s in zip(own, start))
+    assert diff_final < 2e-3, diff_final
+    assert diff_start > 10 * max(diff_final, 1e-4), (diff_start, diff_final)  # the weights did move
+
+    # A second job reuses the warm start (and the tiny model) instead of rebuilding them.
+    marker_mtime = warm[0].stat().st_mtime_ns
+    job2, status2, log2 = _submit(cluster, args, env_vars)
+    assert status2 == "SUCCEEDED", f"job {job2}: {status2}\n{log2[-5000:]}"
+    assert f"warm start: reusing {warm[0].parent}" in log2, log2[-3000:]
+    assert warm[0].stat().st_mtime_ns == marker_mtime
+    runs = client.search_runs([client.get_experiment_by_name("jobs").experiment_id], order_by=["start_time ASC"])
+    assert len(runs) == 2 and runs[1].data.metrics["warmstart/reused"] == 1.0
+
+    # Without BUDGETRL_HOME, relative output paths would land in Ray's temporary copy: refused at once.
+    job3, status3, log3 = _submit(cluster, ["show-config", "configs/quickstart.yaml"], {"MLFLOW_TRACKING_URI": uri})
+    assert status3 == "FAILED", log3[-3000:]
+    assert re.search(r"config error: trainer\.output_dir: this command runs as a Ray job .* BUDGETRL_HOME", log3), log3[-3000:]
