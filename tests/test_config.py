@@ -31,6 +31,9 @@ def cfg_file(tmp_path):
     ("budgets=[16x8,oops]", "'oops'"),
     ("learner.lr=0", "learner.lr=0"),
     ("algorithm.kl_estimator=k9", "k9"),
+    # k1 as a loss term has zero expected gradient: refused, naming what to use instead
+    ("algorithm.kl_estimator=k1", "algorithm.kl_estimator='k1': as a loss term"),
+    ("algorithm.kl_estimator=k1", "use k2 or k3"),
 ])
 def test_bad_values_name_key_and_value(cfg_file, override, expected):
     with pytest.raises(ConfigError) as info:
