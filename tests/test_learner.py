@@ -130,6 +130,28 @@ def test_policy_loss_ratio_one_and_clipping():
     assert m_low["approx_kl"] > 0
 
 
+def test_clip_frac_counts_the_masked_tokens_that_took_the_clipped_branch():
+    """Half the counted tokens clip (3 of 6); the two masked tokens would clip too and must not count."""
+    log_ratio = torch.tensor([[0.5, 0.1, -0.5, 0.3], [-0.5, 0.5, -1.0, -0.7]])
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    old = torch.full_like(log_ratio, -2.0)
+    loss, m = policy_loss(old + log_ratio, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    # A > 0 clips where the ratio > 1.2 (e^0.5, e^0.3); A < 0 where it is < 0.8 (e^-0.5, and the masked e^-1, e^-0.7).
+    assert m["clip_frac"] == pytest.approx(3 / 6) and m["tokens"] == 6.0
+    r = np.exp([0.5, 0.1, -0.5, 0.3, -0.5, 0.5])
+    per_token = [-1.2, -r[1], -r[2], -1.2, 0.8, r[5]]  # max(-A r, -A clip(r)) per counted token
+    assert loss.item() == pytest.approx(sum(per_token) / 6, rel=1e-6)
+
+
+def test_learner_clip_frac_over_two_epochs(model_dir):
+    """Epoch 1 runs at ratio 1 (nothing clips); a large step raises the one positive-advantage token past
+    1 + clip_high, so epoch 2 clips it and only it (zero-advantage tokens never clip): 1 of 4 x 2 updates."""
+    learner = make_learner(model_dir, lr=5e-2, ppo_epochs=2, micro_batch_size=8)
+    m = learner.step(make_batch([[5, 6, 7], [8, 9]], [[10], [20, 21, 22]], [1.0, 0.0]))
+    assert m["updates"] == 2 and m["clip_frac"] == pytest.approx(1 / 8)
+
+
 def test_kl_penalty_values_and_gradients_by_hand():
     """lp - ref = (1, -1, 0): each estimator's value and d/d(lp), worked out on paper."""
     e = float(np.e)
@@ -281,7 +303,7 @@ def test_multi_epoch_minibatches_and_kl(model_dir):
         micro_batch_size=3,
     )
     m1 = learner.step(batch)
-    assert m1["updates"] == 4 and m1["lr"] == pytest.approx(2.5e-3) and m1["clip_frac"] >= 0
+    assert m1["updates"] == 4 and m1["lr"] == pytest.approx(2.5e-3)
     assert m1["kl"] > 0  # the policy moved away from the reference within the step
     m2 = learner.step(batch)
     assert m2["lr"] == pytest.approx(5e-3) and m2["kl"] > 0 and learner.version() == 2
