@@ -42,7 +42,7 @@ def store(tmp_path_factory, tiny_model):
     ("model.engine=trt", "model.engine='trt'"),
     ("model.dtype=int8", "model.dtype='int8'"),
     ("model.think_end=<nope>", "model.think_end='<nope>': is not a single token"),
-    ("model.max_model_len=1024", "model.max_model_len=1024: the model's max_position_embeddings is 256"),
+    ("model.max_model_len=1024", "model.max_model_len=1024: larger than the checkpoint's context of 256 tokens"),
     ("http.port=0", "http.port=0: must be in 1..65535"),
     ("http.port=abc", "http.port"),
     ("http.route_prefix=llm", "http.route_prefix='llm'"),
@@ -79,6 +79,36 @@ def test_config_target_checks(tmp_path, tiny_model, store):
     assert cfg.model.name == tiny_model and cfg.http.host == "0.0.0.0"
     assert "no authentication" in config_warnings(cfg)[0]
     assert config_warnings(load_serve_config(CONFIG, [], target=tiny_model)) == []
+
+
+def test_context_length_comes_from_the_checkpoint(tmp_path, tiny_model, store):
+    """Without --config the context is the checkpoint's (256 here, not the 4096 default) and the budget
+    limits left unset fit it; an explicit value wins, up to what the checkpoint supports."""
+    import json
+    import shutil
+
+    from orchestrator.serve import load_serve_config
+
+    cfg = load_serve_config(None, [], target=tiny_model)
+    b = cfg.budget
+    assert cfg.model.max_model_len == 256
+    assert (b.max_thinking, b.max_solution, b.thinking, b.solution) == (128, 64, 128, 64)  # 1/2, 1/4 of 256
+    cfg = load_serve_config(None, ["model.max_model_len=200", "budget.max_solution=32"], target=tiny_model)
+    b = cfg.budget
+    assert cfg.model.max_model_len == 200 and (b.max_thinking, b.max_solution, b.thinking, b.solution) == (100, 32, 100, 32)
+    with pytest.raises(ConfigError, match=r"^model.max_model_len=1024: .*checkpoint.*256"):
+        load_serve_config(None, ["model.max_model_len=1024"], target=tiny_model)
+    # A registry model's config.json is read from the store before Ray starts.
+    cfg = load_serve_config(None, [f"model.tracking_uri={store[0]}"], target="models:/tiny/1")
+    assert cfg.model.max_model_len == 256 and cfg.budget.max_thinking == 128
+    # A checkpoint that names no context length needs an explicit one.
+    bare = Path(shutil.copytree(tiny_model, tmp_path / "bare"))
+    conf = json.loads((bare / "config.json").read_text())
+    del conf["max_position_embeddings"]
+    (bare / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=r"^model.max_model_len=None: .*no context length.*set it"):
+        load_serve_config(None, [], target=str(bare))
+    assert load_serve_config(None, ["model.max_model_len=512"], target=str(bare)).model.max_model_len == 512
 
 
 def test_deployment_options_from_config(tiny_model):
