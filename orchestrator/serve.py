@@ -68,6 +68,17 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+# Serve's proxy gives every request this header (the client's own value, else a fresh id) and returns it on
+# the response; a 500 names it so that a client's report finds the server log's traceback.
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def internal_error(request_id: str) -> dict:
+    """The body of a 500: a generic message and the request id, never the exception (it stays in the log)."""
+    return {"error": {"message": f"internal server error (request id {request_id}); the server log has the details",
+                      "type": "server_error", "param": None, "code": "internal_error", "request_id": request_id}}
+
+
 # Request fields this server does not implement: a request that sets them gets a 400 rather than
 # an answer that silently ignores them.
 _UNSUPPORTED = ("stream", "stop", "logprobs", "top_logprobs", "echo", "suffix", "tools", "functions",
@@ -291,7 +302,9 @@ class BudgetedServer:
                 samples = two_phase_generate(w.engine, prompts, budgets, think_end_id=w.think_end_id, eos_id=w.eos_id,
                                              temperature=temperature, top_p=top_p, seeds=seeds)
             except Exception as exc:  # only this group's requests fail
-                logger.exception("generation failed for %d samples", len(prompts))
+                # Each failed request logs the traceback under its request id (BudgetedLLM._answer).
+                logger.error("generation failed for %d samples of %d requests: %s", len(prompts), len(idx),
+                             type(exc).__name__)
                 for i in idx:
                     results[i] = exc
                 continue
@@ -398,11 +411,11 @@ class BudgetedLLM:
         except APIError as exc:
             self.counts["client_errors" if exc.status < 500 else "server_errors"] += 1
             return _error(exc)
-        except Exception as exc:
-            logger.exception("request failed")
+        except Exception:
+            request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+            logger.exception("request %s failed (%s)", request_id, kind)
             self.counts["server_errors"] += 1
-            return _error(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
-                                   type_="server_error", code="internal_error"))
+            return JSONResponse(internal_error(request_id), status_code=500)
         self.counts["ok"] += 1
         return JSONResponse(response)
 
