@@ -161,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {result.run_id}: checkpoint {result.checkpoint}")
         return 0
     if args.command == "eval":
+        from .config import require_checkpoint
+
+        try:
+            require_checkpoint(cfg.model.path)  # before anything imports Ray or opens the MLflow store
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
         from .evaluation import run_eval
 
         run_id, summary = run_eval(cfg)

@@ -130,7 +130,7 @@ class AlgorithmConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k3"  # k2 | k3 (k1 is refused: zero expected gradient as a loss term)
     loss_agg: str = "token_mean"
     ppo_epochs: int = 1
     mini_batches: int = 1
@@ -236,6 +236,10 @@ class Config:
 
 # Short names the CLI accepts on the command line (``eval CONFIG checkpoint=... budgets=...``).
 ALIASES = {"checkpoint": "model.path", "budgets": "eval.budgets"}
+
+# Why algorithm.kl_estimator=k1 is refused (the learner adds the KL estimate to the loss).
+K1_AS_LOSS = ("as a loss term k1 has zero expected gradient (E_pi[grad log pi] = 0), so it does not pull the "
+              "policy toward the reference; use k2 or k3 (k1 is meaningful only as a reward penalty)")
 
 _BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
 
@@ -347,6 +351,16 @@ def resolve_durable_paths(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def require_checkpoint(path: str, key: str = "model.path") -> str:
+    """A command that reads a trained model (eval) never builds one, whatever ``model.build_tiny_if_missing``
+    says: a typo in the path must not turn into a freshly built random model. Returns the path."""
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        why = "no such directory" if not p.exists() else "not a Hugging Face model directory (no config.json)"
+        raise ConfigError(f"{key}={str(path)!r}: {why}; eval reads a checkpoint and never builds a model")
+    return str(p)
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
@@ -409,8 +423,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     non_negative("algorithm.clip_low", a.clip_low)
     non_negative("algorithm.clip_high", a.clip_high)
     non_negative("algorithm.kl_coef", a.kl_coef)
-    if a.kl_estimator not in ("k1", "k2", "k3"):
-        bad("algorithm.kl_estimator", a.kl_estimator, "must be k1, k2 or k3")
+    if a.kl_estimator == "k1":
+        bad("algorithm.kl_estimator", a.kl_estimator, K1_AS_LOSS)
+    if a.kl_estimator not in ("k2", "k3"):
+        bad("algorithm.kl_estimator", a.kl_estimator, "must be k2 or k3")
     if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
         bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
     positive("algorithm.ppo_epochs", a.ppo_epochs)

@@ -119,15 +119,17 @@ def format_summary(summary: pa.Table) -> str:
 
 
 def run_eval(cfg) -> tuple[str, pa.Table]:
-    """The ``eval`` command: evaluate ``model.path`` over ``eval.budgets``, log to one MLflow run."""
+    """The ``eval`` command: evaluate ``model.path`` over ``eval.budgets``, log to one MLflow run.
+
+    The checkpoint must exist (``ConfigError`` before any work otherwise): eval never builds a model."""
     import contextlib
     from . import tracking
-    from .config import eval_budgets, to_dict
+    from .config import eval_budgets, require_checkpoint, to_dict
     from .rewards import RewardPool
     from .runtime import WorkerGroup, init_ray
     from .trainer import _log_eval, fresh_run_dir, load_prompt_tables, reward_spec
-    from .warmstart import ensure_base_model
 
+    model = require_checkpoint(cfg.model.path)
     run_name, out_dir = fresh_run_dir(cfg, "eval")
     config_dict = to_dict(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -137,7 +139,6 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
                                                                 source_checkpoint=cfg.model.path))
     with tracker:
         init_ray(cfg)
-        model = ensure_base_model(cfg)
         _, prompts, verifier = load_prompt_tables(cfg)
         tracker.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
         group = WorkerGroup(cfg, model, learner=False)

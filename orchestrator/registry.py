@@ -13,6 +13,7 @@ directory through unchanged. Everything goes through an explicit ``MlflowClient`
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -205,6 +206,21 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     ref = parse_model_uri(uri)
     client, store = _client(tracking_uri)
     return _lookup(client, store, uri, ref)[0]
+
+
+def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
+    """The ``config.json`` of a registry model, downloading that one file (for checks before Ray starts)."""
+    import mlflow
+
+    client, store = _client(tracking_uri)
+    _, download_uri, _ = _lookup(client, store, uri, parse_model_uri(uri))
+    with tempfile.TemporaryDirectory(prefix="budgetrl-config-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=download_uri.rstrip("/") + "/config.json",
+                                                        dst_path=tmp, tracking_uri=store)
+            return json.loads(Path(local).read_text())
+        except Exception as exc:
+            raise RegistryError(f"{uri!r}: cannot read config.json of {download_uri}: {exc}") from exc
 
 
 def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]:

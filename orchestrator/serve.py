@@ -8,8 +8,8 @@ replica runs the project's own two-phase generation (``rollout/budget.py``) on t
 (vLLM, or HF ``generate``), batching concurrent requests (``@serve.batch``), and reports thinking and
 solution tokens separately in ``usage``.
 
-Layers: ``ServeConfig`` (schema, validated before Ray starts) -> ``BudgetedServer`` (plain Python:
-request validation, batched generation, OpenAI-shaped responses; testable without Ray) ->
+Layers: ``ServeConfig`` (``serve_config.py``: schema, validated before Ray starts) -> ``BudgetedServer``
+(plain Python: request validation, batched generation, OpenAI-shaped responses; testable without Ray) ->
 ``BudgetedLLM`` (the Serve deployment: FastAPI ingress, dynamic batching, one engine thread) ->
 ``deploy`` / ``main`` (start Ray and Serve, bind ``http.host:http.port``, run the app).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import math
@@ -28,267 +27,30 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from omegaconf import MISSING
 from ray import serve
 
 from . import registry
-from .config import ConfigError, RayConfig, VllmConfig, merge_structured
+from .config import ConfigError
+from .serve_config import (  # noqa: F401  (the config API is importable from here too)
+    AutoscalingConfig,
+    DeploymentConfig,
+    HttpConfig,
+    SamplingDefaults,
+    ServeBudgetConfig,
+    ServeConfig,
+    ServeModelConfig,
+    base_url,
+    config_warnings,
+    load_serve_config,
+    validate_serve_config,
+)
 
 logger = logging.getLogger("ray.serve")
-
-# ================================================================================================
-# Config
-
-
-@dataclass
-class ServeModelConfig:
-    # A local Hugging Face directory, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH.
-    path: str = MISSING
-    name: Optional[str] = None  # the name clients put in "model"; default: model.path as given
-    aliases: list[str] = field(default_factory=list)  # other accepted "model" values (filled in)
-    tracking_uri: Optional[str] = None  # MLflow store of registry URIs; default MLFLOW_TRACKING_URI, ./mlflow.db
-    cache_dir: Optional[str] = None  # where registry models are downloaded; default ~/.cache/budgetrl/models
-    engine: str = "vllm"  # vllm | hf
-    dtype: str = "float32"
-    max_model_len: int = 4096  # context window: prompt + thinking + </think> + solution
-    prompt_template: str = "<s>{prompt}<think>"  # completions (and chat without chat_template)
-    chat_template: bool = False  # use the tokenizer's chat template for chat requests and prompts
-    think_end: str = "</think>"
-    seed: int = 0
-    vllm: VllmConfig = field(default_factory=VllmConfig)
-
-
-@dataclass
-class ServeBudgetConfig:
-    thinking: int = 1024  # default thinking budget of a request that sets none
-    solution: int = 512
-    max_thinking: int = 2048  # larger requested budgets get HTTP 400
-    max_solution: int = 1024
-
-
-@dataclass
-class SamplingDefaults:
-    temperature: float = 1.0  # OpenAI's default
-    top_p: float = 1.0
-    max_n: int = 8
-
-
-@dataclass
-class AutoscalingConfig:
-    enabled: bool = False  # false: deployment.num_replicas fixed replicas
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 16.0
-
-
-@dataclass
-class DeploymentConfig:
-    name: str = "budgetrl"  # Serve application name
-    num_replicas: int = 1
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    max_ongoing_requests: int = 64  # per replica; more wait in the proxy
-    max_batch_size: int = 32  # samples (prompts x n) per engine batch; also the most one request may ask
-    batch_wait_timeout_s: float = 0.01
-
-
-@dataclass
-class HttpConfig:
-    host: str = "127.0.0.1"  # loopback only; there is no authentication
-    port: int = 8000
-    route_prefix: str = "/"  # the API is at {route_prefix}/v1/...
-
-
-@dataclass
-class ServeConfig:
-    model: ServeModelConfig = field(default_factory=ServeModelConfig)
-    budget: ServeBudgetConfig = field(default_factory=ServeBudgetConfig)
-    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
-    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
-    http: HttpConfig = field(default_factory=HttpConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-def load_serve_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
-                      target: str | None = None, check_paths: bool = True) -> ServeConfig:
-    """YAML file (optional) + ``key=value`` overrides + the served target -> validated ``ServeConfig``.
-
-    Raises ``ConfigError`` naming the key and value. ``check_paths=False`` skips checks that read
-    the model (directory, tokenizer, registry lookups).
-    """
-    cfg = merge_structured(ServeConfig, path, overrides,
-                           extra={"model": {"path": target}} if target is not None else None)
-    validate_serve_config(cfg, check_paths=check_paths)
-    return cfg
-
-
-def _bad(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None:
-    """Reject impossible values (naming key and value); fill in absolute paths and served names."""
-
-    def positive(key: str, value: float) -> None:
-        if value is None or value <= 0:
-            _bad(key, value, "must be > 0")
-
-    def non_negative(key: str, value: float) -> None:
-        if value is None or value < 0:
-            _bad(key, value, "must be >= 0")
-
-    m = cfg.model
-    if not m.path or not str(m.path).strip():
-        _bad("model.path", m.path, "set it to a model directory or a models:/ URI")
-    given = str(m.path)
-    if m.engine not in ("vllm", "hf"):
-        _bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        _bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
-    if "{prompt}" not in m.prompt_template and not m.chat_template:
-        _bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
-    if not m.think_end:
-        _bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
-    positive("model.max_model_len", m.max_model_len)
-    positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
-    non_negative("model.vllm.max_num_seqs", m.vllm.max_num_seqs)
-    if m.name is not None and not m.name.strip():
-        _bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
-
-    b = cfg.budget
-    for key in ("thinking", "solution", "max_thinking", "max_solution"):
-        positive(f"budget.{key}", getattr(b, key))
-    if b.thinking > b.max_thinking:
-        _bad("budget.thinking", b.thinking, f"the default is above budget.max_thinking={b.max_thinking}")
-    if b.solution > b.max_solution:
-        _bad("budget.solution", b.solution, f"the default is above budget.max_solution={b.max_solution}")
-    if b.max_thinking + 1 + b.max_solution >= m.max_model_len:
-        raise ConfigError(
-            f"budget.max_thinking={b.max_thinking} + 1 (</think>) + budget.max_solution={b.max_solution} = "
-            f"{b.max_thinking + 1 + b.max_solution} leaves no room for a prompt in "
-            f"model.max_model_len={m.max_model_len}; lower the budgets or raise model.max_model_len")
-
-    s = cfg.sampling
-    non_negative("sampling.temperature", s.temperature)
-    if not 0 < s.top_p <= 1:
-        _bad("sampling.top_p", s.top_p, "must be in (0, 1]")
-    positive("sampling.max_n", s.max_n)
-
-    d = cfg.deployment
-    if not d.name or "/" in d.name:
-        _bad("deployment.name", d.name, "must be a non-empty name without '/'")
-    positive("deployment.num_replicas", d.num_replicas)
-    a = d.autoscaling
-    if a.enabled:
-        non_negative("deployment.autoscaling.min_replicas", a.min_replicas)
-        positive("deployment.autoscaling.max_replicas", a.max_replicas)
-        if a.max_replicas < a.min_replicas:
-            _bad("deployment.autoscaling.max_replicas", a.max_replicas,
-                 f"must be >= deployment.autoscaling.min_replicas={a.min_replicas}")
-        positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
-    non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
-    non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
-    positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
-    positive("deployment.max_batch_size", d.max_batch_size)
-    non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)
-    if s.max_n > d.max_batch_size:
-        _bad("sampling.max_n", s.max_n, f"must be <= deployment.max_batch_size={d.max_batch_size}")
-
-    h = cfg.http
-    if not h.host or any(c.isspace() for c in h.host):
-        _bad("http.host", h.host, "must be a host or IP address, e.g. 127.0.0.1")
-    if not 1 <= h.port <= 65535:
-        _bad("http.port", h.port, "must be in 1..65535")
-    if not h.route_prefix.startswith("/") or (h.route_prefix != "/" and h.route_prefix.endswith("/")) \
-            or any(c.isspace() for c in h.route_prefix):
-        _bad("http.route_prefix", h.route_prefix, "must start with '/' and not end with '/' (e.g. '/' or '/llm')")
-    if cfg.ray.num_cpus is not None:
-        positive("ray.num_cpus", cfg.ray.num_cpus)
-
-    # The model: syntax always, existence and tokenizer when check_paths.
-    names = [m.name or given]
-    if registry.is_registry_uri(given):
-        try:
-            ref = registry.parse_model_uri(given)
-        except registry.RegistryError as exc:
-            _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
-        from .tracking import resolve_tracking_uri
-
-        m.tracking_uri = resolve_tracking_uri(m.tracking_uri)
-        if ref.kind != "run":
-            names.append(ref.name)
-        if check_paths:
-            try:
-                registry.check_model_uri(given, m.tracking_uri)
-            except Exception as exc:  # RegistryError, TrackingError
-                _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
-    else:
-        local = Path(given).expanduser()
-        if check_paths:
-            if not (local / "config.json").is_file():
-                _bad("model.path", given, "no such model directory (no config.json)")
-            _check_model_dir(cfg, local)
-        m.path = str(local.resolve())
-        names.append(m.path)
-    if m.cache_dir:
-        m.cache_dir = str(Path(m.cache_dir).expanduser().resolve())
-    m.aliases = [n for n in dict.fromkeys(names[1:] + list(m.aliases)) if n and n != names[0]]
-    m.name = names[0]
-
-
-def _check_model_dir(cfg: ServeConfig, path: Path) -> None:
-    """Tokenizer and context checks that need the model's files (local directories only)."""
-    m = cfg.model
-    try:
-        conf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        _bad("model.path", str(path), f"config.json is unreadable: {exc}")
-    limit = conf.get("max_position_embeddings")
-    if isinstance(limit, int) and m.max_model_len > limit:
-        _bad("model.max_model_len", m.max_model_len, f"the model's max_position_embeddings is {limit}")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        _bad("model.path", str(path), f"cannot load its tokenizer: {exc}")
-    tid = tok.convert_tokens_to_ids(m.think_end)
-    if tid is None or tid == tok.unk_token_id:
-        _bad("model.think_end", m.think_end, f"is not a single token of the tokenizer at {path}")
-    if tok.eos_token_id is None:
-        _bad("model.path", str(path), "its tokenizer has no eos_token")
-    if m.chat_template and not getattr(tok, "chat_template", None):
-        _bad("model.chat_template", True, f"the tokenizer at {path} has no chat template")
-
-
-def config_warnings(cfg: ServeConfig) -> list[str]:
-    """Settings that work but deserve a line on stderr (binding beyond loopback)."""
-    host = cfg.http.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return []
-    return [f"http.host={host!r}: the server has no authentication or TLS; anyone who can reach "
-            f"{host}:{cfg.http.port} can use it. Keep it behind a firewall or an authenticating proxy."]
-
-
-def base_url(cfg: ServeConfig) -> str:
-    """The OpenAI ``base_url`` of a deployment: ``http://HOST:PORT{route_prefix}/v1``."""
-    prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix
-    host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.http.port}{prefix}/v1"
-
 
 # ================================================================================================
 # Requests -> budgeted generation -> OpenAI-shaped responses (plain Python, no Ray)
@@ -304,6 +66,17 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# Serve's proxy gives every request this header (the client's own value, else a fresh id) and returns it on
+# the response; a 500 names it so that a client's report finds the server log's traceback.
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def internal_error(request_id: str) -> dict:
+    """The body of a 500: a generic message and the request id, never the exception (it stays in the log)."""
+    return {"error": {"message": f"internal server error (request id {request_id}); the server log has the details",
+                      "type": "server_error", "param": None, "code": "internal_error", "request_id": request_id}}
 
 
 # Request fields this server does not implement: a request that sets them gets a 400 rather than
@@ -529,7 +302,9 @@ class BudgetedServer:
                 samples = two_phase_generate(w.engine, prompts, budgets, think_end_id=w.think_end_id, eos_id=w.eos_id,
                                              temperature=temperature, top_p=top_p, seeds=seeds)
             except Exception as exc:  # only this group's requests fail
-                logger.exception("generation failed for %d samples", len(prompts))
+                # Each failed request logs the traceback under its request id (BudgetedLLM._answer).
+                logger.error("generation failed for %d samples of %d requests: %s", len(prompts), len(idx),
+                             type(exc).__name__)
                 for i in idx:
                     results[i] = exc
                 continue
@@ -636,11 +411,11 @@ class BudgetedLLM:
         except APIError as exc:
             self.counts["client_errors" if exc.status < 500 else "server_errors"] += 1
             return _error(exc)
-        except Exception as exc:
-            logger.exception("request failed")
+        except Exception:
+            request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+            logger.exception("request %s failed (%s)", request_id, kind)
             self.counts["server_errors"] += 1
-            return _error(APIError(f"internal error: {type(exc).__name__}: {exc}", status=500,
-                                   type_="server_error", code="internal_error"))
+            return JSONResponse(internal_error(request_id), status_code=500)
         self.counts["ok"] += 1
         return JSONResponse(response)
 

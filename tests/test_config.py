@@ -31,6 +31,9 @@ def cfg_file(tmp_path):
     ("budgets=[16x8,oops]", "'oops'"),
     ("learner.lr=0", "learner.lr=0"),
     ("algorithm.kl_estimator=k9", "k9"),
+    # k1 as a loss term has zero expected gradient: refused, naming what to use instead
+    ("algorithm.kl_estimator=k1", "algorithm.kl_estimator='k1': as a loss term"),
+    ("algorithm.kl_estimator=k1", "use k2 or k3"),
 ])
 def test_bad_values_name_key_and_value(cfg_file, override, expected):
     with pytest.raises(ConfigError) as info:
@@ -88,3 +91,32 @@ def test_shipped_configs_validate():
     for f in gpu:
         cfg = load_config(f, check_paths=False)
         assert cfg.rollout.gpus_per_worker > 0 and cfg.learner.gpus_per_worker > 0
+
+
+# Cheap if a regression lets the command run: HF engine, 2 prompts, 1 budget, a 2-layer tiny model.
+_CHEAP_EVAL = ["rollout.engine=hf", "budgets=[4x4]", "eval.num_prompts=2", "data.eval_size=2", "ray.num_cpus=1",
+               "reward.num_workers=0", "model.tiny.hidden_size=32", "model.tiny.num_layers=1",
+               "model.tiny.intermediate_size=64"]
+
+
+@pytest.mark.parametrize("command", ["eval", "serve"])
+@pytest.mark.parametrize("existing_dir", [False, True], ids=["typo", "not-a-checkpoint"])
+def test_eval_and_serve_never_build_a_model(tmp_path, command, existing_dir):
+    """configs/quickstart.yaml sets model.build_tiny_if_missing; a checkpoint path with a typo (or a folder
+    that is no checkpoint) must still exit 2 with one line naming it, before Ray starts, building nothing."""
+    from pathlib import Path
+
+    ckpt = tmp_path / "outputs" / ("quickstart" if existing_dir else "quikstart") / "checkpoint"
+    if existing_dir:
+        ckpt.mkdir(parents=True)
+    quickstart = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    args = ([command, quickstart, f"checkpoint={ckpt}", f"trainer.output_dir={tmp_path / 'out'}", *_CHEAP_EVAL]
+            if command == "eval" else [command, str(ckpt)])
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model.path=") and str(ckpt) in lines[0], lines
+    # nothing written: no model, no mlflow.db, no out/
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["outputs"] if existing_dir else [])
+    assert list(ckpt.iterdir()) == [] if existing_dir else not ckpt.exists()

@@ -130,17 +130,84 @@ def test_policy_loss_ratio_one_and_clipping():
     assert m_low["approx_kl"] > 0
 
 
-def test_kl_penalty_estimators():
-    lp = torch.log_softmax(torch.randn(4, 6), -1)
-    ref = torch.log_softmax(torch.randn(4, 6), -1)
-    assert torch.all(kl_penalty(lp, lp, "k3") == 0)
-    k3 = kl_penalty(lp, ref, "k3")
-    assert torch.all(k3 >= 0) and k3.sum() > 0
-    assert torch.allclose(kl_penalty(lp, ref, "k1"), lp - ref)
-    assert torch.all(kl_penalty(lp, ref, "k2") >= 0)
-    assert torch.isfinite(kl_penalty(torch.tensor([0.0]), torch.tensor([-1e4]), "k3")).all()
+def test_clip_frac_counts_the_masked_tokens_that_took_the_clipped_branch():
+    """Half the counted tokens clip (3 of 6); the two masked tokens would clip too and must not count."""
+    log_ratio = torch.tensor([[0.5, 0.1, -0.5, 0.3], [-0.5, 0.5, -1.0, -0.7]])
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float32)
+    old = torch.full_like(log_ratio, -2.0)
+    loss, m = policy_loss(old + log_ratio, old, adv, mask, clip_low=0.2, clip_high=0.2)
+    # A > 0 clips where the ratio > 1.2 (e^0.5, e^0.3); A < 0 where it is < 0.8 (e^-0.5, and the masked e^-1, e^-0.7).
+    assert m["clip_frac"] == pytest.approx(3 / 6) and m["tokens"] == 6.0
+    r = np.exp([0.5, 0.1, -0.5, 0.3, -0.5, 0.5])
+    per_token = [-1.2, -r[1], -r[2], -1.2, 0.8, r[5]]  # max(-A r, -A clip(r)) per counted token
+    assert loss.item() == pytest.approx(sum(per_token) / 6, rel=1e-6)
+
+
+def test_learner_clip_frac_over_two_epochs(model_dir):
+    """Epoch 1 runs at ratio 1 (nothing clips); a large step raises the one positive-advantage token past
+    1 + clip_high, so epoch 2 clips it and only it (zero-advantage tokens never clip): 1 of 4 x 2 updates."""
+    learner = make_learner(model_dir, lr=5e-2, ppo_epochs=2, micro_batch_size=8)
+    m = learner.step(make_batch([[5, 6, 7], [8, 9]], [[10], [20, 21, 22]], [1.0, 0.0]))
+    assert m["updates"] == 2 and m["clip_frac"] == pytest.approx(1 / 8)
+
+
+def test_kl_penalty_values_and_gradients_by_hand():
+    """lp - ref = (1, -1, 0): each estimator's value and d/d(lp), worked out on paper."""
+    e = float(np.e)
+    ref = torch.tensor([-2.0, -1.0, -0.5])
+    cases = {  # kind: (value, gradient with respect to lp)
+        "k1": ([1.0, -1.0, 0.0], [1.0, 1.0, 1.0]),  # lp - ref
+        "k2": ([0.5, 0.5, 0.0], [1.0, -1.0, 0.0]),  # (lp - ref)^2 / 2
+        # exp(ref - lp) - (ref - lp) - 1; gradient 1 - exp(ref - lp)
+        "k3": ([1 / e, e - 2.0, 0.0], [1.0 - 1 / e, 1.0 - e, 0.0]),
+    }
+    for kind, (value, grad) in cases.items():
+        lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+        out = kl_penalty(lp, ref, kind)
+        out.sum().backward()
+        torch.testing.assert_close(out.detach(), torch.tensor(value), msg=kind)
+        torch.testing.assert_close(lp.grad, torch.tensor(grad), msg=kind)
+    # k3 saturates: log-ratio clamped to -20 gives 19, capped at 10, and past the cap no gradient.
+    lp = torch.tensor([0.0], requires_grad=True)
+    out = kl_penalty(lp, torch.tensor([-1e4]), "k3")
+    out.backward()
+    assert out.item() == 10.0 and lp.grad.item() == 0.0
     with pytest.raises(ValueError, match="kl_estimator"):
         kl_penalty(lp, ref, "k9")
+
+
+def test_kl_loss_expected_gradient_per_estimator():
+    """Exact expectation over a categorical policy, samples treated as constants (as in the loss).
+
+    k1's expected gradient is 0 (sum_x pi grad log pi = grad sum_x pi = 0), so it cannot be a loss;
+    k2's is the gradient of KL(pi || ref); k3's the gradient of KL(ref || pi).
+    """
+    torch.manual_seed(0)
+    ref = torch.log_softmax(torch.randn(5), -1)
+
+    def expected_grad(kind):
+        theta = torch.randn(5, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        logp = torch.log_softmax(theta, -1)
+        (logp.exp().detach() * kl_penalty(logp, ref, kind)).sum().backward()
+        return theta.grad
+
+    def exact_grad(kl):
+        theta = torch.randn(5, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        kl(torch.log_softmax(theta, -1)).backward()
+        return theta.grad
+
+    assert expected_grad("k1").abs().max() < 1e-6
+    reverse = exact_grad(lambda logp: (logp.exp() * (logp - ref)).sum())
+    forward = exact_grad(lambda logp: (ref.exp() * (ref - logp)).sum())
+    assert reverse.abs().max() > 0.05 and forward.abs().max() > 0.05
+    torch.testing.assert_close(expected_grad("k2"), reverse)
+    torch.testing.assert_close(expected_grad("k3"), forward)
+
+
+def test_learner_refuses_k1_kl_as_a_loss(model_dir):
+    with pytest.raises(ValueError, match="kl_estimator.*'k1'.*k2 or k3"):
+        make_learner(model_dir, kl_coef=0.1, kl_estimator="k1")
 
 
 # ---- learner --------------------------------------------------------------------------------------
@@ -236,7 +303,7 @@ def test_multi_epoch_minibatches_and_kl(model_dir):
         micro_batch_size=3,
     )
     m1 = learner.step(batch)
-    assert m1["updates"] == 4 and m1["lr"] == pytest.approx(2.5e-3) and m1["clip_frac"] >= 0
+    assert m1["updates"] == 4 and m1["lr"] == pytest.approx(2.5e-3)
     assert m1["kl"] > 0  # the policy moved away from the reference within the step
     m2 = learner.step(batch)
     assert m2["lr"] == pytest.approx(5e-3) and m2["kl"] > 0 and learner.version() == 2

@@ -42,7 +42,7 @@ def store(tmp_path_factory, tiny_model):
     ("model.engine=trt", "model.engine='trt'"),
     ("model.dtype=int8", "model.dtype='int8'"),
     ("model.think_end=<nope>", "model.think_end='<nope>': is not a single token"),
-    ("model.max_model_len=1024", "model.max_model_len=1024: the model's max_position_embeddings is 256"),
+    ("model.max_model_len=1024", "model.max_model_len=1024: larger than the checkpoint's context of 256 tokens"),
     ("http.port=0", "http.port=0: must be in 1..65535"),
     ("http.port=abc", "http.port"),
     ("http.route_prefix=llm", "http.route_prefix='llm'"),
@@ -79,6 +79,36 @@ def test_config_target_checks(tmp_path, tiny_model, store):
     assert cfg.model.name == tiny_model and cfg.http.host == "0.0.0.0"
     assert "no authentication" in config_warnings(cfg)[0]
     assert config_warnings(load_serve_config(CONFIG, [], target=tiny_model)) == []
+
+
+def test_context_length_comes_from_the_checkpoint(tmp_path, tiny_model, store):
+    """Without --config the context is the checkpoint's (256 here, not the 4096 default) and the budget
+    limits left unset fit it; an explicit value wins, up to what the checkpoint supports."""
+    import json
+    import shutil
+
+    from orchestrator.serve import load_serve_config
+
+    cfg = load_serve_config(None, [], target=tiny_model)
+    b = cfg.budget
+    assert cfg.model.max_model_len == 256
+    assert (b.max_thinking, b.max_solution, b.thinking, b.solution) == (128, 64, 128, 64)  # 1/2, 1/4 of 256
+    cfg = load_serve_config(None, ["model.max_model_len=200", "budget.max_solution=32"], target=tiny_model)
+    b = cfg.budget
+    assert cfg.model.max_model_len == 200 and (b.max_thinking, b.max_solution, b.thinking, b.solution) == (100, 32, 100, 32)
+    with pytest.raises(ConfigError, match=r"^model.max_model_len=1024: .*checkpoint.*256"):
+        load_serve_config(None, ["model.max_model_len=1024"], target=tiny_model)
+    # A registry model's config.json is read from the store before Ray starts.
+    cfg = load_serve_config(None, [f"model.tracking_uri={store[0]}"], target="models:/tiny/1")
+    assert cfg.model.max_model_len == 256 and cfg.budget.max_thinking == 128
+    # A checkpoint that names no context length needs an explicit one.
+    bare = Path(shutil.copytree(tiny_model, tmp_path / "bare"))
+    conf = json.loads((bare / "config.json").read_text())
+    del conf["max_position_embeddings"]
+    (bare / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match=r"^model.max_model_len=None: .*no context length.*set it"):
+        load_serve_config(None, [], target=str(bare))
+    assert load_serve_config(None, ["model.max_model_len=512"], target=str(bare)).model.max_model_len == 512
 
 
 def test_deployment_options_from_config(tiny_model):
@@ -304,3 +334,58 @@ def test_concurrent_requests_are_batched(served):
     after = _stats(served[1])
     batches = after["batches"] - before["batches"]
     assert after["ok"] - before["ok"] == 8 and batches < 8  # some requests shared an engine batch
+
+
+def _replica_logs() -> str:
+    """Every Serve replica log of this test session's Ray node (where a replica's logger writes)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("replica_*.log")))
+
+
+def test_server_error_answers_a_request_id_and_logs_the_details(served, tmp_path, tiny_model):
+    """A real engine failure: a checkpoint whose tokenizer has a token its embedding lacks, served (HF engine)
+    as a second app beside ``served``; a prompt with that token fails in the forward pass (IndexError).
+    The client gets a generic 500 naming a request id (also the x-request-id header), never the exception
+    text; the replica's log holds the traceback under that id."""
+    import shutil
+    import time
+
+    import httpx
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from orchestrator.serve import deploy, load_serve_config
+
+    broken = Path(shutil.copytree(tiny_model, tmp_path / "broken"))
+    tok = AutoTokenizer.from_pretrained(broken)
+    tok.add_tokens(["<oov>"])  # id 128 = the model's vocabulary size: out of range of its embedding
+    tok.save_pretrained(broken)
+    cfg = load_serve_config(CONFIG, [f"http.port={served[0].http.port}", "model.engine=hf", "deployment.name=broken",
+                                     "http.route_prefix=/broken", "deployment.cpus_per_replica=0.5"],
+                            target=str(broken))
+    url = deploy(cfg)
+    try:
+        body = {"prompt": "1+<oov>", "thinking_budget": 3, "solution_budget": 2}
+        r = httpx.post(f"{url}/completions", json=body, timeout=60)
+        mine = httpx.post(f"{url}/completions", json=body, headers={"x-request-id": "client-id-7"}, timeout=60)
+        ok = httpx.post(f"{url}/completions", json={**body, "prompt": "1+2"}, timeout=60)
+        stats = httpx.get(url.removesuffix("/v1") + "/stats", timeout=10).json()
+    finally:
+        serve.delete("broken")
+    assert r.status_code == 500 and mine.status_code == 500 and ok.status_code == 200  # the replica kept serving
+    rid = r.headers["x-request-id"]
+    err = r.json()["error"]
+    assert rid and err["request_id"] == rid and rid in err["message"]
+    assert (err["type"], err["code"], err["param"]) == ("server_error", "internal_error", None)
+    assert "IndexError" not in r.text and "index out of range" not in r.text
+    assert mine.json()["error"]["request_id"] == mine.headers["x-request-id"] == "client-id-7"
+    assert (stats["server_errors"], stats["ok"]) == (2, 1)
+    deadline = time.time() + 20
+    while f"request {rid} failed" not in _replica_logs() and time.time() < deadline:
+        time.sleep(0.5)
+    log = _replica_logs()
+    entry = log[log.index(f"request {rid} failed"):]
+    assert "Traceback" in entry and "IndexError: index out of range" in entry
+    assert "request client-id-7 failed" in log

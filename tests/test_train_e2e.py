@@ -7,6 +7,7 @@ import pytest
 
 from conftest import TINY
 from orchestrator.config import load_config
+from orchestrator.tiny_model import END_THINK, SPECIAL_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +98,16 @@ def test_rollout_records_respect_budgets(trained):
 def test_checkpoint_is_hf_directory(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, result, _ = trained
+    cfg, result, _ = trained
     ckpt = Path(result.checkpoint)
     assert (ckpt / "model.safetensors").is_file() and not list(ckpt.glob("*.bin"))
     AutoModelForCausalLM.from_pretrained(ckpt, use_safetensors=True)
-    assert AutoTokenizer.from_pretrained(ckpt).convert_tokens_to_ids("</think>") is not None
+    # The checkpoint carries the tokenizer it was trained with: </think> is one token with the base model's
+    # id (an unknown token gets the unk id, never None, so compare ids).
+    tok, base = AutoTokenizer.from_pretrained(ckpt), AutoTokenizer.from_pretrained(cfg.model.path)
+    think_end = tok.convert_tokens_to_ids("</think>")
+    assert think_end == base.convert_tokens_to_ids("</think>") == SPECIAL_TOKENS.index(END_THINK)
+    assert think_end != tok.unk_token_id and tok("</think>", add_special_tokens=False)["input_ids"] == [think_end]
 
 
 def test_eval_command_on_trained_checkpoint(trained):

@@ -11,6 +11,9 @@ import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Estimators usable as a loss term. k1's expected gradient is zero (E_pi[grad log pi] = 0): it only
+# means something as a reward penalty, which the learner does not apply.
+KL_LOSS_ESTIMATORS = ("k2", "k3")
 
 # Caps the fp32 copy of the logits that log-softmax needs at once (no-grad passes); ~256 MiB.
 _LOGIT_CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -169,6 +172,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "
 
     k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased, non-negative and low-variance ("low_var_kl" in
     GRPO / Elastic Reasoning); its log-ratio is clamped to +-20 and the result to 10 for stability.
+    As loss terms, k2's expected gradient is that of KL(policy || ref) and k3's that of KL(ref || policy);
+    k1's is zero (``KL_LOSS_ESTIMATORS``), so k1 is only a value (a metric or a reward penalty).
     """
     if kind == "k1":
         return logprobs - ref_logprobs

@@ -33,6 +33,7 @@ from orchestrator.learner.checkpoint import (
 from orchestrator.learner.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    KL_LOSS_ESTIMATORS,
     kl_penalty,
     masked_aggregate,
     policy_loss,
@@ -170,6 +171,9 @@ class Learner:
             raise ValueError(f"loss_agg: unknown value {loss_agg!r}; expected one of {AGGREGATIONS}")
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator: unknown value {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+        if kl_estimator not in KL_LOSS_ESTIMATORS:
+            raise ValueError(f"kl_estimator={kl_estimator!r}: zero expected gradient as a loss term; "
+                             f"use k2 or k3 (k1 is meaningful only as a reward penalty)")
         for name, value in (
             ("micro_batch_size", micro_batch_size),
             ("ppo_epochs", ppo_epochs),

@@ -1,0 +1,333 @@
+"""The serving config: ``ServeConfig`` (schema) and its validation, done before Ray starts.
+
+One YAML file (optional) plus ``key=value`` overrides plus the served target. Every error is a
+``ConfigError`` naming the key and value. Values left unset are filled from the checkpoint: the
+context window from its ``config.json``, the budget limits from that context.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from . import registry
+from .config import ConfigError, RayConfig, VllmConfig, merge_structured
+
+# The context of a model whose config.json names a longer one, unless model.max_model_len says otherwise:
+# vLLM reserves KV cache for one full-length sequence, so a 128k-context model would not start by default.
+DEFAULT_MAX_MODEL_LEN = 4096
+# config.json keys that hold a model's context length, the usual one first.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+@dataclass
+class ServeModelConfig:
+    # A local Hugging Face directory, or models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH.
+    path: str = MISSING
+    name: Optional[str] = None  # the name clients put in "model"; default: model.path as given
+    aliases: list[str] = field(default_factory=list)  # other accepted "model" values (filled in)
+    tracking_uri: Optional[str] = None  # MLflow store of registry URIs; default MLFLOW_TRACKING_URI, ./mlflow.db
+    cache_dir: Optional[str] = None  # where registry models are downloaded; default ~/.cache/budgetrl/models
+    engine: str = "vllm"  # vllm | hf
+    dtype: str = "float32"
+    # Context window: prompt + thinking + </think> + solution. Unset: the checkpoint's (config.json), at most
+    # DEFAULT_MAX_MODEL_LEN; an explicit value wins but may not exceed the checkpoint's.
+    max_model_len: Optional[int] = None
+    prompt_template: str = "<s>{prompt}<think>"  # completions (and chat without chat_template)
+    chat_template: bool = False  # use the tokenizer's chat template for chat requests and prompts
+    think_end: str = "</think>"
+    seed: int = 0
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+@dataclass
+class ServeBudgetConfig:
+    """Per-request budgets. Unset limits fit the context: max_thinking = min(2048, context // 2),
+    max_solution = min(1024, context // 4); unset defaults: thinking = min(1024, max_thinking),
+    solution = min(512, max_solution) (for a 4096-token context: 2048, 1024, 1024, 512)."""
+
+    thinking: Optional[int] = None  # default thinking budget of a request that sets none
+    solution: Optional[int] = None
+    max_thinking: Optional[int] = None  # larger requested budgets get HTTP 400
+    max_solution: Optional[int] = None
+
+
+@dataclass
+class SamplingDefaults:
+    temperature: float = 1.0  # OpenAI's default
+    top_p: float = 1.0
+    max_n: int = 8
+
+
+@dataclass
+class AutoscalingConfig:
+    enabled: bool = False  # false: deployment.num_replicas fixed replicas
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0
+
+
+@dataclass
+class DeploymentConfig:
+    name: str = "budgetrl"  # Serve application name
+    num_replicas: int = 1
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_ongoing_requests: int = 64  # per replica; more wait in the proxy
+    max_batch_size: int = 32  # samples (prompts x n) per engine batch; also the most one request may ask
+    batch_wait_timeout_s: float = 0.01
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"  # loopback only; there is no authentication
+    port: int = 8000
+    route_prefix: str = "/"  # the API is at {route_prefix}/v1/...
+
+
+@dataclass
+class ServeConfig:
+    model: ServeModelConfig = field(default_factory=ServeModelConfig)
+    budget: ServeBudgetConfig = field(default_factory=ServeBudgetConfig)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def load_serve_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                      target: str | None = None, check_paths: bool = True) -> ServeConfig:
+    """YAML file (optional) + ``key=value`` overrides + the served target -> validated ``ServeConfig``.
+
+    Raises ``ConfigError`` naming the key and value. ``check_paths=False`` skips checks that read
+    the model (directory, tokenizer, registry lookups).
+    """
+    cfg = merge_structured(ServeConfig, path, overrides,
+                           extra={"model": {"path": target}} if target is not None else None)
+    validate_serve_config(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _bad(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value is None or value <= 0:
+        _bad(key, value, "must be > 0")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if value is None or value < 0:
+        _bad(key, value, "must be >= 0")
+
+
+def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None:
+    """Reject impossible values (naming key and value); fill in absolute paths, served names, and the
+    context and budget limits left unset (from the checkpoint's config.json when ``check_paths``)."""
+    _check_fields(cfg)
+    conf = _check_target(cfg, check_paths)
+    _fit_context(cfg, conf)
+    _check_budgets(cfg)
+
+
+def _check_fields(cfg: ServeConfig) -> None:
+    """Every check that needs neither the model's files nor its context length."""
+    m = cfg.model
+    if not m.path or not str(m.path).strip():
+        _bad("model.path", m.path, "set it to a model directory or a models:/ URI")
+    if m.engine not in ("vllm", "hf"):
+        _bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        _bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+    if "{prompt}" not in m.prompt_template and not m.chat_template:
+        _bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
+    if not m.think_end:
+        _bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
+    if m.max_model_len is not None:
+        _positive("model.max_model_len", m.max_model_len)
+    _positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
+    _non_negative("model.vllm.max_num_seqs", m.vllm.max_num_seqs)
+    if m.name is not None and not m.name.strip():
+        _bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
+    for key in ("thinking", "solution", "max_thinking", "max_solution"):
+        if getattr(cfg.budget, key) is not None:
+            _positive(f"budget.{key}", getattr(cfg.budget, key))
+
+    s = cfg.sampling
+    _non_negative("sampling.temperature", s.temperature)
+    if not 0 < s.top_p <= 1:
+        _bad("sampling.top_p", s.top_p, "must be in (0, 1]")
+    _positive("sampling.max_n", s.max_n)
+
+    d = cfg.deployment
+    if not d.name or "/" in d.name:
+        _bad("deployment.name", d.name, "must be a non-empty name without '/'")
+    _positive("deployment.num_replicas", d.num_replicas)
+    a = d.autoscaling
+    if a.enabled:
+        _non_negative("deployment.autoscaling.min_replicas", a.min_replicas)
+        _positive("deployment.autoscaling.max_replicas", a.max_replicas)
+        if a.max_replicas < a.min_replicas:
+            _bad("deployment.autoscaling.max_replicas", a.max_replicas,
+                 f"must be >= deployment.autoscaling.min_replicas={a.min_replicas}")
+        _positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
+    _non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
+    _non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
+    _positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
+    _positive("deployment.max_batch_size", d.max_batch_size)
+    _non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)
+    if s.max_n > d.max_batch_size:
+        _bad("sampling.max_n", s.max_n, f"must be <= deployment.max_batch_size={d.max_batch_size}")
+
+    h = cfg.http
+    if not h.host or any(c.isspace() for c in h.host):
+        _bad("http.host", h.host, "must be a host or IP address, e.g. 127.0.0.1")
+    if not 1 <= h.port <= 65535:
+        _bad("http.port", h.port, "must be in 1..65535")
+    if not h.route_prefix.startswith("/") or (h.route_prefix != "/" and h.route_prefix.endswith("/")) \
+            or any(c.isspace() for c in h.route_prefix):
+        _bad("http.route_prefix", h.route_prefix, "must start with '/' and not end with '/' (e.g. '/' or '/llm')")
+    if cfg.ray.num_cpus is not None:
+        _positive("ray.num_cpus", cfg.ray.num_cpus)
+
+
+def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
+    """The model: syntax always; existence, tokenizer and config.json when ``check_paths``.
+
+    Returns the checkpoint's config.json (None without ``check_paths``); fills in the served names."""
+    m = cfg.model
+    given = str(m.path)
+    names = [m.name or given]
+    conf = None
+    if registry.is_registry_uri(given):
+        try:
+            ref = registry.parse_model_uri(given)
+        except registry.RegistryError as exc:
+            _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+        from .tracking import resolve_tracking_uri
+
+        m.tracking_uri = resolve_tracking_uri(m.tracking_uri)
+        if ref.kind != "run":
+            names.append(ref.name)
+        if check_paths:
+            try:
+                registry.check_model_uri(given, m.tracking_uri)
+                conf = registry.read_model_config(given, m.tracking_uri)
+            except Exception as exc:  # RegistryError, TrackingError
+                _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+    else:
+        local = Path(given).expanduser()
+        if check_paths:
+            if not (local / "config.json").is_file():
+                _bad("model.path", given, "no such model directory (no config.json)")
+            conf = _check_model_dir(cfg, local)
+        m.path = str(local.resolve())
+        names.append(m.path)
+    if m.cache_dir:
+        m.cache_dir = str(Path(m.cache_dir).expanduser().resolve())
+    m.aliases = [n for n in dict.fromkeys(names[1:] + list(m.aliases)) if n and n != names[0]]
+    m.name = names[0]
+    return conf
+
+
+def checkpoint_context(conf: dict) -> int | None:
+    """The context length a model's config.json names (also under ``text_config``), or None."""
+    if not isinstance(conf, dict):
+        return None
+    for source in (conf, conf.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            value = source.get(key) if isinstance(source, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _fit_context(cfg: ServeConfig, conf: dict | None) -> None:
+    """``model.max_model_len``: an explicit value, checked against the checkpoint's context; unset, the
+    checkpoint's (at most ``DEFAULT_MAX_MODEL_LEN``); then the budget limits left unset, from it."""
+    m, b = cfg.model, cfg.budget
+    limit = checkpoint_context(conf) if conf is not None else None
+    where = f"the checkpoint's config.json at {m.path}"
+    if m.max_model_len is not None and limit is not None and m.max_model_len > limit:
+        _bad("model.max_model_len", m.max_model_len,
+             f"larger than the checkpoint's context of {limit} tokens ({where}); lower it, or leave it unset")
+    if m.max_model_len is None:
+        if conf is not None and limit is None:
+            _bad("model.max_model_len", None, f"{where} names no context length ({', '.join(_CONTEXT_KEYS)}); "
+                                              "set it")
+        m.max_model_len = min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
+    ctx = m.max_model_len
+    if b.max_thinking is None:
+        b.max_thinking = max(1, min(2048, ctx // 2))
+    if b.max_solution is None:
+        b.max_solution = max(1, min(1024, ctx // 4))
+    if b.thinking is None:
+        b.thinking = min(1024, b.max_thinking)
+    if b.solution is None:
+        b.solution = min(512, b.max_solution)
+
+
+def _check_budgets(cfg: ServeConfig) -> None:
+    b, m = cfg.budget, cfg.model
+    if b.thinking > b.max_thinking:
+        _bad("budget.thinking", b.thinking, f"the default is above budget.max_thinking={b.max_thinking}")
+    if b.solution > b.max_solution:
+        _bad("budget.solution", b.solution, f"the default is above budget.max_solution={b.max_solution}")
+    if b.max_thinking + 1 + b.max_solution >= m.max_model_len:
+        raise ConfigError(
+            f"budget.max_thinking={b.max_thinking} + 1 (</think>) + budget.max_solution={b.max_solution} = "
+            f"{b.max_thinking + 1 + b.max_solution} leaves no room for a prompt in "
+            f"model.max_model_len={m.max_model_len}; lower the budgets or raise model.max_model_len")
+
+
+def _check_model_dir(cfg: ServeConfig, path: Path) -> dict:
+    """Tokenizer checks that need the model's files (local directories only); returns its config.json."""
+    m = cfg.model
+    try:
+        conf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        _bad("model.path", str(path), f"config.json is unreadable: {exc}")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        _bad("model.path", str(path), f"cannot load its tokenizer: {exc}")
+    tid = tok.convert_tokens_to_ids(m.think_end)
+    if tid is None or tid == tok.unk_token_id:
+        _bad("model.think_end", m.think_end, f"is not a single token of the tokenizer at {path}")
+    if tok.eos_token_id is None:
+        _bad("model.path", str(path), "its tokenizer has no eos_token")
+    if m.chat_template and not getattr(tok, "chat_template", None):
+        _bad("model.chat_template", True, f"the tokenizer at {path} has no chat template")
+    return conf
+
+
+def config_warnings(cfg: ServeConfig) -> list[str]:
+    """Settings that work but deserve a line on stderr (binding beyond loopback)."""
+    host = cfg.http.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return []
+    return [f"http.host={host!r}: the server has no authentication or TLS; anyone who can reach "
+            f"{host}:{cfg.http.port} can use it. Keep it behind a firewall or an authenticating proxy."]
+
+
+def base_url(cfg: ServeConfig) -> str:
+    """The OpenAI ``base_url`` of a deployment: ``http://HOST:PORT{route_prefix}/v1``."""
+    prefix = "" if cfg.http.route_prefix == "/" else cfg.http.route_prefix
+    host = cfg.http.host if cfg.http.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.http.port}{prefix}/v1"
