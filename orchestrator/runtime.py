@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -126,23 +127,52 @@ class WorkerGroup:
                 ray.kill(self.rollout[i])
             except Exception:
                 pass
-        self.wait_for_bundles()
-        for i in indices:
-            self.rollout[i] = self._new_rollout(i)
-        ray.get([self.rollout[i].ready.remote() for i in indices])
+
+        def start():
+            for i in indices:
+                self.rollout[i] = self._new_rollout(i)
+            ray.get([self.rollout[i].ready.remote() for i in indices])
+
+        self._on_live_bundles(start)
         return indices
 
     def replace_learner(self, model_path: str) -> None:
         """A new learner group in the same bundles, from ``model_path`` (then load a state into it);
         waits for bundles on a lost node to be re-placed, like ``replace_rollouts``."""
         self.learner.shutdown()
-        self.wait_for_bundles()
-        self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
 
-    def wait_for_bundles(self) -> None:
-        """Return once every bundle has a live node (at once when none was lost), else ``NodeUnavailable``."""
-        if not self.pg.wait(self.node_wait_s):
-            raise NodeUnavailable(describe_unplaced(self.pg, self.roles, self.node_wait_s))
+        def start():
+            self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
+
+        self._on_live_bundles(start)
+
+    def _on_live_bundles(self, start) -> None:
+        """Run ``start`` (new actors in the group's bundles) once every bundle sits on a live node.
+
+        Ray re-places the bundles of a lost node by itself, but the placement group's table can name
+        the dead node for a moment after the node is declared dead, and an actor created then dies with
+        it: such a start is tried again, all within ``trainer.node_wait_s``."""
+        deadline = time.monotonic() + self.node_wait_s
+        while True:
+            self._wait_for_bundles(deadline)
+            try:
+                start()
+                return
+            except ray.exceptions.ActorDiedError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def _wait_for_bundles(self, deadline: float) -> None:
+        """Return once the group is placed with every bundle on a live node, else ``NodeUnavailable``."""
+        while True:
+            table = ray.util.placement_group_table(self.pg)
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            where = table.get("bundles_to_node_id", {})
+            if table.get("state") == "CREATED" and all(where.get(i) in alive for i in range(len(self.roles))):
+                return
+            if time.monotonic() > deadline:
+                raise NodeUnavailable(describe_unplaced(self.pg, self.roles, self.node_wait_s))
+            time.sleep(0.5)
 
     def placement(self) -> dict:
         """Which node holds each actor: ``{"rollout": [node], "learner": [node]}`` with id, address, labels."""
@@ -296,7 +326,7 @@ def describe_unplaced(pg, roles: list[str], waited_s: float) -> str:
     asks = {}
     for i in missing:
         asks.setdefault(json.dumps(specs[i], sort_keys=True), []).append(roles[i])
-    what = "; ".join(f"{', '.join(who)} need {spec}" for spec, who in asks.items())
+    what = "; ".join(f"{', '.join(who)} need{'s' if len(who) == 1 else ''} {spec}" for spec, who in asks.items())
     offered = sorted({k for n in alive for k in n.get("Resources", {}) if not k.startswith(("node:", "memory",
                                                                                                "object_store"))})
     custom = {k: v for k, v in specs[missing[0]].items() if k not in ("CPU", "GPU", "memory")}

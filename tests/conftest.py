@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+ROOT = Path(__file__).resolve().parents[1]
 # Small enough to be fast, head_dim 32 (vLLM's CPU attention needs a multiple of 32).
 TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)
 
@@ -76,3 +78,30 @@ def hf_worker(tiny_model):
 
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+# ---- helpers shared by the fault tests (test_resume, test_multinode) ---------------------------------
+
+
+def expected_prompt_ids(overrides: list[str], steps: int) -> list[list[str]]:
+    """The prompt ids an uninterrupted run of this config draws at steps 1..steps (its own sampler)."""
+    from orchestrator.config import load_config
+    from orchestrator.trainer import PromptSampler, load_prompt_tables
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides, check_paths=False)
+    train, _, _ = load_prompt_tables(cfg)
+    sampler = PromptSampler(train, cfg.trainer.prompts_per_step, cfg.trainer.seed)
+    return [sampler.next()["prompt_id"].to_pylist() for _ in range(steps)]
+
+
+def drawn_prompt_ids(out: Path, steps: int) -> list[list[str]]:
+    """The prompt ids each step trained on, from its rollout file (``trainer.log_samples_every=1``)."""
+    import pyarrow.parquet as pq
+
+    ids = []
+    for step in range(1, steps + 1):
+        rows = pq.read_table(out / "rollouts" / f"step_{step:05d}.parquet", columns=["prompt_id"]).to_pylist()
+        ids.append(list(dict.fromkeys(r["prompt_id"] for r in rows)))
+    return ids
+
+

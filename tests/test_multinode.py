@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import TINY
+from conftest import TINY, drawn_prompt_ids, expected_prompt_ids
 from local_cluster import BIN, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +41,7 @@ def cluster():
         c.add_node("rollout-a", {"rollout_gpu": 1})
         c.add_node("rollout-b", {"rollout_gpu": 1})
         c.add_node("learner-a", {"learner_gpu": 1})
+        c.add_node("learner-b", {"learner_gpu": 1})  # a spare learner node from the start
         yield c
     finally:
         c.stop()
@@ -158,7 +159,7 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
     # the head (it offers neither resource).
     place = result["placement"]
     roles = [n["labels"]["budgetrl.io/role"] for n in place["rollout"] + place["learner"]]
-    assert roles == ["rollout", "rollout", "learner"], place
+    assert roles == ["rollout", "rollout", "learner"], place  # learner-a or the spare learner-b
     rollout_nodes = {n["labels"]["budgetrl.io/node"] for n in place["rollout"]}
     assert rollout_nodes == {"rollout-a", "rollout-b"}, place
     assert json.loads((out / "placement.json").read_text()) == place
@@ -178,9 +179,11 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
     assert diff_final < 2e-3, diff_final
     assert diff_start > 10 * max(diff_final, 1e-4), (diff_start, diff_final)  # the weights did move
 
-    # A second job reuses the warm start (and the tiny model) instead of rebuilding them.
+    # A second job reuses the warm start (and the tiny model) instead of rebuilding them (its rollout
+    # settings differ, which the warm start does not depend on: one HF worker, one step, to be quick).
     marker_mtime = warm[0].stat().st_mtime_ns
-    job2, status2, log2 = _submit(cluster, args, env_vars)
+    args2 = args + ["rollout.engine=hf", "rollout.num_workers=1", "trainer.steps=1", "trainer.run_name=job2"]
+    job2, status2, log2 = _submit(cluster, args2, env_vars)
     assert status2 == "SUCCEEDED", f"job {job2}: {status2}\n{log2[-5000:]}"
     assert f"warm start: reusing {warm[0].parent}" in log2, log2[-3000:]
     assert warm[0].stat().st_mtime_ns == marker_mtime
@@ -191,3 +194,110 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
     job3, status3, log3 = _submit(cluster, ["show-config", "configs/quickstart.yaml"], {"MLFLOW_TRACKING_URI": uri})
     assert status3 == "FAILED", log3[-3000:]
     assert re.search(r"config error: trainer\.output_dir: this command runs as a Ray job .* BUDGETRL_HOME", log3), log3[-3000:]
+
+
+# ---- lost nodes -----------------------------------------------------------------------------------
+
+
+def _state_step(out: Path) -> int:
+    try:
+        return int(json.loads((out / "state" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _placed(out: Path, role: str) -> str | None:
+    """The ``budgetrl.io/node`` label of the node holding ``role``'s first actor (placement.json)."""
+    try:
+        node = json.loads((out / "placement.json").read_text())[role][0]
+        return node["labels"]["budgetrl.io/node"] if node.get("alive") else None
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _wait(cond, proc, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.timeout(900)
+def test_lost_rollout_node_learner_node_then_no_spare(cluster, tmp_path):
+    """A rollout node's raylet killed mid-run with a spare up: the worker is re-placed there with the
+    current weights and the step retried. The learner's node killed: the learner group is rebuilt on a
+    spare from the last state. Then the rollout node killed with no spare left: the run waits
+    ``trainer.node_wait_s``, stops naming the missing resource (exit 3) with its state kept; a node
+    added and the same command again resumes it. Every step once, on the prompts an uninterrupted run
+    draws, with the weights of the step before."""
+    from mlflow import MlflowClient
+
+    steps, out = 60, tmp_path / "out" / "nodes"  # ~0.2 s a step: the run outlasts the faults
+    overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_tiny_if_missing=true", f"ray.address={cluster.address}",
+                 *_small(**{"warmstart.steps": 0, "rollout.engine": "hf", "trainer.steps": steps,
+                            "trainer.state_every": 2, "trainer.log_samples_every": 1, "trainer.node_wait_s": 8,
+                            "trainer.max_restarts": 5, "trainer.output_dir": tmp_path / "out",
+                            "trainer.run_name": "nodes", "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            "tracking.experiment": "nodes", "eval.num_prompts": 4, "data.eval_size": 4})]
+    command = [sys.executable, "-m", "orchestrator", "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+    first = tmp_path / "first.log"
+    with open(first, "w") as fh:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: _state_step(out) >= 2, proc, 300, "the first state", first)
+        lost = _placed(out, "rollout")
+        assert lost in ("rollout-a", "rollout-b"), lost
+        spare = {"rollout-a": "rollout-b", "rollout-b": "rollout-a"}[lost]
+        cluster.kill_node(cluster.node(lost))  # a rollout node goes away; the other one is free
+        _wait(lambda: _placed(out, "rollout") == spare, proc, 120, f"the rollout worker re-placed on {spare}", first)
+        _wait(lambda: _state_step(out) >= 4, proc, 300, "a state after the rollout worker was re-placed", first)
+
+        lost_learner = _placed(out, "learner")
+        spare_learner = {"learner-a": "learner-b", "learner-b": "learner-a"}[lost_learner]
+        cluster.kill_node(cluster.node(lost_learner))  # the learner's node goes away; the other is the spare
+        _wait(lambda: _placed(out, "learner") == spare_learner, proc, 120, f"the learner rebuilt on {spare_learner}",
+              first)
+        _wait(lambda: _state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt", first)
+
+        cluster.kill_node(cluster.node(spare))  # the last rollout node goes; no spare is left
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = first.read_text()
+    assert "a rollout worker died" in text and "a learner rank died" in text, text[-4000:]
+    assert rc == 3, text[-4000:]
+    assert re.search(r"cluster error: no live node offers what the run needs after waiting 8 s \(trainer\.node_wait_s\): "
+                     r"rollout worker 0 needs \{.*\"rollout_gpu\": 1\.0.*\}.*state \(step \d+\) is kept in", text), text[-3000:]
+    kept = _state_step(out)
+    assert kept >= 6 and not (out / "result.json").exists()
+
+    cluster.add_node("rollout-c", {"rollout_gpu": 1})
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming run nodes (MLflow run" in second.stdout + second.stderr
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nodes").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    run_id = runs[0].info.run_id
+    for key in ("train/reward", "learner/policy_version", "time/step"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, steps + 1)), key
+    versions = {m.step: m.value for m in client.get_metric_history(run_id, "learner/policy_version")}
+    assert versions == {s: float(s) for s in range(1, steps + 1)}  # no update lost or repeated
+    lags = {m.step: m.value for m in client.get_metric_history(run_id, "train/policy_lag")}
+    assert set(lags.values()) == {0.0}, lags  # every step's samples came from the weights of the step before
+    assert runs[0].data.metrics["rollout/worker_0/policy_version"] == steps
+    place = json.loads((out / "result.json").read_text())["placement"]
+    assert [n["labels"]["budgetrl.io/node"] for n in place["rollout"] + place["learner"]] == ["rollout-c", spare_learner]
+    # The data position survived every restart: each step trained on the prompts an uninterrupted run draws.
+    assert drawn_prompt_ids(out, steps) == expected_prompt_ids(overrides, steps)

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY
+from conftest import TINY, drawn_prompt_ids, expected_prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -34,13 +34,17 @@ def _command(tmp: Path) -> list[str]:
                  "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.num_workers=2",
                  "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5", "ray.num_cpus=4",
                  "trainer.off_policy_steps=1",
-                 f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=faults", "trainer.log_samples_every=0",
+                 f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=faults", "trainer.log_samples_every=1",
                  "eval.num_prompts=8", "data.eval_size=8", "data.train_size=64", "budgets=[6x4]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=16",
                  "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
                  "tracking.experiment=faults", "reward.num_workers=1", "rollout.vllm.kv_cache_gib=1"]
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     return [sys.executable, "-m", "orchestrator", "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
+
+
+def _overrides(tmp: Path) -> list[str]:
+    return _command(tmp)[5:]
 
 
 def _state_step(out: Path) -> int:
@@ -131,6 +135,9 @@ def test_faults_then_sigkill_then_resume(tmp_path):
     assert result["run_id"] == run.info.run_id and result["steps"] == STEPS
     assert (out / "checkpoint" / "model.safetensors").is_file()
     assert not (out / "state").exists() and not list(out.glob(".state-*"))
+    # The data position survived the learner rebuild and the driver kill: every step trained on the
+    # prompts an uninterrupted run of the same seed draws (steps redone after a restore included).
+    assert drawn_prompt_ids(out, STEPS) == expected_prompt_ids(_overrides(tmp_path), STEPS)
 
 
 def _titles(root: psutil.Process) -> list[str]:
@@ -214,3 +221,116 @@ def test_resume_plan_ignores_a_new_parent_run_but_not_a_changed_setting(tmp_path
     assert (name, where, state) == ("stage", out, out / "state")
     with pytest.raises(ConfigError, match=r"learner\.lr"):
         plan_run(cfg("tracking.parent_run_id=bbbb", "learner.lr=0.5"), log=lambda *_: None)
+
+
+def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_path, tiny_model, ray_session):
+    """``trainer.state_every=0`` keeps no state, and each step's metrics go out as they come: a learner
+    restart would start again at step 0 and log steps 1..k a second time. It stops, saying why."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from orchestrator.config import load_config
+    from orchestrator.trainer import train
+
+    out = tmp_path / "out" / "nostate"
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
+        f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0", "rollout.engine=hf",
+        "trainer.steps=200", "trainer.state_every=0", "trainer.log_samples_every=1", "trainer.prompts_per_step=2",
+        "rollout.group_size=2", f"trainer.output_dir={tmp_path / 'out'}", "trainer.run_name=nostate",
+        "eval.num_prompts=2", "data.eval_size=2", "data.train_size=16", "budgets=[6x4]", "eval.max_thinking=12",
+        "eval.max_solution=4", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
+        "learner.num_threads=1", "reward.num_workers=0", "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=nostate",
+        *[f"model.tiny.{k}={v}" for k, v in TINY.items()]])
+    me = psutil.Process()
+
+    def kill_learner_after_step_3():
+        deadline = time.monotonic() + 300
+        while not (out / "rollouts" / "step_00003.parquet").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in me.children(recursive=True):  # this session's Ray: its workers are our descendants
+            try:
+                if " ".join(p.cmdline()).startswith("ray::Learner"):
+                    p.kill()
+            except psutil.Error:
+                pass
+
+    killer = threading.Thread(target=kill_learner_after_step_3, daemon=True)
+    killer.start()
+    with pytest.raises(RuntimeError, match=r"a learner rank died at step \d+ .* trainer\.state_every=0 keeps no state"):
+        train(cfg, log=lambda *_: None)
+    killer.join(30)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("nostate").experiment_id])[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/reward")]
+    assert steps and len(steps) == len(set(steps)) and sorted(steps) == list(range(1, len(steps) + 1)), steps
+
+
+def _write(path: Path, step: int, files=("model.safetensors",)) -> None:
+    from orchestrator.resume import TRAINER_STATE
+
+    path.mkdir(parents=True)
+    for name in files:
+        (path / name).write_text(f"weights of step {step}")
+    (path / TRAINER_STATE).write_text(json.dumps({"step": step}))
+
+
+def test_interrupted_state_swaps_recover_the_newest_complete_state(tmp_path):
+    """A crash at each point of ``write_state``'s swap leaves a state that ``latest_state`` finds, and the
+    next write leaves exactly one ``state/``: mid-write (no marker), between the two renames, after both."""
+    from orchestrator.resume import STATE, latest_state, read_state, write_state
+
+    # Crashed mid-write: an incomplete .state-tmp-* (no marker) beside state/ (step 2): state/ is used.
+    out = tmp_path / "a"
+    _write(out / STATE, 2)
+    (out / ".state-tmp-1").mkdir()
+    (out / ".state-tmp-1" / "model.safetensors").write_text("half")
+    assert latest_state(out) == out / STATE
+
+    # Crashed between the renames: state/ moved to .state-old-*, the complete new one still .state-tmp-*.
+    out = tmp_path / "b"
+    _write(out / ".state-old-1", 2)
+    _write(out / ".state-tmp-2", 4)
+    assert not (out / STATE).exists() and latest_state(out) == out / ".state-tmp-2"
+    # Crashed before the first rename: both complete; the newer one wins.
+    out = tmp_path / "c"
+    _write(out / STATE, 2)
+    _write(out / ".state-tmp-3", 4)
+    assert latest_state(out) == out / ".state-tmp-3"
+
+    # The next write (after resuming from the leftover) leaves one state/ and no leftovers.
+    for out in (tmp_path / "a", tmp_path / "b", tmp_path / "c"):
+        write_state(out, lambda d: (Path(d) / "model.safetensors").write_text("weights of step 6"), {"step": 6})
+        assert read_state(out / STATE)["step"] == 6
+        assert (out / STATE / "model.safetensors").read_text() == "weights of step 6"
+        assert not list(out.glob(".state-*")), list(out.iterdir())
+
+
+def test_state_files_and_directories_are_fsynced_before_the_swap(tmp_path, monkeypatch):
+    """Every file of a state (not only trainer_state.json), its directory and the run directory reach the
+    disk before (and after) the rename that makes the state current: a power loss cannot leave a
+    complete-looking state with empty files."""
+    import orchestrator.resume as resume
+
+    synced, renames = [], []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(resume.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd))[1])
+    monkeypatch.setattr(resume.os, "rename", lambda a, b: (renames.append((str(a), str(b), len(synced))),
+                                                           real_rename(a, b))[1])
+
+    def save_learner(d: str) -> None:
+        (Path(d) / "model").mkdir()
+        (Path(d) / "model" / "model.safetensors").write_text("w")
+        (Path(d) / "optimizer.safetensors").write_text("m")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    final = resume.write_state(out, save_learner, {"step": 2})
+    tmp = Path(renames[-1][0])  # the temporary dir renamed into state/
+    before_swap = set(synced[:renames[-1][2]])
+    for name in ("model/model.safetensors", "optimizer.safetensors", resume.TRAINER_STATE, "model", "."):
+        assert str((tmp / name).resolve()) in before_swap, (name, sorted(before_swap))
+    assert str(out.resolve()) in synced[renames[-1][2]:]  # the rename itself reaches the disk
+    assert final == out / resume.STATE
