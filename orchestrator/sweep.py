@@ -45,6 +45,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import frontier, tracking
 from .config import Config, ConfigError, _describe, eval_budgets, load_config, parse_budget, to_dict, to_yaml
 from .cost import CostModel, reserved_resources, run_cost
+from .sweep_attempts import AttemptClock
 
 # ---------------------------------------------------------------------------------------------
 # Schema
@@ -739,6 +740,7 @@ class TrialContext:
     early_stopping: EarlyStoppingSpec
     cwd: str
     train_fn: Optional[Callable] = None  # None: orchestrator.trainer.train (tests pass a stand-in)
+    retries: int = 0  # Tune's retries of a failed trial: only the last allowed attempt tells FAIL
 
 
 def _default_train() -> Callable:
@@ -765,12 +767,29 @@ def _find_run_id(client, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _trial_tags(ctx: TrialContext, number: int) -> dict[str, str]:
-    return {tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number), TAG_INVOCATION: ctx.invocation}
+def _trial_config(ctx: TrialContext, number: int, run_name: str, overrides: list[str]) -> tuple[Config, bool]:
+    """(training config, nested at start). Its tags name the study and the trial only, which hold for
+    the trial's whole life: a continued trial's config must equal the one its run started with, or the
+    trainer refuses to resume the run (the invocation tag is set when the trial ends, ``_tag_child``)."""
+    cfg = load_config(ctx.base_path, [*ctx.base_overrides, *overrides, f"trainer.run_name={run_name}",
+                                      f"tracking.tracking_uri={ctx.tracking_uri}",
+                                      f"tracking.experiment={ctx.experiment}"])
+    # Nest the trial's run under the sweep's parent from its start when the config supports it
+    # (tracking.parent_run_id / tracking.tags); otherwise the tags are set once the run id is known.
+    nested_at_start = hasattr(cfg.tracking, "parent_run_id")
+    if nested_at_start:
+        cfg.tracking.parent_run_id = ctx.parent_run_id
+    if hasattr(cfg.tracking, "tags"):
+        cfg.tracking.tags = {**(cfg.tracking.tags or {}), tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number)}
+    return cfg, nested_at_start
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
-    """Tune function trainable: one training run with the trial's parameters; tells the study itself."""
+    """Tune function trainable: one training run with the trial's parameters; tells the study itself.
+
+    Every attempt of a trial (a Tune retry, or a continuation after the driver died) trains under the
+    trial's one run name, so the trainer continues the run from its last state, and the trial's cost
+    counts every attempt (``sweep_attempts``)."""
     import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -787,31 +806,24 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(ctx.storage),
                               sampler=optuna.samplers.RandomSampler())
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    if study._storage.get_trial(trial_id).state.is_finished():
+        return  # an earlier attempt told the study (its last allowed failure): nothing left to run
+    clock = AttemptClock(study._storage, trial_id)
     trial = optuna.trial.Trial(study, trial_id)
-    run_name = f"{ctx.study_name}-t{number:04d}"
+    run_name = trial.user_attrs.get(T_RUN_NAME) or f"{ctx.study_name}-t{number:04d}"
     overrides = param_overrides(params, ctx.base_budget)
     trial.set_user_attr(T_RUN_NAME, run_name)
     trial.set_user_attr(T_OVERRIDES, overrides)
-    cfg = load_config(ctx.base_path, [*ctx.base_overrides, *overrides, f"trainer.run_name={run_name}",
-                                      f"tracking.tracking_uri={ctx.tracking_uri}",
-                                      f"tracking.experiment={ctx.experiment}"])
-    # Nest the trial's run under the sweep's parent from its start when the config supports it
-    # (tracking.parent_run_id / tracking.tags); otherwise the tags are set once the run id is known.
-    nested_at_start = hasattr(cfg.tracking, "parent_run_id")
-    if nested_at_start:
-        cfg.tracking.parent_run_id = ctx.parent_run_id
-    if hasattr(cfg.tracking, "tags"):
-        cfg.tracking.tags = {**(cfg.tracking.tags or {}), **_trial_tags(ctx, number)}
+    cfg, nested_at_start = _trial_config(ctx, number, run_name, overrides)
 
     train_fn = ctx.train_fn or _default_train()
     es, objectives = ctx.early_stopping, ctx.objectives
-    evals: dict[str, dict[str, float]] = {}
+    evals: dict[str, dict[str, float]] = dict(trial.user_attrs.get(T_EVALS) or {})  # earlier attempts' points
     pruned_at: list[int] = []
-    t0 = time.time()
 
     def on_eval(step: int, rows: list[dict]) -> bool:
         metrics = eval_metrics(rows)
-        wall = time.time() - t0
+        wall = clock.total()
         metrics.update({"cost": run_cost(cfg, wall, ctx.cost, ctx.trial_cpus)["cost/total"], "wall_seconds": wall})
         point = objective_values(metrics, objectives)
         evals[str(step)] = point
@@ -835,14 +847,27 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     try:
         result = train_fn(cfg, **kwargs)
     except BaseException as exc:
-        trial.set_user_attr(T_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        clock.stop(error)
         run_id = _find_run_id(client, ctx.experiment, run_name)
         if run_id:
             trial.set_user_attr(T_RUN_ID, run_id)
             _tag_child(client, run_id, ctx, number, nested_at_start)
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        if clock.index >= ctx.retries:  # else Tune retries it: the trial stays RUNNING for the retry
+            trial.set_user_attr(T_ERROR, error)
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    wall = time.time() - t0
+    _report_result(study, trial, ctx, cfg, result, clock.stop(), pruned_at, nested_at_start)
+
+
+def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: float, pruned_at: list[int],
+                   nested_at_start: bool) -> None:
+    """Cost (every attempt's ``wall`` seconds) and objectives into the run, then tell the study and Tune."""
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+    from ray import tune
+
+    number, objectives, client = trial.number, ctx.objectives, MlflowClient(ctx.tracking_uri)
     run_id = result.run_id
     trial.set_user_attr(T_RUN_ID, run_id)
     _tag_child(client, run_id, ctx, number, nested_at_start)
@@ -874,7 +899,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_start: bool) -> None:
     from mlflow.entities import RunTag
 
-    tags = _trial_tags(ctx, number)
+    tags = {tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number), TAG_INVOCATION: ctx.invocation}
     if not nested_at_start:
         tags[tracking.TAG_PARENT_RUN] = ctx.parent_run_id
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -1120,7 +1145,7 @@ def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, 
                        objectives=plan.objectives, tracking_uri=plan.tracking_uri, experiment=plan.experiment,
                        parent_run_id=parent_run_id, invocation=inv["id"], cost=sweep.cost,
                        trial_cpus=sweep.resources.trial_cpus, early_stopping=sweep.early_stopping,
-                       cwd=os.getcwd(), train_fn=train_fn)
+                       cwd=os.getcwd(), train_fn=train_fn, retries=sweep.retries)
     bundle = {"CPU": sweep.resources.trial_cpus}
     if sweep.resources.trial_gpus:
         bundle["GPU"] = sweep.resources.trial_gpus

@@ -526,3 +526,51 @@ def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(trials[2].user_attrs["budgetrl.run_id"])
     assert run.data.tags["budgetrl.pruned"] == "true" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+
+
+def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_path):
+    """Tune retries a trial whose first attempt raised (retries: 1): the retry completes the trial, and
+    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from orchestrator.cost import CostModel, run_cost
+    from orchestrator.sweep import run_sweep
+
+    first_s, second_s = 3.0, 0.5
+
+    def flaky_train(cfg, log=print):
+        from types import SimpleNamespace
+
+        from orchestrator import tracking
+
+        marker = Path(cfg.trainer.output_dir) / f"{cfg.trainer.run_name}.attempted"
+        if not marker.exists():  # the first attempt works a while, then raises: Tune retries the trial
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
+            time.sleep(first_s)
+            raise RuntimeError("first attempt fails")
+        t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
+                                   parent_run_id=cfg.tracking.parent_run_id, tags=cfg.tracking.tags)
+        with t:
+            time.sleep(second_s)
+            rows = [{"budget_label": b, "accuracy": 0.5, "mean_tokens": 5.0, "mean_thinking_tokens": 1.0,
+                     "truncation_rate": 0.0} for b in ("6x4", "unconstrained")]
+        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
+
+    path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1, retries=1,
+                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"}])
+    result = run_sweep(path, train_fn=flaky_train, log=lambda *_: None)
+    study = optuna.load_study(study_name="tiny", storage=result.storage)
+    (trial,) = study.get_trials()
+    assert trial.state.name == "COMPLETE", trial.user_attrs.get("budgetrl.error")
+    attempts = trial.user_attrs["budgetrl.attempts"]
+    assert len(attempts) == 2 and attempts[0]["seconds"] >= first_s and attempts[1]["seconds"] >= second_s
+    wall = trial.user_attrs["budgetrl.metrics"]["wall_seconds"]
+    assert wall == pytest.approx(sum(a["seconds"] for a in attempts)) and wall >= first_s + second_s
+    cfg = load_config(QUICKSTART, _tiny_base_overrides(tmp_path, tiny_model))
+    cost = run_cost(cfg, wall, CostModel(), extra_cpus=0.1)["cost/total"]
+    assert trial.values[1] == pytest.approx(cost) and cost > 0
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trial.user_attrs["budgetrl.run_id"])
+    assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
+    assert run.data.metrics["cost/total"] == pytest.approx(cost) == run.data.metrics["sweep/cost"]
