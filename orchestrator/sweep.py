@@ -15,9 +15,10 @@ Who does what:
   rollout and learner actors, its own MLflow run nested under the sweep's parent run.
 
 Resume: a sweep invocation records its target trial count in the study. Re-running a sweep whose
-last invocation did not finish resumes it (finished trials are kept, trials left RUNNING by the dead
-driver are marked failed and re-enqueued with the same parameters); re-running a finished sweep
-starts a new invocation that adds trials to the same study. See docs/sweeps.md.
+last invocation did not finish resumes it (finished trials are kept; a trial left RUNNING by the dead
+driver is continued first, as the same Optuna trial under its own run name, so its run resumes from
+its last state); re-running a finished sweep starts a new invocation that adds trials to the same
+study. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ ATTR_INVOCATIONS = "budgetrl.invocations"
 ATTR_LEASE = "budgetrl.driver"
 T_INVOCATION, T_RUN_NAME, T_RUN_ID = "budgetrl.invocation", "budgetrl.run_name", "budgetrl.run_id"
 T_OVERRIDES, T_METRICS, T_EVALS = "budgetrl.overrides", "budgetrl.metrics", "budgetrl.evals"
-T_ERROR, T_INTERRUPTED, T_RETRY_OF, T_PRUNED_AT = ("budgetrl.error", "budgetrl.interrupted",
-                                                   "budgetrl.retry_of", "budgetrl.pruned_at")
+T_ERROR, T_INTERRUPTIONS, T_PRUNED_AT = "budgetrl.error", "budgetrl.interruptions", "budgetrl.pruned_at"
+# Set by drivers before interrupted trials were continued: such a trial was failed and re-asked.
+T_INTERRUPTED = "budgetrl.interrupted"
 TAG_TRIAL, TAG_INVOCATION, TAG_PRUNED = "budgetrl.trial", "budgetrl.sweep_invocation", "budgetrl.pruned"
 
 LEASE_HEARTBEAT_S = 30.0
@@ -909,26 +911,29 @@ def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_st
 # The searcher (runs in the driver)
 
 
-def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining: int, log=print):
-    """A Tune ``Searcher`` that asks the Optuna study for each trial and counts toward a target.
+def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining: int, log=print,
+                  continued: list[int] | tuple[int, ...] = ()):
+    """A Tune ``Searcher`` that hands out the ``continued`` trials (interrupted, still RUNNING in the
+    study) first, then asks the Optuna study for new ones, counting toward a target.
 
-    Optuna's ask() pops enqueued (retried) trials first. Trials tell the study themselves; the searcher
-    only records a FAIL for a trial that ended in an error before it could (e.g. its process died).
-    (Defined in a function so that importing this module does not import Ray Tune.)
+    Trials tell the study themselves; the searcher only records a FAIL for a trial that ended in an
+    error before it could (e.g. its process died). (Defined in a function so that importing this
+    module does not import Ray Tune.)
     """
     from ray.tune.search import Searcher
 
     class StudySearcher(Searcher):
         # No closure variables in the methods: Tune cloudpickles its config, searcher class included.
-        def __init__(self, study, dists, invocation, remaining, log):
+        def __init__(self, study, dists, invocation, remaining, log, continued):
             super().__init__()
             self.study, self.invocation, self.remaining, self.log = study, invocation, remaining, log
-            self.dists = dists
+            self.dists, self.continued = dists, list(continued)
             self.numbers: dict[str, int] = {}
 
         def __getstate__(self) -> dict:
             # Tune pickles its config (tuner.pkl); the study (a DB engine) stays out of it.
-            return {"study_name": self.study.study_name, "invocation": self.invocation, "remaining": self.remaining}
+            return {"study_name": self.study.study_name, "invocation": self.invocation, "remaining": self.remaining,
+                    "continued": self.continued}
 
         def __setstate__(self, state: dict) -> None:
             self.__dict__.update(state)
@@ -939,14 +944,20 @@ def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining
         def suggest(self, trial_id: str):
             if self.remaining <= 0:
                 return self.FINISHED
-            trial = self.study.ask(self.dists)
             self.remaining -= 1
-            trial.set_user_attr(T_INVOCATION, self.invocation)
-            self.numbers[trial_id] = trial.number
-            retry = trial.user_attrs.get(T_RETRY_OF)
-            note = f" (retry of trial {retry})" if retry is not None else ""
-            self.log(f"sweep: trial {trial.number}{note}: {trial.params}")
-            return {"trial_number": trial.number, "params": dict(trial.params)}
+            if self.continued:  # the same Optuna trial again: same number, params and run name
+                number = self.continued.pop(0)
+                storage = self.study._storage
+                params = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                    self.study._study_id, number)).params
+                note = " (continued after an interruption)"
+            else:
+                trial = self.study.ask(self.dists)
+                trial.set_user_attr(T_INVOCATION, self.invocation)
+                number, params, note = trial.number, trial.params, ""
+            self.numbers[trial_id] = number
+            self.log(f"sweep: trial {number}{note}: {params}")
+            return {"trial_number": number, "params": dict(params)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             from optuna.trial import TrialState
@@ -971,7 +982,7 @@ def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    return StudySearcher(study, distributions(space), invocation, remaining, log)
+    return StudySearcher(study, distributions(space), invocation, remaining, log, continued)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -991,17 +1002,19 @@ class SweepResult:
     sweep_dir: str
 
 
-def _interrupted(study, plan: SweepPlan, invocation: str, log) -> int:
-    """Trials left RUNNING by a dead driver: mark them failed+interrupted, kill their MLflow runs,
-    enqueue the same parameters again for this invocation. Returns how many."""
+def _interrupted(study, plan: SweepPlan, invocation: str, log) -> list[int]:
+    """Trials left RUNNING by a dead driver, to be continued first by this invocation: each stays the
+    same Optuna trial (number, parameters, run name), so its re-run continues its own run from the
+    run's last state. Their MLflow runs are marked KILLED until then. Returns their numbers."""
     from mlflow import MlflowClient
     from optuna.trial import TrialState
 
     client = MlflowClient(plan.tracking_uri)
-    n = 0
+    numbers = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(ft._trial_id, T_INTERRUPTED, True)
-        study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+        times = int(ft.user_attrs.get(T_INTERRUPTIONS, 0)) + 1
+        study._storage.set_trial_user_attr(ft._trial_id, T_INTERRUPTIONS, times)
+        study._storage.set_trial_user_attr(ft._trial_id, T_INVOCATION, invocation)
         run_id = ft.user_attrs.get(T_RUN_ID)
         if not run_id and ft.user_attrs.get(T_RUN_NAME):
             run_id = _find_run_id(client, plan.experiment, ft.user_attrs[T_RUN_NAME])
@@ -1009,14 +1022,12 @@ def _interrupted(study, plan: SweepPlan, invocation: str, log) -> int:
             try:
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, "KILLED")
-                client.set_tag(run_id, T_INTERRUPTED, "true")
-            except Exception:  # noqa: BLE001 - the run may be gone; the retry matters more
+                client.set_tag(run_id, T_INTERRUPTIONS, str(times))
+            except Exception:  # noqa: BLE001 - the run may be gone; continuing the trial matters more
                 pass
-        params = {k: v for k, v in ft.params.items() if k in plan.sweep.space}
-        study.enqueue_trial(params, user_attrs={T_INVOCATION: invocation, T_RETRY_OF: ft.number})
-        log(f"sweep: trial {ft.number} was interrupted; it will run again")
-        n += 1
-    return n
+        log(f"sweep: trial {ft.number} was interrupted; it continues first")
+        numbers.append(ft.number)
+    return numbers
 
 
 def _init_ray(plan: SweepPlan, demand_cpus: float, log) -> bool:
@@ -1083,8 +1094,8 @@ def run_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = 
             parent.log_dict({"base_config": plan.base_path, "base_overrides": plan.base_overrides,
                              "resolved": to_dict(plan.base)}, "sweep/base_config.json")
         with parent:
-            _interrupted(study, plan, inv["id"], log)
-            remaining = inv["target"] - invocation_done(study, inv["id"])
+            continued = _interrupted(study, plan, inv["id"], log)
+            remaining = max(inv["target"] - invocation_done(study, inv["id"]), len(continued))
             # Each trial: its own controller process plus the placement group its WorkerGroup reserves.
             workers = reserved_resources(plan.base)
             res = sweep.resources
@@ -1096,7 +1107,7 @@ def run_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = 
                         "trials report only their final result and none is stopped early")
                 started_ray = _init_ray(plan, demand, log)
                 _prepare_shared_start(plan, warm_in_trials, log)
-                _fit(plan, study, inv, remaining, parent.run_id, warm_in_trials, log, train_fn)
+                _fit(plan, study, inv, remaining, continued, parent.run_id, warm_in_trials, log, train_fn)
             done = invocation_done(study, inv["id"])
             finished = done >= inv["target"]
             invocations = list(study.user_attrs.get(ATTR_INVOCATIONS) or [])
@@ -1134,8 +1145,8 @@ def _prepare_shared_start(plan: SweepPlan, warm_in_trials: bool, log) -> None:
     log(f"sweep: trials start from {start}")
 
 
-def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, warm_in_trials: bool, log,
-         train_fn) -> None:
+def _fit(plan: SweepPlan, study, inv: dict, remaining: int, continued: list[int], parent_run_id: str,
+         warm_in_trials: bool, log, train_fn) -> None:
     from ray import tune
 
     sweep = plan.sweep
@@ -1151,7 +1162,7 @@ def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, 
         bundle["GPU"] = sweep.resources.trial_gpus
     bundles = [bundle] + ([{"CPU": 1.0}] if warm_in_trials else [])
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), tune.PlacementGroupFactory(bundles))
-    searcher = make_searcher(study, sweep.space, inv["id"], remaining, log=log)
+    searcher = make_searcher(study, sweep.space, inv["id"], remaining, log=log, continued=continued)
     attempt = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
         trainable,

@@ -2,8 +2,8 @@
 
 - Bad sweep configs fail in load_sweep (no Ray, no study, no files) naming the key and the value.
 - A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study.
-- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one retried,
-  none runs twice (stand-in trainer, so the test measures the resume protocol, not training speed).
+- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one continues
+  its own run from its last state (real trainer), none runs twice.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -281,36 +280,7 @@ def test_frontier_command_from_mlflow_runs(swept, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kill the driver mid-sweep, run it again (stand-in trainer: the protocol, not training, is tested)
-
-DRIVER = textwrap.dedent('''
-    import json, os, sys, time
-    from types import SimpleNamespace
-
-    def fake_train(cfg, log=print):
-        """Stands in for trainer.train: an MLflow run, a few seconds of 'training', eval rows."""
-        from orchestrator import tracking
-        with open(os.environ["SWEEP_EVENTS"], "a") as f:
-            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "start"}) + "\\n")
-        t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
-                                   parent_run_id=getattr(cfg.tracking, "parent_run_id", None))
-        with t:
-            time.sleep(float(os.environ["SWEEP_TRIAL_SECONDS"]))
-            rows = [{"budget_label": "6x4", "accuracy": min(1.0, cfg.learner.lr * 1000),
-                     "mean_tokens": float(cfg.budget.thinking), "mean_thinking_tokens": 1.0, "truncation_rate": 0.0},
-                    {"budget_label": "unconstrained", "accuracy": 0.5, "mean_tokens": float(cfg.budget.thinking),
-                     "mean_thinking_tokens": 1.0, "truncation_rate": 0.0}]
-            for r in rows:
-                t.log_metrics({f"eval/{r['budget_label']}/accuracy": r["accuracy"],
-                               f"eval/{r['budget_label']}/mean_tokens": r["mean_tokens"]}, step=1)
-        with open(os.environ["SWEEP_EVENTS"], "a") as f:
-            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "end"}) + "\\n")
-        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
-
-    from orchestrator.sweep import run_sweep
-    r = run_sweep(sys.argv[1], sys.argv[2:], train_fn=fake_train)
-    print("RESULT", json.dumps({"finished": r.finished, "front": r.front}))
-''')
+# Kill the driver mid-sweep, run it again: the interrupted trial continues its own run (real trainer)
 
 
 def _study_states(storage: str) -> list[tuple[int, str]]:
@@ -325,72 +295,81 @@ def _study_states(storage: str) -> list[tuple[int, str]]:
         return []
 
 
-def test_kill_driver_and_resume(tmp_path, tiny_model):
-    import optuna
-
-    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1)
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    events = tmp_path / "events.jsonl"
-    env = dict(os.environ, SWEEP_EVENTS=str(events), SWEEP_TRIAL_SECONDS="4", RAY_DEDUP_LOGS="0",
-               PYTHONPATH=str(ROOT))
-    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _state_step(run_dir: Path) -> int:
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline:  # one trial told the study, the next one is training: kill the driver
-            states = _study_states(storage) if (tmp_path / "study" / "optuna.db").exists() else []
-            started = events.read_text().count('"start"') if events.exists() else 0
-            if "COMPLETE" in {s for _, s in states} and any(s == "RUNNING" for _, s in states) and started == 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"no trial completed in time: {_study_states(storage)}")
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its local Ray runtime shares its fate
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    before = dict(_study_states(storage))
-    assert sorted(before.values()) == ["COMPLETE", "RUNNING"], before
+        return int(json.loads((run_dir / "state" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
 
-    rerun = subprocess.run([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=240)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert '"finished": true' in rerun.stdout
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    trials = study.get_trials()
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    interrupted = [t for t in trials if t.user_attrs.get("budgetrl.interrupted")]
-    assert len(complete) == 2 and len(interrupted) == 1 and interrupted[0].state.name == "FAIL"
-    (done_before,) = [n for n, s in before.items() if s == "COMPLETE"]
-    (killed,) = [n for n, s in before.items() if s == "RUNNING"]
-    assert interrupted[0].number == killed
-    retry = [t for t in complete if t.user_attrs.get("budgetrl.retry_of") == killed]
-    assert len(retry) == 1 and retry[0].params == interrupted[0].params
-    # None ran twice: every completed trial's run started exactly once, the finished one was not re-run.
-    starts = [json.loads(line)["run"] for line in events.read_text().splitlines()
-              if json.loads(line)["event"] == "start"]
-    assert starts.count(f"tiny-t{done_before:04d}") == 1
-    assert len(starts) == 3 and len(set(starts)) == 3  # 2 complete + the killed attempt
-    assert study.user_attrs["budgetrl.invocations"][-1]["status"] == "finished"
-    assert len(study.user_attrs["budgetrl.invocations"]) == 1  # resumed, not a new invocation
+
+def test_kill_driver_and_resume(tmp_path, tiny_model):
+    """SIGKILL the sweep driver and its local Ray while trial 1 trains (trial 0 finished), run the same
+    command again: the invocation resumes, trial 0 is not run again, and trial 1 continues as the same
+    Optuna trial under its own run name, from its run's last state, in the same run directory and MLflow
+    run, every step logged once; the study ends with both trials COMPLETE (no duplicate, none lost)."""
+    import optuna
     from mlflow import MlflowClient
 
+    steps = 4
+    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.steps=")]
+    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1,
+                        base_overrides=[*base, f"trainer.steps={steps}", "trainer.state_every=1"])
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(path), "resources.ray_num_cpus=4"]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
+    run_dir = tmp_path / "out" / "tiny-t0001"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            # Trial 1 saved a state (so trial 0, one at a time, has told the study): kill the driver.
+            # Only a file is polled: trial 1 finishes seconds after its first state.
+            while time.time() < deadline:
+                if _state_step(run_dir) >= 1:
+                    break
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"trial 1 saved no state in time: {_study_states(storage)}")
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert dict(_study_states(storage)) == {0: "COMPLETE", 1: "RUNNING"}
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert trials[1].user_attrs["budgetrl.interruptions"] == 1 and "budgetrl.interruptions" not in trials[0].user_attrs
+    assert [len(t.user_attrs["budgetrl.attempts"]) for t in trials] == [1, 2]  # trial 0 ran once
+    attempts = trials[1].user_attrs["budgetrl.attempts"]
+    assert trials[1].user_attrs["budgetrl.metrics"]["wall_seconds"] == pytest.approx(sum(a["seconds"] for a in attempts))
+    assert [i["status"] for i in study.user_attrs["budgetrl.invocations"]] == ["finished"]  # resumed, not a new one
+    assert "trial 1 was interrupted; it continues first" in rerun.stdout
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    killed_run = interrupted[0].user_attrs.get("budgetrl.run_name")
-    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
-                              filter_string=f"attributes.run_name = '{killed_run}'")
-    assert [r.info.status for r in runs] == ["KILLED"]
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["sweep-tiny-001", "tiny-t0000", "tiny-t0001"]
+    (run,) = [r for r in runs if r.info.run_name == "tiny-t0001"]
+    assert run.info.status == "FINISHED" and run.info.run_id == trials[1].user_attrs["budgetrl.run_id"]
+    assert run.data.tags["budgetrl.interruptions"] == "1" and run.data.tags["budgetrl.trial"] == "1"
+    assert int(run.data.tags["budgetrl.resumed_from_step"]) >= 1
+    for key in ("train/reward", "learner/policy_version"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
+    assert json.loads((run_dir / "result.json").read_text())["run_id"] == run.info.run_id
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("tiny")) == [
+        "tiny-t0000", "tiny-t0001"]  # no second run directory
 
 
 # ---------------------------------------------------------------------------------------------
 # Resume bookkeeping on a study alone (no Ray runtime, no training)
 
 
-def test_interrupted_trials_are_retried_first_and_lease_guards_the_study(tmp_path, model_dir):
+def test_interrupted_trials_are_continued_first_and_lease_guards_the_study(tmp_path, model_dir):
     import socket
 
     from optuna.trial import TrialState
@@ -422,22 +401,23 @@ def test_interrupted_trials_are_retried_first_and_lease_guards_the_study(tmp_pat
     assert study.user_attrs["budgetrl.driver"] == {}
 
     logs = []
-    assert sw._interrupted(study, plan, "001", logs.append) == 1
+    assert sw._interrupted(study, plan, "001", logs.append) == [killed.number]
     old = study.get_trials()[killed.number]
-    assert old.state == TrialState.FAIL and old.user_attrs["budgetrl.interrupted"] is True
-    assert sw.invocation_done(study, "001") == 1  # interrupted trials do not count toward the target
-    searcher = sw.make_searcher(study, plan.sweep.space, "001", remaining=2, log=logs.append)
+    assert old.state == TrialState.RUNNING and old.user_attrs["budgetrl.interruptions"] == 1
+    assert sw.invocation_done(study, "001") == 1  # an interrupted trial is still owed
+    searcher = sw.make_searcher(study, plan.sweep.space, "001", remaining=2, log=logs.append,
+                                continued=[killed.number])
     first = searcher.suggest("tune-a")
-    assert first["params"] == killed.params  # the retry comes first, with the same parameters
-    retry = study.get_trials()[first["trial_number"]]
-    assert retry.user_attrs["budgetrl.retry_of"] == killed.number
-    assert searcher.suggest("tune-b")["trial_number"] == first["trial_number"] + 1
+    assert first == {"trial_number": killed.number, "params": killed.params}  # the same trial, first
+    assert len(study.get_trials()) == 2  # nothing new was asked for it
+    second = searcher.suggest("tune-b")
+    assert second["trial_number"] == killed.number + 1
     assert searcher.suggest("tune-c") == "FINISHED"
-    # A trial that Tune stopped (Ctrl-C) stays RUNNING, to be retried; one whose process failed is FAIL.
+    # A trial that Tune stopped (Ctrl-C) stays RUNNING, to be continued; one whose process failed is FAIL.
     searcher.on_trial_complete("tune-b", result={})
-    assert study.get_trials()[first["trial_number"] + 1].state == TrialState.RUNNING
+    assert study.get_trials()[second["trial_number"]].state == TrialState.RUNNING
     searcher.on_trial_complete("tune-a", error=True)
-    assert study.get_trials()[first["trial_number"]].state == TrialState.FAIL
+    assert study.get_trials()[killed.number].state == TrialState.FAIL
 
 
 def test_study_frontier_logged_to_parent(tmp_path, model_dir):
