@@ -195,8 +195,15 @@ def test_sweep_records_trials_in_study(swept):
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3, [(t.state, t.user_attrs.get("budgetrl.error"))
                                                                for t in trials]
     assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     for t in trials:
-        assert len(t.values) == 2 and 0.0 <= t.values[0] <= 1.0 and t.values[1] >= 0
+        # The objectives are the run's final eval as logged: accuracy at 6x4, and mean tokens
+        # unconstrained (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4).
+        m = client.get_run(t.user_attrs["budgetrl.run_id"]).data.metrics
+        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"]])
+        assert 0.0 <= t.values[0] <= 1.0 and 0.0 < t.values[1] <= 16.0
         assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
     invs = study.user_attrs["budgetrl.invocations"]
     assert [i["status"] for i in invs] == ["finished", "finished"]
@@ -463,49 +470,41 @@ def test_study_frontier_logged_to_parent(tmp_path, model_dir):
 
 
 def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, tmp_path):
-    """Early stopping through the trainer's on_eval hook (stand-in trainer, real Tune + study + MLflow):
-    the dominated trial is stopped after its first intermediate eval, recorded PRUNED, kept off the front."""
+    """Early stopping through the trainer's own on_eval hook (the real trainer.train, a tiny run of 3
+    steps with an eval after each): two finished trials of an earlier invocation dominate any point at
+    step 1, so the trial is stopped by its step-1 eval, recorded PRUNED and kept off the front."""
     import optuna
-
-    from orchestrator.sweep import run_sweep
-
-    def fake_train(cfg, log=print, on_eval=None):
-        from types import SimpleNamespace
-
-        from orchestrator import tracking
-
-        n = int(cfg.trainer.run_name.rsplit("-t", 1)[1])
-        acc, tok = [(0.9, 5.0), (0.8, 6.0), (0.1, 9.0)][n]
-        t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
-                                   parent_run_id=cfg.tracking.parent_run_id, tags=cfg.tracking.tags)
-        with t:
-            rows = [{"budget_label": b, "accuracy": acc, "mean_tokens": tok, "mean_thinking_tokens": 1.0,
-                     "truncation_rate": 0.0} for b in ("6x4", "unconstrained")]
-            step = 0
-            for step in range(cfg.trainer.steps + 1):
-                t.log_metrics({"eval/6x4/accuracy": acc, "eval/6x4/mean_tokens": tok}, step=step)
-                if on_eval(step, rows) and step < cfg.trainer.steps:
-                    break
-        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=step)
-
-    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.")]
-    base += ["trainer.steps=2", "trainer.eval_every=1", f"trainer.output_dir={tmp_path / 'out'}"]
-    path = _write_sweep(tmp_path, tiny_model, num_trials=3, max_concurrency=1, base_overrides=base,
-                        early_stopping={"enabled": True, "min_step": 1, "min_peers": 2, "dominated_fraction": 0.5})
-    result = run_sweep(path, train_fn=fake_train, log=lambda *_: None)
-    study = optuna.load_study(study_name="tiny", storage=result.storage)
-    trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert trials[2].user_attrs["budgetrl.pruned_at"] == 1
-    assert sorted(trials[2].user_attrs["budgetrl.evals"]) == ["0", "1"]  # no eval after the stop
-    assert sorted(trials[0].user_attrs["budgetrl.evals"]) == ["0", "1", "2"]
-    assert result.front == [0]
-    assert set(result.trials["state"]) == {"COMPLETE", "PRUNED"}
     from mlflow import MlflowClient
 
+    from orchestrator import sweep as sw
+
+    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith(("trainer.steps=",
+                                                                                          "trainer.eval_every="))]
+    path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1,
+                        base_overrides=[*base, "trainer.steps=3", "trainer.eval_every=1"],
+                        early_stopping={"enabled": True, "min_step": 1, "min_peers": 2, "dominated_fraction": 0.5})
+    plan = sw.load_sweep(path)
+    study = sw.open_study(plan, create=True)
+    best = {"accuracy_6x4": 1.0, "mean_tokens_unconstrained": 0.0}  # no real run reaches it
+    for _ in range(2):
+        peer = study.ask(sw.distributions(plan.sweep.space))
+        peer.set_user_attr("budgetrl.evals", {str(s): best for s in range(4)})
+        peer.set_user_attr("budgetrl.metrics", {**best, "mean_tokens_6x4": 0.0, "cost": 0.01})
+        study.tell(peer.number, [1.0, 0.0])
+    result = sw.run_sweep(path, plan=plan, log=lambda *_: None)
+    trials = optuna.load_study(study_name="tiny", storage=result.storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = trials[2]
+    assert pruned.user_attrs["budgetrl.pruned_at"] == 1
+    # The trainer's evals before training and after step 1 reached the trial; none after the stop.
+    evals = pruned.user_attrs["budgetrl.evals"]
+    assert sorted(evals) == ["0", "1"] and 0.0 < evals["1"]["mean_tokens_unconstrained"] <= 16.0
+    assert result.front == [0, 1] and set(result.trials["state"]) == {"COMPLETE", "PRUNED"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(trials[2].user_attrs["budgetrl.run_id"])
+    run = client.get_run(pruned.user_attrs["budgetrl.run_id"])
     assert run.data.tags["budgetrl.pruned"] == "true" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert run.data.tags["budgetrl.stopped_at_step"] == "1"  # the trainer stopped where on_eval said
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/reward")] == [1]
 
 
 def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_path):
