@@ -15,9 +15,10 @@ Who does what:
   rollout and learner actors, its own MLflow run nested under the sweep's parent run.
 
 Resume: a sweep invocation records its target trial count in the study. Re-running a sweep whose
-last invocation did not finish resumes it (finished trials are kept, trials left RUNNING by the dead
-driver are marked failed and re-enqueued with the same parameters); re-running a finished sweep
-starts a new invocation that adds trials to the same study. See docs/sweeps.md.
+last invocation did not finish resumes it (finished trials are kept; a trial left RUNNING by the dead
+driver is continued first, as the same Optuna trial under its own run name, so its run resumes from
+its last state); re-running a finished sweep starts a new invocation that adds trials to the same
+study. See docs/sweeps.md.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import frontier, tracking
 from .config import Config, ConfigError, _describe, eval_budgets, load_config, parse_budget, to_dict, to_yaml
 from .cost import CostModel, reserved_resources, run_cost
+from .sweep_attempts import AttemptClock
 
 # ---------------------------------------------------------------------------------------------
 # Schema
@@ -66,8 +68,9 @@ ATTR_INVOCATIONS = "budgetrl.invocations"
 ATTR_LEASE = "budgetrl.driver"
 T_INVOCATION, T_RUN_NAME, T_RUN_ID = "budgetrl.invocation", "budgetrl.run_name", "budgetrl.run_id"
 T_OVERRIDES, T_METRICS, T_EVALS = "budgetrl.overrides", "budgetrl.metrics", "budgetrl.evals"
-T_ERROR, T_INTERRUPTED, T_RETRY_OF, T_PRUNED_AT = ("budgetrl.error", "budgetrl.interrupted",
-                                                   "budgetrl.retry_of", "budgetrl.pruned_at")
+T_ERROR, T_INTERRUPTIONS, T_PRUNED_AT = "budgetrl.error", "budgetrl.interruptions", "budgetrl.pruned_at"
+# Set by drivers before interrupted trials were continued: such a trial was failed and re-asked.
+T_INTERRUPTED = "budgetrl.interrupted"
 TAG_TRIAL, TAG_INVOCATION, TAG_PRUNED = "budgetrl.trial", "budgetrl.sweep_invocation", "budgetrl.pruned"
 
 LEASE_HEARTBEAT_S = 30.0
@@ -739,6 +742,7 @@ class TrialContext:
     early_stopping: EarlyStoppingSpec
     cwd: str
     train_fn: Optional[Callable] = None  # None: orchestrator.trainer.train (tests pass a stand-in)
+    retries: int = 0  # Tune's retries of a failed trial: only the last allowed attempt tells FAIL
 
 
 def _default_train() -> Callable:
@@ -765,12 +769,29 @@ def _find_run_id(client, experiment: str, run_name: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _trial_tags(ctx: TrialContext, number: int) -> dict[str, str]:
-    return {tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number), TAG_INVOCATION: ctx.invocation}
+def _trial_config(ctx: TrialContext, number: int, run_name: str, overrides: list[str]) -> tuple[Config, bool]:
+    """(training config, nested at start). Its tags name the study and the trial only, which hold for
+    the trial's whole life: a continued trial's config must equal the one its run started with, or the
+    trainer refuses to resume the run (the invocation tag is set when the trial ends, ``_tag_child``)."""
+    cfg = load_config(ctx.base_path, [*ctx.base_overrides, *overrides, f"trainer.run_name={run_name}",
+                                      f"tracking.tracking_uri={ctx.tracking_uri}",
+                                      f"tracking.experiment={ctx.experiment}"])
+    # Nest the trial's run under the sweep's parent from its start when the config supports it
+    # (tracking.parent_run_id / tracking.tags); otherwise the tags are set once the run id is known.
+    nested_at_start = hasattr(cfg.tracking, "parent_run_id")
+    if nested_at_start:
+        cfg.tracking.parent_run_id = ctx.parent_run_id
+    if hasattr(cfg.tracking, "tags"):
+        cfg.tracking.tags = {**(cfg.tracking.tags or {}), tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number)}
+    return cfg, nested_at_start
 
 
 def run_trial(config: dict, ctx: TrialContext) -> None:
-    """Tune function trainable: one training run with the trial's parameters; tells the study itself."""
+    """Tune function trainable: one training run with the trial's parameters; tells the study itself.
+
+    Every attempt of a trial (a Tune retry, or a continuation after the driver died) trains under the
+    trial's one run name, so the trainer continues the run from its last state, and the trial's cost
+    counts every attempt (``sweep_attempts``)."""
     import optuna
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -787,31 +808,24 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(ctx.storage),
                               sampler=optuna.samplers.RandomSampler())
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    if study._storage.get_trial(trial_id).state.is_finished():
+        return  # an earlier attempt told the study (its last allowed failure): nothing left to run
+    clock = AttemptClock(study._storage, trial_id)
     trial = optuna.trial.Trial(study, trial_id)
-    run_name = f"{ctx.study_name}-t{number:04d}"
+    run_name = trial.user_attrs.get(T_RUN_NAME) or f"{ctx.study_name}-t{number:04d}"
     overrides = param_overrides(params, ctx.base_budget)
     trial.set_user_attr(T_RUN_NAME, run_name)
     trial.set_user_attr(T_OVERRIDES, overrides)
-    cfg = load_config(ctx.base_path, [*ctx.base_overrides, *overrides, f"trainer.run_name={run_name}",
-                                      f"tracking.tracking_uri={ctx.tracking_uri}",
-                                      f"tracking.experiment={ctx.experiment}"])
-    # Nest the trial's run under the sweep's parent from its start when the config supports it
-    # (tracking.parent_run_id / tracking.tags); otherwise the tags are set once the run id is known.
-    nested_at_start = hasattr(cfg.tracking, "parent_run_id")
-    if nested_at_start:
-        cfg.tracking.parent_run_id = ctx.parent_run_id
-    if hasattr(cfg.tracking, "tags"):
-        cfg.tracking.tags = {**(cfg.tracking.tags or {}), **_trial_tags(ctx, number)}
+    cfg, nested_at_start = _trial_config(ctx, number, run_name, overrides)
 
     train_fn = ctx.train_fn or _default_train()
     es, objectives = ctx.early_stopping, ctx.objectives
-    evals: dict[str, dict[str, float]] = {}
+    evals: dict[str, dict[str, float]] = dict(trial.user_attrs.get(T_EVALS) or {})  # earlier attempts' points
     pruned_at: list[int] = []
-    t0 = time.time()
 
     def on_eval(step: int, rows: list[dict]) -> bool:
         metrics = eval_metrics(rows)
-        wall = time.time() - t0
+        wall = clock.total()
         metrics.update({"cost": run_cost(cfg, wall, ctx.cost, ctx.trial_cpus)["cost/total"], "wall_seconds": wall})
         point = objective_values(metrics, objectives)
         evals[str(step)] = point
@@ -835,14 +849,27 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     try:
         result = train_fn(cfg, **kwargs)
     except BaseException as exc:
-        trial.set_user_attr(T_ERROR, f"{type(exc).__name__}: {exc}"[:2000])
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        clock.stop(error)
         run_id = _find_run_id(client, ctx.experiment, run_name)
         if run_id:
             trial.set_user_attr(T_RUN_ID, run_id)
             _tag_child(client, run_id, ctx, number, nested_at_start)
-        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        if clock.index >= ctx.retries:  # else Tune retries it: the trial stays RUNNING for the retry
+            trial.set_user_attr(T_ERROR, error)
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    wall = time.time() - t0
+    _report_result(study, trial, ctx, cfg, result, clock.stop(), pruned_at, nested_at_start)
+
+
+def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: float, pruned_at: list[int],
+                   nested_at_start: bool) -> None:
+    """Cost (every attempt's ``wall`` seconds) and objectives into the run, then tell the study and Tune."""
+    from mlflow import MlflowClient
+    from optuna.trial import TrialState
+    from ray import tune
+
+    number, objectives, client = trial.number, ctx.objectives, MlflowClient(ctx.tracking_uri)
     run_id = result.run_id
     trial.set_user_attr(T_RUN_ID, run_id)
     _tag_child(client, run_id, ctx, number, nested_at_start)
@@ -874,7 +901,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_start: bool) -> None:
     from mlflow.entities import RunTag
 
-    tags = _trial_tags(ctx, number)
+    tags = {tracking.TAG_STUDY: ctx.study_name, TAG_TRIAL: str(number), TAG_INVOCATION: ctx.invocation}
     if not nested_at_start:
         tags[tracking.TAG_PARENT_RUN] = ctx.parent_run_id
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -884,26 +911,29 @@ def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_st
 # The searcher (runs in the driver)
 
 
-def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining: int, log=print):
-    """A Tune ``Searcher`` that asks the Optuna study for each trial and counts toward a target.
+def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining: int, log=print,
+                  continued: list[int] | tuple[int, ...] = ()):
+    """A Tune ``Searcher`` that hands out the ``continued`` trials (interrupted, still RUNNING in the
+    study) first, then asks the Optuna study for new ones, counting toward a target.
 
-    Optuna's ask() pops enqueued (retried) trials first. Trials tell the study themselves; the searcher
-    only records a FAIL for a trial that ended in an error before it could (e.g. its process died).
-    (Defined in a function so that importing this module does not import Ray Tune.)
+    Trials tell the study themselves; the searcher only records a FAIL for a trial that ended in an
+    error before it could (e.g. its process died). (Defined in a function so that importing this
+    module does not import Ray Tune.)
     """
     from ray.tune.search import Searcher
 
     class StudySearcher(Searcher):
         # No closure variables in the methods: Tune cloudpickles its config, searcher class included.
-        def __init__(self, study, dists, invocation, remaining, log):
+        def __init__(self, study, dists, invocation, remaining, log, continued):
             super().__init__()
             self.study, self.invocation, self.remaining, self.log = study, invocation, remaining, log
-            self.dists = dists
+            self.dists, self.continued = dists, list(continued)
             self.numbers: dict[str, int] = {}
 
         def __getstate__(self) -> dict:
             # Tune pickles its config (tuner.pkl); the study (a DB engine) stays out of it.
-            return {"study_name": self.study.study_name, "invocation": self.invocation, "remaining": self.remaining}
+            return {"study_name": self.study.study_name, "invocation": self.invocation, "remaining": self.remaining,
+                    "continued": self.continued}
 
         def __setstate__(self, state: dict) -> None:
             self.__dict__.update(state)
@@ -914,14 +944,20 @@ def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining
         def suggest(self, trial_id: str):
             if self.remaining <= 0:
                 return self.FINISHED
-            trial = self.study.ask(self.dists)
             self.remaining -= 1
-            trial.set_user_attr(T_INVOCATION, self.invocation)
-            self.numbers[trial_id] = trial.number
-            retry = trial.user_attrs.get(T_RETRY_OF)
-            note = f" (retry of trial {retry})" if retry is not None else ""
-            self.log(f"sweep: trial {trial.number}{note}: {trial.params}")
-            return {"trial_number": trial.number, "params": dict(trial.params)}
+            if self.continued:  # the same Optuna trial again: same number, params and run name
+                number = self.continued.pop(0)
+                storage = self.study._storage
+                params = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(
+                    self.study._study_id, number)).params
+                note = " (continued after an interruption)"
+            else:
+                trial = self.study.ask(self.dists)
+                trial.set_user_attr(T_INVOCATION, self.invocation)
+                number, params, note = trial.number, trial.params, ""
+            self.numbers[trial_id] = number
+            self.log(f"sweep: trial {number}{note}: {params}")
+            return {"trial_number": number, "params": dict(params)}
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             from optuna.trial import TrialState
@@ -946,7 +982,7 @@ def make_searcher(study, space: dict[str, ParamSpec], invocation: str, remaining
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    return StudySearcher(study, distributions(space), invocation, remaining, log)
+    return StudySearcher(study, distributions(space), invocation, remaining, log, continued)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,17 +1002,19 @@ class SweepResult:
     sweep_dir: str
 
 
-def _interrupted(study, plan: SweepPlan, invocation: str, log) -> int:
-    """Trials left RUNNING by a dead driver: mark them failed+interrupted, kill their MLflow runs,
-    enqueue the same parameters again for this invocation. Returns how many."""
+def _interrupted(study, plan: SweepPlan, invocation: str, log) -> list[int]:
+    """Trials left RUNNING by a dead driver, to be continued first by this invocation: each stays the
+    same Optuna trial (number, parameters, run name), so its re-run continues its own run from the
+    run's last state. Their MLflow runs are marked KILLED until then. Returns their numbers."""
     from mlflow import MlflowClient
     from optuna.trial import TrialState
 
     client = MlflowClient(plan.tracking_uri)
-    n = 0
+    numbers = []
     for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(ft._trial_id, T_INTERRUPTED, True)
-        study.tell(ft.number, state=TrialState.FAIL, skip_if_finished=True)
+        times = int(ft.user_attrs.get(T_INTERRUPTIONS, 0)) + 1
+        study._storage.set_trial_user_attr(ft._trial_id, T_INTERRUPTIONS, times)
+        study._storage.set_trial_user_attr(ft._trial_id, T_INVOCATION, invocation)
         run_id = ft.user_attrs.get(T_RUN_ID)
         if not run_id and ft.user_attrs.get(T_RUN_NAME):
             run_id = _find_run_id(client, plan.experiment, ft.user_attrs[T_RUN_NAME])
@@ -984,14 +1022,12 @@ def _interrupted(study, plan: SweepPlan, invocation: str, log) -> int:
             try:
                 if client.get_run(run_id).info.status == "RUNNING":
                     client.set_terminated(run_id, "KILLED")
-                client.set_tag(run_id, T_INTERRUPTED, "true")
-            except Exception:  # noqa: BLE001 - the run may be gone; the retry matters more
+                client.set_tag(run_id, T_INTERRUPTIONS, str(times))
+            except Exception:  # noqa: BLE001 - the run may be gone; continuing the trial matters more
                 pass
-        params = {k: v for k, v in ft.params.items() if k in plan.sweep.space}
-        study.enqueue_trial(params, user_attrs={T_INVOCATION: invocation, T_RETRY_OF: ft.number})
-        log(f"sweep: trial {ft.number} was interrupted; it will run again")
-        n += 1
-    return n
+        log(f"sweep: trial {ft.number} was interrupted; it continues first")
+        numbers.append(ft.number)
+    return numbers
 
 
 def _init_ray(plan: SweepPlan, demand_cpus: float, log) -> bool:
@@ -1058,8 +1094,8 @@ def run_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = 
             parent.log_dict({"base_config": plan.base_path, "base_overrides": plan.base_overrides,
                              "resolved": to_dict(plan.base)}, "sweep/base_config.json")
         with parent:
-            _interrupted(study, plan, inv["id"], log)
-            remaining = inv["target"] - invocation_done(study, inv["id"])
+            continued = _interrupted(study, plan, inv["id"], log)
+            remaining = max(inv["target"] - invocation_done(study, inv["id"]), len(continued))
             # Each trial: its own controller process plus the placement group its WorkerGroup reserves.
             workers = reserved_resources(plan.base)
             res = sweep.resources
@@ -1071,7 +1107,7 @@ def run_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = 
                         "trials report only their final result and none is stopped early")
                 started_ray = _init_ray(plan, demand, log)
                 _prepare_shared_start(plan, warm_in_trials, log)
-                _fit(plan, study, inv, remaining, parent.run_id, warm_in_trials, log, train_fn)
+                _fit(plan, study, inv, remaining, continued, parent.run_id, warm_in_trials, log, train_fn)
             done = invocation_done(study, inv["id"])
             finished = done >= inv["target"]
             invocations = list(study.user_attrs.get(ATTR_INVOCATIONS) or [])
@@ -1109,8 +1145,8 @@ def _prepare_shared_start(plan: SweepPlan, warm_in_trials: bool, log) -> None:
     log(f"sweep: trials start from {start}")
 
 
-def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, warm_in_trials: bool, log,
-         train_fn) -> None:
+def _fit(plan: SweepPlan, study, inv: dict, remaining: int, continued: list[int], parent_run_id: str,
+         warm_in_trials: bool, log, train_fn) -> None:
     from ray import tune
 
     sweep = plan.sweep
@@ -1120,13 +1156,13 @@ def _fit(plan: SweepPlan, study, inv: dict, remaining: int, parent_run_id: str, 
                        objectives=plan.objectives, tracking_uri=plan.tracking_uri, experiment=plan.experiment,
                        parent_run_id=parent_run_id, invocation=inv["id"], cost=sweep.cost,
                        trial_cpus=sweep.resources.trial_cpus, early_stopping=sweep.early_stopping,
-                       cwd=os.getcwd(), train_fn=train_fn)
+                       cwd=os.getcwd(), train_fn=train_fn, retries=sweep.retries)
     bundle = {"CPU": sweep.resources.trial_cpus}
     if sweep.resources.trial_gpus:
         bundle["GPU"] = sweep.resources.trial_gpus
     bundles = [bundle] + ([{"CPU": 1.0}] if warm_in_trials else [])
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), tune.PlacementGroupFactory(bundles))
-    searcher = make_searcher(study, sweep.space, inv["id"], remaining, log=log)
+    searcher = make_searcher(study, sweep.space, inv["id"], remaining, log=log, continued=continued)
     attempt = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     tuner = tune.Tuner(
         trainable,

@@ -185,6 +185,7 @@ def test_killed_tune_trial_is_retried_and_continues_its_run(tmp_path, tiny_model
         trials = [t.split()[0] for t in _titles(root) if "run_trial" in t or "ImplicitFunc" in t]
         assert trials, _titles(root)
         os.kill(int(trials[0]), signal.SIGKILL)  # the trial's process dies mid-run
+        killed_at = time.time()
         rc = proc.wait(600)
     finally:
         if proc.poll() is None:
@@ -201,6 +202,20 @@ def test_killed_tune_trial_is_retried_and_continues_its_run(tmp_path, tiny_model
     assert int(runs[0].data.tags["budgetrl.resumed_from_step"]) >= 2
     steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/reward")]
     assert sorted(steps) == list(range(1, 9))
+    # Its cost counts both attempts: the killed one up to its last heartbeat, and the retry.
+    from orchestrator.config import load_config
+    from orchestrator.cost import CostModel, run_cost
+    from orchestrator.sweep_attempts import HEARTBEAT_S
+
+    (trial,) = study.get_trials()
+    first, second = trial.user_attrs["budgetrl.attempts"]
+    assert first["start"] <= (out / "config.yaml").stat().st_mtime  # the first attempt wrote the run's config
+    assert first["start"] + first["seconds"] >= killed_at - HEARTBEAT_S - 1 and second["start"] >= killed_at
+    wall = trial.user_attrs["budgetrl.metrics"]["wall_seconds"]
+    assert wall == pytest.approx(first["seconds"] + second["seconds"])
+    cost = run_cost(load_config(ROOT / "configs" / "quickstart.yaml", base), wall, CostModel(), extra_cpus=0.1)
+    assert runs[0].data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
+    assert runs[0].data.metrics["cost/total"] == pytest.approx(cost["cost/total"]) and cost["cost/total"] > 0
 
 
 def test_resume_plan_ignores_a_new_parent_run_but_not_a_changed_setting(tmp_path):

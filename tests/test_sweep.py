@@ -2,8 +2,8 @@
 
 - Bad sweep configs fail in load_sweep (no Ray, no study, no files) naming the key and the value.
 - A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study.
-- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one retried,
-  none runs twice (stand-in trainer, so the test measures the resume protocol, not training speed).
+- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one continues
+  its own run from its last state (real trainer), none runs twice.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -196,8 +195,15 @@ def test_sweep_records_trials_in_study(swept):
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3, [(t.state, t.user_attrs.get("budgetrl.error"))
                                                                for t in trials]
     assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     for t in trials:
-        assert len(t.values) == 2 and 0.0 <= t.values[0] <= 1.0 and t.values[1] >= 0
+        # The objectives are the run's final eval as logged: accuracy at 6x4, and mean tokens
+        # unconstrained (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4).
+        m = client.get_run(t.user_attrs["budgetrl.run_id"]).data.metrics
+        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"]])
+        assert 0.0 <= t.values[0] <= 1.0 and 0.0 < t.values[1] <= 16.0
         assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
     invs = study.user_attrs["budgetrl.invocations"]
     assert [i["status"] for i in invs] == ["finished", "finished"]
@@ -281,36 +287,7 @@ def test_frontier_command_from_mlflow_runs(swept, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kill the driver mid-sweep, run it again (stand-in trainer: the protocol, not training, is tested)
-
-DRIVER = textwrap.dedent('''
-    import json, os, sys, time
-    from types import SimpleNamespace
-
-    def fake_train(cfg, log=print):
-        """Stands in for trainer.train: an MLflow run, a few seconds of 'training', eval rows."""
-        from orchestrator import tracking
-        with open(os.environ["SWEEP_EVENTS"], "a") as f:
-            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "start"}) + "\\n")
-        t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
-                                   parent_run_id=getattr(cfg.tracking, "parent_run_id", None))
-        with t:
-            time.sleep(float(os.environ["SWEEP_TRIAL_SECONDS"]))
-            rows = [{"budget_label": "6x4", "accuracy": min(1.0, cfg.learner.lr * 1000),
-                     "mean_tokens": float(cfg.budget.thinking), "mean_thinking_tokens": 1.0, "truncation_rate": 0.0},
-                    {"budget_label": "unconstrained", "accuracy": 0.5, "mean_tokens": float(cfg.budget.thinking),
-                     "mean_thinking_tokens": 1.0, "truncation_rate": 0.0}]
-            for r in rows:
-                t.log_metrics({f"eval/{r['budget_label']}/accuracy": r["accuracy"],
-                               f"eval/{r['budget_label']}/mean_tokens": r["mean_tokens"]}, step=1)
-        with open(os.environ["SWEEP_EVENTS"], "a") as f:
-            f.write(json.dumps({"run": cfg.trainer.run_name, "event": "end"}) + "\\n")
-        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
-
-    from orchestrator.sweep import run_sweep
-    r = run_sweep(sys.argv[1], sys.argv[2:], train_fn=fake_train)
-    print("RESULT", json.dumps({"finished": r.finished, "front": r.front}))
-''')
+# Kill the driver mid-sweep, run it again: the interrupted trial continues its own run (real trainer)
 
 
 def _study_states(storage: str) -> list[tuple[int, str]]:
@@ -325,72 +302,81 @@ def _study_states(storage: str) -> list[tuple[int, str]]:
         return []
 
 
-def test_kill_driver_and_resume(tmp_path, tiny_model):
-    import optuna
-
-    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1)
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    events = tmp_path / "events.jsonl"
-    env = dict(os.environ, SWEEP_EVENTS=str(events), SWEEP_TRIAL_SECONDS="4", RAY_DEDUP_LOGS="0",
-               PYTHONPATH=str(ROOT))
-    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
-    proc = subprocess.Popen([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _state_step(run_dir: Path) -> int:
     try:
-        deadline = time.time() + 150
-        while time.time() < deadline:  # one trial told the study, the next one is training: kill the driver
-            states = _study_states(storage) if (tmp_path / "study" / "optuna.db").exists() else []
-            started = events.read_text().count('"start"') if events.exists() else 0
-            if "COMPLETE" in {s for _, s in states} and any(s == "RUNNING" for _, s in states) and started == 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.3)
-        else:
-            pytest.fail(f"no trial completed in time: {_study_states(storage)}")
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only; its local Ray runtime shares its fate
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    before = dict(_study_states(storage))
-    assert sorted(before.values()) == ["COMPLETE", "RUNNING"], before
+        return int(json.loads((run_dir / "state" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
 
-    rerun = subprocess.run([sys.executable, str(script), str(path), "resources.ray_num_cpus=4"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=240)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert '"finished": true' in rerun.stdout
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    trials = study.get_trials()
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    interrupted = [t for t in trials if t.user_attrs.get("budgetrl.interrupted")]
-    assert len(complete) == 2 and len(interrupted) == 1 and interrupted[0].state.name == "FAIL"
-    (done_before,) = [n for n, s in before.items() if s == "COMPLETE"]
-    (killed,) = [n for n, s in before.items() if s == "RUNNING"]
-    assert interrupted[0].number == killed
-    retry = [t for t in complete if t.user_attrs.get("budgetrl.retry_of") == killed]
-    assert len(retry) == 1 and retry[0].params == interrupted[0].params
-    # None ran twice: every completed trial's run started exactly once, the finished one was not re-run.
-    starts = [json.loads(line)["run"] for line in events.read_text().splitlines()
-              if json.loads(line)["event"] == "start"]
-    assert starts.count(f"tiny-t{done_before:04d}") == 1
-    assert len(starts) == 3 and len(set(starts)) == 3  # 2 complete + the killed attempt
-    assert study.user_attrs["budgetrl.invocations"][-1]["status"] == "finished"
-    assert len(study.user_attrs["budgetrl.invocations"]) == 1  # resumed, not a new invocation
+
+def test_kill_driver_and_resume(tmp_path, tiny_model):
+    """SIGKILL the sweep driver and its local Ray while trial 1 trains (trial 0 finished), run the same
+    command again: the invocation resumes, trial 0 is not run again, and trial 1 continues as the same
+    Optuna trial under its own run name, from its run's last state, in the same run directory and MLflow
+    run, every step logged once; the study ends with both trials COMPLETE (no duplicate, none lost)."""
+    import optuna
     from mlflow import MlflowClient
 
+    steps = 4
+    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.steps=")]
+    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1,
+                        base_overrides=[*base, f"trainer.steps={steps}", "trainer.state_every=1"])
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(path), "resources.ray_num_cpus=4"]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
+    run_dir = tmp_path / "out" / "tiny-t0001"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            # Trial 1 saved a state (so trial 0, one at a time, has told the study): kill the driver.
+            # Only a file is polled: trial 1 finishes seconds after its first state.
+            while time.time() < deadline:
+                if _state_step(run_dir) >= 1:
+                    break
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"trial 1 saved no state in time: {_study_states(storage)}")
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert dict(_study_states(storage)) == {0: "COMPLETE", 1: "RUNNING"}
+
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    trials = study.get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert trials[1].user_attrs["budgetrl.interruptions"] == 1 and "budgetrl.interruptions" not in trials[0].user_attrs
+    assert [len(t.user_attrs["budgetrl.attempts"]) for t in trials] == [1, 2]  # trial 0 ran once
+    attempts = trials[1].user_attrs["budgetrl.attempts"]
+    assert trials[1].user_attrs["budgetrl.metrics"]["wall_seconds"] == pytest.approx(sum(a["seconds"] for a in attempts))
+    assert [i["status"] for i in study.user_attrs["budgetrl.invocations"]] == ["finished"]  # resumed, not a new one
+    assert "trial 1 was interrupted; it continues first" in rerun.stdout
+
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    killed_run = interrupted[0].user_attrs.get("budgetrl.run_name")
-    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id],
-                              filter_string=f"attributes.run_name = '{killed_run}'")
-    assert [r.info.status for r in runs] == ["KILLED"]
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["sweep-tiny-001", "tiny-t0000", "tiny-t0001"]
+    (run,) = [r for r in runs if r.info.run_name == "tiny-t0001"]
+    assert run.info.status == "FINISHED" and run.info.run_id == trials[1].user_attrs["budgetrl.run_id"]
+    assert run.data.tags["budgetrl.interruptions"] == "1" and run.data.tags["budgetrl.trial"] == "1"
+    assert int(run.data.tags["budgetrl.resumed_from_step"]) >= 1
+    for key in ("train/reward", "learner/policy_version"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
+    assert json.loads((run_dir / "result.json").read_text())["run_id"] == run.info.run_id
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("tiny")) == [
+        "tiny-t0000", "tiny-t0001"]  # no second run directory
 
 
 # ---------------------------------------------------------------------------------------------
 # Resume bookkeeping on a study alone (no Ray runtime, no training)
 
 
-def test_interrupted_trials_are_retried_first_and_lease_guards_the_study(tmp_path, model_dir):
+def test_interrupted_trials_are_continued_first_and_lease_guards_the_study(tmp_path, model_dir):
     import socket
 
     from optuna.trial import TrialState
@@ -422,22 +408,23 @@ def test_interrupted_trials_are_retried_first_and_lease_guards_the_study(tmp_pat
     assert study.user_attrs["budgetrl.driver"] == {}
 
     logs = []
-    assert sw._interrupted(study, plan, "001", logs.append) == 1
+    assert sw._interrupted(study, plan, "001", logs.append) == [killed.number]
     old = study.get_trials()[killed.number]
-    assert old.state == TrialState.FAIL and old.user_attrs["budgetrl.interrupted"] is True
-    assert sw.invocation_done(study, "001") == 1  # interrupted trials do not count toward the target
-    searcher = sw.make_searcher(study, plan.sweep.space, "001", remaining=2, log=logs.append)
+    assert old.state == TrialState.RUNNING and old.user_attrs["budgetrl.interruptions"] == 1
+    assert sw.invocation_done(study, "001") == 1  # an interrupted trial is still owed
+    searcher = sw.make_searcher(study, plan.sweep.space, "001", remaining=2, log=logs.append,
+                                continued=[killed.number])
     first = searcher.suggest("tune-a")
-    assert first["params"] == killed.params  # the retry comes first, with the same parameters
-    retry = study.get_trials()[first["trial_number"]]
-    assert retry.user_attrs["budgetrl.retry_of"] == killed.number
-    assert searcher.suggest("tune-b")["trial_number"] == first["trial_number"] + 1
+    assert first == {"trial_number": killed.number, "params": killed.params}  # the same trial, first
+    assert len(study.get_trials()) == 2  # nothing new was asked for it
+    second = searcher.suggest("tune-b")
+    assert second["trial_number"] == killed.number + 1
     assert searcher.suggest("tune-c") == "FINISHED"
-    # A trial that Tune stopped (Ctrl-C) stays RUNNING, to be retried; one whose process failed is FAIL.
+    # A trial that Tune stopped (Ctrl-C) stays RUNNING, to be continued; one whose process failed is FAIL.
     searcher.on_trial_complete("tune-b", result={})
-    assert study.get_trials()[first["trial_number"] + 1].state == TrialState.RUNNING
+    assert study.get_trials()[second["trial_number"]].state == TrialState.RUNNING
     searcher.on_trial_complete("tune-a", error=True)
-    assert study.get_trials()[first["trial_number"]].state == TrialState.FAIL
+    assert study.get_trials()[killed.number].state == TrialState.FAIL
 
 
 def test_study_frontier_logged_to_parent(tmp_path, model_dir):
@@ -483,46 +470,86 @@ def test_study_frontier_logged_to_parent(tmp_path, model_dir):
 
 
 def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, tmp_path):
-    """Early stopping through the trainer's on_eval hook (stand-in trainer, real Tune + study + MLflow):
-    the dominated trial is stopped after its first intermediate eval, recorded PRUNED, kept off the front."""
+    """Early stopping through the trainer's own on_eval hook (the real trainer.train, a tiny run of 3
+    steps with an eval after each): two finished trials of an earlier invocation dominate any point at
+    step 1, so the trial is stopped by its step-1 eval, recorded PRUNED and kept off the front."""
     import optuna
+    from mlflow import MlflowClient
 
+    from orchestrator import sweep as sw
+
+    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith(("trainer.steps=",
+                                                                                          "trainer.eval_every="))]
+    path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1,
+                        base_overrides=[*base, "trainer.steps=3", "trainer.eval_every=1"],
+                        early_stopping={"enabled": True, "min_step": 1, "min_peers": 2, "dominated_fraction": 0.5})
+    plan = sw.load_sweep(path)
+    study = sw.open_study(plan, create=True)
+    best = {"accuracy_6x4": 1.0, "mean_tokens_unconstrained": 0.0}  # no real run reaches it
+    for _ in range(2):
+        peer = study.ask(sw.distributions(plan.sweep.space))
+        peer.set_user_attr("budgetrl.evals", {str(s): best for s in range(4)})
+        peer.set_user_attr("budgetrl.metrics", {**best, "mean_tokens_6x4": 0.0, "cost": 0.01})
+        study.tell(peer.number, [1.0, 0.0])
+    result = sw.run_sweep(path, plan=plan, log=lambda *_: None)
+    trials = optuna.load_study(study_name="tiny", storage=result.storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = trials[2]
+    assert pruned.user_attrs["budgetrl.pruned_at"] == 1
+    # The trainer's evals before training and after step 1 reached the trial; none after the stop.
+    evals = pruned.user_attrs["budgetrl.evals"]
+    assert sorted(evals) == ["0", "1"] and 0.0 < evals["1"]["mean_tokens_unconstrained"] <= 16.0
+    assert result.front == [0, 1] and set(result.trials["state"]) == {"COMPLETE", "PRUNED"}
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(pruned.user_attrs["budgetrl.run_id"])
+    assert run.data.tags["budgetrl.pruned"] == "true" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert run.data.tags["budgetrl.stopped_at_step"] == "1"  # the trainer stopped where on_eval said
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/reward")] == [1]
+
+
+def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_path):
+    """Tune retries a trial whose first attempt raised (retries: 1): the retry completes the trial, and
+    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one."""
+    import optuna
+    from mlflow import MlflowClient
+
+    from orchestrator.cost import CostModel, run_cost
     from orchestrator.sweep import run_sweep
 
-    def fake_train(cfg, log=print, on_eval=None):
+    first_s, second_s = 3.0, 0.5
+
+    def flaky_train(cfg, log=print):
         from types import SimpleNamespace
 
         from orchestrator import tracking
 
-        n = int(cfg.trainer.run_name.rsplit("-t", 1)[1])
-        acc, tok = [(0.9, 5.0), (0.8, 6.0), (0.1, 9.0)][n]
+        marker = Path(cfg.trainer.output_dir) / f"{cfg.trainer.run_name}.attempted"
+        if not marker.exists():  # the first attempt works a while, then raises: Tune retries the trial
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("1")
+            time.sleep(first_s)
+            raise RuntimeError("first attempt fails")
         t = tracking.Tracker.start(cfg.tracking.tracking_uri, cfg.tracking.experiment, run_name=cfg.trainer.run_name,
                                    parent_run_id=cfg.tracking.parent_run_id, tags=cfg.tracking.tags)
         with t:
-            rows = [{"budget_label": b, "accuracy": acc, "mean_tokens": tok, "mean_thinking_tokens": 1.0,
+            time.sleep(second_s)
+            rows = [{"budget_label": b, "accuracy": 0.5, "mean_tokens": 5.0, "mean_thinking_tokens": 1.0,
                      "truncation_rate": 0.0} for b in ("6x4", "unconstrained")]
-            step = 0
-            for step in range(cfg.trainer.steps + 1):
-                t.log_metrics({"eval/6x4/accuracy": acc, "eval/6x4/mean_tokens": tok}, step=step)
-                if on_eval(step, rows) and step < cfg.trainer.steps:
-                    break
-        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=step)
+        return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
 
-    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.")]
-    base += ["trainer.steps=2", "trainer.eval_every=1", f"trainer.output_dir={tmp_path / 'out'}"]
-    path = _write_sweep(tmp_path, tiny_model, num_trials=3, max_concurrency=1, base_overrides=base,
-                        early_stopping={"enabled": True, "min_step": 1, "min_peers": 2, "dominated_fraction": 0.5})
-    result = run_sweep(path, train_fn=fake_train, log=lambda *_: None)
+    path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1, retries=1,
+                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"}])
+    result = run_sweep(path, train_fn=flaky_train, log=lambda *_: None)
     study = optuna.load_study(study_name="tiny", storage=result.storage)
-    trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert trials[2].user_attrs["budgetrl.pruned_at"] == 1
-    assert sorted(trials[2].user_attrs["budgetrl.evals"]) == ["0", "1"]  # no eval after the stop
-    assert sorted(trials[0].user_attrs["budgetrl.evals"]) == ["0", "1", "2"]
-    assert result.front == [0]
-    assert set(result.trials["state"]) == {"COMPLETE", "PRUNED"}
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.get_run(trials[2].user_attrs["budgetrl.run_id"])
-    assert run.data.tags["budgetrl.pruned"] == "true" and run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    (trial,) = study.get_trials()
+    assert trial.state.name == "COMPLETE", trial.user_attrs.get("budgetrl.error")
+    attempts = trial.user_attrs["budgetrl.attempts"]
+    assert len(attempts) == 2 and attempts[0]["seconds"] >= first_s and attempts[1]["seconds"] >= second_s
+    wall = trial.user_attrs["budgetrl.metrics"]["wall_seconds"]
+    assert wall == pytest.approx(sum(a["seconds"] for a in attempts)) and wall >= first_s + second_s
+    cfg = load_config(QUICKSTART, _tiny_base_overrides(tmp_path, tiny_model))
+    cost = run_cost(cfg, wall, CostModel(), extra_cpus=0.1)["cost/total"]
+    assert trial.values[1] == pytest.approx(cost) and cost > 0
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trial.user_attrs["budgetrl.run_id"])
+    assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
+    assert run.data.metrics["cost/total"] == pytest.approx(cost) == run.data.metrics["sweep/cost"]
