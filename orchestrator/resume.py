@@ -118,6 +118,14 @@ def write_state(out_dir: str | os.PathLike, save_learner: Callable[[str], object
     return final
 
 
+def how_to_continue(out_dir: str | os.PathLike) -> str:
+    """What a run that stopped for a missing resource keeps, and how to continue it."""
+    state = latest_state(out_dir)
+    kept = f"its state (step {read_state(state)['step']}) is kept in {state}" if state is not None else \
+        "it has no saved state yet"
+    return f"{kept}: run the same command again once the nodes are there and it continues"
+
+
 def remove_state(out_dir: str | os.PathLike) -> None:
     """A finished run needs no state: its ``checkpoint/`` holds the weights (optimizer moments are large)."""
     out = Path(out_dir)

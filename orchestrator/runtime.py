@@ -315,6 +315,17 @@ def placement_of(pg, roles: list[str]) -> dict:
     return out
 
 
+def describe_placement(placement: dict) -> str:
+    """One line: each node (short id and labels) with the actors it holds."""
+    by_node: dict[str, list[str]] = {}
+    for role, nodes in placement.items():
+        for i, n in enumerate(nodes):
+            labels = ", ".join(f"{k}={v}" for k, v in sorted((n.get("labels") or {}).items()))
+            node = f"node {(n.get('node_id') or 'unplaced')[:8]}" + (f" ({labels})" if labels else "")
+            by_node.setdefault(node, []).append(f"{role} {i}")
+    return "; ".join(f"{node}: {', '.join(who)}" for node, who in by_node.items())
+
+
 def describe_unplaced(pg, roles: list[str], waited_s: float) -> str:
     """Which actors have no node, what each asks for, and what the live nodes offer."""
     table = ray.util.placement_group_table(pg)

@@ -38,7 +38,7 @@ from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
 from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
-from .runtime import NodeUnavailable, WorkerGroup, init_ray
+from .runtime import NodeUnavailable, WorkerGroup, describe_placement, init_ray
 from .warmstart import prepare_start_checkpoint
 
 
@@ -56,11 +56,6 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None  # the step a resumed run continued from
     restarts: int = 0  # actors replaced after crashes
-
-
-def _node_label(node: dict) -> str:
-    labels = ", ".join(f"{k}={v}" for k, v in sorted((node.get("labels") or {}).items()))
-    return f"node {(node.get('node_id') or 'unplaced')[:8]}" + (f" ({labels})" if labels else "")
 
 
 def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
@@ -271,7 +266,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
         try:
             group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}")
         except NodeUnavailable as exc:
-            raise _stopped_for_nodes(exc, out_dir) from None
+            raise NodeUnavailable(f"{exc}. The run stopped; {resume.how_to_continue(out_dir)}") from None
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
             with pool_cm as pool:
@@ -279,20 +274,11 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
                            log, on_eval, start, curriculum)
                 result = run.execute(state_path)
         except NodeUnavailable as exc:
-            raise _stopped_for_nodes(exc, out_dir) from None
+            raise NodeUnavailable(f"{exc}. The run stopped; {resume.how_to_continue(out_dir)}") from None
         finally:
             group.shutdown()
         result.run_id = tracker.run_id
         return result
-
-
-def _stopped_for_nodes(exc: NodeUnavailable, out_dir: Path) -> NodeUnavailable:
-    """The error a run stops with when nodes are missing, saying how to continue it."""
-    state = resume.latest_state(out_dir)
-    kept = (f"its state (step {resume.read_state(state)['step']}) is kept in {state}" if state is not None
-            else "it has no saved state yet")
-    return NodeUnavailable(f"{exc}. The run stopped; {kept}: run the same command again once the nodes are there "
-                           "and it continues")
 
 
 @dataclass
@@ -424,11 +410,7 @@ class _Run:
         """Which node holds each actor, at the start and after every re-placement: logged, and written to
         ``OUTPUT/RUN/placement.json`` (and result.json, MLflow's ``placement.json`` at the end)."""
         self.placement = self.group.placement()
-        by_node: dict[str, list[str]] = {}
-        for role, nodes in self.placement.items():
-            for i, n in enumerate(nodes):
-                by_node.setdefault(_node_label(n), []).append(f"{role} {i}")
-        self.log(f"placement ({why}): " + "; ".join(f"{node}: {', '.join(who)}" for node, who in by_node.items()))
+        self.log(f"placement ({why}): {describe_placement(self.placement)}")
         tmp = self.out_dir / "placement.json.tmp"
         tmp.write_text(json.dumps(self.placement, indent=1))
         tmp.replace(self.out_dir / "placement.json")
