@@ -70,8 +70,14 @@ def _vllm_reload(worker, payload, inplace: bool = True) -> str:
 
 
 class VllmEngine:
-    """vLLM ``LLM`` in this process. On CPU the in-process engine (no engine subprocess) starts in
-    seconds and takes weights as tensors directly; on GPU the default multiprocess engine is used."""
+    """vLLM ``LLM`` built in this process. ``multiprocess`` (``rollout.vllm.multiprocess``, serve's
+    ``model.vllm.multiprocess``; default False) picks where vLLM's engine runs, on CPU and GPU alike:
+    False keeps it in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), which
+    starts in seconds and takes weights as tensors; True leaves vLLM its engine subprocess, and synced
+    weights travel to it as safetensors bytes. The device sets only the rest: on GPU
+    ``gpu_memory_utilization`` and per-request seeds; on CPU whole-batch prefills, ``max_num_seqs``
+    1024 when unset, and the in-place weight load. ``configs/gpu/deepscaler-1.5b.yaml`` sets
+    ``multiprocess: true``."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
