@@ -309,37 +309,65 @@ def _state_step(run_dir: Path) -> int:
         return -1
 
 
-def test_kill_driver_and_resume(tmp_path, tiny_model):
-    """SIGKILL the sweep driver and its local Ray while trial 1 trains (trial 0 finished), run the same
-    command again: the invocation resumes, trial 0 is not run again, and trial 1 continues as the same
-    Optuna trial under its own run name, from its run's last state, in the same run directory and MLflow
-    run, every step logged once; the study ends with both trials COMPLETE (no duplicate, none lost)."""
+def _trial_pids(root) -> list[int]:
+    """Processes of Tune trials under the sweep driver (Ray names them after the trainable)."""
+    pids = []
+    for p in root.children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except Exception:  # noqa: BLE001 - a process that just ended
+            continue
+        if cmd.startswith("ray::") and ("run_trial" in cmd or "ImplicitFunc" in cmd):
+            pids.append(p.pid)
+    return pids
+
+
+def _wait_for(cond, proc, timeout: float, what: str, log: Path, storage: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:  # only files are polled: a trial finishes seconds after its first state
+        value = cond()
+        if value:
+            return value
+        assert proc.poll() is None, f"the sweep exited while waiting for {what}: {log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}: {_study_states(storage)}")
+
+
+def test_killed_trial_is_retried_then_killed_driver_resumes(tmp_path, tiny_model):
+    """Two faults of one sweep (retries: 1, one trial at a time). Trial 0's process SIGKILLed mid-run:
+    Tune retries it, the retry continues the trial's own run from its state, and its cost counts both
+    attempts. Then the driver and its local Ray SIGKILLed while trial 1 trains; the same command again:
+    the invocation resumes, trial 0 is not run again, trial 1 continues as the same Optuna trial under its
+    own run name, from its run's last state, in the same run directory and MLflow run. Every step of
+    every run logged once; the study ends with both trials COMPLETE (no duplicate, none lost)."""
     import optuna
+    import psutil
     from mlflow import MlflowClient
+
+    from orchestrator.config import load_config
+    from orchestrator.cost import CostModel, run_cost
+    from orchestrator.sweep_attempts import HEARTBEAT_S
 
     steps = 4
     base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.steps=")]
-    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1,
-                        base_overrides=[*base, f"trainer.steps={steps}", "trainer.state_every=1"])
+    base += [f"trainer.steps={steps}", "trainer.state_every=1"]
+    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1, retries=1, base_overrides=base)
     command = [sys.executable, "-m", "orchestrator", "sweep", str(path), "resources.ray_num_cpus=4"]
     env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
     storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
-    run_dir = tmp_path / "out" / "tiny-t0001"
-    with open(tmp_path / "first.log", "w") as log:
+    dirs = [tmp_path / "out" / f"tiny-t000{i}" for i in (0, 1)]
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            deadline = time.time() + 400
-            # Trial 1 saved a state (so trial 0, one at a time, has told the study): kill the driver.
-            # Only a file is polled: trial 1 finishes seconds after its first state.
-            while time.time() < deadline:
-                if _state_step(run_dir) >= 1:
-                    break
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                time.sleep(0.1)
-            else:
-                pytest.fail(f"trial 1 saved no state in time: {_study_states(storage)}")
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
+            root = psutil.Process(proc.pid)
+            _wait_for(lambda: _state_step(dirs[0]) >= 1, proc, 400, "trial 0's first state", first_log, storage)
+            pids = _wait_for(lambda: _trial_pids(root), proc, 30, "trial 0's process", first_log, storage)
+            os.kill(pids[0], signal.SIGKILL)  # the trial's process dies mid-run: Tune retries it
+            killed_at = time.time()
+            _wait_for(lambda: _state_step(dirs[1]) >= 1, proc, 400, "trial 1's first state", first_log, storage)
+            os.killpg(proc.pid, signal.SIGKILL)  # then the driver and the local Ray runtime it started
             proc.wait(30)
         finally:
             if proc.poll() is None:
@@ -352,22 +380,31 @@ def test_kill_driver_and_resume(tmp_path, tiny_model):
     trials = study.get_trials()
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     assert trials[1].user_attrs["budgetrl.interruptions"] == 1 and "budgetrl.interruptions" not in trials[0].user_attrs
-    assert [len(t.user_attrs["budgetrl.attempts"]) for t in trials] == [1, 2]  # trial 0 ran once
-    attempts = trials[1].user_attrs["budgetrl.attempts"]
-    assert trials[1].user_attrs["budgetrl.metrics"]["wall_seconds"] == pytest.approx(sum(a["seconds"] for a in attempts))
+    assert [len(t.user_attrs["budgetrl.attempts"]) for t in trials] == [2, 2]  # trial 0 not run a third time
     assert [i["status"] for i in study.user_attrs["budgetrl.invocations"]] == ["finished"]  # resumed, not a new one
     assert "trial 1 was interrupted; it continues first" in rerun.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["sweep-tiny-001", "tiny-t0000", "tiny-t0001"]
-    (run,) = [r for r in runs if r.info.run_name == "tiny-t0001"]
-    assert run.info.status == "FINISHED" and run.info.run_id == trials[1].user_attrs["budgetrl.run_id"]
-    assert run.data.tags["budgetrl.interruptions"] == "1" and run.data.tags["budgetrl.trial"] == "1"
-    assert int(run.data.tags["budgetrl.resumed_from_step"]) >= 1
-    for key in ("train/reward", "learner/policy_version"):
-        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
-    assert json.loads((run_dir / "result.json").read_text())["run_id"] == run.info.run_id
+    for trial, run_dir in zip(trials, dirs):
+        (run,) = [r for r in runs if r.info.run_name == run_dir.name]
+        assert run.info.status == "FINISHED" and run.info.run_id == trial.user_attrs["budgetrl.run_id"]
+        assert int(run.data.tags["budgetrl.resumed_from_step"]) >= 1 and run.data.tags["budgetrl.trial"] == str(trial.number)
+        for key in ("train/reward", "learner/policy_version"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
+        assert json.loads((run_dir / "result.json").read_text())["run_id"] == run.info.run_id
+        # The trial's cost counts every attempt (the killed one up to its last heartbeat) and is the run's.
+        attempts = trial.user_attrs["budgetrl.attempts"]
+        wall = trial.user_attrs["budgetrl.metrics"]["wall_seconds"]
+        assert wall == pytest.approx(sum(a["seconds"] for a in attempts))
+        assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
+        cost = run_cost(load_config(QUICKSTART, base), wall, CostModel(), extra_cpus=0.1)
+        assert run.data.metrics["cost/total"] == pytest.approx(cost["cost/total"]) and cost["cost/total"] > 0
+    assert runs[[r.info.run_name for r in runs].index("tiny-t0001")].data.tags["budgetrl.interruptions"] == "1"
+    first, second = trials[0].user_attrs["budgetrl.attempts"]
+    assert first["start"] <= (dirs[0] / "config.yaml").stat().st_mtime  # the first attempt wrote the run's config
+    assert first["start"] + first["seconds"] >= killed_at - HEARTBEAT_S - 1 and second["start"] >= killed_at
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("tiny")) == [
         "tiny-t0000", "tiny-t0001"]  # no second run directory
 
