@@ -169,9 +169,11 @@ class HFEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, num_threads: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..devices import actor_device
+
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device()  # cuda:N from Ray's assignment, else the CPU
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(dtype), use_safetensors=True)
         self.model.to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_path)
