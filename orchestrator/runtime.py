@@ -79,7 +79,8 @@ class WorkerGroup:
                                  multiprocess=r.vllm.multiprocess, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
                                  enable_prefix_caching=r.vllm.enable_prefix_caching, max_num_seqs=r.vllm.max_num_seqs,
                                  budget_forcing=r.vllm.budget_forcing,
-                                 inplace_reload=r.vllm.inplace_reload)
+                                 inplace_reload=r.vllm.inplace_reload,
+                                 tensor_parallel_size=r.vllm.tensor_parallel_size)
         env = dict(VLLM_CPU_ENV)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.vllm.kv_cache_gib))))
         if r.vllm.multiprocess:

@@ -1,5 +1,6 @@
-"""orchestrator/devices.py: an actor's torch device from Ray's GPU assignment. No GPU here: the torch
-call a learner rank makes (``torch.cuda.set_device``) is checked through the index parser it calls."""
+"""orchestrator/devices.py: an actor's torch device from Ray's GPU assignment, and the per-device rules
+that resolve ``auto`` settings. No GPU here: the device facts are passed in, and the torch call a
+learner rank makes (``torch.cuda.set_device``) is checked through the index parser it calls."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ import pytest
 import torch
 from torch.cuda._utils import _get_device_index  # what torch.cuda.set_device calls first
 
-from orchestrator.devices import actor_device, cuda_index
+from orchestrator.devices import (
+    RULES,
+    DeviceFacts,
+    Rule,
+    actor_device,
+    cuda_index,
+    describe,
+    dtype_error,
+    resolve,
+    resolve_shared,
+)
 
 # ---------------------------------------------------------------------------------- the actor's device
 
@@ -90,3 +101,70 @@ def test_cuda_index_under_real_ray():
     assert len(one["ids"]) == 1 and one["visible"] == one["ids"][0] and one["index"] == 0
     assert len(two["ids"]) == 2 and sorted(two["visible"].split(",")) == sorted(two["ids"]) and two["index"] == 0
     assert not set(one["ids"]) & set(two["ids"])  # distinct physical GPUs, both cuda:0 to their process
+
+
+# ------------------------------------------------------------------------------------- auto resolution
+
+CPU = DeviceFacts.of(0)
+GPU = DeviceFacts.of(1)
+GPU_NO_BF16 = DeviceFacts("cuda", 1, bf16=False)
+HALF_GPU = DeviceFacts.of(0.5)
+
+
+@pytest.mark.parametrize("setting, facts, value", [
+    ("dtype", CPU, "float32"),
+    ("dtype", GPU, "bfloat16"),
+    ("dtype", DeviceFacts("cuda", 1, bf16=True), "bfloat16"),
+    ("dtype", GPU_NO_BF16, "float32"),
+    ("enforce_eager", CPU, True),
+    ("enforce_eager", GPU, False),
+    ("enforce_eager", HALF_GPU, False),
+    ("gpu_memory_utilization", CPU, 0.5),
+    ("gpu_memory_utilization", GPU, 0.85),
+    ("gpu_memory_utilization", DeviceFacts.of(2), 0.85),
+    ("gpu_memory_utilization", HALF_GPU, 0.425),
+])
+def test_rules_per_device(setting, facts, value):
+    res = resolve(setting, facts, key=f"x.{setting}")
+    assert res.value == value and type(res.value) is type(value)
+    assert res.key == f"x.{setting}" and res.why
+
+
+def test_cpu_rules_are_todays_values():
+    """The CPU must keep the values it had before `auto`: the quickstart reproduces bit for bit."""
+    assert [resolve(s, CPU).value for s in ("dtype", "enforce_eager", "gpu_memory_utilization")] == \
+        ["float32", True, 0.5]
+    assert "as before" in resolve("dtype", CPU).why
+
+
+def test_shared_dtype_when_roles_disagree():
+    both = resolve_shared("dtype", {"rollout": GPU, "learner": GPU}, "model.dtype")
+    assert both.value == "bfloat16" and "CUDA" in both.why
+    mixed = resolve_shared("dtype", {"rollout": GPU, "learner": CPU}, "model.dtype")
+    assert mixed.value == "float32"
+    assert "rollout on cuda wants bfloat16" in mixed.why and "learner on cpu wants float32" in mixed.why
+
+
+def test_a_rule_table_extends_by_one_row():
+    """A later rule (bf16 on CPUs with AVX-512 BF16) is one row above the CPU row, with a new fact."""
+    avx512_bf16 = DeviceFacts("cpu", 0, bf16=True)
+    rules = dict(RULES, dtype=(*RULES["dtype"][:-1],
+                               Rule(lambda f: f.kind == "cpu" and f.bf16, "bfloat16", "CPU with AVX-512 BF16"),
+                               RULES["dtype"][-1]))
+    assert resolve("dtype", avx512_bf16, rules=rules).value == "bfloat16"
+    assert resolve("dtype", CPU, rules=rules).value == "float32"  # CPUs without it unchanged
+    assert resolve("dtype", GPU, rules=rules).value == "bfloat16"
+
+
+def test_describe_is_yaml_comments():
+    text = describe([resolve("enforce_eager", GPU, "rollout.vllm.enforce_eager")])
+    assert all(line.startswith("#") for line in text.splitlines())
+    assert "rollout.vllm.enforce_eager: false  # GPU" in text
+    assert describe([]) == ""
+
+
+def test_dtype_checked_on_the_worker():
+    assert "model.dtype='bfloat16'" in dtype_error("bfloat16", "cuda", bf16_supported=False)
+    assert dtype_error("bfloat16", "cuda", bf16_supported=True) is None
+    assert dtype_error("float32", "cuda", bf16_supported=False) is None
+    assert dtype_error("bfloat16", "cpu", bf16_supported=False) is None  # CPUs run bf16 (slowly or not)
