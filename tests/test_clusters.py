@@ -534,3 +534,17 @@ def test_placement_check_finds_misfits():
     assert any("learner rank 0" in p and "no group" in p for p in problems("learner.cpus_per_worker=64"))
     assert any("rollout worker 0" in p and "no group" in p for p in problems("rollout.resources.rollout_gpu=9"))
     assert quantity("500m") == 0.5 and quantity("256Gi") == 256 * 2**30
+
+
+def test_readme_dockerfile_has_what_triton_needs():
+    """Triton compiles C launchers against Python.h when a kernel first runs: the image needs a C
+    compiler and the Python headers (a CUDA runtime image has neither)."""
+    text = (CLUSTERS / "README.md").read_text()
+    blocks = re.findall(r"```dockerfile\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "clusters/README.md should hold one Dockerfile"
+    lines = " ".join(line.strip().rstrip("\\") for line in blocks[0].splitlines() if not line.strip().startswith("#"))
+    image = re.search(r"FROM\s+(\S+)", lines).group(1)
+    installed = set(re.findall(r"[\w.+-]+", " ".join(re.findall(r"apt-get install ([^&]*)", lines))))
+    assert "-devel" in image or installed & {"build-essential", "gcc", "clang"}, f"{image}: no C compiler"
+    assert "python3-dev" in installed or re.search(r"python3\.\d+-dev", " ".join(installed)), "no Python headers"
+    assert "pip install --no-cache-dir -e '.[gpu]'" in lines

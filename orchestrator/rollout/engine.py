@@ -78,6 +78,7 @@ class VllmEngine:
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
                  budget_forcing: bool = True, inplace_reload: bool = True, tensor_parallel_size: int = 1):
         from ..devices import actor_device, check_dtype
+        from .vllm_version import require_supported_vllm
 
         on_gpu = torch.cuda.is_available()
         check_dtype(dtype, actor_device())
@@ -86,6 +87,7 @@ class VllmEngine:
         self.multiprocess = multiprocess
         if not multiprocess:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        require_supported_vllm()  # an older vLLM fails here, naming the release needed
         from vllm import LLM
 
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
