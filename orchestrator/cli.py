@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, load_config, to_yaml
+from .config import ConfigError, load_config_explained, to_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, resolved = load_config_explained(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    if args.command == "show-config":
-        print(to_yaml(cfg), end="")
+    if args.command == "show-config":  # the YAML, then what each `auto` became and why (as comments)
+        from .devices import describe
+
+        print(to_yaml(cfg) + describe(resolved), end="")
         return 0
     if args.command == "train":
         from .tracking import TrackingError

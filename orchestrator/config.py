@@ -17,6 +17,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from . import devices
 from .cost import CostModel
 
 
@@ -42,7 +43,9 @@ class ModelConfig:
     path: str = MISSING
     build_tiny_if_missing: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto | float32 | bfloat16 | float16. auto: bfloat16 when rollout and learner are on GPUs, float32 on
+    # CPUs (orchestrator/devices.py; show-config prints what it became and why).
+    dtype: str = "auto"
     # How a task prompt becomes model input. "{prompt}" is replaced; use chat_template for chat models.
     prompt_template: str = "<s>{prompt}<think>"
     chat_template: bool = False
@@ -78,9 +81,14 @@ class BudgetConfig:
 @dataclass
 class VllmConfig:
     kv_cache_gib: float = 1.0
-    enforce_eager: bool = True
+    # auto: false on GPU (CUDA graphs and compilation), true on CPU (orchestrator/devices.py).
+    enforce_eager: bool | str = "auto"
     multiprocess: bool = False  # in-process engine: faster start and weight sync on CPU
-    gpu_memory_utilization: float = 0.5
+    # Fraction of each GPU for the engine. auto: 0.85 with whole GPUs per rollout worker, 0.85 x the share
+    # of a fractional one; ignored on CPU (kv_cache_gib sizes the cache there).
+    gpu_memory_utilization: float | int | str = "auto"  # int too: OmegaConf does not widen 1 in a union
+    # GPUs one engine shards the model over (1 <= it <= rollout.gpus_per_worker; 1 on CPU).
+    tensor_parallel_size: int = 1
     enable_prefix_caching: bool = True
     # Requests decoded together. 0: vLLM's default on GPU; 1024 on CPU, where vLLM's default (256) splits a
     # 512-sample rollout batch into two waves (docs/performance.md, section 1).
@@ -314,14 +322,33 @@ def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
                 check_paths: bool = True) -> Config:
-    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance).
+    """YAML file + dotted ``key=value`` overrides -> validated ``Config`` (dataclass instance), with
+    every ``auto`` value resolved for the devices the config names.
 
     ``check_paths=False`` skips the existence checks of model and data paths (for validating a
     cluster config on a machine that does not hold the cluster's files)."""
+    return load_config_explained(path, overrides, check_paths=check_paths)[0]
+
+
+def load_config_explained(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), *,
+                          check_paths: bool = True) -> tuple[Config, list[devices.Resolution]]:
+    """``load_config`` and what each ``auto`` value became, with the reason (``show-config`` prints them)."""
     obj = merge_structured(Config, path, overrides, aliases=ALIASES)
     resolve_durable_paths(obj)
     validate(obj, check_paths=check_paths)
-    return obj
+    return obj, resolve_auto(obj)
+
+
+def resolve_auto(cfg: Config) -> list[devices.Resolution]:
+    """Replace ``auto`` values by their meaning on the config's devices (a GPU count > 0 means CUDA),
+    in the driver before any actor starts; on CPUs they are the values used before ``auto`` existed."""
+    rollout = devices.DeviceFacts.of(cfg.rollout.gpus_per_worker)
+    out = []
+    if cfg.model.dtype == devices.AUTO:  # one dtype: weights move between the learner and the engines
+        roles = {"rollout": rollout, "learner": devices.DeviceFacts.of(cfg.learner.gpus_per_worker)}
+        out.append(devices.resolve_shared("dtype", roles, "model.dtype"))
+        cfg.model.dtype = out[-1].value
+    return out + devices.resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
 
 
 def durable_output(value: str, key: str) -> str:
@@ -390,8 +417,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
     if check_paths and not m.build_tiny_if_missing and not Path(m.path).exists():
         bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model there)")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad("model.dtype", m.dtype, "must be one of auto, float32, bfloat16, float16")
     if "{prompt}" not in m.prompt_template and not m.chat_template:
         bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
     positive("model.max_model_len", m.max_model_len)
@@ -412,6 +439,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         bad("rollout.top_p", r.top_p, "must be in (0, 1]")
     positive("rollout.vllm.kv_cache_gib", r.vllm.kv_cache_gib)
     non_negative("rollout.vllm.max_num_seqs", r.vllm.max_num_seqs)
+    validate_vllm(r.vllm, "rollout.vllm", r.gpus_per_worker, "rollout.gpus_per_worker")
 
     positive("reward.timeout_s", cfg.reward.timeout_s)
     non_negative("reward.num_workers", cfg.reward.num_workers)
@@ -500,6 +528,21 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if longest >= m.max_model_len:
         bad("model.max_model_len", m.max_model_len,
             f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
+
+
+def validate_vllm(v: VllmConfig, prefix: str, gpus: float, gpus_key: str) -> None:
+    """The vLLM settings that may be ``auto`` or depend on the GPUs one engine gets (training and serving)."""
+    if not (v.enforce_eager == devices.AUTO or isinstance(v.enforce_eager, bool)):
+        raise ConfigError(f"{prefix}.enforce_eager={v.enforce_eager!r}: must be true, false or auto")
+    g = v.gpu_memory_utilization
+    if g != devices.AUTO and (isinstance(g, (bool, str)) or not 0 < g <= 1):
+        raise ConfigError(f"{prefix}.gpu_memory_utilization={g!r}: must be auto or a fraction in (0, 1]")
+    tp = v.tensor_parallel_size
+    if tp < 1:
+        raise ConfigError(f"{prefix}.tensor_parallel_size={tp!r}: must be >= 1")
+    if tp > gpus and tp > 1:
+        raise ConfigError(f"{prefix}.tensor_parallel_size={tp!r}: an engine shards over that many GPUs but gets "
+                          f"{gpus_key}={gpus:g}; raise {gpus_key} to {tp} or lower the tensor parallel size")
 
 
 def to_dict(cfg: Config) -> dict:

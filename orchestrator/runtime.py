@@ -50,6 +50,17 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
             ray.shutdown()
 
 
+def placement_bundles(cfg: Config, *, learner: bool = True) -> list[tuple[str, dict[str, float]]]:
+    """(role, bundle) of every actor of a run, in placement-group order: rollout workers, then learner
+    ranks. A bundle holds the actor's CPUs, GPUs and custom resources (zeros left out)."""
+    r, le = cfg.rollout, cfg.learner
+    out = [(f"rollout worker {i}", {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources})
+           for i in range(r.num_workers)]
+    out += [(f"learner rank {i}", {"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources})
+            for i in range(le.num_workers if learner else 0)]
+    return [(role, {k: v for k, v in b.items() if v} or {"CPU": 0.01}) for role, b in out]
+
+
 class WorkerGroup:
     """Rollout workers and the learner of one run, placed together."""
 
@@ -59,13 +70,10 @@ class WorkerGroup:
         the actor that made them) is removed first, so the retry gets its resources back."""
         from .rollout.worker import RolloutWorker
 
-        r, le = cfg.rollout, cfg.learner
-        bundles = [{"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources} for _ in range(r.num_workers)]
-        bundles += [{"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources}
-                    for _ in range(le.num_workers if learner else 0)]
-        bundles = [{k: v for k, v in b.items() if v} or {"CPU": 0.01} for b in bundles]
-        self.roles = [f"rollout worker {i}" for i in range(r.num_workers)]
-        self.roles += [f"learner rank {i}" for i in range(le.num_workers if learner else 0)]
+        r = cfg.rollout
+        placed = placement_bundles(cfg, learner=learner)
+        bundles = [b for _, b in placed]
+        self.roles = [role for role, _ in placed]
         self.node_wait_s = cfg.trainer.node_wait_s
         if name:
             _remove_stale_placement_group(name)
@@ -79,7 +87,8 @@ class WorkerGroup:
                                  multiprocess=r.vllm.multiprocess, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
                                  enable_prefix_caching=r.vllm.enable_prefix_caching, max_num_seqs=r.vllm.max_num_seqs,
                                  budget_forcing=r.vllm.budget_forcing,
-                                 inplace_reload=r.vllm.inplace_reload)
+                                 inplace_reload=r.vllm.inplace_reload,
+                                 tensor_parallel_size=r.vllm.tensor_parallel_size)
         env = dict(VLLM_CPU_ENV)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.vllm.kv_cache_gib))))
         if r.vllm.multiprocess:

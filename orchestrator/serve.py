@@ -139,7 +139,7 @@ class BudgetedServer:
                                  enforce_eager=m.vllm.enforce_eager, multiprocess=m.vllm.multiprocess,
                                  gpu_memory_utilization=m.vllm.gpu_memory_utilization,
                                  enable_prefix_caching=m.vllm.enable_prefix_caching, max_num_seqs=m.vllm.max_num_seqs,
-                                 budget_forcing=m.vllm.budget_forcing)
+                                 budget_forcing=m.vllm.budget_forcing, tensor_parallel_size=m.vllm.tensor_parallel_size)
         self.worker = RolloutWorker(model_dir, engine=m.engine, prompt_template=m.prompt_template,
                                     chat_template=m.chat_template, think_end=m.think_end,
                                     engine_kwargs=engine_kwargs)

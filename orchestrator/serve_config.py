@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-from . import registry
-from .config import ConfigError, RayConfig, VllmConfig, merge_structured
+from . import devices, registry
+from .config import ConfigError, RayConfig, VllmConfig, merge_structured, validate_vllm
 
 # The context of a model whose config.json names a longer one, unless model.max_model_len says otherwise:
 # vLLM reserves KV cache for one full-length sequence, so a 128k-context model would not start by default.
@@ -133,6 +133,7 @@ def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None
     """Reject impossible values (naming key and value); fill in absolute paths, served names, and the
     context and budget limits left unset (from the checkpoint's config.json when ``check_paths``)."""
     _check_fields(cfg)
+    devices.resolve_vllm(cfg.model.vllm, devices.DeviceFacts.of(cfg.deployment.gpus_per_replica), "model.vllm")
     conf = _check_target(cfg, check_paths)
     _fit_context(cfg, conf)
     _check_budgets(cfg)
@@ -181,6 +182,7 @@ def _check_fields(cfg: ServeConfig) -> None:
         _positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
     _non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
     _non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
+    validate_vllm(m.vllm, "model.vllm", d.gpus_per_replica, "deployment.gpus_per_replica")
     _positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
     _positive("deployment.max_batch_size", d.max_batch_size)
     _non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)

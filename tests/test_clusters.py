@@ -399,3 +399,152 @@ def test_command_names_existing_config(where, command, config, overrides, comple
         from orchestrator.sweep import load_sweep
 
         load_sweep(path, overrides)  # validates the sweep and its base config; creates nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU configs against the RayCluster's node groups: placement as the run asks for it
+
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)([a-zA-Z]*)$")
+_UNITS = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+          "Ti": 2**40}
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity ("32", "500m", "256Gi") as a number."""
+    m = _QUANTITY.match(str(value))
+    assert m and m.group(2) in _UNITS, f"not a quantity: {value!r}"
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def pod_resources(group: dict) -> dict[str, float]:
+    """What one pod of a group offers Ray as KubeRay starts it: CPUs, GPUs and memory from the first
+    container's limits (``rayStartParams`` win), and the group's custom resources."""
+    limits = group["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+    params = group.get("rayStartParams", {})
+    out = {"CPU": quantity(params.get("num-cpus", limits.get("cpu", 0))),
+           "GPU": quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+           "memory": quantity(params.get("memory", limits.get("memory", 0)))}
+    out.update({k: quantity(v) for k, v in (group.get("resources") or {}).items()})
+    return out
+
+
+def _fits(bundle: dict, pod: dict) -> bool:
+    return all(v <= pod.get(k, 0) + 1e-9 for k, v in bundle.items())
+
+
+def _packs(bundles: list[dict], pod: dict, pods: int) -> bool:
+    """First-fit decreasing of ``bundles`` into ``pods`` pods of ``pod`` (exact for equal bundles)."""
+    free = [dict(pod) for _ in range(pods)]
+    for b in sorted(bundles, key=lambda b: (b.get("GPU", 0), b.get("CPU", 0)), reverse=True):
+        slot = next((f for f in free if _fits(b, f)), None)
+        if slot is None:
+            return False
+        for k, v in b.items():
+            slot[k] -= v
+    return True
+
+
+def placement_problems(cfg, cluster: dict) -> list[str]:
+    """Why the run's placement group does not fit the RayCluster's groups as declared: each rollout
+    worker must fit one pod of the rollout group only, each learner rank one pod of the learner group
+    only (never the head, never the other group), and all of a role's bundles must pack into that
+    group's maxReplicas pods."""
+    from orchestrator.runtime import placement_bundles
+
+    spec = cluster["spec"]
+    groups = {g["labels"]["budgetrl.io/role"]: g for g in spec["workerGroupSpecs"]}
+    pods = {role: pod_resources(g) for role, g in groups.items()}
+    pods["head"] = pod_resources(spec["headGroupSpec"])
+    problems, by_role = [], {role: [] for role in groups}
+    for name, bundle in placement_bundles(cfg):
+        role = name.split()[0]
+        where = sorted(r for r, pod in pods.items() if _fits(bundle, pod))
+        if where != [role]:
+            problems.append(f"{name} {bundle} fits {where or 'no group'}, not the {role} group alone")
+        by_role[role].append(bundle)
+    for role, bundles in by_role.items():
+        n = groups[role].get("maxReplicas", groups[role].get("replicas", 1))
+        if not _packs(bundles, pods[role], n):
+            problems.append(f"{len(bundles)} {role} bundles do not fit {n} pod(s) of {pods[role]}")
+    return problems
+
+
+def _gpu_configs() -> list[tuple[str, object]]:
+    """Every shipped GPU run: configs/gpu/*.yaml and the stages of workload configs built on them."""
+    from orchestrator.config import load_config
+    from workloads.elastic.recipe import _stage_configs, load
+
+    out = [(f"gpu/{p.name}", load_config(p, check_paths=False))
+           for p in sorted((ROOT / "configs" / "gpu").glob("*.yaml"))]
+    elastic = ROOT / "configs" / "elastic" / "deepscaler-1.5b.yaml"
+    out += [(f"elastic/{elastic.name}:{stage}", c)
+            for stage, c in _stage_configs(load(str(elastic)), check_paths=False).items()]
+    return out
+
+
+GPU_CONFIGS = _gpu_configs()
+
+
+def test_every_gpu_workload_config_is_checked():
+    """A workload config whose base is a GPU config must be in GPU_CONFIGS (else its placement goes
+    unchecked)."""
+    checked = {name.split(":")[0] for name, _ in GPU_CONFIGS}
+    for path in sorted((ROOT / "configs").glob("*/*.yaml")):
+        base = (_load_yaml(path) or {}).get("base", "") if path.parent.name != "gpu" else ""
+        if isinstance(base, str) and base.startswith("configs/gpu/"):
+            assert f"{path.parent.name}/{path.name}" in checked, f"{path} builds on {base}: add it to _gpu_configs"
+    assert {"gpu/deepscaler-1.5b.yaml", "gpu/deepscaler-7b.yaml"} <= checked
+
+
+@pytest.mark.parametrize("name,cfg", GPU_CONFIGS, ids=[n for n, _ in GPU_CONFIGS])
+def test_gpu_config_fits_the_raycluster(name, cfg):
+    cluster = _raycluster()
+    problems = placement_problems(cfg, cluster)
+    assert not problems, f"configs/{name} vs clusters/raycluster-gpu.yaml:\n" + "\n".join(problems)
+    # what the actors read and write lives on the volume every pod mounts
+    mounts = {m["name"]: m["mountPath"] for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+              for m in g["template"]["spec"]["containers"][0]["volumeMounts"]}
+    for key, value in (("model.path", cfg.model.path), ("data.path", cfg.data.path),
+                       ("data.eval_path", cfg.data.eval_path), ("trainer.output_dir", cfg.trainer.output_dir)):
+        assert value is None or value.startswith(mounts["shared"] + "/"), f"configs/{name}: {key}={value} is not under " \
+                                                                           f"{mounts['shared']}"
+    # `auto` resolved for these GPUs
+    assert cfg.model.dtype == "bfloat16" and cfg.rollout.vllm.enforce_eager is False
+    assert cfg.rollout.vllm.gpu_memory_utilization == 0.85
+
+
+def test_placement_check_finds_misfits():
+    """The checker fails what the manifests cannot hold: bundles that would land on either group, more
+    GPUs than maxReplicas pods hold, a rank larger than any pod."""
+    from orchestrator.config import load_config
+
+    cluster, path = _raycluster(), ROOT / "configs" / "gpu" / "deepscaler-1.5b.yaml"
+
+    def problems(*overrides, unsteered=False):
+        cfg = load_config(path, list(overrides), check_paths=False)
+        if unsteered:  # no custom resources (an override cannot remove a key)
+            cfg.rollout.resources, cfg.learner.resources = {}, {}
+        return placement_problems(cfg, cluster)
+
+    assert problems() == []
+    unsteered = problems(unsteered=True)
+    assert any("learner rank 0" in p and "['learner', 'rollout']" in p for p in unsteered), unsteered
+    assert any("rollout bundles do not fit 4 pod(s)" in p for p in problems("rollout.num_workers=33"))
+    assert any("learner rank 0" in p and "no group" in p for p in problems("learner.cpus_per_worker=64"))
+    assert any("rollout worker 0" in p and "no group" in p for p in problems("rollout.resources.rollout_gpu=9"))
+    assert quantity("500m") == 0.5 and quantity("256Gi") == 256 * 2**30
+
+
+def test_readme_dockerfile_has_what_triton_needs():
+    """Triton compiles C launchers against Python.h when a kernel first runs: the image needs a C
+    compiler and the Python headers (a CUDA runtime image has neither)."""
+    text = (CLUSTERS / "README.md").read_text()
+    blocks = re.findall(r"```dockerfile\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "clusters/README.md should hold one Dockerfile"
+    lines = " ".join(line.strip().rstrip("\\") for line in blocks[0].splitlines() if not line.strip().startswith("#"))
+    image = re.search(r"FROM\s+(\S+)", lines).group(1)
+    installed = set(re.findall(r"[\w.+-]+", " ".join(re.findall(r"apt-get install ([^&]*)", lines))))
+    assert "-devel" in image or installed & {"build-essential", "gcc", "clang"}, f"{image}: no C compiler"
+    assert "python3-dev" in installed or re.search(r"python3\.\d+-dev", " ".join(installed)), "no Python headers"
+    assert "pip install --no-cache-dir -e '.[gpu]'" in lines

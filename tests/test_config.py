@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,13 @@ def cfg_file(tmp_path):
     # k1 as a loss term has zero expected gradient: refused, naming what to use instead
     ("algorithm.kl_estimator=k1", "algorithm.kl_estimator='k1': as a loss term"),
     ("algorithm.kl_estimator=k1", "use k2 or k3"),
+    ("model.dtype=int8", "model.dtype='int8'"),
+    ("rollout.vllm.enforce_eager=maybe", "rollout.vllm.enforce_eager='maybe'"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization=1.5"),
+    ("rollout.vllm.gpu_memory_utilization=most", "rollout.vllm.gpu_memory_utilization='most'"),
+    ("rollout.vllm.tensor_parallel_size=0", "rollout.vllm.tensor_parallel_size=0"),
+    # sharding needs GPUs: on CPU (gpus_per_worker 0) any size > 1 is refused, naming both keys
+    ("rollout.vllm.tensor_parallel_size=2", "rollout.gpus_per_worker=0"),
 ])
 def test_bad_values_name_key_and_value(cfg_file, override, expected):
     with pytest.raises(ConfigError) as info:
@@ -120,3 +128,60 @@ def test_eval_and_serve_never_build_a_model(tmp_path, command, existing_dir):
     # nothing written: no model, no mlflow.db, no out/
     assert sorted(p.name for p in tmp_path.iterdir()) == (["outputs"] if existing_dir else [])
     assert list(ckpt.iterdir()) == [] if existing_dir else not ckpt.exists()
+
+
+# ---------------------------------------------------------------------------- auto values (devices.py)
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+GPU_15B = Path(__file__).resolve().parents[1] / "configs" / "gpu" / "deepscaler-1.5b.yaml"
+
+
+def test_cpu_config_resolves_to_todays_values():
+    """The quickstart (CPU) gets exactly the values it ran with before `auto` existed."""
+    from orchestrator.config import load_config_explained
+
+    cfg, resolved = load_config_explained(QUICKSTART)
+    v = cfg.rollout.vllm
+    assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization, v.tensor_parallel_size) == \
+        ("float32", True, 0.5, 1)
+    assert {r.key for r in resolved} == {"model.dtype", "rollout.vllm.enforce_eager",
+                                         "rollout.vllm.gpu_memory_utilization"}
+
+
+def test_gpu_config_resolves_for_gpus():
+    from orchestrator.config import load_config_explained
+
+    cfg, resolved = load_config_explained(GPU_15B, check_paths=False)
+    v = cfg.rollout.vllm
+    assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization) == ("bfloat16", False, 0.85)
+    assert all(r.why for r in resolved)
+    # explicit values win and are not reported as resolved
+    cfg, resolved = load_config_explained(GPU_15B, ["model.dtype=float32", "rollout.vllm.enforce_eager=true",
+                                                    "rollout.vllm.gpu_memory_utilization=0.6"], check_paths=False)
+    assert (cfg.model.dtype, cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.gpu_memory_utilization) == \
+        ("float32", True, 0.6)
+    assert resolved == []
+    # a rollout worker sharing its GPU gets 0.85 of its share; a learner on CPUs makes the dtype float32
+    cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "learner.gpus_per_worker=0"], check_paths=False)
+    assert cfg.rollout.vllm.gpu_memory_utilization == 0.425 and cfg.model.dtype == "float32"
+
+
+def test_tensor_parallel_size_fits_the_workers_gpus():
+    cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=2", "rollout.vllm.tensor_parallel_size=2"], check_paths=False)
+    assert cfg.rollout.vllm.tensor_parallel_size == 2
+    with pytest.raises(ConfigError, match=r"rollout.vllm.tensor_parallel_size=4: .*rollout.gpus_per_worker=2"):
+        load_config(GPU_15B, ["rollout.gpus_per_worker=2", "rollout.vllm.tensor_parallel_size=4"], check_paths=False)
+
+
+def test_show_config_prints_what_auto_became():
+    import yaml
+
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "show-config", str(QUICKSTART),
+                           "rollout.gpus_per_worker=1", "learner.gpus_per_worker=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shown = yaml.safe_load(proc.stdout)  # still one YAML document: the reasons are comments
+    assert shown["model"]["dtype"] == "bfloat16" and shown["rollout"]["vllm"]["enforce_eager"] is False
+    comments = [line for line in proc.stdout.splitlines() if line.startswith("#   ")]
+    assert any(line.startswith('#   model.dtype: "bfloat16"  # CUDA GPU') for line in comments), comments
+    assert any(line.startswith("#   rollout.vllm.gpu_memory_utilization: 0.85  #") for line in comments), comments

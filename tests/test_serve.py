@@ -64,6 +64,19 @@ def test_config_errors_name_key_and_value(tiny_model, override, message):
     assert message in str(err.value)
 
 
+def test_config_resolves_engine_settings_per_replica_device(tiny_model):
+    """Serving shares the rollout engine's settings: `auto` follows deployment.gpus_per_replica."""
+    from orchestrator.serve import load_serve_config
+
+    v = load_serve_config(CONFIG, [], target=tiny_model).model.vllm
+    assert (v.enforce_eager, v.gpu_memory_utilization) == (True, 0.5)  # CPU: as before
+    v = load_serve_config(CONFIG, ["deployment.gpus_per_replica=1"], target=tiny_model).model.vllm
+    assert (v.enforce_eager, v.gpu_memory_utilization) == (False, 0.85)
+    with pytest.raises(ConfigError, match="model.vllm.tensor_parallel_size=2: .*deployment.gpus_per_replica=1"):
+        load_serve_config(CONFIG, ["deployment.gpus_per_replica=1", "model.vllm.tensor_parallel_size=2"],
+                          target=tiny_model)
+
+
 def test_config_target_checks(tmp_path, tiny_model, store):
     from orchestrator.serve import config_warnings, load_serve_config
 

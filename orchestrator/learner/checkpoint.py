@@ -38,10 +38,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """ "auto" means the first CUDA device when there is one, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """ "auto" (or a bare "cuda"): this actor's GPU with its index (``cuda:0`` under Ray, which renumbers
+    an actor's GPUs from 0), else the CPU; ``torch.cuda.set_device`` refuses a device without an index."""
+    from orchestrator.devices import actor_device
+
+    return actor_device(str(device))
 
 
 def load_policy(model_path: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):

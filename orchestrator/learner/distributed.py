@@ -48,6 +48,8 @@ def init_process_group(init_method: str, rank: int, world_size: int, device: tor
     if dist.is_initialized():
         return
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device raises "Expected a torch.device with a specified index"
+            raise ValueError(f"device {device}: a rank needs its GPU's index (orchestrator.devices.actor_device)")
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,

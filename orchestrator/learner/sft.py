@@ -259,7 +259,10 @@ def sft_train(
     _validate(
         examples, steps, batch_size, lr, warmup_steps, schedule, weight_decay, dtype, log_every, num_threads
     )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not device:
+        from orchestrator.devices import actor_device
+
+        device = str(actor_device())  # cuda:N from Ray's assignment, else the CPU
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import torch
 
 from orchestrator import weight_sync
+from orchestrator.devices import check_dtype
 from orchestrator.learner import distributed as dist
 from orchestrator.learner.checkpoint import (
     LEARNER_STATE,
@@ -201,6 +202,8 @@ class Learner:
         # One permutation stream shared by all ranks: they must agree on every mini-batch.
         self._rng = np.random.default_rng(seed)
         self.device = resolve_device(device)
+        # A bf16 run on a GPU without bf16 fails here, naming model.dtype.
+        check_dtype(str(self.compute_dtype).removeprefix("torch."), self.device)
         self.rank, self.world_size = rank, world_size
         self.strategy = dist.resolve_strategy(strategy, self.device, world_size)
         self.sharded = self.strategy == "fsdp"

@@ -82,18 +82,24 @@ class VllmEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
                  kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
-                 budget_forcing: bool = True, inplace_reload: bool = True):
+                 budget_forcing: bool = True, inplace_reload: bool = True, tensor_parallel_size: int = 1):
+        from ..devices import actor_device, check_dtype
+        from .vllm_version import require_supported_vllm
+
         on_gpu = torch.cuda.is_available()
+        check_dtype(dtype, actor_device())
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         self.multiprocess = multiprocess
         if not multiprocess:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        require_supported_vllm()  # an older vLLM fails here, naming the release needed
         from vllm import LLM
 
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                      enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching)
-        if not multiprocess:
+                      enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
+                      tensor_parallel_size=tensor_parallel_size)
+        if not multiprocess and tensor_parallel_size == 1:  # several shards need vLLM's worker processes
             kwargs["distributed_executor_backend"] = "uni"
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
@@ -175,9 +181,12 @@ class HFEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0, num_threads: int = 0, **_):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..devices import actor_device, check_dtype
+
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = actor_device()  # cuda:N from Ray's assignment, else the CPU
+        check_dtype(dtype, self.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_dtype(dtype), use_safetensors=True)
         self.model.to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_path)

@@ -1,0 +1,196 @@
+"""Devices: the torch device an actor computes on, and what ``auto`` config values mean on each kind.
+
+Two uses of the same facts, kept together so they cannot drift apart:
+
+- ``actor_device`` (on the worker): under Ray a GPU actor sees its GPU(s) through ``CUDA_VISIBLE_DEVICES``
+  renumbered from 0, so its device is ``cuda:0``, not the bare ``cuda`` that ``torch.cuda.set_device``
+  refuses. ``check_dtype`` (also on the worker) refuses a dtype the device cannot run.
+- ``resolve`` (in the driver, before any actor starts): each ``auto`` setting has a rule table, one row
+  per device kind, first match wins; every resolution carries the reason shown by ``show-config``.
+  The driver knows a role's devices only from the config: a GPU count > 0 means CUDA. Whether that GPU
+  has bf16 is known only on the worker, so the CUDA row assumes it (every data-center GPU since Ampere,
+  compute capability 8.0, has it), the run gets one dtype that MLflow, the config hash and a resume see,
+  and ``check_dtype`` fails a worker at start, naming ``model.dtype``, on a GPU without it. Resolving on
+  each worker instead could give the learner and the engines different dtypes and hide the value from
+  the run's record.
+
+Adding a rule (say bf16 on CPUs with AVX-512 BF16): add the fact to ``DeviceFacts`` and a row above the
+CPU row of ``RULES["dtype"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+AUTO = "auto"
+# Of a GPU's memory, what vLLM may take for weights, activations and KV cache; the rest is for CUDA
+# graphs, NCCL buffers and fragmentation (vLLM's own default is 0.9 with nothing else on the GPU).
+GPU_MEMORY_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What is known about the devices of one role (rollout workers or learner ranks)."""
+
+    kind: str  # "cuda" | "cpu"
+    gpus: float = 0.0  # GPUs per actor (Ray's num_gpus; a fraction shares one GPU)
+    bf16: bool | None = None  # None: unknown here (the driver cannot see a worker's GPU)
+
+    @classmethod
+    def of(cls, gpus_per_worker: float) -> DeviceFacts:
+        """The driver's view: a GPU count > 0 means CUDA."""
+        return cls("cuda" if gpus_per_worker > 0 else "cpu", float(gpus_per_worker))
+
+
+@dataclass(frozen=True)
+class Rule:
+    when: Callable[[DeviceFacts], bool]
+    value: Any  # or a function of the facts
+    why: str  # formatted with the facts' fields: {kind}, {gpus}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    key: str
+    value: Any
+    why: str
+
+
+def _cuda(f: DeviceFacts) -> bool:
+    return f.kind == "cuda"
+
+
+def _any(f: DeviceFacts) -> bool:
+    return True
+
+
+RULES: dict[str, tuple[Rule, ...]] = {
+    "dtype": (
+        Rule(lambda f: _cuda(f) and f.bf16 is not False, "bfloat16",
+             "CUDA GPU: bf16 (assumed in the driver: every GPU since Ampere, compute capability 8.0, has it; "
+             "a worker on a GPU without it fails at start)"),
+        Rule(_cuda, "float32", "CUDA GPU without bf16: float32 (the learner does not train in float16, "
+                               "which needs loss scaling)"),
+        Rule(_any, "float32", "CPU: float32, as before"),
+    ),
+    "enforce_eager": (
+        Rule(_cuda, False, "GPU: CUDA graphs and compilation on (eager decode is bound by kernel launches)"),
+        Rule(_any, True, "CPU: eager, as before (compiling costs more start-up than it saves, "
+                         "notes/vllm-on-cpu.md)"),
+    ),
+    "gpu_memory_utilization": (
+        Rule(lambda f: _cuda(f) and f.gpus >= 1, GPU_MEMORY_SHARE,
+             "rollout has its own GPU(s): 0.85 of each for the engine, the rest for CUDA graphs and NCCL"),
+        Rule(_cuda, lambda f: round(GPU_MEMORY_SHARE * f.gpus, 3),
+             "rollout shares a GPU ({gpus} of one): 0.85 x its share (vLLM's fraction is per engine)"),
+        Rule(_any, 0.5, "CPU: ignored (rollout.vllm.kv_cache_gib sizes the KV cache); 0.5 as before"),
+    ),
+}
+
+
+def resolve(setting: str, facts: DeviceFacts, key: str | None = None,
+            rules: Mapping[str, Sequence[Rule]] = RULES) -> Resolution:
+    """The first rule of ``rules[setting]`` that matches ``facts``."""
+    for rule in rules[setting]:
+        if rule.when(facts):
+            value = rule.value(facts) if callable(rule.value) else rule.value
+            return Resolution(key or setting, value, rule.why.format(kind=facts.kind, gpus=f"{facts.gpus:g}"))
+    raise LookupError(f"{setting}: no rule matches {facts}")
+
+
+def resolve_shared(setting: str, roles: Mapping[str, DeviceFacts], key: str,
+                   rules: Mapping[str, Sequence[Rule]] = RULES) -> Resolution:
+    """One value for several roles (the model dtype: weights move between learner and engines).
+    Roles that disagree get float32, which every device runs."""
+    picks = {role: resolve(setting, facts, key, rules) for role, facts in roles.items()}
+    if len({r.value for r in picks.values()}) == 1:
+        return next(iter(picks.values()))
+    each = ", ".join(f"{role} on {roles[role].kind} wants {r.value}" for role, r in picks.items())
+    return Resolution(key, "float32", f"roles disagree ({each}): float32, which both run; set {key} to choose")
+
+
+def resolve_vllm(vllm_cfg, facts: DeviceFacts, prefix: str) -> list[Resolution]:
+    """Replace the ``auto`` fields of a ``VllmConfig`` for an engine on ``facts``; what was resolved."""
+    out = []
+    for name in ("enforce_eager", "gpu_memory_utilization"):
+        if getattr(vllm_cfg, name) == AUTO:
+            res = resolve(name, facts, f"{prefix}.{name}")
+            setattr(vllm_cfg, name, res.value)
+            out.append(res)
+    return out
+
+
+def describe(resolutions: Sequence[Resolution]) -> str:
+    """YAML comment lines: what each ``auto`` became and why (``show-config`` appends them)."""
+    if not resolutions:
+        return ""
+    lines = ["# auto values, resolved for the devices the config names (orchestrator/devices.py):"]
+    lines += [f"#   {r.key}: {json.dumps(r.value)}  # {r.why}" for r in resolutions]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ worker side
+
+
+def cuda_index(gpu_ids: Sequence[int | str], visible_devices: str | None) -> int:
+    """The torch index of an actor's first GPU.
+
+    ``gpu_ids``: what ``ray.get_gpu_ids()`` returns (ids in the node's numbering; empty outside a GPU
+    actor). Ray sets ``CUDA_VISIBLE_DEVICES`` to them, so torch numbers them from 0 in that order; with
+    ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES`` it leaves the variable alone and the id is the index.
+    """
+    if not gpu_ids:
+        return 0  # no Ray assignment: the first visible GPU, what a bare "cuda" meant
+    ids = [str(i) for i in gpu_ids]
+    if not visible_devices:
+        try:
+            return min(int(i) for i in ids)
+        except ValueError:
+            raise RuntimeError(f"Ray assigned GPUs {ids} but CUDA_VISIBLE_DEVICES is not set") from None
+    visible = [v.strip() for v in visible_devices.split(",")]
+    positions = [visible.index(i) for i in ids if i in visible]
+    if not positions:
+        raise RuntimeError(f"Ray assigned GPUs {ids}, which CUDA_VISIBLE_DEVICES={visible_devices!r} does not list")
+    return min(positions)
+
+
+def actor_device(requested: str = AUTO):
+    """The torch device of this process: ``cuda:N`` from Ray's assignment when CUDA is available
+    (``auto``, or a bare ``cuda``), else the CPU; an explicit ``cuda:N`` or ``cpu`` as given."""
+    import torch
+
+    requested = str(requested)
+    if requested not in (AUTO, "cuda"):
+        return torch.device(requested)
+    if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
+        return torch.device("cpu")
+    ray = sys.modules.get("ray")  # a Ray worker has it imported; a bare process (learner_mfu.py) may lack Ray
+    gpu_ids = ray.get_gpu_ids() if ray is not None and ray.is_initialized() else []
+    return torch.device("cuda", cuda_index(gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+def dtype_error(dtype: str, device_kind: str, bf16_supported: bool) -> str | None:
+    """Why ``dtype`` cannot run on this device, or None."""
+    if device_kind == "cuda" and dtype == "bfloat16" and not bf16_supported:
+        return ("model.dtype='bfloat16': this GPU has no bf16 (compute capability < 8.0); "
+                "set model.dtype=float32")
+    return None
+
+
+def check_dtype(dtype: str, device) -> None:
+    """On the worker, before loading a model: refuse a dtype its GPU cannot run (see the module doc)."""
+    if device.type != "cuda":
+        return
+    import torch
+
+    with torch.cuda.device(device):
+        err = dtype_error(dtype, "cuda", torch.cuda.is_bf16_supported(including_emulation=False))
+    if err:
+        raise ValueError(err)
