@@ -79,7 +79,9 @@ class WorkerGroup:
             _remove_stale_placement_group(name)
         self.pg = placement_group(bundles, strategy="PACK", name=name or "")
         if not self.pg.wait(self.node_wait_s):
-            raise NodeUnavailable(describe_unplaced(self.pg, self.roles, self.node_wait_s))
+            why = describe_unplaced(self.pg, self.roles, self.node_wait_s)
+            remove_placement_group(self.pg)  # a pending group would take the nodes when they come
+            raise NodeUnavailable(why)
 
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
         if r.engine == "vllm":
@@ -343,6 +345,13 @@ def describe_unplaced(pg, roles: list[str], waited_s: float) -> str:
     missing = [i for i in range(len(roles)) if i not in placed or placed[i] not in {n["NodeID"] for n in alive}]
     if not missing:
         missing = list(range(len(roles)))  # not created as a whole: every bundle waits
+
+    def fits_a_node(spec: dict) -> bool:
+        return any(all(n.get("Resources", {}).get(k, 0) >= v for k, v in spec.items()) for n in alive)
+
+    # Name the actors no live node could ever hold (a missing resource); if each would fit somewhere
+    # (the nodes are busy or too few together), all that wait.
+    missing = [i for i in missing if not fits_a_node(specs[i])] or missing
     asks = {}
     for i in missing:
         asks.setdefault(json.dumps(specs[i], sort_keys=True), []).append(roles[i])

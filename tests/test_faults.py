@@ -152,3 +152,28 @@ def test_metrics_survive_a_tracking_server_outage(tmp_path):
         tracker.end()
     finally:
         _stop_server(server)
+
+
+def test_a_run_the_cluster_cannot_hold_stops_naming_the_resource(tmp_path, tiny_model, ray_session):
+    """A resource no node offers (a typo, a node group that does not exist): the placement waits
+    ``trainer.node_wait_s``, then the run stops naming each actor, what it needs and what the nodes offer."""
+    from mlflow import MlflowClient
+
+    from orchestrator.runtime import NodeUnavailable
+    from orchestrator.trainer import train
+
+    cfg = _cfg(tmp_path, tiny_model, "rollout.engine=hf", "rollout.resources.rollout_gpux=1", "trainer.node_wait_s=1",
+               "tracking.experiment=unplaceable")
+    t0 = time.monotonic()
+    with pytest.raises(NodeUnavailable, match=r"after waiting 1 s \(trainer\.node_wait_s\): rollout worker 0 needs "
+                                              r"\{\"CPU\": 1\.0, \"rollout_gpux\": 1\.0\}\. Live nodes: 1, offering CPU.*"
+                                              r"it has no saved state yet"):
+        train(cfg, log=lambda *_: None)
+    assert time.monotonic() - t0 < 60
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("unplaceable").experiment_id])
+    assert run.info.status == "FAILED"
+    from ray.util import placement_group_table
+
+    assert not [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"
+                and pg["name"].startswith("budgetrl-run:") and str(tmp_path) in pg["name"]]  # nothing left behind
