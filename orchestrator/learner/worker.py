@@ -39,6 +39,7 @@ from orchestrator.learner.losses import (
     policy_loss,
     token_logprobs,
 )
+from orchestrator.learner.micro_batches import Packed, local_chunks, pack, place
 
 BATCH_COLUMNS = ("prompt_token_ids", "response_token_ids", "loss_mask", "advantage")
 
@@ -55,18 +56,6 @@ class Sequences:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-@dataclass
-class _Packed:
-    """A micro-batch: left-aligned, right-padded ids; token tensors cover shifted columns from ``start``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    start: int
-    resp_col: np.ndarray  # column of each sequence's first response token in the [B, W] token tensors
-    resp_len: np.ndarray
-    width: int
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -440,45 +429,17 @@ class Learner:
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     def _local_chunks(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
-        """This rank's rows of ``idx`` (every world_size-th), as micro-batches of similar length.
+        """This rank's rows of ``idx`` as micro-batches (``micro_batches.local_chunks``)."""
+        return local_chunks(seqs.prompt_len + seqs.resp_len, idx, self.rank, self.world_size,
+                            self.micro_batch_size)
 
-        Every rank gets the same number of chunks (FSDP runs collectives in each forward); a chunk may
-        be empty on some ranks."""
-        local = idx[self.rank :: self.world_size]
-        per_rank = -(-len(idx) // self.world_size)
-        k = max(1, -(-per_rank // self.micro_batch_size))
-        lengths = seqs.prompt_len[local] + seqs.resp_len[local]
-        order = local[np.argsort(lengths, kind="stable")]
-        return np.array_split(order, k)
+    def _pack(self, seqs: Sequences, idx: np.ndarray) -> Packed:
+        return pack(seqs, idx, self.device)
 
-    def _pack(self, seqs: Sequences, idx: np.ndarray) -> _Packed:
-        prompt_len, resp_len = seqs.prompt_len[idx], seqs.resp_len[idx]
-        lengths = prompt_len + resp_len
-        seq_len = int(lengths.max())
-        start = int(prompt_len.min()) - 1  # logits before the first prompt's last token are never needed
-        ids = np.zeros((len(idx), seq_len), dtype=np.int64)  # pad id is irrelevant: masked everywhere
-        attn = np.zeros((len(idx), seq_len), dtype=np.int64)
-        for row, i in enumerate(idx):
-            ids[row, : lengths[row]] = seqs.tokens[i]
-            attn[row, : lengths[row]] = 1
-        return _Packed(
-            input_ids=torch.from_numpy(ids).to(self.device),
-            attention_mask=torch.from_numpy(attn).to(self.device),
-            start=start,
-            resp_col=prompt_len - 1 - start,
-            resp_len=resp_len,
-            width=seq_len - 1 - start,
-        )
+    def _place(self, per_seq: list[np.ndarray], idx: np.ndarray, packed: Packed) -> torch.Tensor:
+        return place(per_seq, idx, packed, self.device)
 
-    def _place(self, per_seq: list[np.ndarray], idx: np.ndarray, packed: _Packed) -> torch.Tensor:
-        """Scatter per-response-token arrays into the micro-batch's ``[B, W]`` token layout."""
-        out = np.zeros((len(idx), packed.width), dtype=np.float32)
-        for row, i in enumerate(idx):
-            col = packed.resp_col[row]
-            out[row, col : col + packed.resp_len[row]] = per_seq[i]
-        return torch.from_numpy(out).to(self.device)
-
-    def _forward(self, model, packed: _Packed, with_entropy: bool = False):
+    def _forward(self, model, packed: Packed, with_entropy: bool = False):
         with self._autocast():
             return token_logprobs(
                 model, packed.input_ids, packed.attention_mask, start=packed.start, with_entropy=with_entropy
