@@ -135,6 +135,7 @@ class Learner:
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 32,
+        micro_batch_tokens: int = 0,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         kl_coef: float = 0.0,
@@ -170,6 +171,8 @@ class Learner:
         ):
             if int(value) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if int(micro_batch_tokens) < 0:
+            raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
         for name, value in (
             ("clip_low", clip_low),
             ("clip_high", clip_high),
@@ -197,6 +200,7 @@ class Learner:
         self._loss_scale = float(world_size) if self.sharded else 1.0
         self.lr, self.grad_clip = float(lr), grad_clip
         self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, ppo_epochs, mini_batches
+        self.micro_batch_tokens = int(micro_batch_tokens)  # > 0: also cap rows x padded length per forward
         self.clip_low, self.clip_high = float(clip_low), float(clip_high)
         self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
         self.lr_warmup_steps = int(lr_warmup_steps)
@@ -431,7 +435,7 @@ class Learner:
     def _local_chunks(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
         """This rank's rows of ``idx`` as micro-batches (``micro_batches.local_chunks``)."""
         return local_chunks(seqs.prompt_len + seqs.resp_len, idx, self.rank, self.world_size,
-                            self.micro_batch_size)
+                            self.micro_batch_size, self.micro_batch_tokens)
 
     def _pack(self, seqs: Sequences, idx: np.ndarray) -> Packed:
         return pack(seqs, idx, self.device)
