@@ -150,6 +150,9 @@ class LearnerConfig:
     # > 0: a micro-batch also keeps rows x its longest row <= this many tokens (activations and logits
     # grow with it); rows are packed by length. 0: rows only (micro_batch_size).
     micro_batch_tokens: int = 0
+    # Recompute each decoder layer's activations in backward instead of keeping them (about a third more
+    # learner compute for a fraction of the activation memory; `plan CONFIG` says when a run needs it).
+    activation_checkpointing: bool = False
     lr_warmup_steps: int = 0
     num_threads: int = 0  # 0: leave torch's default
 

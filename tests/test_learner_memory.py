@@ -82,3 +82,163 @@ def test_token_capped_steps_match_row_steps_with_kl_and_minibatches(model_dir): 
 def test_token_cap_refuses_a_negative_value(model_dir):  # noqa: F811
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         Learner(model_dir, device="cpu", micro_batch_tokens=-1)
+
+
+# ---- activation checkpointing ------------------------------------------------------------------------
+
+
+def saved_activation_bytes(learner: Learner, batch) -> int:
+    """Bytes autograd keeps for backward during one training forward (unique storages), as the hooks see them."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.device.type == "cpu" and not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    seqs = sequences_from_table(batch)
+    packed = learner._pack(seqs, np.arange(len(seqs)))
+    params = {p.untyped_storage().data_ptr() for p in learner.model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        learner._forward(learner.model, packed).sum().backward()
+    learner.model.zero_grad(set_to_none=True)
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def test_checkpointing_keeps_the_gradient_and_drops_the_saved_activations(model_dir):  # noqa: F811
+    batch = make_batch(*random_batch(n=6, seed=8, resp_lengths=(20, 40)))
+    plain = Learner(model_dir, device="cpu", micro_batch_size=2, kl_coef=0.1)
+    ckpt = Learner(model_dir, device="cpu", micro_batch_size=2, kl_coef=0.1, activation_checkpointing=True)
+    # The switch is live (Hugging Face's own checkpointing would do nothing: the learner runs in eval mode).
+    assert saved_activation_bytes(ckpt, batch) < 0.5 * saved_activation_bytes(plain, batch)
+    g_plain, g_ckpt = captured_grads(plain, batch), captured_grads(ckpt, batch)
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_ckpt[name], g, atol=1e-7, rtol=1e-6, msg=name)
+    # The parameter names, hence state dicts and saved optimizer state, do not change.
+    assert [n for n, _ in ckpt.model.named_parameters()] == [n for n, _ in plain.model.named_parameters()]
+    assert set(ckpt.get_weights()) == set(plain.get_weights())
+
+
+def test_checkpointing_under_one_rank_fsdp_in_bf16(model_dir):  # noqa: F811
+    """The GPU recipe's code path on a CPU: FSDP2 (gloo, one rank) with bf16 compute, fp32 masters, a bf16
+    reference, checkpointed layers: the gradient, the second step's loss and KL, and the weights after it equal
+    those without checkpointing."""
+    batch = make_batch(*random_batch(n=6, seed=9))
+    results = []
+    for checkpointing in (False, True):
+        learner = Learner(model_dir, device="cpu", strategy="fsdp", dtype="bfloat16", kl_coef=0.1, lr=1e-3,
+                          micro_batch_size=4, activation_checkpointing=checkpointing)
+        try:
+            assert learner.sharded and learner.world_size == 1
+            assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
+            assert {p.dtype for p in learner.ref_model.parameters()} == {torch.bfloat16}
+            grads = captured_grads(learner, batch)
+            del learner.optimizer.step, learner.optimizer.zero_grad  # back to the real AdamW methods
+            learner.step(batch)
+            results.append((grads, learner.step(batch), learner.get_weights()))  # the second step has a KL
+        finally:
+            learner.shutdown()
+    (g0, m0, w0), (g1, m1, w1) = results
+    assert m0["updates"] == m1["updates"] == 1 and m0["kl"] > 0 and m0["policy_version"] == 2
+    for key in ("loss", "kl", "grad_norm"):
+        assert m1[key] == pytest.approx(m0[key], rel=1e-6, abs=1e-9), key
+    for name, g in g0.items():
+        assert float(g.abs().max()) > 0, name
+        torch.testing.assert_close(g1[name], g, atol=0, rtol=0, msg=name)
+    for name, w in w0.items():
+        torch.testing.assert_close(w1[name], w, atol=0, rtol=0, msg=name)
+
+
+# ---- the policy sharded before it reaches the device; rank 0's weights everywhere -----------------------
+
+
+LEARNER_KW = dict(device="cpu", kl_coef=0.1, lr=1e-2, mini_batches=2, micro_batch_size=3, num_threads=1)
+
+
+def _fsdp_rank(rank: int, paths: list[str], init: str, out: str, batch) -> None:
+    """One rank of a 2-rank gloo FSDP2 group with checkpointed layers, each rank loading its own model copy."""
+    learner = Learner(paths[rank], rank=rank, world_size=2, strategy="fsdp", dist_init=init,
+                      activation_checkpointing=True, **LEARNER_KW)
+    try:
+        start = {n: p.to_local().clone() for n, p in learner.model.named_parameters()}
+        ref = {n: p.to_local().clone() for n, p in learner.ref_model.named_parameters()}
+        metrics = [learner.step(batch) for _ in range(2)]
+        weights = learner.get_weights()  # collective: rank 0 gets the gathered weights
+        torch.save({"start": start, "ref": ref, "metrics": metrics, "weights": weights}, out)
+    finally:
+        learner.shutdown()
+
+
+def test_two_fsdp_ranks_with_checkpointing_start_from_rank_zero_and_match_one_rank(model_dir, tmp_path):  # noqa: F811
+    """Rank 1 reads a different copy of the model (a node with other files): after sharding, its policy and
+    reference shards are rank 0's; two steps with checkpointed layers then match one plain rank's."""
+    import shutil
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file, save_file
+
+    from orchestrator.learner.distributed import local_rendezvous
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    state = load_file(str(other / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"] + 1.0
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    batch = make_batch(*random_batch(n=10, seed=10))
+    outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
+    init, paths = local_rendezvous(), [model_dir, str(other)]
+    procs = [mp.get_context("spawn").Process(target=_fsdp_rank, args=(r, paths, init, outs[r], batch))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    r0, r1 = (torch.load(o) for o in outs)
+    norm = load_file(f"{model_dir}/model.safetensors")["model.norm.weight"]
+    half = norm.shape[0] // 2  # FSDP2 shards dim 0: rank 1 holds the second half
+    torch.testing.assert_close(r1["start"]["model.norm.weight"], norm[half:], atol=0, rtol=0)
+    torch.testing.assert_close(r1["ref"]["model.norm.weight"], norm[half:], atol=0, rtol=0)
+    assert r1["weights"] == {}
+
+    one = Learner(model_dir, **LEARNER_KW)
+    start = one.get_weights()
+    for m1, m2 in zip([one.step(batch) for _ in range(2)], r0["metrics"]):
+        assert m2["updates"] == m1["updates"] == 2 and m2["world_size"] == 2.0
+        for key in ("loss", "kl", "grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-6), key
+    expected = one.get_weights()
+    for name, w in expected.items():  # relative to the update's size, as tests/test_learner_ranks.py does
+        d1, d2 = w - start[name], r0["weights"][name] - start[name]
+        assert float(d1.norm()) > 1e-4, name
+        assert float((d2 - d1).norm() / d1.norm()) < 2e-3, name
+
+
+def test_reference_is_cast_while_copied_never_a_second_fp32_model(model_dir):  # noqa: F811
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.learner.build import frozen_copy
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    n = sum(p.numel() for p in model.parameters())  # the tied embedding once
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        ref = frozen_copy(model, torch.bfloat16)
+    allocated = sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    # bf16 parameters plus small copies of the buffers; a deep copy, then a cast, would allocate 6n bytes
+    assert 2 * n <= allocated <= 2 * n + 2 * buffers + 256, (allocated, 2 * n)
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in ref.parameters())
+    assert ref.lm_head.weight is ref.model.embed_tokens.weight  # tied weights stay tied
+    assert {b.dtype for b in ref.buffers()} == {torch.float32}  # rotary frequencies keep their precision
+    same = frozen_copy(model, torch.float32)  # fp32: a copy, not a view of the trained weights
+    assert same.model.norm.weight.data_ptr() != model.model.norm.weight.data_ptr()
+    torch.testing.assert_close(same.model.norm.weight, model.model.norm.weight, atol=0, rtol=0)
+
+
+def test_learner_config_reaches_the_learner_and_validates():
+    from orchestrator.config import ConfigError, LearnerConfig, load_config
+
+    assert LearnerConfig().activation_checkpointing is False and LearnerConfig().micro_batch_tokens == 0
+    with pytest.raises(ConfigError, match="learner.activation_checkpointing"):
+        load_config(None, ["model.path=x", "learner.activation_checkpointing=maybe"], check_paths=False)

@@ -8,7 +8,6 @@ The model stays in eval mode (no dropout) so the on-policy ratio is exactly 1.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -21,6 +20,7 @@ import torch
 
 from orchestrator import weight_sync
 from orchestrator.learner import distributed as dist
+from orchestrator.learner.build import place_models
 from orchestrator.learner.checkpoint import (
     LEARNER_STATE,
     load_optimizer_state,
@@ -152,6 +152,7 @@ class Learner:
         world_size: int = 1,
         strategy: str = "auto",
         dist_init: str | None = None,
+        activation_checkpointing: bool = False,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -195,6 +196,8 @@ class Learner:
         self.device = resolve_device(device)
         self.rank, self.world_size = rank, world_size
         self.strategy = dist.resolve_strategy(strategy, self.device, world_size)
+        if strategy == "fsdp" and world_size == 1:  # asked for by name: FSDP2's code path on one device
+            self.strategy = "fsdp"
         self.sharded = self.strategy == "fsdp"
         # FSDP averages gradients over ranks; the losses already divide by global counts (SUM semantics).
         self._loss_scale = float(world_size) if self.sharded else 1.0
@@ -205,26 +208,21 @@ class Learner:
         self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
         self.lr_warmup_steps = int(lr_warmup_steps)
         self._version = 0
-        if world_size > 1:
-            dist.init_process_group(dist_init, rank, world_size, self.device)
+        if world_size > 1 or self.sharded:
+            dist.init_process_group(dist_init or dist.local_rendezvous(), rank, world_size, self.device)
 
-        # Master weights fp32 whatever the compute dtype: autocast handles bf16 matmuls.
-        self.model, self.tokenizer = load_policy(model_path, torch.float32, self.device)
+        # Master weights fp32 whatever the compute dtype (autocast or FSDP's mp_policy runs bf16), loaded on
+        # the CPU and sharded or moved from there (learner/build.py); the reference in the compute dtype.
+        self.model, self.tokenizer = load_policy(model_path, torch.float32, "cpu")
         self.model.eval()
         self.architectures = [type(self.model).__name__]
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self._tied = self._tied_output_key()
-        if world_size > 1:
-            dist.broadcast_parameters(self.model)
-        self.ref_model = None
-        if self.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-            if self.compute_dtype != torch.float32:
-                self.ref_model.to(self.compute_dtype)  # never trained: no need for fp32 masters
-        if self.sharded:
-            dist.shard_fsdp(self.model, self.compute_dtype)
-            if self.ref_model is not None:
-                dist.shard_fsdp(self.ref_model, self.compute_dtype)
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.model, self.ref_model = place_models(
+            self.model, device=self.device, sharded=self.sharded, compute_dtype=self.compute_dtype,
+            reference=self.kl_coef > 0, checkpointing=self.activation_checkpointing,
+            world_size=world_size, rank=rank)
         decay, no_decay = [], []
         for p in self.model.parameters():  # parameters() yields a tied weight once
             if p.requires_grad:
