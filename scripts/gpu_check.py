@@ -1,6 +1,7 @@
 """What a first GPU machine has to show for the learner, one line per check: PASS, FAIL or SKIP, with figures.
 
-Needs torch and transformers (with numpy, pyarrow and safetensors, which they bring): no Ray, vLLM or MLflow.
+Needs torch, transformers (which brings numpy and safetensors) and pyarrow (the learner's batches are Arrow
+tables): no Ray, vLLM or MLflow.
 Run from the repository root (``bash scripts/gpu_check.sh`` does); exit status 0 when no check failed.
 
 1. import: ``orchestrator.plan`` loads without Ray, vLLM, MLflow or torch (the sizing command's module).
@@ -159,7 +160,13 @@ def main() -> int:
     args = ap.parse_args()
 
     ok = check_import()
-    import torch
+    try:
+        import pyarrow  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        report("FAIL", "packages", f"{exc}: pip install torch transformers pyarrow")
+        return 1
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
