@@ -343,7 +343,7 @@ def _learner_lines(plan: Plan) -> list[str]:
         _row("activations, no checkpointing", m["activations"]) + off,
         _row("activations, checkpointing per layer", m["activations_checkpointed"]) + on,
         _row("logits (fp32 log-softmax copy, its gradients, one chunk)", m["logits"]),
-        _row("AdamW step (the state above, the reference, one fp32 temporary)", m["optimizer_step"]),
+        _row("AdamW step (state, reference, one fp32 temporary)", m["optimizer_step"]),
         _row(f"total (checkpointing {'on' if s.checkpointing else 'off'})", m["total"],
              f"{verdict} (limit {plan.limit / GiB:.1f} GiB = {HEADROOM:.0%} of {plan.gpu_bytes / GiB:g})"),
     ]

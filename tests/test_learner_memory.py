@@ -242,3 +242,53 @@ def test_learner_config_reaches_the_learner_and_validates():
     assert LearnerConfig().activation_checkpointing is False and LearnerConfig().micro_batch_tokens == 0
     with pytest.raises(ConfigError, match="learner.activation_checkpointing"):
         load_config(None, ["model.path=x", "learner.activation_checkpointing=maybe"], check_paths=False)
+
+
+# ---- the sizing command's activation formula, against what autograd keeps ----------------------------------
+
+
+def _kept_per_layer_and_token(tmp_path, mode: str, padded: bool) -> float:
+    """Bytes autograd keeps for backward per decoder layer and token: (3 layers - 1 layer) / 2 / tokens, with
+    the weights (and their casts, by shape) left out."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    rows, width = 3, 48
+    lengths = [width - (i if padded else 0) for i in range(rows)]
+    batch = make_batch([[5, 6]] * rows, [[7] * (n - 2) for n in lengths], [1.0] * rows)
+    kept = []
+    for layers in (1, 3):
+        path = tmp_path / f"{mode}-{layers}"
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(Qwen2Config(vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(path)
+        learner = Learner(str(path), device="cpu", dtype="float32" if mode == "fp32" else "bfloat16",
+                          strategy="fsdp" if mode == "fsdp" else "auto")
+        try:
+            shapes = {tuple(p.shape) for p in learner.model.parameters()}
+            shapes |= {tuple(p.full_tensor().shape) for p in learner.model.parameters() if hasattr(p, "full_tensor")}
+            shapes |= {s[::-1] for s in shapes}
+            seen: dict[int, int] = {}
+
+            def pack(t, seen=seen, shapes=shapes):
+                if tuple(t.shape) not in shapes:
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            packed = learner._pack(sequences_from_table(batch), np.arange(rows))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                learner._forward(learner.model, packed)
+            kept.append(sum(seen.values()))
+        finally:
+            learner.shutdown()
+    return (kept[1] - kept[0]) / 2 / (rows * width)
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "autocast", "fp32"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "same-length"])
+def test_plan_activation_formula_is_what_autograd_keeps(tmp_path, mode, padded):
+    from orchestrator.plan import LearnerSetup, ModelShape, layer_activation_bytes
+
+    shape = ModelShape(hidden=128, layers=1, heads=4, kv_heads=2, intermediate=256, vocab=200, tied=False)
+    setup = LearnerSetup(sharded=mode == "fsdp", dtype="float32" if mode == "fp32" else "bfloat16", seq_len=48,
+                         padded=padded)
+    assert _kept_per_layer_and_token(tmp_path, mode, padded) == layer_activation_bytes(shape, setup)
