@@ -29,7 +29,11 @@ from orchestrator.learner import distributed as dist
 
 def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of ``model`` with every parameter cast to ``dtype`` and frozen, built without an intermediate
-    full-precision copy (the casts are made first and handed to ``deepcopy``); tied weights stay tied."""
+    full-precision copy (the casts are made first and handed to ``deepcopy``); tied weights stay tied.
+
+    Buffers keep their dtype. The rotary frequencies (``inv_freq``) rounded to bf16, as ``.to(bfloat16)``
+    on the whole model did before, move the reference's rotary angles away from the policy's by up to 2.3
+    radians at position 2000 (Qwen2.5: head 128, theta 1e6)."""
     memo: dict[int, object] = {}
     for p in model.parameters():  # a tied parameter appears once
         memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype=dtype, copy=True), requires_grad=False)
