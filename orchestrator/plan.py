@@ -367,8 +367,9 @@ def _rollout_lines(plan: Plan) -> list[str]:
 
 def format_plan(plan: Plan, title: str = "") -> str:
     sh = plan.shape
+    size = f"{sh.params() / 1e9:.3f}B" if sh.params() >= 1e9 else f"{sh.params() / 1e6:.1f}M"
     lines = [f"plan{': ' + title if title else ''}",
-             f"model: {sh.params() / 1e9:.3f}B parameters ({plan.shape_source}): hidden {sh.hidden}, {sh.layers} "
+             f"model: {size} parameters ({plan.shape_source}): hidden {sh.hidden}, {sh.layers} "
              f"layers, {sh.heads} heads ({sh.kv_heads} KV), FFN {sh.intermediate}, vocabulary {sh.vocab}, "
              f"{'tied' if sh.tied else 'untied'} embeddings",
              ""]
@@ -382,13 +383,14 @@ def format_plan(plan: Plan, title: str = "") -> str:
     else:
         lines.append("rollout: no GPUs declared (rollout.gpus_per_worker=0): nothing to fit")
     fp32 = plan.shape.params() * 4
-    lines += ["", f"weight sync per step: {plan.sync_bytes / GiB:.2f} GiB to each engine in {plan.rollout_dtype}"
-              + (f" (the object-store payload carries the fp32 masters today: {fp32 / GiB:.2f} GiB)"
+    lines += ["", f"weight sync per step: {plan.sync_bytes / GiB:.3g} GiB to each engine in {plan.rollout_dtype}"
+              + (f" (the object-store payload carries the fp32 masters today: {fp32 / GiB:.3g} GiB)"
                  if plan.sync_bytes != fp32 else ""), ""]
     if plan.fits:
         lines.append("verdict: fits the declared GPUs")
     else:
-        fixes = plan.learner_fixes + plan.rollout_fixes
-        lines.append("verdict: DOES NOT FIT; change: " + ("; ".join(fixes) if fixes else
-                     "no single setting found: a GPU with more memory, or a smaller model"))
+        none = "no setting found: a GPU with more memory, or a smaller model"
+        fixes = ([] if plan.learner_fits else plan.learner_fixes or [f"learner: {none}"])
+        fixes += ([] if plan.rollout_fits else plan.rollout_fixes or [f"rollout: {none}"])
+        lines.append("verdict: DOES NOT FIT; change: " + "; ".join(fixes))
     return "\n".join(lines)
