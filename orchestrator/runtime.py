@@ -225,12 +225,12 @@ class LearnerGroup:
                 num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
                 runtime_env={"env_vars": dict(WORKER_ENV)}, scheduling_strategy=placed(i),
             ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
-                     micro_batch_size=le.micro_batch_size, micro_batch_tokens=le.micro_batch_tokens, clip_low=a.clip_low, clip_high=a.clip_high,
+                     micro_batch_size=le.micro_batch_size, clip_low=a.clip_low, clip_high=a.clip_high,
                      kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
                      mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
                      strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init,
-                     activation_checkpointing=le.activation_checkpointing)
+                     micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing)
             for i in range(self.world_size)
         ]
         ray.get([r.version.remote() for r in self.ranks])
