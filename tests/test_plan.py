@@ -162,8 +162,8 @@ def test_plan_command_exit_status_and_lines():
     ok = _plan(GPU_CONFIG, "--shape", "r1-distill-qwen-1.5b", "--gpu-memory-gib", "80")
     assert ok.returncode == 0 and "verdict: fits the declared GPUs" in ok.stdout
     assert "weight sync per step: 3.31 GiB to each engine in bfloat16" in ok.stdout
-    missing = _plan(GPU_CONFIG)  # /models/DeepScaleR-1.5B-Preview is not on this machine
-    assert missing.returncode == 2 and "model.path='/models/DeepScaleR-1.5B-Preview'" in missing.stderr
+    missing = _plan(GPU_CONFIG)  # the config's model is not on this machine
+    assert missing.returncode == 2 and f"model.path={gpu_cfg().model.path!r}" in missing.stderr
     assert "--shape" in missing.stderr
     bad = _plan(GPU_CONFIG, "learner.micro_batch_tokens=-5", "--shape", "qwen2.5-7b")
     assert bad.returncode == 2 and "learner.micro_batch_tokens=-5" in bad.stderr
