@@ -2,7 +2,7 @@
 
 Pure arithmetic over a model's shape (its ``config.json``, or a preset for a path that is not here) and
 the run's config; it imports nothing beyond the standard library, so ``scripts/gpu_check.py`` can compare
-it with a measured peak on a machine that has only torch and transformers.
+it with a measured peak on a GPU machine without Ray, vLLM or MLflow.
 
 What it counts per learner GPU (N = learner ranks when FSDP shards, else 1; c = compute dtype bytes):
 - fp32 master weights 4P/N, fp32 gradients 4P/N, AdamW moments 8P/N (P = parameters);
@@ -22,7 +22,7 @@ What it counts per learner GPU (N = learner ranks when FSDP shards, else 1; c = 
   with checkpointing only each layer's input stays, plus one layer recomputed in backward;
 - logits: the learner's log-softmax keeps an fp32 copy of the micro-batch's logits for backward (4 B per
   token and vocabulary entry), its backward holds c-byte gradients of them, and one log-softmax chunk's
-  temporaries (about 16 B per element of the chunk; chunk = the larger of one row and 64Mi elements).
+  temporaries (about 16 B per element of the chunk: as many rows as fit in 64Mi elements, at least one).
 Per rollout GPU: the weights in the engine's dtype and the KV cache vLLM gets from
 ``gpu_memory_utilization`` (minus a fixed allowance for its activations, CUDA graphs and non-torch memory).
 """
