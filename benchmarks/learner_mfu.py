@@ -15,9 +15,11 @@ Old logprobs are not recomputed (one update per batch), as in the trainer.
 MFU is printed against the device's dense bf16 peak from the spec sheet (``--peak-tflops`` overrides;
 H100/H200 SXM 989) and against a large bf16 matmul measured in the same run (what this device and
 torch reach on one GEMM), so both readings are side by side. On a CPU give ``--peak-tflops`` or read
-tokens/s only.
+tokens/s only. Beside the measured peak GPU memory it prints what ``python -m orchestrator plan`` predicts
+for the same shape and micro-batch (``orchestrator/plan.py``); ``scripts/gpu_check.py`` compares the two.
 
     python benchmarks/learner_mfu.py                                  # qwen2-0.5b shape, bf16, on CUDA
+    python benchmarks/learner_mfu.py --strategy fsdp --activation-checkpointing   # FSDP2 on one GPU
     python benchmarks/learner_mfu.py --shape tiny --device cpu --batch 16 --prompt 16 --response 32 --steps 2
 """
 
@@ -67,6 +69,22 @@ def forward_flops(shape: str, batch: int, prompt: int, response: int) -> float:
     return float(dense + head + attention)
 
 
+def predicted_peak_bytes(args) -> float:
+    """``orchestrator.plan``'s peak for this run: one rank, every row the same length (no padding mask)."""
+    from orchestrator.plan import LearnerSetup, ModelShape, learner_memory
+
+    hidden, layers, heads, kv, ffn, vocab, tied = SHAPES[args.shape]
+    shape = ModelShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate=ffn, vocab=vocab,
+                       tied=tied)
+    seq_len = args.prompt + args.response
+    rows = min(args.micro_batch, args.batch)
+    if args.micro_batch_tokens > 0:
+        rows = max(1, min(rows, args.micro_batch_tokens // seq_len))
+    setup = LearnerSetup(ranks=1, sharded=args.strategy == "fsdp", dtype=args.dtype, reference=args.kl > 0,
+                         checkpointing=args.activation_checkpointing, rows=rows, seq_len=seq_len, padded=False)
+    return learner_memory(shape, setup)["total"]
+
+
 def matmul_tflops(device, dtype, n: int = 8192, repeats: int = 10) -> float:
     """TFLOP/s of an n x n x n matmul in ``dtype``, mean of ``repeats`` after 3 warm-ups."""
     import torch
@@ -103,12 +121,16 @@ def main() -> int:
     ap.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda[:N]")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="peak to report MFU against (0: from the GPU's name)")
     ap.add_argument("--no-matmul", action="store_true", help="skip the measured-matmul reference")
+    ap.add_argument("--strategy", choices=["single", "fsdp"], default="single",
+                    help="single: the model whole, bf16 autocast; fsdp: FSDP2 on one device (mixed precision)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="recompute each decoder layer")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="cap rows x tokens per micro-batch (0: off)")
     args = ap.parse_args()
     for name in ("batch", "micro_batch", "prompt", "response", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.kl < 0 or args.peak_tflops < 0:
-        ap.error("--kl and --peak-tflops must be >= 0")
+    if args.kl < 0 or args.peak_tflops < 0 or args.micro_batch_tokens < 0:
+        ap.error("--kl, --peak-tflops and --micro-batch-tokens must be >= 0")
 
     import numpy as np
     import pyarrow as pa
@@ -118,6 +140,8 @@ def main() -> int:
     from orchestrator.learner.worker import Learner
 
     device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is None:  # a process group (FSDP) needs the device's index
+        device = torch.device("cuda", torch.cuda.current_device())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
     vocab = SHAPES[args.shape][5]
@@ -131,7 +155,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.shape, Path(tmp))
         learner = Learner(str(path), lr=1e-6, kl_coef=args.kl, micro_batch_size=args.micro_batch,
-                          dtype=args.dtype, device=str(device))
+                          dtype=args.dtype, device=str(device), strategy="fsdp" if args.strategy == "fsdp" else "auto",
+                          activation_checkpointing=args.activation_checkpointing,
+                          micro_batch_tokens=args.micro_batch_tokens)
         params = sum(p.numel() for p in learner.model.parameters())
         learner.step(batch)  # warm-up: allocator, kernels, AdamW state
         _sync(device)
@@ -142,6 +168,7 @@ def main() -> int:
             _sync(device)
             times.append(time.perf_counter() - t0)
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        learner.shutdown()  # leaves a one-rank FSDP group
         del learner
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -152,11 +179,13 @@ def main() -> int:
     flops = forward_flops(args.shape, args.batch, args.prompt, args.response) * (3 + (1 if args.kl > 0 else 0))
     achieved = flops / sec / 1e12
     tokens = args.batch * (args.prompt + args.response)
-    print(f"device {name}; shape {args.shape} ({params / 1e6:.1f}M parameters), {args.dtype}; "
+    ckpt = ", activation checkpointing" if args.activation_checkpointing else ""
+    print(f"device {name}; shape {args.shape} ({params / 1e6:.1f}M parameters), {args.dtype}, {args.strategy}{ckpt}; "
           f"{args.batch} sequences x ({args.prompt} + {args.response}) tokens, micro-batch {args.micro_batch}, "
           f"kl {args.kl}; median of {args.steps} steps after a warm-up\n")
-    print(f"{'s/step':>8} {'tokens/s':>10} {'model TFLOP/step':>17} {'TFLOP/s':>9} {'peak GiB':>9}")
-    print(f"{sec:>8.4g} {tokens / sec:>10.0f} {flops / 1e12:>17.4g} {achieved:>9.4g} {peak_mem:>9.1f}")
+    plan = predicted_peak_bytes(args) / 2**30
+    print(f"{'s/step':>8} {'tokens/s':>10} {'model TFLOP/step':>17} {'TFLOP/s':>9} {'peak GiB':>9} {'plan GiB':>9}")
+    print(f"{sec:>8.4g} {tokens / sec:>10.0f} {flops / 1e12:>17.4g} {achieved:>9.4g} {peak_mem:>9.2f} {plan:>9.2f}")
     if measured is not None:
         print(f"measured {args.dtype} matmul on this device: {measured:.4g} TFLOP/s; "
               f"learner / matmul: {achieved / measured:.1%}")

@@ -5,7 +5,7 @@ Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over 
 ``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs),
 ``serve`` (a checkpoint or models:/ URI behind an OpenAI-compatible API with per-request budgets),
 ``workload NAME`` (a method recipe such as ``elastic``), ``analyze`` (reasoning length vs accuracy
-over rollout/eval tables).
+over rollout/eval tables), ``plan`` (GPU memory per learner and rollout device, before a run starts).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .config import ConfigError, load_config_explained, to_yaml
+from .config import ConfigError, load_config, load_config_explained, to_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,8 +107,51 @@ def _frontier(args) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    """``plan CONFIG [key=value ...] [--shape NAME] [--gpu-memory-gib G] [--prompt-tokens N]``: exit 0 when the
+    run fits its GPUs, 1 when it does not (the line says what to change), 2 for a bad config or shape."""
+    from .plan import PRESETS, format_plan, plan_config, shape_from_config_json
+
+    ap = argparse.ArgumentParser(prog="python -m orchestrator plan",
+                                 description="memory per learner and rollout GPU, and whether the run fits")
+    ap.add_argument("config", help="training YAML config")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.num_workers=8")
+    ap.add_argument("--shape", choices=sorted(PRESETS),
+                    help="model shape when model.path has no config.json here (public config.json values)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of each GPU (default 80)")
+    ap.add_argument("--prompt-tokens", type=int, default=256,
+                    help="longest prompt in tokens (training rows are prompt + budgets; default 256)")
+    args = ap.parse_intermixed_args(argv)
+    if args.gpu_memory_gib <= 0 or args.prompt_tokens < 1:
+        ap.error("--gpu-memory-gib must be > 0 and --prompt-tokens >= 1")
+    try:
+        cfg = load_config(args.config, args.overrides, check_paths=False)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    found = Path(cfg.model.path).expanduser() / "config.json"
+    if args.shape:
+        shape, source = PRESETS[args.shape], f"--shape {args.shape}"
+    elif found.is_file():
+        try:
+            shape, source = shape_from_config_json(found), str(found)
+        except (KeyError, ValueError) as exc:
+            print(f"config error: model.path={cfg.model.path!r}: config.json lacks {exc}", file=sys.stderr)
+            return 2
+    else:
+        print(f"config error: model.path={cfg.model.path!r}: no config.json here; give --shape "
+              f"({', '.join(sorted(PRESETS))})", file=sys.stderr)
+        return 2
+    plan = plan_config(cfg, shape, gpu_memory_gib=args.gpu_memory_gib, prompt_tokens=args.prompt_tokens,
+                       shape_source=source)
+    print(format_plan(plan, " ".join([args.config, *args.overrides])))
+    return 0 if plan.fits else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plan"]:  # options may come after the overrides
+        return _plan(argv[1:])
     if argv[:1] == ["serve"]:  # options may come after the overrides (argparse subparsers can't intermix)
         from .serve import cli as serve_cli
 

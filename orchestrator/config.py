@@ -155,6 +155,12 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 32
+    # > 0: a micro-batch also keeps rows x its longest row <= this many tokens (activations and logits
+    # grow with it); rows are packed by length. 0: rows only (micro_batch_size).
+    micro_batch_tokens: int = 0
+    # Recompute each decoder layer's activations in backward instead of keeping them (about a third more
+    # learner compute for a fraction of the activation memory; `plan CONFIG` says when a run needs it).
+    activation_checkpointing: bool = False
     lr_warmup_steps: int = 0
     num_threads: int = 0  # 0: leave torch's default
 
@@ -466,6 +472,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         bad("learner.strategy", le.strategy, "must be auto, ddp or fsdp")
     positive("learner.lr", le.lr)
     positive("learner.micro_batch_size", le.micro_batch_size)
+    non_negative("learner.micro_batch_tokens", le.micro_batch_tokens)
     non_negative("learner.num_threads", le.num_threads)
 
     w = cfg.warmstart

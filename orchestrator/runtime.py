@@ -240,7 +240,8 @@ class LearnerGroup:
                      kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
                      mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
-                     strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init)
+                     strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init,
+                     micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing)
             for i in range(self.world_size)
         ]
         ray.get([r.version.remote() for r in self.ranks])

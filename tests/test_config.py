@@ -31,6 +31,7 @@ def cfg_file(tmp_path):
     ("trainer.off_policy_steps=2", "trainer.off_policy_steps=2"),
     ("budgets=[16x8,oops]", "'oops'"),
     ("learner.lr=0", "learner.lr=0"),
+    ("learner.micro_batch_tokens=-1", "learner.micro_batch_tokens=-1"),
     ("algorithm.kl_estimator=k9", "k9"),
     # k1 as a loss term has zero expected gradient: refused, naming what to use instead
     ("algorithm.kl_estimator=k1", "algorithm.kl_estimator='k1': as a loss term"),

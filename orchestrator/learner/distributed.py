@@ -32,6 +32,13 @@ def rendezvous_address() -> str:
     return f"tcp://{ip}:{port}"
 
 
+def local_rendezvous() -> str:
+    """``tcp://127.0.0.1:PORT`` with a port free right now: a one-process group (one-rank FSDP2)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def resolve_strategy(strategy: str, device: torch.device, world_size: int) -> str:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: unknown value {strategy!r}; expected one of {STRATEGIES}")
@@ -109,6 +116,15 @@ def shard_fsdp(model: torch.nn.Module, compute_dtype: torch.dtype) -> torch.nn.M
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def load_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Every rank's shards of ``model`` from rank 0's full (CPU) state dict ``full`` (other ranks pass ``{}``):
+    a broadcast, tensor by tensor, over the group's device (``set_model_state_dict(broadcast_from_rank0)``)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=False))
 
 
 def full_model_state_dict(model: torch.nn.Module, sharded: bool) -> dict[str, torch.Tensor]:

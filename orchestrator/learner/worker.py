@@ -8,7 +8,6 @@ The model stays in eval mode (no dropout) so the on-policy ratio is exactly 1.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -22,6 +21,7 @@ import torch
 from orchestrator import weight_sync
 from orchestrator.devices import check_dtype
 from orchestrator.learner import distributed as dist
+from orchestrator.learner.build import place_models
 from orchestrator.learner.checkpoint import (
     LEARNER_STATE,
     load_optimizer_state,
@@ -40,6 +40,7 @@ from orchestrator.learner.losses import (
     policy_loss,
     token_logprobs,
 )
+from orchestrator.learner.micro_batches import Packed, local_chunks, pack, place
 
 BATCH_COLUMNS = ("prompt_token_ids", "response_token_ids", "loss_mask", "advantage")
 
@@ -56,18 +57,6 @@ class Sequences:
 
     def __len__(self) -> int:
         return len(self.tokens)
-
-
-@dataclass
-class _Packed:
-    """A micro-batch: left-aligned, right-padded ids; token tensors cover shifted columns from ``start``."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    start: int
-    resp_col: np.ndarray  # column of each sequence's first response token in the [B, W] token tensors
-    resp_len: np.ndarray
-    width: int
 
 
 def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +136,7 @@ class Learner:
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 32,
+        micro_batch_tokens: int = 0,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         kl_coef: float = 0.0,
@@ -163,6 +153,7 @@ class Learner:
         world_size: int = 1,
         strategy: str = "auto",
         dist_init: str | None = None,
+        activation_checkpointing: bool = False,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -182,6 +173,8 @@ class Learner:
         ):
             if int(value) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {value}")
+        if int(micro_batch_tokens) < 0:
+            raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
         for name, value in (
             ("clip_low", clip_low),
             ("clip_high", clip_high),
@@ -206,35 +199,33 @@ class Learner:
         check_dtype(str(self.compute_dtype).removeprefix("torch."), self.device)
         self.rank, self.world_size = rank, world_size
         self.strategy = dist.resolve_strategy(strategy, self.device, world_size)
+        if strategy == "fsdp" and world_size == 1:  # asked for by name: FSDP2's code path on one device
+            self.strategy = "fsdp"
         self.sharded = self.strategy == "fsdp"
         # FSDP averages gradients over ranks; the losses already divide by global counts (SUM semantics).
         self._loss_scale = float(world_size) if self.sharded else 1.0
         self.lr, self.grad_clip = float(lr), grad_clip
         self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, ppo_epochs, mini_batches
+        self.micro_batch_tokens = int(micro_batch_tokens)  # > 0: also cap rows x padded length per forward
         self.clip_low, self.clip_high = float(clip_low), float(clip_high)
         self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
         self.lr_warmup_steps = int(lr_warmup_steps)
         self._version = 0
-        if world_size > 1:
-            dist.init_process_group(dist_init, rank, world_size, self.device)
+        if world_size > 1 or self.sharded:
+            dist.init_process_group(dist_init or dist.local_rendezvous(), rank, world_size, self.device)
 
-        # Master weights fp32 whatever the compute dtype: autocast handles bf16 matmuls.
-        self.model, self.tokenizer = load_policy(model_path, torch.float32, self.device)
+        # Master weights fp32 whatever the compute dtype (autocast or FSDP's mp_policy runs bf16), loaded on
+        # the CPU and sharded or moved from there (learner/build.py); the reference in the compute dtype.
+        self.model, self.tokenizer = load_policy(model_path, torch.float32, "cpu")
         self.model.eval()
         self.architectures = [type(self.model).__name__]
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self._tied = self._tied_output_key()
-        if world_size > 1:
-            dist.broadcast_parameters(self.model)
-        self.ref_model = None
-        if self.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).requires_grad_(False).eval()
-            if self.compute_dtype != torch.float32:
-                self.ref_model.to(self.compute_dtype)  # never trained: no need for fp32 masters
-        if self.sharded:
-            dist.shard_fsdp(self.model, self.compute_dtype)
-            if self.ref_model is not None:
-                dist.shard_fsdp(self.ref_model, self.compute_dtype)
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.model, self.ref_model = place_models(
+            self.model, device=self.device, sharded=self.sharded, compute_dtype=self.compute_dtype,
+            reference=self.kl_coef > 0, checkpointing=self.activation_checkpointing,
+            world_size=world_size, rank=rank)
         decay, no_decay = [], []
         for p in self.model.parameters():  # parameters() yields a tied weight once
             if p.requires_grad:
@@ -443,45 +434,17 @@ class Learner:
         return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     def _local_chunks(self, seqs: Sequences, idx: np.ndarray) -> list[np.ndarray]:
-        """This rank's rows of ``idx`` (every world_size-th), as micro-batches of similar length.
+        """This rank's rows of ``idx`` as micro-batches (``micro_batches.local_chunks``)."""
+        return local_chunks(seqs.prompt_len + seqs.resp_len, idx, self.rank, self.world_size,
+                            self.micro_batch_size, self.micro_batch_tokens)
 
-        Every rank gets the same number of chunks (FSDP runs collectives in each forward); a chunk may
-        be empty on some ranks."""
-        local = idx[self.rank :: self.world_size]
-        per_rank = -(-len(idx) // self.world_size)
-        k = max(1, -(-per_rank // self.micro_batch_size))
-        lengths = seqs.prompt_len[local] + seqs.resp_len[local]
-        order = local[np.argsort(lengths, kind="stable")]
-        return np.array_split(order, k)
+    def _pack(self, seqs: Sequences, idx: np.ndarray) -> Packed:
+        return pack(seqs, idx, self.device)
 
-    def _pack(self, seqs: Sequences, idx: np.ndarray) -> _Packed:
-        prompt_len, resp_len = seqs.prompt_len[idx], seqs.resp_len[idx]
-        lengths = prompt_len + resp_len
-        seq_len = int(lengths.max())
-        start = int(prompt_len.min()) - 1  # logits before the first prompt's last token are never needed
-        ids = np.zeros((len(idx), seq_len), dtype=np.int64)  # pad id is irrelevant: masked everywhere
-        attn = np.zeros((len(idx), seq_len), dtype=np.int64)
-        for row, i in enumerate(idx):
-            ids[row, : lengths[row]] = seqs.tokens[i]
-            attn[row, : lengths[row]] = 1
-        return _Packed(
-            input_ids=torch.from_numpy(ids).to(self.device),
-            attention_mask=torch.from_numpy(attn).to(self.device),
-            start=start,
-            resp_col=prompt_len - 1 - start,
-            resp_len=resp_len,
-            width=seq_len - 1 - start,
-        )
+    def _place(self, per_seq: list[np.ndarray], idx: np.ndarray, packed: Packed) -> torch.Tensor:
+        return place(per_seq, idx, packed, self.device)
 
-    def _place(self, per_seq: list[np.ndarray], idx: np.ndarray, packed: _Packed) -> torch.Tensor:
-        """Scatter per-response-token arrays into the micro-batch's ``[B, W]`` token layout."""
-        out = np.zeros((len(idx), packed.width), dtype=np.float32)
-        for row, i in enumerate(idx):
-            col = packed.resp_col[row]
-            out[row, col : col + packed.resp_len[row]] = per_seq[i]
-        return torch.from_numpy(out).to(self.device)
-
-    def _forward(self, model, packed: _Packed, with_entropy: bool = False):
+    def _forward(self, model, packed: Packed, with_entropy: bool = False):
         with self._autocast():
             return token_logprobs(
                 model, packed.input_ids, packed.attention_mask, start=packed.start, with_entropy=with_entropy
