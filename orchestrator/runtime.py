@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -189,6 +190,38 @@ class WorkerGroup:
         """Which node holds each actor: ``{"rollout": [node], "learner": [node]}`` with id, address, labels."""
         return placement_of(self.pg, self.roles)
 
+    def check_shared_storage(self, out_dir: str) -> None:
+        """Fail at once (``ConfigError``) when a node holding an actor cannot see ``out_dir`` as the driver
+        does: the learner writes checkpoints and states there and the driver reads them, rollout workers
+        load weights from there. One zero-CPU task per other node reads a file the driver just wrote."""
+        import uuid
+
+        from .config import ConfigError
+
+        here = ray.get_runtime_context().get_node_id()
+        where = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
+        first = {}
+        for i, role in enumerate(self.roles):
+            if where.get(i) and where[i] != here:
+                first.setdefault(where[i], (i, role))
+        if not first:
+            return
+        probe, token = Path(out_dir).resolve() / f".storage-probe-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+        try:
+            read = ray.remote(num_cpus=0)(_read_text)
+            seen = ray.get([read.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=i)).remote(str(probe)) for i, _ in first.values()])
+        finally:
+            probe.unlink(missing_ok=True)
+        for (node, (_, role)), text in zip(first.items(), seen):
+            if text != token:
+                raise ConfigError(
+                    f"trainer.output_dir: {role}'s node ({node[:8]}) does not see the driver's {probe.parent}; "
+                    "on several nodes it must be storage every node mounts (checkpoints, "
+                    "states and warm starts are written on one node and read on another)")
+
     def shutdown(self) -> None:
         if self.learner is not None:
             self.learner.shutdown()
@@ -299,6 +332,13 @@ class LearnerGroup:
                 ray.kill(r)
             except Exception:
                 pass
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
 
 
 class NodeUnavailable(RuntimeError):

@@ -445,6 +445,7 @@ class _Run:
         t = self.cfg.trainer
         stop = False
         self._record_placement("start")
+        self.group.check_shared_storage(str(self.out_dir))
         if state_path is not None:
             self.restore(state_path)
             self.result.resumed_from = self.step

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -104,11 +105,11 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def add_node(self, name: str, resources: dict, *, num_cpus: float = 1, role: str | None = None,
-                 timeout: float = 120) -> Node:
+                 private_dirs: tuple[Path, ...] = (), timeout: float = 120) -> Node:
         """A worker node with its own raylet; returns once it has started (it registers within a second).
 
-        Its own socket names: raylets started beside each other must not share the session's default
-        socket paths (seen here: 'bind: Address already in use' in the plasma store)."""
+        ``private_dirs``: directories this node does not share with the others (an empty tmpfs over each,
+        in a mount namespace of its own), as a machine without the cluster's shared storage would see."""
         log = self.tmp / f"node-{name}.log"
         labels = f"budgetrl.io/role={role or name.split('-')[0]},budgetrl.io/node={name}"
         cmd = [BIN / "ray", "start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.1",
@@ -117,7 +118,13 @@ class LocalCluster:
                # One log monitor (the head's): the nodes share this machine's session log dir, and each
                # monitor would forward every worker's lines again.
                "--include-log-monitor=false", "--disable-usage-stats"]
-        proc = subprocess.Popen([str(c) for c in cmd], env=self.env, cwd=self.tmp, start_new_session=True,
+        cmd = [str(c) for c in cmd]
+        if private_dirs:
+            mounts = " && ".join(f"mkdir -p {shlex.quote(str(d))} && mount -t tmpfs none {shlex.quote(str(d))}"
+                                 for d in private_dirs)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f"{mounts} && exec {' '.join(shlex.quote(c) for c in cmd)}"]
+        proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, start_new_session=True,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self._pgids.append(proc.pid)
         node = Node(name, dict(resources), proc, log)

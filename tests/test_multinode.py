@@ -196,6 +196,28 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
     assert re.search(r"config error: trainer\.output_dir: this command runs as a Ray job .* BUDGETRL_HOME", log3), log3[-3000:]
 
 
+def test_output_dir_a_node_cannot_see_fails_at_once(cluster, tmp_path):
+    """A node without the cluster's shared storage (its own empty view of the output dir): the run stops
+    before its first step, naming the setting, instead of writing states the driver never sees."""
+    island = cluster.add_node("island", {"island_gpu": 1}, private_dirs=(tmp_path / "out",))
+    try:
+        overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_tiny_if_missing=true",
+                     f"ray.address={cluster.address}",
+                     *_small(**{"warmstart.steps": 0, "rollout.engine": "hf", "learner.resources.learner_gpu": 0,
+                                "learner.resources.island_gpu": 1, "trainer.output_dir": tmp_path / "out",
+                                "trainer.run_name": "island", "trainer.node_wait_s": 60,
+                                "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})]
+        r = subprocess.run([sys.executable, "-m", "orchestrator", "train", str(ROOT / "configs" / "quickstart.yaml"),
+                            *overrides], cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+        assert re.search(r"config error: trainer\.output_dir: learner rank 0's node \(\w+\) does not see "
+                         r"the driver's .*/out/island; on several nodes it must be storage every node mounts", r.stderr), \
+            r.stderr[-3000:]
+        assert not list((tmp_path / "out").glob("island/state*"))
+    finally:
+        cluster.kill_node(island)
+
+
 # ---- lost nodes -----------------------------------------------------------------------------------
 
 
