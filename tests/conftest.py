@@ -105,3 +105,30 @@ def drawn_prompt_ids(out: Path, steps: int) -> list[list[str]]:
     return ids
 
 
+
+
+def state_step(out: Path) -> int:
+    """The step of a run directory's saved state (``trainer_state.json``), -1 while there is none."""
+    import json
+
+    try:
+        return int(json.loads((out / "state" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_for(cond, proc, timeout: float, what: str, log: Path | None = None):
+    """Poll ``cond`` until it returns something truthy (returned); fail if ``proc`` exits or time runs out,
+    with the tail of ``log`` when given."""
+    import time
+
+    tail = (lambda: "\n" + log.read_text()[-4000:]) if log is not None else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:{tail()}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}:{tail()}")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import TINY, drawn_prompt_ids, expected_prompt_ids
+from conftest import TINY, drawn_prompt_ids, expected_prompt_ids, state_step, wait_for
 from local_cluster import BIN, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,11 +221,6 @@ def test_output_dir_a_node_cannot_see_fails_at_once(cluster, tmp_path):
 # ---- lost nodes -----------------------------------------------------------------------------------
 
 
-def _state_step(out: Path) -> int:
-    try:
-        return int(json.loads((out / "state" / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
 
 
 def _placed(out: Path, role: str) -> str | None:
@@ -237,16 +232,6 @@ def _placed(out: Path, role: str) -> str | None:
         return None
 
 
-def _wait(cond, proc, timeout: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
 @pytest.mark.timeout(900)
@@ -272,20 +257,20 @@ def test_lost_rollout_node_learner_node_then_no_spare(cluster, tmp_path):
     with open(first, "w") as fh:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait(lambda: _state_step(out) >= 2, proc, 300, "the first state", first)
+        wait_for(lambda: state_step(out) >= 2, proc, 300, "the first state", first)
         lost = _placed(out, "rollout")
         assert lost in ("rollout-a", "rollout-b"), lost
         spare = {"rollout-a": "rollout-b", "rollout-b": "rollout-a"}[lost]
         cluster.kill_node(cluster.node(lost))  # a rollout node goes away; the other one is free
-        _wait(lambda: _placed(out, "rollout") == spare, proc, 120, f"the rollout worker re-placed on {spare}", first)
-        _wait(lambda: _state_step(out) >= 4, proc, 300, "a state after the rollout worker was re-placed", first)
+        wait_for(lambda: _placed(out, "rollout") == spare, proc, 120, f"the rollout worker re-placed on {spare}", first)
+        wait_for(lambda: state_step(out) >= 4, proc, 300, "a state after the rollout worker was re-placed", first)
 
         lost_learner = _placed(out, "learner")
         spare_learner = {"learner-a": "learner-b", "learner-b": "learner-a"}[lost_learner]
         cluster.kill_node(cluster.node(lost_learner))  # the learner's node goes away; the other is the spare
-        _wait(lambda: _placed(out, "learner") == spare_learner, proc, 120, f"the learner rebuilt on {spare_learner}",
+        wait_for(lambda: _placed(out, "learner") == spare_learner, proc, 120, f"the learner rebuilt on {spare_learner}",
               first)
-        _wait(lambda: _state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt", first)
+        wait_for(lambda: state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt", first)
 
         cluster.kill_node(cluster.node(spare))  # the last rollout node goes; no spare is left
         rc = proc.wait(120)
@@ -300,7 +285,7 @@ def test_lost_rollout_node_learner_node_then_no_spare(cluster, tmp_path):
     assert rc == 3, text[-4000:]
     assert re.search(r"cluster error: no live node offers what the run needs after waiting 8 s \(trainer\.node_wait_s\): "
                      r"rollout worker 0 needs \{.*\"rollout_gpu\": 1\.0.*\}.*state \(step \d+\) is kept in", text), text[-3000:]
-    kept = _state_step(out)
+    kept = state_step(out)
     assert kept >= 6 and not (out / "result.json").exists()
 
     cluster.add_node("rollout-c", {"rollout_gpu": 1})

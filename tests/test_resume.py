@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY, drawn_prompt_ids, expected_prompt_ids
+from conftest import TINY, drawn_prompt_ids, expected_prompt_ids, state_step, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -47,11 +47,6 @@ def _overrides(tmp: Path) -> list[str]:
     return _command(tmp)[5:]
 
 
-def _state_step(out: Path) -> int:
-    try:
-        return int(json.loads((out / "state" / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
 
 
 def _actor_pids(root: psutil.Process, title: str) -> list[int]:
@@ -65,16 +60,6 @@ def _actor_pids(root: psutil.Process, title: str) -> list[int]:
     return pids
 
 
-def _wait(cond, proc, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(900)
@@ -88,14 +73,14 @@ def test_faults_then_sigkill_then_resume(tmp_path):
                             start_new_session=True)
     try:
         root = psutil.Process(proc.pid)
-        _wait(lambda: _state_step(out) >= 2, proc, 600, "the first state")
-        rollouts = _wait(lambda: _actor_pids(root, "RolloutWorker"), proc, 30, "rollout worker processes")
+        wait_for(lambda: state_step(out) >= 2, proc, 600, "the first state")
+        rollouts = wait_for(lambda: _actor_pids(root, "RolloutWorker"), proc, 30, "rollout worker processes")
         os.kill(rollouts[0], signal.SIGKILL)  # a rollout worker dies mid-run
-        _wait(lambda: _state_step(out) >= 4, proc, 300, "a state after the rollout worker was replaced")
-        learners = _wait(lambda: _actor_pids(root, "Learner"), proc, 30, "learner processes")
+        wait_for(lambda: state_step(out) >= 4, proc, 300, "a state after the rollout worker was replaced")
+        learners = wait_for(lambda: _actor_pids(root, "Learner"), proc, 30, "learner processes")
         os.kill(learners[0], signal.SIGKILL)  # the learner dies mid-run
-        _wait(lambda: _state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt")
-        killed_at = _state_step(out)
+        wait_for(lambda: state_step(out) >= 6, proc, 300, "a state after the learner was rebuilt")
+        killed_at = state_step(out)
         os.killpg(proc.pid, signal.SIGKILL)  # then the driver and everything it started
         proc.wait(30)
     finally:
