@@ -372,3 +372,57 @@ def test_v2_processor_resumes_and_recycles_slots(v2_kernels):
     for case in cases:
         assert outs[case[0]] == _expected(*case)[0], case
         _check_accounting(outs[case[0]], *case[1:])
+
+
+# ----------------------------------------------------------------------------- scripts/gpu_check_vllm.py
+
+
+def _gpu_check_vllm():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_vllm.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_vllm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_vllm_judges_forced_outputs():
+    check = _gpu_check_vllm().forced_output_error
+    t, s = 3, 2
+    assert check([7, 7, 7, THINK_END, 8, 8, EOS], t, s, THINK_END, EOS) is None  # forced marker and EOS
+    assert check([7, THINK_END, 8, EOS], t, s, THINK_END, EOS) is None  # closed early, EOS sampled
+    assert check([7, EOS], t, s, THINK_END, EOS) is None  # EOS while thinking: a second phase follows
+    assert "no 5 by index 3" in check([7, 7, 7, 7, THINK_END, EOS], t, s, THINK_END, EOS)
+    assert "budget 2" in check([7, THINK_END, 8, 8, 8], t, s, THINK_END, EOS)
+    assert "budget 2" in check([THINK_END, 8, 8, 8, EOS], t, s, THINK_END, EOS)
+
+
+def test_gpu_check_vllm_runs_its_checks_on_the_shared_engine(ray_session, vllm_worker):
+    """The script's checks, on the suite's vLLM engine (Model Runner V1 on this CPU): all PASS; the wrapper
+    is valid bash. (Its V2 dry run, ``--interpret-triton``, starts an engine of its own: not in the suite.)"""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / "scripts" / "gpu_check_vllm.sh")]).returncode == 0
+    path = str(root / "scripts" / "gpu_check_vllm.py")
+
+    def checks(worker) -> tuple[bool, str]:  # runs inside the rollout actor; nested so Ray ships it by value
+        import contextlib
+        import importlib.util
+        import io
+
+        spec = importlib.util.spec_from_file_location("gpu_check_vllm", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ok = module.run_checks(worker.engine, worker.tokenizer, expect="v1", n=16, t=8, s=4)
+        return ok, out.getvalue()
+
+    ok, text = ray_session.get(vllm_worker.__ray_call__.remote(checks))
+    status = {line.split()[1].rstrip(":"): line.split()[0] for line in text.splitlines()}
+    assert ok and status == {"engine": "PASS", "think-end": "PASS", "budget": "PASS", "two-calls": "PASS"}, text
+    assert "BudgetForcing'" in text and "model runner v1" in text
