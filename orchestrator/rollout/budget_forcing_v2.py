@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor, LogitsProcRequestState
 
 from .budget_forcing import KEY, spec_error
@@ -65,9 +66,10 @@ class BudgetForcingV2(LogitsProcessor):
         resumed = self.req.prefill_len.np[slots].astype(np.int64) - self.req.prompt_len.np[slots]
         self.cold[slots] = 1 + np.minimum(resumed, self.thinking[slots] + 1)
         specs = [s if s is not None else [0, 0, 0, 0] for s in self.staged.values()]
-        idx = torch.tensor(slots, dtype=torch.int64, device=self.spec.device)
-        self.spec[idx] = torch.tensor(specs, dtype=torch.int64, device=self.spec.device)
-        self.on[idx] = torch.tensor([s is not None for s in self.staged.values()], device=self.on.device)
+        dev = self.spec.device  # copies through pinned memory, as vLLM's own states do: no host sync
+        idx = async_tensor_h2d(slots, device=dev, dtype=torch.int64)
+        self.spec[idx] = async_tensor_h2d(specs, device=dev, dtype=torch.int64)
+        self.on[idx] = async_tensor_h2d([s is not None for s in self.staged.values()], device=dev, dtype=torch.bool)
         self.closed_at[idx] = -1
         self.scanned[idx] = 0
         self.staged.clear()

@@ -24,7 +24,7 @@ def planned_model_runner(llm_kwargs: dict) -> str:
 
     args = {k: v for k, v in llm_kwargs.items() if k != "logits_processors"}
     config = EngineArgs(**args).create_engine_config(UsageContext.LLM_CLASS)
-    return "v2" if config.use_v2_model_runner else "v1"
+    return "v2" if getattr(config, "use_v2_model_runner", False) else "v1"  # no such property: no V2
 
 
 def started_model_runner(llm) -> str:
