@@ -14,6 +14,7 @@ and must give the tokens of the rule written out in ``_expected``; ``rollout/bud
 
 from __future__ import annotations
 
+import os
 import types
 
 import numpy as np
@@ -24,6 +25,16 @@ from orchestrator.rollout.budget import _split_forced
 from orchestrator.rollout.vllm_runner import BUDGET_FORCING
 
 VOCAB, THINK_END, EOS = 48, 5, 2
+
+
+@pytest.fixture(autouse=True)
+def _environment():
+    """Building a ``VllmConfig`` sets process variables for vLLM's workers (``LD_PRELOAD`` among them, by
+    vllm/platforms/cpu.py): put them back so later tests' subprocesses start as before."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _logits(rid: int, k: int, marker_at: int | None, eos_at: int | None) -> torch.Tensor:
