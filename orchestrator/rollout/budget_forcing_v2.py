@@ -1,5 +1,5 @@
 """Budget forcing for vLLM's Model Runner V2 (``vllm/v1/worker/gpu/``), the runner vLLM 0.32 uses
-whenever Triton has a backend (every CUDA GPU). Same request contract and same tokens as the V1
+whenever Triton has a backend (CUDA GPUs; not this CPU build). Same request contract and same tokens as the V1
 processor in ``budget_forcing.py``; only the interface differs, and V2's loader refuses V1 classes.
 
 V2 hands a processor no token lists, only the model runner's per-slot buffers
@@ -43,7 +43,7 @@ class BudgetForcingV2(LogitsProcessor):
         self.req = req_states
         n, dev = req_states.max_num_reqs, req_states.device
         self.active = np.zeros(n, dtype=bool)  # host: slots whose request forces budgets
-        self.cold = np.zeros(n, dtype=np.int64)  # host: 1 + outputs to scan at the slot's next step, 0 if done
+        self.cold = np.zeros(n, dtype=np.int64)  # host: scan width of the slot's first step, 0 once done
         self.thinking = np.zeros(n, dtype=np.int64)  # host: each slot's thinking budget t
         self.spec = torch.zeros(n, 4, dtype=torch.int64, device=dev)  # think_end, t, eos, s
         self.on = torch.zeros(n, dtype=torch.bool, device=dev)
