@@ -169,11 +169,15 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
         finally:
             engine.budget_forcing = switch  # the actor is shared by the session
         return {"think_end": think_end, "budgets": budgets, "registered": engine._forcing_registered,
+                "processors": list(engine.llm.llm_engine.vllm_config.model_config.logits_processors or []),
                 "runs": {k: [[vars(s) for s in run] for run in v] for k, v in result.items()}}
 
     # A nested function, so Ray ships it by value (the test module is not importable in Ray's workers).
     out = ray_session.get(vllm_worker.__ray_call__.remote(_budget_forcing_vs_two_calls))
     assert out["registered"]
+    # This CPU's vLLM has no Triton backend: Model Runner V1, so the V1-interface processor.
+    assert ray_session.get(vllm_worker.stats.remote())["model_runner"] == "v1"
+    assert out["processors"] == ["orchestrator.rollout.budget_forcing:BudgetForcing"]
     kinds = set()
     for forced, two_calls in out["runs"].values():
         for a, b, (t, s) in zip(forced, two_calls, out["budgets"]):

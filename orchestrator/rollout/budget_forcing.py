@@ -10,6 +10,9 @@ and ``max_tokens >= t + s + 2``. Its output then reads ``thinking (+ forced mark
 solution (+ forced EOS at solution index s)``; ``rollout/budget.py`` splits it and strips the forced
 EOS. A request that samples EOS before closing its thinking stops there, as phase 1 would, and
 ``budget.py`` finishes it with a second phase. Requests without the key are untouched.
+
+This is the V1-interface processor (vLLM's V1 model runner, which this CPU build runs);
+``budget_forcing_v2.py`` holds the same rule for Model Runner V2, and ``vllm_runner.py`` picks one.
 """
 
 from __future__ import annotations

@@ -84,6 +84,7 @@ class VllmEngine:
                  gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
                  budget_forcing: bool = True, inplace_reload: bool = True, tensor_parallel_size: int = 1):
         from ..devices import actor_device, check_dtype
+        from .vllm_runner import BUDGET_FORCING, planned_model_runner, started_model_runner
         from .vllm_version import require_supported_vllm
 
         on_gpu = torch.cuda.is_available()
@@ -114,11 +115,15 @@ class VllmEngine:
         # registered once, here, so only an engine built with it can switch it on.
         self.budget_forcing = self._forcing_registered = budget_forcing
         if budget_forcing:  # by name, so a multiprocess engine imports it in its own process
-            kwargs["logits_processors"] = ["orchestrator.rollout.budget_forcing:BudgetForcing"]
+            planned = planned_model_runner(kwargs)  # each model runner loads only its own interface
+            kwargs["logits_processors"] = [BUDGET_FORCING[planned]]
         # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
         # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
         self.per_request_seed = on_gpu
         self.llm = LLM(**kwargs)
+        self.model_runner = started_model_runner(self.llm)  # "v1" or "v2" (rollout/vllm_runner.py)
+        if budget_forcing and self.model_runner != planned:  # its loader would have refused the processor
+            raise RuntimeError(f"vLLM started model runner {self.model_runner}, not the planned {planned}")
         self.inplace_reload = inplace_reload
         self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()

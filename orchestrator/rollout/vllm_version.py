@@ -13,6 +13,7 @@ has no sdist):
 | ``vllm.v1.sample.logits_processor.{LogitsProcessor, BatchUpdate}``, ``LLM(logits_processors=[FQCN])`` | 0.10.1 |
 | ``vllm.v1.sample.logits_processor.builtin.process_dict_updates`` (budget_forcing.py) | 0.10.2 |
 | ``LogitsProcessor.validate_params`` (called by vLLM to refuse a bad budget spec) | 0.11.1 |
+| ``vllm.v1.worker.gpu.sample.logits_processor.{LogitsProcessor, LogitsContext, LogitsProcRequestState}``, ``VllmConfig.use_v2_model_runner`` (budget_forcing_v2.py, vllm_runner.py: Model Runner V2) | 0.32 tested; first release not read (the interface changed within 0.x) |
 | ``Worker.reload_weights(weights_iterator=...)`` (engine.py ``_vllm_reload``) | **0.16.0** |
 
 Before 0.16.0 ``reload_weights()`` takes no arguments and re-reads the checkpoint from disk, so a

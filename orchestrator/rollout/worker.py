@@ -160,10 +160,12 @@ class RolloutWorker:
         return self.policy_version
 
     def stats(self) -> dict:
-        """What this worker did since it started: calls, prompts, samples, weight syncs, policy version, and
-        the path the last weight load took (vLLM: ``inplace`` or ``reload_weights``)."""
+        """What this worker did since it started: calls, prompts, samples, weight syncs, policy version, the
+        path the last weight load took (vLLM: ``inplace`` or ``reload_weights``) and vLLM's model runner
+        (``v1``/``v2``; empty for the HF engine)."""
         return {**self.counters, "policy_version": self.policy_version, "worker_index": self.worker_index,
-                "last_reload": getattr(self.engine, "last_reload", "")}
+                "last_reload": getattr(self.engine, "last_reload", ""),
+                "model_runner": getattr(self.engine, "model_runner", "")}
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return self.engine.prompt_logprobs(sequences)
