@@ -90,6 +90,12 @@ RULES: dict[str, tuple[Rule, ...]] = {
              "rollout shares a GPU ({gpus} of one): 0.85 x its share (vLLM's fraction is per engine)"),
         Rule(_any, 0.5, "CPU: ignored (rollout.vllm.kv_cache_gib sizes the KV cache); 0.5 as before"),
     ),
+    "weight_sync": (  # facts of the sync's two ends: CUDA when learner and rollout both have GPUs
+        Rule(_cuda, "collective", "learner and rollout on GPUs: NCCL broadcast from learner rank 0 into each "
+                                  "engine, in the engine's dtype (docs/performance.md, section 5)"),
+        Rule(_any, "object_store", "CPU: the object store, as before (faster than gloo on one node: "
+                                   "docs/performance.md, section 5)"),
+    ),
 }
 
 
