@@ -108,7 +108,8 @@ class WeightSyncConfig:
     # learner exports them once through Ray's object store, every worker reads them) or collective
     # (learner rank 0 broadcasts them over a torch.distributed group to each engine: NCCL when learner and
     # rollout both have GPUs, gloo otherwise; the object store stays the fallback for an engine whose
-    # group fails). auto: collective when both have GPUs, object_store on CPUs (orchestrator/devices.py).
+    # group fails). auto: collective when both have GPUs or vLLM runs in its own process
+    # (rollout.vllm.multiprocess), object_store otherwise (orchestrator/devices.py).
     method: str = "auto"
     bucket_mb: float = 64.0  # collective: flat buffers of at most this many MiB, one dtype each (two in flight)
     timeout_s: float = 120.0  # collective: joining a group, and each broadcast, before it counts as failed
@@ -389,10 +390,12 @@ def resolve_auto(cfg: Config) -> list[devices.Resolution]:
         out.append(devices.resolve_shared("dtype", roles, "model.dtype"))
         cfg.model.dtype = out[-1].value
     out += devices.resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
-    if cfg.rollout.weight_sync.method == devices.AUTO:  # CUDA only when both ends of the sync have GPUs
-        ends = devices.DeviceFacts.of(min(cfg.rollout.gpus_per_worker, cfg.learner.gpus_per_worker))
-        out.append(devices.resolve("weight_sync", ends, "rollout.weight_sync.method"))
-        cfg.rollout.weight_sync.method = out[-1].value
+    r = cfg.rollout
+    if r.weight_sync.method == devices.AUTO:  # CUDA only when both ends of the sync have GPUs
+        ends = devices.DeviceFacts.of(min(r.gpus_per_worker, cfg.learner.gpus_per_worker))
+        own_process = r.engine == "vllm" and bool(r.vllm.multiprocess)
+        out.append(devices.resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
+        r.weight_sync.method = out[-1].value
     return out
 
 

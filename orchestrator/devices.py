@@ -93,10 +93,23 @@ RULES: dict[str, tuple[Rule, ...]] = {
     "weight_sync": (  # facts of the sync's two ends: CUDA when learner and rollout both have GPUs
         Rule(_cuda, "collective", "learner and rollout on GPUs: NCCL broadcast from learner rank 0 into each "
                                   "engine, in the engine's dtype (docs/performance.md, section 5)"),
-        Rule(_any, "object_store", "CPU: the object store, as before (faster than gloo on one node: "
-                                   "docs/performance.md, section 5)"),
+        Rule(_any, "object_store", "CPUs, an in-process engine: the object store, as before (2.3-2.5x faster "
+                                   "than gloo on one node at fp32: docs/performance.md, section 5)"),
     ),
 }
+
+ENGINE_PROCESS_SYNC = ("vLLM's engine in its own process (rollout.vllm.multiprocess): the object store's payload "
+                       "would cross into it again as safetensors bytes, the broadcast goes straight in (3-9x "
+                       "faster on CPUs: docs/performance.md, section 5)")
+
+
+def resolve_weight_sync(ends: DeviceFacts, engine_own_process: bool, key: str) -> Resolution:
+    """``rollout.weight_sync.method``: the rule for the sync's two ends (``ends``: CUDA when both have
+    GPUs), except that an engine in its own process takes the collective on any device."""
+    res = resolve("weight_sync", ends, key)
+    if res.value == "object_store" and engine_own_process:
+        return Resolution(key, "collective", ENGINE_PROCESS_SYNC)
+    return res
 
 
 def resolve(setting: str, facts: DeviceFacts, key: str | None = None,

@@ -168,7 +168,13 @@ def test_gpu_config_resolves_for_gpus():
     # a rollout worker sharing its GPU gets 0.85 of its share; a learner on CPUs makes the dtype float32
     cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "learner.gpus_per_worker=0"], check_paths=False)
     assert cfg.rollout.vllm.gpu_memory_utilization == 0.425 and cfg.model.dtype == "float32"
-    assert cfg.rollout.weight_sync.method == "object_store"  # one end on CPUs: no NCCL between them
+    assert cfg.rollout.weight_sync.method == "collective"  # one end on CPUs (gloo), but vLLM in its own process
+    cfg = load_config(GPU_15B, ["learner.gpus_per_worker=0", "rollout.vllm.multiprocess=false"], check_paths=False)
+    assert cfg.rollout.weight_sync.method == "object_store"  # and an engine in the actor's process: as before
+    cfg = load_config(QUICKSTART, ["rollout.vllm.multiprocess=true"])
+    assert cfg.rollout.weight_sync.method == "collective"
+    assert load_config(QUICKSTART, ["rollout.vllm.multiprocess=true", "rollout.engine=hf"]).rollout.weight_sync.method \
+        == "object_store"
 
 
 @pytest.mark.parametrize("override, message", [
