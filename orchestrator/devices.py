@@ -91,8 +91,11 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(_any, 0.5, "CPU: ignored (rollout.vllm.kv_cache_gib sizes the KV cache); 0.5 as before"),
     ),
     "weight_sync": (  # facts of the sync's two ends: CUDA when learner and rollout both have GPUs
-        Rule(_cuda, "collective", "learner and rollout on GPUs: NCCL broadcast from learner rank 0 into each "
-                                  "engine, in the engine's dtype (docs/performance.md, section 5)"),
+        Rule(lambda f: _cuda(f) and f.gpus >= 1, "collective",
+             "learner and rollout on GPUs of their own: NCCL broadcast from learner rank 0 into each engine, in "
+             "the engine's dtype (docs/performance.md, section 5)"),
+        Rule(_cuda, "object_store", "a fraction of a GPU ({gpus}): learner and engine may share one, and NCCL "
+                                    "refuses two ranks on one GPU"),
         Rule(_any, "object_store", "CPUs, an in-process engine: the object store, as before (2.3-2.5x faster "
                                    "than gloo on one node at fp32: docs/performance.md, section 5)"),
     ),

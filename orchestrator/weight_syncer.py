@@ -55,7 +55,8 @@ class WeightSyncer:
         r, ws = cfg.rollout, cfg.rollout.weight_sync
         self.method, self.bucket_mb, self.timeout_s = ws.method, ws.bucket_mb, ws.timeout_s
         self.group, self.log = group, log
-        self.backend = "nccl" if min(r.gpus_per_worker, cfg.learner.gpus_per_worker) > 0 else "gloo"
+        # NCCL between GPUs of their own (it refuses two ranks on one GPU, which fractions allow); else gloo.
+        self.backend = "nccl" if min(r.gpus_per_worker, cfg.learner.gpus_per_worker) >= 1 else "gloo"
         self.world_size = 1 + (r.vllm.tensor_parallel_size if r.engine == "vllm" else 1)  # rank 0 + the engine's
         self._keys = itertools.count(1)
         self._lead = None  # the learner rank 0 that the open groups belong to

@@ -169,6 +169,8 @@ def test_gpu_config_resolves_for_gpus():
     cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "learner.gpus_per_worker=0"], check_paths=False)
     assert cfg.rollout.vllm.gpu_memory_utilization == 0.425 and cfg.model.dtype == "float32"
     assert cfg.rollout.weight_sync.method == "collective"  # one end on CPUs (gloo), but vLLM in its own process
+    cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "rollout.vllm.multiprocess=false"], check_paths=False)
+    assert cfg.rollout.weight_sync.method == "object_store"  # a shared GPU: NCCL refuses two ranks on one
     cfg = load_config(GPU_15B, ["learner.gpus_per_worker=0", "rollout.vllm.multiprocess=false"], check_paths=False)
     assert cfg.rollout.weight_sync.method == "object_store"  # and an engine in the actor's process: as before
     cfg = load_config(QUICKSTART, ["rollout.vllm.multiprocess=true"])
