@@ -47,7 +47,6 @@ class Group:
     timeout_s: float
     key: str
     store: object = None  # a client's TCPStore, kept alive with the group
-    failed: bool = False
 
     def broadcast(self, tensor: torch.Tensor):
         """Start a broadcast from rank 0 (returns the work to ``wait`` on)."""
@@ -61,22 +60,18 @@ class Group:
     def wait(self, work) -> None:
         """Block until ``work`` is done; raises after ``timeout_s`` (NCCL too: with a timeout its wait
         blocks the CPU thread, ``Work.wait``'s docstring, torch 2.13)."""
-        try:
-            work.wait(_dt.timedelta(seconds=self.timeout_s))
-        except BaseException:
-            self.failed = True
-            raise
+        work.wait(_dt.timedelta(seconds=self.timeout_s))
 
     def close(self) -> None:
-        """Release the group: one that failed is aborted (NCCL: ``ncclCommAbort``, so nothing waits on a
-        dead peer), a healthy one shut down, and the backend dropped: its destructor closes the
-        connections, which is what fails the peer's next broadcast at once (gloo's ``shutdown`` alone
-        leaves them open until the timeout)."""
+        """Release the group: aborted (NCCL: ``ncclCommAbort``, which never waits on a peer that may be dead;
+        nothing is in flight between syncs) and dropped: the backend's destructor closes the connections,
+        which is what fails the peer's next broadcast at once (gloo's ``abort``/``shutdown`` alone leave
+        them open until the timeout)."""
         backend, self.backend = self.backend, None
         if backend is None:
             return
         try:
-            (backend.abort if self.failed else backend.shutdown)()
+            backend.abort()
         except Exception:  # noqa: BLE001 - a backend without the call, or one already torn down
             pass
 
@@ -224,7 +219,7 @@ class Sender:
 
         def _drop(s: int, exc: BaseException) -> None:
             status[s] = f"{type(exc).__name__}: {exc}"
-            live.pop(s).failed = True
+            live.pop(s)
             self.close([s])
 
         blob = _header(buckets, aliases, version)

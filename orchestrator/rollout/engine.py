@@ -255,8 +255,13 @@ class HFEngine:
 
         if self._sync_group is None:
             raise RuntimeError("no weight-sync group: open_sync_group first")
-        header, stream = receive(self._sync_group)
-        self.load_weights(dict(stream))
+        try:
+            header, stream = receive(self._sync_group)
+            self.load_weights(dict(stream))
+        except BaseException:
+            self._sync_group.close()  # the sender sees a broken group at once and falls back
+            self._sync_group = None
+            raise
         return int(header["version"])
 
     @torch.no_grad()
