@@ -43,8 +43,6 @@ from .warmstart import prepare_start_checkpoint
 from .weight_syncer import WeightSyncer
 
 
-
-
 @dataclass
 class TrainResult:
     run_id: str

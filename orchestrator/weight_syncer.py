@@ -13,8 +13,8 @@ Topology: one group per engine (rank 0 plus that engine's workers), not one grou
 opened when its engine needs one (the first sync, a replaced worker, a rebuilt learner: the syncer sees
 that the actor it opened the group with is not the one there now), and only those two actors take part,
 so a new worker joins without stopping or rebuilding the others, and an engine that cannot join changes
-nothing for them (verl's and vLLM's own examples open one group of rank 0 and every engine, which must
-all be rebuilt together). The price: rank 0 sends each bucket once per engine (the broadcasts run side by
+nothing for them (OpenRLHF's ``WorkerWrap.init_process_group`` and vLLM's own NCCL weight-transfer engine
+open one group of rank 0 and every engine, with rank offsets, which must all be rebuilt together). The price: rank 0 sends each bucket once per engine (the broadcasts run side by
 side), where one group could pipeline a single NCCL broadcast through every engine. With many engines
 behind one NIC that is the change to make.
 

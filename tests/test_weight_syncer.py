@@ -153,18 +153,27 @@ def test_collective_run_survives_a_lost_worker_and_learner(ray_session, tiny_mod
                   "tracking.experiment=collective")
     me, killed = psutil.Process(), []
 
+    def actors(title: str) -> list[psutil.Process]:
+        found = []
+        for p in me.children(recursive=True):  # this session's Ray: its workers are our descendants
+            try:
+                if " ".join(p.cmdline()).startswith(f"ray::{title}"):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
+
+    before = {p.pid for title in ("RolloutWorker", "Learner") for p in actors(title)}  # the session's own
+
     def kill(title: str, after_step: int) -> None:
         deadline = time.monotonic() + 300
         while not (out / "rollouts" / f"step_{after_step:05d}.parquet").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
-        for p in me.children(recursive=True):  # this session's Ray: its workers are our descendants
-            try:
-                if " ".join(p.cmdline()).startswith(f"ray::{title}"):
-                    p.kill()
-                    killed.append(title)
-                    return
-            except psutil.Error:
-                pass
+        for p in actors(title):
+            if p.pid not in before:  # one of this run's actors, not a fixture's
+                p.kill()
+                killed.append(title)
+                return
 
     killer = threading.Thread(target=lambda: (kill("RolloutWorker", 3), kill("Learner", 6)), daemon=True)
     killer.start()
