@@ -15,6 +15,7 @@ import torch
 
 from .vllm_extension import EXTENSION
 
+
 @dataclass
 class GenRequest:
     prompt_token_ids: list[int]
