@@ -103,6 +103,19 @@ class VllmConfig:
 
 
 @dataclass
+class WeightSyncConfig:
+    # How each step's new weights reach the engines (docs/performance.md, section 5): object_store (the
+    # learner exports them once through Ray's object store, every worker reads them) or collective
+    # (learner rank 0 broadcasts them over a torch.distributed group to each engine: NCCL when learner and
+    # rollout both have GPUs, gloo otherwise; the object store stays the fallback for an engine whose
+    # group fails). auto: collective when both have GPUs or vLLM runs in its own process
+    # (rollout.vllm.multiprocess), object_store otherwise (orchestrator/devices.py).
+    method: str = "auto"
+    bucket_mb: float = 64.0  # collective: flat buffers of at most this many MiB, one dtype each (two in flight)
+    timeout_s: float = 120.0  # collective: joining a group, and each broadcast, before it counts as failed
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "vllm"  # vllm | hf
     num_workers: int = 1
@@ -115,6 +128,7 @@ class RolloutConfig:
     top_p: float = 1.0
     seed: int = 0
     vllm: VllmConfig = field(default_factory=VllmConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
 
 @dataclass
@@ -250,6 +264,7 @@ class Config:
 
 # Short names the CLI accepts on the command line (``eval CONFIG checkpoint=... budgets=...``).
 ALIASES = {"checkpoint": "model.path", "budgets": "eval.budgets"}
+WEIGHT_SYNC_METHODS = ("auto", "object_store", "collective")
 
 # Why algorithm.kl_estimator=k1 is refused (the learner adds the KL estimate to the loss).
 K1_AS_LOSS = ("as a loss term k1 has zero expected gradient (E_pi[grad log pi] = 0), so it does not pull the "
@@ -310,7 +325,27 @@ def merge_structured(schema: type, path: str | os.PathLike | None = None, overri
             layers.append(OmegaConf.create(extra))
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc)) from None
+        where = next(filter(None, (_value_over_section(layers[0], layer) for layer in layers[1:])), None)
+        raise ConfigError(where or _describe(exc)) from None
+
+
+def _value_over_section(schema, layer, prefix: str = "") -> str | None:
+    """``key=value: ...`` for a plain value given where the schema has a section (OmegaConf's merge error
+    names neither), e.g. ``rollout.weight_sync=collective``."""
+    if not OmegaConf.is_dict(layer) or not OmegaConf.is_dict(schema):
+        return None
+    for key in layer:
+        if key not in schema:
+            continue
+        node, given = schema._get_node(key), layer._get_node(key)
+        path = f"{prefix}{key}"
+        if OmegaConf.is_dict(given):
+            found = _value_over_section(node, given, f"{path}.")
+            if found:
+                return found
+        elif OmegaConf.is_dict(node) and OmegaConf.get_type(node) not in (dict, None):
+            return f"{path}={given._value()!r}: a section, not a value; set its keys ({', '.join(f'{path}.{k}' for k in node)})"
+    return None
 
 
 def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str = "base") -> str:
@@ -354,7 +389,14 @@ def resolve_auto(cfg: Config) -> list[devices.Resolution]:
         roles = {"rollout": rollout, "learner": devices.DeviceFacts.of(cfg.learner.gpus_per_worker)}
         out.append(devices.resolve_shared("dtype", roles, "model.dtype"))
         cfg.model.dtype = out[-1].value
-    return out + devices.resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
+    out += devices.resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
+    r = cfg.rollout
+    if r.weight_sync.method == devices.AUTO:  # CUDA only when both ends of the sync have GPUs
+        ends = devices.DeviceFacts.of(min(r.gpus_per_worker, cfg.learner.gpus_per_worker))
+        own_process = r.engine == "vllm" and bool(r.vllm.multiprocess)
+        out.append(devices.resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
+        r.weight_sync.method = out[-1].value
+    return out
 
 
 def durable_output(value: str, key: str) -> str:
@@ -446,6 +488,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     positive("rollout.vllm.kv_cache_gib", r.vllm.kv_cache_gib)
     non_negative("rollout.vllm.max_num_seqs", r.vllm.max_num_seqs)
     validate_vllm(r.vllm, "rollout.vllm", r.gpus_per_worker, "rollout.gpus_per_worker")
+    if r.weight_sync.method not in WEIGHT_SYNC_METHODS:
+        bad("rollout.weight_sync.method", r.weight_sync.method, f"must be one of {', '.join(WEIGHT_SYNC_METHODS)}")
+    positive("rollout.weight_sync.bucket_mb", r.weight_sync.bucket_mb)
+    positive("rollout.weight_sync.timeout_s", r.weight_sync.timeout_s)
 
     positive("reward.timeout_s", cfg.reward.timeout_s)
     non_negative("reward.num_workers", cfg.reward.num_workers)

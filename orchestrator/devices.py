@@ -90,7 +90,29 @@ RULES: dict[str, tuple[Rule, ...]] = {
              "rollout shares a GPU ({gpus} of one): 0.85 x its share (vLLM's fraction is per engine)"),
         Rule(_any, 0.5, "CPU: ignored (rollout.vllm.kv_cache_gib sizes the KV cache); 0.5 as before"),
     ),
+    "weight_sync": (  # facts of the sync's two ends: CUDA when learner and rollout both have GPUs
+        Rule(lambda f: _cuda(f) and f.gpus >= 1, "collective",
+             "learner and rollout on GPUs of their own: NCCL broadcast from learner rank 0 into each engine, in "
+             "the engine's dtype (docs/performance.md, section 5)"),
+        Rule(_cuda, "object_store", "a fraction of a GPU ({gpus}): learner and engine may share one, and NCCL "
+                                    "refuses two ranks on one GPU"),
+        Rule(_any, "object_store", "CPUs, an in-process engine: the object store, as before (2.3-2.5x faster "
+                                   "than gloo on one node at fp32: docs/performance.md, section 5)"),
+    ),
 }
+
+ENGINE_PROCESS_SYNC = ("vLLM's engine in its own process (rollout.vllm.multiprocess): the object store's payload "
+                       "would cross into it again as safetensors bytes, the broadcast goes straight in (3-9x "
+                       "faster on CPUs: docs/performance.md, section 5)")
+
+
+def resolve_weight_sync(ends: DeviceFacts, engine_own_process: bool, key: str) -> Resolution:
+    """``rollout.weight_sync.method``: the rule for the sync's two ends (``ends``: CUDA when both have
+    GPUs), except that an engine in its own process takes the collective on any device."""
+    res = resolve("weight_sync", ends, key)
+    if res.value == "object_store" and engine_own_process:
+        return Resolution(key, "collective", ENGINE_PROCESS_SYNC)
+    return res
 
 
 def resolve(setting: str, facts: DeviceFacts, key: str | None = None,

@@ -243,6 +243,7 @@ class Plan:
     seqs_per_worker: int
     rollout_fixes: list[str]
     sync_bytes: int
+    sync_method: str = "object_store"  # rollout.weight_sync.method
 
     @property
     def limit(self) -> float:
@@ -298,7 +299,8 @@ def plan_config(cfg, shape: ModelShape, *, gpu_memory_gib: float = 80.0, prompt_
                 rollout=rollout, rollout_gpus=r.gpus_per_worker, rollout_dtype=dtype, utilization=util, tp=tp,
                 max_model_len=cfg.model.max_model_len,
                 seqs_per_worker=math.ceil(cfg.trainer.prompts_per_step * r.group_size / r.num_workers),
-                rollout_fixes=[], sync_bytes=weight_sync_bytes(shape, dtype))
+                rollout_fixes=[], sync_bytes=weight_sync_bytes(shape, dtype),
+                sync_method=getattr(getattr(r, "weight_sync", None), "method", "object_store"))
     if not plan.learner_fits:
         plan.learner_fixes = learner_fix(shape, setup, plan.limit)
     if not plan.rollout_fits:
@@ -382,10 +384,9 @@ def format_plan(plan: Plan, title: str = "") -> str:
         lines += _rollout_lines(plan)
     else:
         lines.append("rollout: no GPUs declared (rollout.gpus_per_worker=0): nothing to fit")
-    fp32 = plan.shape.params() * 4
+    how = {"collective": "broadcast from learner rank 0", "object_store": "through Ray's object store"}
     lines += ["", f"weight sync per step: {plan.sync_bytes / GiB:.3g} GiB to each engine in {plan.rollout_dtype}"
-              + (f" (the object-store payload carries the fp32 masters today: {fp32 / GiB:.3g} GiB)"
-                 if plan.sync_bytes != fp32 else ""), ""]
+              f" ({how.get(plan.sync_method, plan.sync_method)}: rollout.weight_sync.method={plan.sync_method})", ""]
     if plan.fits:
         lines.append("verdict: fits the declared GPUs")
     else:

@@ -21,6 +21,8 @@ from .config import Config
 # Every worker: quiet library progress bars and INFO logs (the driver shows progress).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "TRANSFORMERS_VERBOSITY": "error", "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore"}
+# An actor died, or its node did, taking objects it held with it (e.g. the learner's exported weights).
+ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
 # vLLM on CPU: use both cores, keep the engine in the actor's process (fast start, direct weight sync).
 VLLM_CPU_ENV = {**WORKER_ENV, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
@@ -250,6 +252,7 @@ class LearnerGroup:
 
         le, a = cfg.learner, cfg.algorithm
         self.world_size = le.num_workers
+        self.sync_dtype = cfg.model.dtype  # the engines' dtype: every weight sync is cast to it
         strategy = le.strategy
         if le.gpus_per_worker <= 0 and strategy == "auto":
             strategy = "ddp"
@@ -292,27 +295,35 @@ class LearnerGroup:
             return self._all(method, *args)
         return [getattr(self.lead, method).remote(*args)]
 
-    def submit_step(self, batch) -> tuple[list, object]:
-        """Start a step that also exports the new weights: (metrics refs, rank 0's first; an object ref
-        to the updated weights as a ``WeightPayload``). The weights ref can go to the rollout workers at
-        once (they wait for it), before ``step_result`` collects the metrics."""
+    def submit_step(self, batch, export: bool = True) -> tuple[list, object]:
+        """Start a step that also exports the new weights (``export``): (metrics refs, rank 0's first; an
+        object ref to the updated weights as a ``WeightPayload`` in the engines' dtype, or None). The
+        weights ref can go to the rollout workers at once (they wait for it), before ``step_result``
+        collects the metrics."""
         # One rank: the batch goes with the call (a small table travels inline, no object-store round
         # trip); several: one object in the store that every rank reads.
         arg = batch if self.world_size == 1 else ray.put(batch)
-        calls = [r.step_and_payload.options(num_returns=2).remote(arg, self.sharded or i == 0)
+        calls = [r.step_and_payload.options(num_returns=2).remote(arg, export and (self.sharded or i == 0),
+                                                                  self.sync_dtype)
                  for i, r in enumerate(self.ranks)]
-        return [m for m, _ in calls], calls[0][1]
+        return [m for m, _ in calls], (calls[0][1] if export else None)
 
     @staticmethod
     def step_result(metric_refs: list) -> dict:
         return ray.get(metric_refs)[0]
 
     def get_weights(self):
-        """An object ref to rank 0's full weights as a ``WeightPayload`` (to broadcast to every rollout worker)."""
-        refs = self._collective("sync_payload")
+        """An object ref to rank 0's full weights as a ``WeightPayload`` in the engines' dtype (to send to
+        every rollout worker)."""
+        refs = self._collective("sync_payload", self.sync_dtype)
         if len(refs) > 1:
             ray.wait(refs, num_returns=len(refs))
         return refs[0]
+
+    def broadcast_weights(self, slots: list[int], version: int, bucket_mb: float) -> list:
+        """Refs (rank 0's first, ``{slot: "ok" | error}``) of a broadcast of the weights in the engines'
+        dtype to the engines of ``slots`` over their groups (``learner/sync_sender.py``)."""
+        return self._collective("broadcast_weights", slots, version, self.sync_dtype, bucket_mb)
 
     def save(self, path: str) -> str:
         return ray.get(self._collective("save", path))[0]

@@ -38,12 +38,9 @@ from .rewards import RewardPool, RewardSpec
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
 from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
-from .runtime import NodeUnavailable, WorkerGroup, describe_placement, init_ray
+from .runtime import ACTOR_LOST, NodeUnavailable, WorkerGroup, describe_placement, init_ray
 from .warmstart import prepare_start_checkpoint
-
-
-# An actor died, or its node did, taking objects it held with it (e.g. the learner's exported weights).
-ACTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.ObjectLostError)
+from .weight_syncer import WeightSyncer
 
 
 @dataclass
@@ -313,6 +310,7 @@ class _Run:
         self._deferred_flush = False  # trainer.state_every=0: the step's metrics go out during the next rollout
         self._fresh_position()
         self.placement: dict = {}  # node of every actor (``WorkerGroup.placement``), kept current
+        self.syncer = WeightSyncer(cfg, group, log)  # the learner's weights to every engine after a step
         self.elapsed_before = 0.0  # wall seconds of earlier attempts of this run (resume)
         self.t0 = time.perf_counter()
 
@@ -416,8 +414,7 @@ class _Run:
         tmp.replace(self.out_dir / "placement.json")
 
     def _push_weights(self) -> None:
-        weights = self.group.learner.get_weights()
-        self._on_rollouts(lambda: ray.get(self._send_weights(weights, self.step)))
+        self._on_rollouts(lambda: self.syncer.finish(self.syncer.start(self.step)))
 
     def _on_rollouts(self, fn: Callable):
         """Run ``fn`` over the rollout workers; a worker that died is replaced with the current weights
@@ -432,12 +429,7 @@ class _Run:
                 self._restarted("a rollout worker", exc)
                 replaced = self.group.replace_rollouts(dead)
                 self._record_placement(f"rollout worker {', '.join(map(str, dead))} replaced")
-                weights = self.group.learner.get_weights()
-                ray.get(self._send_weights(weights, self.step, [self.group.rollout[i] for i in replaced]))
-
-    def _send_weights(self, weights, version: int, workers: list | None = None) -> list:
-        """Start ``update_weights`` on the rollout workers (every one unless named); returns the refs."""
-        return [w.update_weights.remote(weights, version) for w in (self.group.rollout if workers is None else workers)]
+                self.syncer.finish(self.syncer.start(self.step, slots=replaced))
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -569,20 +561,25 @@ class _Run:
         cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
         tr = time.perf_counter()
         batch, bstats = learner_batch(records, cfg)
-        metric_refs, weights = self.group.learner.submit_step(batch)
-        # The sync is sent with the step: each worker loads the new weights as soon as the learner
-        # exports them, and after any rollout already queued on it (an actor runs one caller's calls in
-        # order when tasks are not retried, as here), so an off-policy rollout keeps its weights and a
-        # synchronous run's next rollout, queued after the sync, gets the new ones.
-        sent = [self._send_weights(weights, step)]
-        if not t.off_policy_steps:
+        metric_refs, weights = self.group.learner.submit_step(batch, export=self.syncer.with_step)
+        # The object-store sync is sent with the step: each worker loads the new weights as soon as the
+        # learner exports them, and after any rollout already queued on it (an actor runs one caller's
+        # calls in order when tasks are not retried, as here), so an off-policy rollout keeps its weights
+        # and a synchronous run's next rollout, queued after the sync, gets the new ones. A collective
+        # sync starts once learner and workers are free (below), the next rollout queued behind it.
+        sent = [self.syncer.start(step, weights)] if self.syncer.with_step else []
+        if sent and not t.off_policy_steps:
             self._start_next(step, records)
         lmetrics = self.group.learner.step_result(metric_refs)
         tl = time.perf_counter()
         if self._pending is not None and t.off_policy_steps:  # the time the next rollout keeps the weights waiting
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
         tw = time.perf_counter()
-        self._on_rollouts(lambda: ray.get(sent.pop() if sent else self._send_weights(weights, step)))
+        if not self.syncer.with_step:
+            sent = [self._on_rollouts(lambda: self.syncer.start(step))]
+            if not t.off_policy_steps:
+                self._start_next(step, records)
+        self._on_rollouts(lambda: self.syncer.finish(sent.pop() if sent else self.syncer.start(step, weights)))
         tsync = time.perf_counter()
         self.step = step
         m = step_metrics(records)
@@ -664,10 +661,12 @@ class _Run:
         worker_stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
         self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in worker_stats for k, v in s.items()
                          if k != "worker_index" and isinstance(v, (int, float))}, result.steps)
-        reload_paths = sorted({s["last_reload"] for s in worker_stats if s.get("last_reload")})
-        if reload_paths:  # which weight-load path the engines took (vLLM on CPU: inplace)
+        # How the last weights reached the engines (object_store, collective) and were loaded (vLLM on CPU: inplace).
+        tags = {f"budgetrl.rollout.{tag}": ",".join(sorted({s[k] for s in worker_stats if s.get(k)}))
+                for tag, k in (("weight_load", "last_reload"), ("weight_sync", "last_sync"))}
+        if any(tags.values()):
             try:
-                self.tracker.set_tags({"budgetrl.rollout.weight_load": ",".join(reload_paths)})
+                self.tracker.set_tags({k: v for k, v in tags.items() if v})
             except Exception as exc:  # noqa: BLE001 - a tag is not worth failing a finished run over
                 self.log(f"could not tag the weight-load path ({type(exc).__name__}: {exc})")
         for wait in (0, 5, 15, 30):  # a store that blinks at the very end gets a few chances

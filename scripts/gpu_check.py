@@ -12,6 +12,8 @@ Run from the repository root (``bash scripts/gpu_check.sh`` does); exit status 0
    --activation-checkpointing``: it runs, with its tokens/s and MFU.
 5. memory-single / memory-fsdp: each run's ``torch.cuda.max_memory_allocated`` against what
    ``python -m orchestrator plan`` predicts for it; PASS within 25% (SKIP on a CPU, which has no such counter).
+6. sync-nccl / sync-timeout-nccl: ``scripts/sync_check.py``, the collective weight sync over NCCL from
+   cuda:0 to cuda:1 (every byte, GB/s, a silent engine failing within the timeout); SKIP with fewer than 2 GPUs.
 
     bash scripts/gpu_check.sh                                      # on the GPU machine
     python scripts/gpu_check.py --device cpu --shape tiny --batch 8 --prompt 8 --response 16   # on a CPU
@@ -147,6 +149,20 @@ def check_memory(name: str, peak: float, plan: float) -> bool:
     return report(status, name, f"measured {peak:.2f} GiB, plan {plan:.2f} GiB, measured/plan {ratio:.2f}")
 
 
+def check_sync(device) -> bool:
+    """scripts/sync_check.py's lines, relayed (it needs two GPUs: rank 0 and an engine on one each)."""
+    import torch
+
+    if device.type != "cuda" or torch.cuda.device_count() < 2:
+        n = torch.cuda.device_count() if device.type == "cuda" else 0
+        return report("SKIP", "sync-nccl", f"{n} CUDA device(s); learner rank 0 and an engine need one each")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_check.py")], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900)
+    lines = [line for line in out.stdout.splitlines() if line.split()[:1] in (["PASS"], ["FAIL"], ["SKIP"])]
+    print("\n".join(lines) or f"FAIL sync-nccl: {out.stderr[-500:]}", flush=True)
+    return out.returncode == 0 and bool(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda:0", help="cuda:N (default cuda:0) or cpu")
@@ -177,6 +193,7 @@ def main() -> int:
     for strategy in ("single", "fsdp"):
         ran, peak, plan = run_mfu(args, device, strategy)
         ok &= ran and check_memory(f"memory-{strategy}", peak, plan)
+    ok &= check_sync(device)
     print("all checks passed" if ok else "some checks FAILED")
     return 0 if ok else 1
 

@@ -90,8 +90,22 @@ def test_gpu_check_runs_its_checks_on_a_cpu():
     status = {line.split()[1].rstrip(":"): line.split()[0] for line in out.stdout.splitlines()
               if line.split()[:1] in (["PASS"], ["FAIL"], ["SKIP"])}
     assert status == {"import": "PASS", "device": "SKIP", "checkpointing": "PASS", "mfu-single": "PASS",
-                      "memory-single": "SKIP", "mfu-fsdp": "PASS", "memory-fsdp": "SKIP"}, out.stdout
+                      "memory-single": "SKIP", "mfu-fsdp": "PASS", "memory-fsdp": "SKIP", "sync-nccl": "SKIP"}, out.stdout
     assert "largest relative gradient difference with/without checkpointing 0.00e+00" in out.stdout
+
+
+def test_sync_check_runs_over_gloo():
+    """scripts/sync_check.py (the NCCL check for two GPUs) on CPUs: every byte arrives in bf16, and a silent
+    engine fails rank 0's send within the timeout while rank 0 lives on."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "scripts" / "sync_check.py"), "--backend", "gloo", "--params", "2e6",
+           "--timeout", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "PASS sync-gloo:" in out.stdout and "every byte equal: True" in out.stdout
+    assert "PASS sync-timeout-gloo: a silent engine failed the send after 1." in out.stdout, out.stdout
 
 
 def test_gpu_check_memory_verdict():

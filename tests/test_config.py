@@ -145,8 +145,9 @@ def test_cpu_config_resolves_to_todays_values():
     v = cfg.rollout.vllm
     assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization, v.tensor_parallel_size) == \
         ("float32", True, 0.5, 1)
+    assert cfg.rollout.weight_sync.method == "object_store"
     assert {r.key for r in resolved} == {"model.dtype", "rollout.vllm.enforce_eager",
-                                         "rollout.vllm.gpu_memory_utilization"}
+                                         "rollout.vllm.gpu_memory_utilization", "rollout.weight_sync.method"}
 
 
 def test_gpu_config_resolves_for_gpus():
@@ -155,16 +156,39 @@ def test_gpu_config_resolves_for_gpus():
     cfg, resolved = load_config_explained(GPU_15B, check_paths=False)
     v = cfg.rollout.vllm
     assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization) == ("bfloat16", False, 0.85)
+    assert cfg.rollout.weight_sync.method == "collective"  # NCCL broadcast between the GPUs
     assert all(r.why for r in resolved)
     # explicit values win and are not reported as resolved
     cfg, resolved = load_config_explained(GPU_15B, ["model.dtype=float32", "rollout.vllm.enforce_eager=true",
-                                                    "rollout.vllm.gpu_memory_utilization=0.6"], check_paths=False)
+                                                    "rollout.vllm.gpu_memory_utilization=0.6",
+                                                    "rollout.weight_sync.method=object_store"], check_paths=False)
     assert (cfg.model.dtype, cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.gpu_memory_utilization) == \
         ("float32", True, 0.6)
     assert resolved == []
     # a rollout worker sharing its GPU gets 0.85 of its share; a learner on CPUs makes the dtype float32
     cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "learner.gpus_per_worker=0"], check_paths=False)
     assert cfg.rollout.vllm.gpu_memory_utilization == 0.425 and cfg.model.dtype == "float32"
+    assert cfg.rollout.weight_sync.method == "collective"  # one end on CPUs (gloo), but vLLM in its own process
+    cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "rollout.vllm.multiprocess=false"], check_paths=False)
+    assert cfg.rollout.weight_sync.method == "object_store"  # a shared GPU: NCCL refuses two ranks on one
+    cfg = load_config(GPU_15B, ["learner.gpus_per_worker=0", "rollout.vllm.multiprocess=false"], check_paths=False)
+    assert cfg.rollout.weight_sync.method == "object_store"  # and an engine in the actor's process: as before
+    cfg = load_config(QUICKSTART, ["rollout.vllm.multiprocess=true"])
+    assert cfg.rollout.weight_sync.method == "collective"
+    assert load_config(QUICKSTART, ["rollout.vllm.multiprocess=true", "rollout.engine=hf"]).rollout.weight_sync.method \
+        == "object_store"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rollout.weight_sync.method=nccl", r"rollout\.weight_sync\.method='nccl': must be one of auto, object_store, collective"),
+    ("rollout.weight_sync.bucket_mb=0", r"rollout\.weight_sync\.bucket_mb=0\.0: must be > 0"),
+    ("rollout.weight_sync.timeout_s=-1", r"rollout\.weight_sync\.timeout_s=-1\.0: must be > 0"),
+    ("rollout.weight_sync=collective", r"rollout\.weight_sync='collective': a section, not a value; set its keys "
+                                       r"\(rollout\.weight_sync\.method"),
+])
+def test_bad_weight_sync_settings_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, [override], check_paths=False)
 
 
 def test_tensor_parallel_size_fits_the_workers_gpus():

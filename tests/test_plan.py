@@ -161,7 +161,8 @@ def test_plan_command_exit_status_and_lines():
     assert "84.28  DOES NOT FIT (limit 72.0 GiB = 90% of 80)" in out.stdout
     ok = _plan(GPU_CONFIG, "--shape", "r1-distill-qwen-1.5b", "--gpu-memory-gib", "80")
     assert ok.returncode == 0 and "verdict: fits the declared GPUs" in ok.stdout
-    assert "weight sync per step: 3.31 GiB to each engine in bfloat16" in ok.stdout
+    assert ("weight sync per step: 3.31 GiB to each engine in bfloat16 (broadcast from learner rank 0: "
+            "rollout.weight_sync.method=collective)") in ok.stdout
     missing = _plan(GPU_CONFIG)  # the config's model is not on this machine
     assert missing.returncode == 2 and f"model.path={gpu_cfg().model.path!r}" in missing.stderr
     assert "--shape" in missing.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.rollout.engine import deserialize_state_dict, serialize_state_dict
+from orchestrator.rollout.engine import deserialize_state_dict, serialize_chunks, serialize_state_dict
 from orchestrator.weight_sync import WeightPayload, pack, unpack
 
 
@@ -47,3 +47,14 @@ def test_safetensors_bytes_carry_a_tied_output_embedding():
     state = _state()
     back = deserialize_state_dict(serialize_state_dict(state))
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_chunks_split_a_state_dict_and_keep_every_tensor():
+    """The multiprocess engine's chunks (one collective_rpc each): under the cap, a larger tensor alone."""
+    state = {**_state(), "big": torch.randn(1000)}
+    blobs = serialize_chunks(state, chunk_bytes=300)
+    assert len(blobs) >= 4 and max(len(b) for b in blobs) < 300 + 4000 + 1024
+    back = {}
+    for b in blobs:
+        back.update(deserialize_state_dict(b))
+    assert list(back) == list(state) and all(torch.equal(back[k], v) for k, v in state.items())

@@ -41,6 +41,7 @@ from orchestrator.learner.losses import (
     token_logprobs,
 )
 from orchestrator.learner.micro_batches import Packed, local_chunks, pack, place
+from orchestrator.learner.sync_sender import WeightSender
 
 BATCH_COLUMNS = ("prompt_token_ids", "response_token_ids", "loss_mask", "advantage")
 
@@ -118,7 +119,7 @@ def sequences_from_table(batch: pa.Table, vocab_size: int | None = None) -> Sequ
     return Sequences(tokens, p_len.astype(np.int64), r_len.astype(np.int64), masks, advantage)
 
 
-class Learner:
+class Learner(WeightSender):
     """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy.
 
     With ``world_size > 1`` it is one rank of a data-parallel group (``dist_init`` is the rendezvous):
@@ -299,12 +300,13 @@ class Learner:
             "seconds": time.perf_counter() - t0,
         }
 
-    def step_and_payload(self, batch: pa.Table, payload: bool) -> tuple[dict[str, float], weight_sync.WeightPayload | None]:
-        """``step``, then (``payload``) the updated weights as ``sync_payload`` gives them, in one call: the
-        trainer asks for both with ``num_returns=2`` and hands the payload's ref to the rollout workers
+    def step_and_payload(self, batch: pa.Table, payload: bool, dtype: str | None = None
+                         ) -> tuple[dict[str, float], weight_sync.WeightPayload | None]:
+        """``step``, then (``payload``) the updated weights as ``sync_payload(dtype)`` gives them, in one call:
+        the trainer asks for both with ``num_returns=2`` and hands the payload's ref to the rollout workers
         before the metrics arrive, so the sync starts without a second round trip to this actor."""
         metrics = self.step(batch)
-        return metrics, (self.sync_payload() if payload else None)
+        return metrics, (self.sync_payload(dtype) if payload else None)
 
     def get_weights(self, dtype: str | None = None) -> dict[str, torch.Tensor]:
         """Full state dict as contiguous CPU copies, always including the output embedding.
@@ -316,9 +318,10 @@ class Learner:
         return self._full_state(dtype, copy=True)
 
     def sync_payload(self, dtype: str | None = None) -> weight_sync.WeightPayload:
-        """The weights for a rollout sync (``get_weights``' contents as a ``WeightPayload``), without a copy
-        on a CPU learner: the arrays view the live parameters, which is safe because Ray copies an actor
-        call's return value into the object store before the actor runs its next call (the update)."""
+        """The weights for a rollout sync (``get_weights``' contents as a ``WeightPayload``) in the engines'
+        ``dtype``, without a copy on a CPU learner when no cast is needed: the arrays view the live
+        parameters, which is safe because Ray copies an actor call's return value into the object store
+        before the actor runs its next call (the update). A cast (fp32 masters to a bf16 engine) copies."""
         return weight_sync.pack(self._full_state(dtype, copy=False))
 
     def _full_state(self, dtype: str | None, copy: bool) -> dict[str, torch.Tensor]:
@@ -410,6 +413,7 @@ class Learner:
         return self._version
 
     def shutdown(self) -> None:
+        self.close_sync_groups()
         dist.destroy()
 
     # ---- internals --------------------------------------------------------------------------------

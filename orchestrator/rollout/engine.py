@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .vllm_extension import EXTENSION
+
 
 @dataclass
 class GenRequest:
@@ -41,6 +43,13 @@ class Engine(Protocol):
 
     def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]: ...
 
+    # Collective weight sync (orchestrator/weight_broadcast.py): join learner rank 0's group, then take
+    # each broadcast in place; receive_weights returns the policy version the learner sent.
+    def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float,
+                        bind_host: str = "") -> None: ...
+
+    def receive_weights(self) -> int: ...
+
 
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -53,28 +62,13 @@ def _finish(token_ids: list[int], max_tokens: int, stops: set[int]) -> str:
 # ---------------------------------------------------------------------------------------------- vLLM
 
 
-def _vllm_reload(worker, payload, inplace: bool = True) -> str:
-    """Runs inside each vLLM worker (collective_rpc): load new weights in place, no restart. Returns the
-    path taken: ``inplace`` (CPU, orchestrator/rollout/cpu_reload.py) or ``reload_weights`` (vLLM's)."""
-    if isinstance(payload, (bytes, bytearray)):
-        from safetensors.torch import load
-
-        payload = load(bytes(payload))
-    if inplace and not torch.cuda.is_available():
-        from .cpu_reload import load_inplace
-
-        if load_inplace(worker.get_model(), payload):
-            return "inplace"
-    worker.reload_weights(weights_iterator=iter(payload.items()))
-    return "reload_weights"
-
-
 class VllmEngine:
     """vLLM ``LLM`` built in this process. ``multiprocess`` (``rollout.vllm.multiprocess``, serve's
     ``model.vllm.multiprocess``; default False) picks where vLLM's engine runs, on CPU and GPU alike:
     False keeps it in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), which
     starts in seconds and takes weights as tensors; True leaves vLLM its engine subprocess, and synced
-    weights travel to it as safetensors bytes. The device sets only the rest: on GPU
+    weights travel to it as safetensors bytes in chunks, or over a collective. Either way they reach vLLM's
+    worker through methods called by name (``rollout/vllm_extension.py``). The device sets only the rest: on GPU
     ``gpu_memory_utilization`` and per-request seeds; on CPU whole-batch prefills, ``max_num_seqs``
     1024 when unset, and the in-place weight load. ``configs/gpu/deepscaler-1.5b.yaml`` sets
     ``multiprocess: true``."""
@@ -120,11 +114,13 @@ class VllmEngine:
         # vLLM 0.32 on CPU crashes on per-request seeds when a prefill is chunked ("CPU Generator does
         # not use offset"): on CPU, sampling uses the engine's seeded generator instead.
         self.per_request_seed = on_gpu
+        kwargs["worker_extension_cls"] = EXTENSION  # weight loads and syncs, called by name
         self.llm = LLM(**kwargs)
         self.model_runner = started_model_runner(self.llm)  # "v1" or "v2" (rollout/vllm_runner.py)
         if budget_forcing and self.model_runner != planned:  # its loader would have refused the processor
             raise RuntimeError(f"vLLM started model runner {self.model_runner}, not the planned {planned}")
         self.inplace_reload = inplace_reload
+        self.load_chunk_bytes = 1 << 30  # multiprocess loads: one collective_rpc per chunk (msgpack: < 4 GiB)
         self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
@@ -155,11 +151,22 @@ class VllmEngine:
         return [self._output(out) for out in outs]
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        payload: object = state_dict
-        if self.multiprocess:  # tensors passed as kwargs to another process arrive as lists: send bytes
-            payload = serialize_state_dict(state_dict)
-        self.last_reload = self.llm.collective_rpc(_vllm_reload, args=(payload, self.inplace_reload))[0]
+        if self.multiprocess:  # msgpack carries tensors as lists and bytes up to 4 GiB: safetensors chunks
+            for blob in serialize_chunks(state_dict, self.load_chunk_bytes):
+                self.llm.collective_rpc("budgetrl_stage_weights", args=(blob,))
+            state_dict = None  # load what was staged
+        self.last_reload = self.llm.collective_rpc("budgetrl_load_weights", args=(state_dict, self.inplace_reload))[0]
         self.llm.reset_prefix_cache()
+
+    def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float,
+                        bind_host: str = "") -> None:
+        self.llm.collective_rpc("budgetrl_open_sync_group",
+                                args=(address, key, world_size, backend, timeout_s, bind_host))
+
+    def receive_weights(self) -> int:
+        version, self.last_reload = self.llm.collective_rpc("budgetrl_receive_weights", args=(self.inplace_reload,))[0]
+        self.llm.reset_prefix_cache()
+        return version
 
     def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
         """Logprob of every token after the first, under the engine's current weights."""
@@ -198,6 +205,7 @@ class HFEngine:
         self.eos_token_id = tok.eos_token_id
         self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.generator_seed = seed
+        self._sync_group = None  # the collective weight sync's group (open_sync_group)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
@@ -240,6 +248,28 @@ class HFEngine:
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=False)
 
+    def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float,
+                        bind_host: str = "") -> None:
+        from ..weight_broadcast import open_group
+
+        if self._sync_group is not None:
+            self._sync_group.close()  # the group of a learner that was replaced
+        self._sync_group = open_group(address, key, 1, world_size, backend, timeout_s, bind_host=bind_host)
+
+    def receive_weights(self) -> int:
+        from ..weight_broadcast import receive
+
+        if self._sync_group is None:
+            raise RuntimeError("no weight-sync group: open_sync_group first")
+        try:
+            header, stream = receive(self._sync_group)
+            self.load_weights(dict(stream))
+        except BaseException:
+            self._sync_group.close()  # the sender sees a broken group at once and falls back
+            self._sync_group = None
+            raise
+        return int(header["version"])
+
     @torch.no_grad()
     def prompt_logprobs(self, sequences: Sequence[list[int]]) -> list[list[float]]:
         result = []
@@ -258,6 +288,20 @@ def make_engine(kind: str, model_path: str, **kwargs) -> Engine:
     if kind == "hf":
         return HFEngine(model_path, **kwargs)
     raise ValueError(f"rollout.engine={kind!r}: must be 'vllm' or 'hf'")
+
+
+def serialize_chunks(state_dict: dict[str, torch.Tensor], chunk_bytes: int = 1 << 30) -> list[bytes]:
+    """``serialize_state_dict`` of consecutive parts of at most ``chunk_bytes`` (a larger tensor alone)."""
+    parts: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state_dict.items():
+        n = v.numel() * v.element_size()
+        if parts[-1] and size + n > chunk_bytes:
+            parts.append({})
+            size = 0
+        parts[-1][k] = v
+        size += n
+    return [serialize_state_dict(p) for p in parts]
 
 
 def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:

@@ -1,7 +1,8 @@
 """RolloutWorker: a Ray actor that owns one engine and turns prompt tables into rollout records.
 
 The driver sends an Arrow prompt table and gets an Arrow rollout table back (``ROLLOUT_SCHEMA``,
-reward columns left empty for the reward stage). Weights arrive in place through ``update_weights``.
+reward columns left empty for the reward stage). Weights arrive in place through ``update_weights`` (an
+object-store payload) or ``receive_weights`` (a broadcast over the group ``open_sync_group`` joined).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class RolloutWorker:
         self.engine = make_engine(engine, model_path, **(engine_kwargs or {}))
         self.policy_version = 0
         self.counters = {"generate_calls": 0, "prompts": 0, "samples": 0, "weight_syncs": 0}
+        self.last_sync = ""  # how the last weights came: "object_store" or "collective"
 
     def ready(self) -> int:
         return self.worker_index
@@ -152,7 +154,23 @@ class RolloutWorker:
 
             state_dict = deserialize_state_dict(bytes(state_dict))
         self.engine.load_weights(state_dict)
-        self.policy_version = version
+        self.policy_version, self.last_sync = version, "object_store"
+        self.counters["weight_syncs"] += 1
+        return time.perf_counter() - t0
+
+    def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float) -> None:
+        """Join learner rank 0's weight-sync group ``key`` (orchestrator/weight_broadcast.py)."""
+        import ray
+
+        self.engine.open_sync_group(address, key, world_size, backend, timeout_s, ray.util.get_node_ip_address())
+
+    def receive_weights(self, version: int) -> float:
+        """Take the learner's next broadcast and load it in place; returns seconds taken (waiting included)."""
+        t0 = time.perf_counter()
+        got = self.engine.receive_weights()
+        if got != version:
+            raise RuntimeError(f"weight sync: expected policy version {version}, the learner sent {got}")
+        self.policy_version, self.last_sync = version, "collective"
         self.counters["weight_syncs"] += 1
         return time.perf_counter() - t0
 
@@ -161,10 +179,11 @@ class RolloutWorker:
 
     def stats(self) -> dict:
         """What this worker did since it started: calls, prompts, samples, weight syncs, policy version, the
-        path the last weight load took (vLLM: ``inplace`` or ``reload_weights``) and vLLM's model runner
-        (``v1``/``v2``; empty for the HF engine)."""
+        path the last weight load took (vLLM: ``inplace`` or ``reload_weights``), how the weights came
+        (``last_sync``: ``object_store`` or ``collective``) and vLLM's model runner (``v1``/``v2``; empty for
+        the HF engine)."""
         return {**self.counters, "policy_version": self.policy_version, "worker_index": self.worker_index,
-                "last_reload": getattr(self.engine, "last_reload", ""),
+                "last_reload": getattr(self.engine, "last_reload", ""), "last_sync": self.last_sync,
                 "model_runner": getattr(self.engine, "model_runner", "")}
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
