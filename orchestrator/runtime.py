@@ -67,10 +67,13 @@ def placement_bundles(cfg: Config, *, learner: bool = True) -> list[tuple[str, d
 class WorkerGroup:
     """Rollout workers and the learner of one run, placed together."""
 
-    def __init__(self, cfg: Config, model_path: str, *, learner: bool = True, name: str | None = None):
+    def __init__(self, cfg: Config, model_path: str, *, learner: bool = True, name: str | None = None,
+                 shared_dir: str | None = None):
         """``name`` (a run's identity) names the placement group: a group left behind by a dead earlier
         attempt of the same run (e.g. a Tune trial whose process was killed; placement groups outlive
-        the actor that made them) is removed first, so the retry gets its resources back."""
+        the actor that made them) is removed first, so the retry gets its resources back.
+        ``shared_dir``: a directory every node holding an actor must see as the driver does (the run's
+        output dir), checked once the bundles are placed and before any actor starts."""
         from .rollout.worker import RolloutWorker
 
         r = cfg.rollout
@@ -85,6 +88,12 @@ class WorkerGroup:
             why = describe_unplaced(self.pg, self.roles, self.node_wait_s)
             remove_placement_group(self.pg)  # a pending group would take the nodes when they come
             raise NodeUnavailable(why)
+        if shared_dir is not None:
+            try:
+                self.check_shared_storage(shared_dir)
+            except BaseException:
+                remove_placement_group(self.pg)
+                raise
 
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
         if r.engine == "vllm":

@@ -261,7 +261,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
                               "budgetrl.overlong_prompts": json.dumps(overlong)})
         spec = reward_spec(cfg, verifier)
         try:
-            group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}")
+            group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}", shared_dir=str(out_dir))
         except NodeUnavailable as exc:
             raise NodeUnavailable(f"{exc}. The run stopped; {resume.how_to_continue(out_dir)}") from None
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
@@ -437,7 +437,6 @@ class _Run:
         t = self.cfg.trainer
         stop = False
         self._record_placement("start")
-        self.group.check_shared_storage(str(self.out_dir))
         if state_path is not None:
             self.restore(state_path)
             self.result.resumed_from = self.step

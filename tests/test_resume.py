@@ -34,6 +34,10 @@ def _command(tmp: Path) -> list[str]:
                  "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.num_workers=2",
                  "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5", "ray.num_cpus=4",
                  "trainer.off_policy_steps=1",
+                 # Weights over gloo groups (one per engine), not the CPU default (the object store, which
+                 # tests/test_multinode.py runs under its node faults): each replaced worker and the rebuilt
+                 # learner must join a new group.
+                 "rollout.weight_sync.method=collective",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=faults", "trainer.log_samples_every=1",
                  "eval.num_prompts=8", "data.eval_size=8", "data.train_size=64", "budgets=[6x4]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=16",
@@ -116,6 +120,7 @@ def test_faults_then_sigkill_then_resume(tmp_path):
     assert m["cost/total"] > 0 and m["cost/cpu_hours"] > 0
     for i in (0, 1):  # both rollout workers took part and hold the final policy
         assert m[f"rollout/worker_{i}/samples"] > 0 and m[f"rollout/worker_{i}/policy_version"] == STEPS
+    assert run.data.tags["budgetrl.rollout.weight_sync"] == "collective"  # the last syncs came over the groups
     result = json.loads((out / "result.json").read_text())
     assert result["run_id"] == run.info.run_id and result["steps"] == STEPS
     assert (out / "checkpoint" / "model.safetensors").is_file()
