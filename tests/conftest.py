@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one Ray runtime, one tiny model, one vLLM rollout worker for the suite."""
+"""Session-wide fixtures: one Ray runtime, one tiny model, one vLLM rollout worker for each pytest-xdist
+worker process (two: pyproject.toml's addopts)."""
 
 from __future__ import annotations
 
