@@ -1,9 +1,11 @@
 """Weight sync into real vLLM engines, both ways: the object store and a gloo broadcast (the code NCCL runs).
 
 After a learner step and a sync, vLLM's logprobs of fixed sequences equal the learner's on its new
-weights (fp32), with a tied output embedding (the suite's shared in-process engine) and an untied one
-(one multiprocess engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, started here: its weights cross a
-process boundary through vLLM's msgpack channel, which refuses pickled functions).
+weights (fp32), with a tied output embedding (the suite's shared in-process engine, Qwen2) and an untied
+one (one multiprocess engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, started here on a Llama-architecture
+model: its weights cross a process boundary through vLLM's msgpack channel, which refuses pickled
+functions). Both loads vLLM can take: in place (the CPU default) and ``reload_weights`` with an iterator
+(the GPU path: vLLM's layerwise reload), over the object store and over the collective.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from orchestrator.rollout.worker import SamplingSpec
 TOL = 1e-4  # fp32 engine vs fp32 learner
 
 
-def _untied(tiny_model: str, out) -> str:
-    """A copy of the tiny model whose output head is its own (random) matrix."""
+def _untied_llama(tiny_model: str, out) -> str:
+    """A Llama-architecture model of the tiny model's shape and tokenizer, whose output head is its own
+    (random) matrix: another architecture than the suite's Qwen2, and an untied head."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    q = AutoConfig.from_pretrained(tiny_model)
+    cfg = LlamaConfig(vocab_size=q.vocab_size, hidden_size=q.hidden_size, intermediate_size=q.intermediate_size,
+                      num_hidden_layers=q.num_hidden_layers, num_attention_heads=q.num_attention_heads,
+                      num_key_value_heads=q.num_key_value_heads, max_position_embeddings=q.max_position_embeddings,
+                      rms_norm_eps=q.rms_norm_eps, tie_word_embeddings=False, bos_token_id=q.bos_token_id,
+                      eos_token_id=q.eos_token_id, pad_token_id=q.pad_token_id)
     torch.manual_seed(1)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.05)
+    model = LlamaForCausalLM(cfg).float()
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
     return str(out)
@@ -33,7 +41,7 @@ def _untied(tiny_model: str, out) -> str:
 
 @pytest.fixture(scope="module")
 def untied_model(tiny_model, tmp_path_factory) -> str:
-    return _untied(tiny_model, tmp_path_factory.mktemp("untied") / "model")
+    return _untied_llama(tiny_model, tmp_path_factory.mktemp("untied") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +105,21 @@ def _collective_sync(worker, learner, version: int, key: str) -> None:
     ray.get(received)
 
 
-def test_multiprocess_engine_takes_object_store_weights(mp_worker, untied_model):
+def _set_reload(worker, inplace: bool) -> None:
+    """In place (the CPU default) or vLLM's ``reload_weights`` with an iterator (what a GPU engine runs)."""
+    import ray
+
+    def set_(w):
+        w.engine.inplace_reload = inplace
+
+    ray.get(worker.__ray_call__.remote(set_))
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "reload_weights"])
+def test_multiprocess_engine_takes_object_store_weights(mp_worker, untied_model, inplace):
     """The GPU configs' multiprocess engine: the payload reaches vLLM's worker by method name, in
-    safetensors chunks staged one call each (a pickled function here failed in vLLM's msgpack encoder)."""
+    safetensors chunks staged one call each (a pickled function here failed in vLLM's msgpack encoder),
+    and is loaded in place or through vLLM's ``reload_weights`` (the GPU path)."""
     import ray
 
     def small_chunks(worker):  # several collective_rpc calls, as a model over 1 GiB would take
@@ -108,25 +128,34 @@ def test_multiprocess_engine_takes_object_store_weights(mp_worker, untied_model)
     learner, prompts, responses = _stepped_learner(mp_worker, untied_model)
     before = ray.get(mp_worker.prompt_logprobs.remote([p + r for p, r in zip(prompts, responses)]))
     ray.get(mp_worker.__ray_call__.remote(small_chunks))
-    ray.get(mp_worker.update_weights.remote(ray.put(learner.sync_payload("float32")), 1))
-    assert ray.get(mp_worker.stats.remote())["last_reload"] == "inplace"
-    _assert_engine_matches(mp_worker, learner, prompts, responses, before)
+    _set_reload(mp_worker, inplace)
+    try:
+        ray.get(mp_worker.update_weights.remote(ray.put(learner.sync_payload("float32")), 1))
+        assert ray.get(mp_worker.stats.remote())["last_reload"] == ("inplace" if inplace else "reload_weights")
+        _assert_engine_matches(mp_worker, learner, prompts, responses, before)
+    finally:
+        _set_reload(mp_worker, True)
 
 
-def test_collective_sync_into_multiprocess_engine(mp_worker, untied_model):
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "reload_weights"])
+def test_collective_sync_into_multiprocess_engine(mp_worker, untied_model, inplace):
     """Learner rank 0 -> vLLM's worker in the engine subprocess over gloo, in several buckets, loaded in
-    place: an untied output head (its own matrix in the payload)."""
+    place or streamed into ``reload_weights`` as the buckets arrive (the GPU path): an untied output head
+    (its own matrix in the payload)."""
     import ray
 
     learner, prompts, responses = _stepped_learner(mp_worker, untied_model)
     before = ray.get(mp_worker.prompt_logprobs.remote([p + r for p, r in zip(prompts, responses)]))
+    _set_reload(mp_worker, inplace)
     try:
-        _collective_sync(mp_worker, learner, 7, "mp-1")
+        _collective_sync(mp_worker, learner, 7, f"mp-{inplace}")
         stats = ray.get(mp_worker.stats.remote())
-        assert (stats["last_sync"], stats["last_reload"], stats["policy_version"]) == ("collective", "inplace", 7)
+        path = "inplace" if inplace else "reload_weights"
+        assert (stats["last_sync"], stats["last_reload"], stats["policy_version"]) == ("collective", path, 7)
         _assert_engine_matches(mp_worker, learner, prompts, responses, before)
     finally:
         learner.close_sync_groups()
+        _set_reload(mp_worker, True)
 
 
 def test_collective_sync_into_shared_engine_tied_head(vllm_worker, tiny_model):
