@@ -10,6 +10,8 @@ has no sdist):
 | ``LLM.collective_rpc(fn, args=)``, ``LLM.reset_prefix_cache``, ``vllm.inputs.TokensPrompt`` | <= 0.10.0 |
 | ``SamplingParams(extra_args=, detokenize=, logprobs=0, prompt_logprobs=0)`` | <= 0.10.0 |
 | ``LLM(distributed_executor_backend="uni")``, ``VLLM_ENABLE_V1_MULTIPROCESSING`` | <= 0.10.0 |
+| ``LLM(worker_extension_cls=FQCN)`` (vllm_extension.py) | < 0.10.0 (vLLM's RLHF examples, 2025; not read in an sdist) |
+| ``SamplingParams(stop_token_ids=)`` (every end id of a generation config) | <= 0.10.0 |
 | ``vllm.v1.sample.logits_processor.{LogitsProcessor, BatchUpdate}``, ``LLM(logits_processors=[FQCN])`` | 0.10.1 |
 | ``vllm.v1.sample.logits_processor.builtin.process_dict_updates`` (budget_forcing.py) | 0.10.2 |
 | ``LogitsProcessor.validate_params`` (called by vLLM to refuse a bad budget spec) | 0.11.1 |
