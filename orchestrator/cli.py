@@ -207,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {result.run_id}: checkpoint {result.checkpoint}")
         return 0
     if args.command == "eval":
-        from .config import require_checkpoint
+        from .checkpoint_files import require_checkpoint
 
-        try:
-            require_checkpoint(cfg.model.path)  # before anything imports Ray or opens the MLflow store
+        try:  # before anything imports Ray or opens the MLflow store
+            require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2
