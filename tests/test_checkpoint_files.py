@@ -73,6 +73,27 @@ def test_standin_checkpoint_is_shaped_like_a_real_chat_model(standin_model):
     assert check_model_dir(d, think_end="</think>", chat_template=True)["architectures"] == ["LlamaForCausalLM"]
 
 
+def test_budgeted_rollout_on_the_standin(standin_model):
+    """The HF engine's two-phase rollout on the stand-in through its chat template: the prompt ends in the
+    template's ``<think>``, the thinking budget holds, and ``</think>`` is forced as one injected token."""
+    from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
+
+    worker = RolloutWorker(standin_model, engine="hf", chat_template=True, engine_kwargs={"dtype": "float32"})
+    tok = worker.tokenizer
+    assert worker.think_end_id == tok.convert_tokens_to_ids("</think>")
+    assert worker.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
+    prompts = pa.table({"prompt_id": ["a"], "prompt": ["12+34="], "task": ["addition"], "difficulty": [2],
+                        "domain": ["arithmetic"], "answer": ["46"]})
+    records = worker.generate(prompts, SamplingSpec(group_size=2, budget_thinking=6, budget_solution=3,
+                                                    temperature=1.0, seed=0)).to_pylist()
+    assert len(records) == 2
+    for r in records:
+        assert tok.decode(r["prompt_token_ids"]).endswith("<|im_start|>assistant\n<think>\n")
+        assert r["thinking_tokens"] <= 6 and r["solution_tokens"] <= 3
+        forced = [t for t, inj in zip(r["response_token_ids"], r["injected"]) if inj]
+        assert forced in ([], [worker.think_end_id]) and (forced or not r["thinking_truncated"]), r
+
+
 def test_standin_build_is_deterministic_and_reused(standin_model, tmp_path):
     from orchestrator.cli import main
 
