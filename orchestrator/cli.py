@@ -1,8 +1,9 @@
 """``python -m orchestrator COMMAND CONFIG [key=value ...]``.
 
 Commands: ``train`` (GRPO under a thinking budget), ``eval`` (a checkpoint over a budget grid),
-``build-tiny`` (the embedded tiny model), ``show-config`` (the merged, validated config),
-``sweep`` (Ray Tune + Optuna over a training config), ``frontier`` (Pareto fronts from MLflow runs),
+``build-tiny`` (the embedded tiny model), ``build-standin`` (a stand-in checkpoint shaped like a real chat
+model), ``show-config`` (the merged, validated config), ``sweep`` (Ray Tune + Optuna over a training
+config), ``frontier`` (Pareto fronts from MLflow runs),
 ``serve`` (a checkpoint or models:/ URI behind an OpenAI-compatible API with per-request budgets),
 ``workload NAME`` (a method recipe such as ``elastic``), ``analyze`` (reasoning length vs accuracy
 over rollout/eval tables), ``plan`` (GPU memory per learner and rollout device, before a run starts).
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="analysis workload registered under budgetrl.workloads (default: length_analysis)")
     bt = sub.add_parser("build-tiny", help="build the embedded tiny Qwen2 model and tokenizer")
     bt.add_argument("out_dir")
+    bs = sub.add_parser("build-standin", help="build a stand-in checkpoint shaped like a real chat model: trained "
+                                              "BPE tokenizer, chat template with enable_thinking, two EOS ids, "
+                                              "untied head, sharded safetensors (seconds, offline)")
+    bs.add_argument("out_dir")
+    bs.add_argument("--seed", type=int, default=0)
     sw = sub.add_parser("sweep", help="run (or resume) a hyperparameter sweep: Ray Tune + Optuna study")
     sw.add_argument("config", help="sweep YAML config (see configs/sweeps/)")
     sw.add_argument("overrides", nargs="*", help="key=value sweep overrides; base.KEY=value for the base config")
@@ -162,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_tiny_model(args.out_dir))
         return 0
+    if args.command == "build-standin":
+        from .standin_model import build_standin_model
+
+        print(build_standin_model(args.out_dir, seed=args.seed))
+        return 0
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "frontier":
@@ -207,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {result.run_id}: checkpoint {result.checkpoint}")
         return 0
     if args.command == "eval":
-        from .config import require_checkpoint
+        from .checkpoint_files import require_checkpoint
 
-        try:
-            require_checkpoint(cfg.model.path)  # before anything imports Ray or opens the MLflow store
+        try:  # before anything imports Ray or opens the MLflow store
+            require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
         except ConfigError as exc:
             print(f"config error: {exc}", file=sys.stderr)
             return 2

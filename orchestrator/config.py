@@ -426,16 +426,6 @@ def resolve_durable_paths(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def require_checkpoint(path: str, key: str = "model.path") -> str:
-    """A command that reads a trained model (eval) never builds one, whatever ``model.build_tiny_if_missing``
-    says: a typo in the path must not turn into a freshly built random model. Returns the path."""
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        why = "no such directory" if not p.exists() else "not a Hugging Face model directory (no config.json)"
-        raise ConfigError(f"{key}={str(path)!r}: {why}; eval reads a checkpoint and never builds a model")
-    return str(p)
-
-
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]

@@ -124,12 +124,13 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
     The checkpoint must exist (``ConfigError`` before any work otherwise): eval never builds a model."""
     import contextlib
     from . import tracking
-    from .config import eval_budgets, require_checkpoint, to_dict
+    from .checkpoint_files import require_checkpoint
+    from .config import eval_budgets, to_dict
     from .rewards import RewardPool
     from .runtime import WorkerGroup, init_ray
     from .trainer import _log_eval, fresh_run_dir, load_prompt_tables, reward_spec
 
-    model = require_checkpoint(cfg.model.path)
+    model = require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
     run_name, out_dir = fresh_run_dir(cfg, "eval")
     config_dict = to_dict(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)

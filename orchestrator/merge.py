@@ -1,8 +1,8 @@
 """Merge N Hugging Face checkpoints in parameter space: linear ``sum_i w_i * theta_i`` or, given the
 base they were all fine-tuned from, task arithmetic ``theta_base + sum_i w_i * (theta_i - theta_base)``.
 
-Reads ``*.safetensors`` only (never pickle), checks that every model has the same architecture,
-keys, shapes and dtypes (an error names the first bad key), and writes a ``save_pretrained``
+Reads safetensors only (single file or sharded; never pickle), checks that every model has the same
+architecture, keys, shapes and dtypes (an error names the first bad key), and writes a ``save_pretrained``
 directory (config, generation config, tokenizer of the first model) atomically. With
 ``normalize=True`` the weights are divided by their sum first (what common merge tools do by
 default: 1.0 / 0.2 / 0.1 -> 0.769 / 0.154 / 0.077). Exactness: a term with weight 1.0 and all others
@@ -65,28 +65,16 @@ def base_coefficient(coefficients: Sequence[float]) -> float:
     return 1.0 - sum(coefficients)
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    if not (model_dir / "config.json").is_file():
-        raise MergeError(f"merge: {model_dir} is not a Hugging Face model directory (no config.json)")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
-        extra = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
-        raise MergeError(f"merge: {model_dir} has no *.safetensors files{extra}")
-    return files
-
-
 def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's safetensors files (sharded or not), keyed by name."""
-    from safetensors.torch import load_file
+    """Every tensor of a checkpoint (single file or sharded: ``checkpoint_files.load_tensors``), keyed by name."""
+    from .checkpoint_files import CheckpointError, load_tensors
 
-    state: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(Path(model_dir)):
-        for k, v in load_file(str(f)).items():
-            if k in state:
-                raise MergeError(f"merge: key {k!r} appears in two shards of {model_dir}")
-            state[k] = v
-    return state
+    if not (Path(model_dir) / "config.json").is_file():
+        raise MergeError(f"merge: {model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return load_tensors(model_dir)
+    except CheckpointError as exc:
+        raise MergeError(f"merge: {exc}") from None
 
 
 def _arch(model_dir: Path) -> dict:

@@ -128,6 +128,16 @@ def _find_training_run(client, ckpt: Path) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def _require_weights(where: str, model_dir: Path) -> None:
+    """Every weight file of a checkpoint is there (each shard its index names), else ``RegistryError``."""
+    from .checkpoint_files import CheckpointError, weight_files
+
+    try:
+        weight_files(model_dir)
+    except CheckpointError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
+
+
 def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathLike, name: str,
                         run_id: str | None = None, tags: Mapping[str, str] | None = None, *,
                         alias: str | None = None, experiment: str = "budgetrl",
@@ -144,6 +154,7 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
     if not (ckpt / "config.json").is_file():
         raise RegistryError(f"checkpoint_dir={str(checkpoint_dir)!r}: not a Hugging Face save_pretrained "
                             "directory (no config.json)")
+    _require_weights(f"checkpoint_dir={str(checkpoint_dir)!r}", ckpt)
     if not _NAME_RE.match(name):
         raise RegistryError(f"name={name!r}: use letters, digits, '_', '-', '.' (no '/' or '@')")
     client, uri = _client(tracking_uri)
@@ -260,6 +271,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
         path = Path(uri).expanduser()
         if not (path / "config.json").is_file():
             raise RegistryError(f"{uri!r}: no such model directory (no config.json)")
+        _require_weights(repr(uri), path)
         return str(path.resolve())
     import mlflow
 
@@ -278,6 +290,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
         if not (local / "config.json").is_file():
             raise RegistryError(f"{uri!r}: the artifact at {download_uri} is not a Hugging Face model "
                                 "directory (no config.json)")
+        _require_weights(f"{uri!r}: the artifact at {download_uri}", local)
         (local / _COMPLETE).write_text(uri + "\n")
         staged = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
         local.rename(staged)

@@ -8,7 +8,6 @@ context window from its ``config.json``, the budget limits from that context.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,26 +290,12 @@ def _check_budgets(cfg: ServeConfig) -> None:
 
 
 def _check_model_dir(cfg: ServeConfig, path: Path) -> dict:
-    """Tokenizer checks that need the model's files (local directories only); returns its config.json."""
-    m = cfg.model
-    try:
-        conf = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        _bad("model.path", str(path), f"config.json is unreadable: {exc}")
-    from transformers import AutoTokenizer
+    """The checks that need the model's files (local directories only: weights and shards, EOS ids, tokenizer,
+    ``model.think_end``, chat template; ``checkpoint_files.check_model_dir``); returns its config.json."""
+    from .checkpoint_files import check_model_dir
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        _bad("model.path", str(path), f"cannot load its tokenizer: {exc}")
-    tid = tok.convert_tokens_to_ids(m.think_end)
-    if tid is None or tid == tok.unk_token_id:
-        _bad("model.think_end", m.think_end, f"is not a single token of the tokenizer at {path}")
-    if tok.eos_token_id is None:
-        _bad("model.path", str(path), "its tokenizer has no eos_token")
-    if m.chat_template and not getattr(tok, "chat_template", None):
-        _bad("model.chat_template", True, f"the tokenizer at {path} has no chat template")
-    return conf
+    m = cfg.model
+    return check_model_dir(path, think_end=m.think_end, chat_template=m.chat_template)
 
 
 def config_warnings(cfg: ServeConfig) -> list[str]:

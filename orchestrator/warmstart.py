@@ -28,18 +28,21 @@ def _key(cfg: Config) -> str:
 
 
 def ensure_base_model(cfg: Config) -> str:
-    """The configured model directory; the tiny model is built there first when asked and missing."""
+    """The configured model directory, checked before Ray starts (``checkpoint_files.check_model_dir``: weights
+    and every shard, EOS ids, ``model.think_end``, chat template); the tiny model is built there first when
+    asked and missing. A directory that holds a checkpoint the tiny builder did not write is never built over."""
+    from .checkpoint_files import check_model_dir
+
     path = Path(cfg.model.path)
     if cfg.model.build_tiny_if_missing:
-        from .tiny_model import build_tiny_model, is_built
+        from .tiny_model import MARKER_FILE, build_tiny_model, is_built
 
-        if not is_built(path):
+        if not is_built(path) and ((path / MARKER_FILE).is_file() or not (path / "config.json").is_file()):
             t = cfg.model.tiny
             build_tiny_model(path, hidden_size=t.hidden_size, num_layers=t.num_layers, num_heads=t.num_heads,
                              intermediate_size=t.intermediate_size,
                              max_position_embeddings=t.max_position_embeddings, seed=t.seed)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(path)!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
     return str(path)
 
 

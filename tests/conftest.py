@@ -55,6 +55,14 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def standin_model(tmp_path_factory) -> str:
+    """The stand-in checkpoint (orchestrator/standin_model.py): trained BPE, chat template, sharded weights."""
+    from orchestrator.standin_model import build_standin_model
+
+    return str(build_standin_model(tmp_path_factory.mktemp("models") / "standin"))
+
+
+@pytest.fixture(scope="session")
 def vllm_worker(ray_session, tiny_model):
     """One vLLM RolloutWorker actor shared by every test that needs a real engine."""
     from orchestrator.rollout.worker import RolloutWorker

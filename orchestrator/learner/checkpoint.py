@@ -1,7 +1,8 @@
 """Hugging Face checkpoints for the policy: load with safetensors only, save atomically.
 
 Checkpoints are plain ``save_pretrained`` directories (tokenizer included) so vLLM, transformers and
-Ray Serve load them unchanged; model state is never pickled.
+Ray Serve load them unchanged; model state is never pickled. Above ``MAX_SHARD_SIZE`` the weights are
+sharded with an index; ``orchestrator/checkpoint_files.py`` reads either layout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.checkpoint_files import load_tensors, save_tensors, weight_files
+
 log = logging.getLogger(__name__)
+# The Hub's usual shard size (transformers' own default is 50GB): a 7B model in fp32 is 6 shards, a tensor is
+# never split. Optimizer moments in a resumable state shard the same way.
+MAX_SHARD_SIZE = "5GB"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -49,6 +55,8 @@ def load_policy(model_path: str, dtype: str | torch.dtype = "float32", device: s
     """Load ``(model, tokenizer)`` from a local HF directory; tokenizer is None when the path has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if Path(model_path).is_dir():  # a missing shard fails here, named, not deep inside transformers
+        weight_files(model_path)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=resolve_dtype(dtype), use_safetensors=True
     ).to(resolve_device(device))
@@ -68,8 +76,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *, state_dict: dict | None = None,
-                       architectures: list[str] | None = None) -> str:
-    """Write ``save_pretrained`` (safetensors) + tokenizer to ``out_dir`` atomically; returns its path.
+                       architectures: list[str] | None = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> str:
+    """Write ``save_pretrained`` (safetensors, sharded above ``max_shard_size``) + tokenizer to ``out_dir``
+    atomically; returns its path.
 
     ``state_dict`` saves gathered weights of a wrapped (FSDP) model; ``architectures`` keeps the
     config naming the HF class, not the wrapper's.
@@ -82,7 +91,7 @@ def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *, state_di
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         if architectures:
             cfg_path = tmp / "config.json"
             cfg = json.loads(cfg_path.read_text())
@@ -106,7 +115,8 @@ def save_hf_checkpoint(model, tokenizer, out_dir: str | os.PathLike, *, state_di
 
 # ---- resumable training state ------------------------------------------------------------------
 # A state directory holds everything a killed run needs to continue: ``model/`` (a save_pretrained
-# checkpoint of the policy), the optimizer moments as safetensors with their param groups as JSON,
+# checkpoint of the policy), the optimizer moments as safetensors (sharded like the model above
+# ``max_shard_size``) with their param groups as JSON,
 # the learner's RNG and step counters as JSON, and the driver's ``trainer_state.json``, written last
 # as the completion marker. Nothing is pickled.
 
@@ -115,10 +125,9 @@ OPTIMIZER_GROUPS = "optimizer.json"
 LEARNER_STATE = "learner.json"
 
 
-def save_optimizer_state(osd: dict, out_dir: str | os.PathLike) -> None:
-    """Name-keyed optimizer state (``get_optimizer_state_dict`` layout) -> safetensors + JSON."""
-    from safetensors.torch import save_file
-
+def save_optimizer_state(osd: dict, out_dir: str | os.PathLike, max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+    """Name-keyed optimizer state (``get_optimizer_state_dict`` layout) -> safetensors (sharded above
+    ``max_shard_size``) + JSON."""
     tensors, scalars = {}, {}
     for fqn, state in osd["state"].items():
         for key, value in state.items():
@@ -127,18 +136,16 @@ def save_optimizer_state(osd: dict, out_dir: str | os.PathLike) -> None:
             else:
                 scalars[f"{fqn}::{key}"] = value
     out = Path(out_dir)
-    save_file(tensors, str(out / OPTIMIZER_TENSORS))
+    save_tensors(tensors, out, OPTIMIZER_TENSORS, max_shard_size)
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
     (out / OPTIMIZER_GROUPS).write_text(json.dumps({"param_groups": groups, "scalars": scalars}))
 
 
 def load_optimizer_state(state_dir: str | os.PathLike) -> dict:
-    from safetensors.torch import load_file
-
     d = Path(state_dir)
     meta = json.loads((d / OPTIMIZER_GROUPS).read_text())
     state: dict[str, dict] = {}
-    for name, t in load_file(str(d / OPTIMIZER_TENSORS)).items():
+    for name, t in load_tensors(d, OPTIMIZER_TENSORS).items():
         fqn, key = name.rsplit("::", 1)
         state.setdefault(fqn, {})[key] = t
     for name, v in meta["scalars"].items():

@@ -217,10 +217,13 @@ def sft_loop(
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, args: dict, result: dict) -> Path:
-    """``save_pretrained`` (safetensors) plus tokenizer and the run's args/metrics in ``METRICS_FILE``."""
+    """``save_pretrained`` (safetensors, sharded like the learner's above ``MAX_SHARD_SIZE``) plus tokenizer and
+    the run's args/metrics in ``METRICS_FILE``."""
+    from .checkpoint import MAX_SHARD_SIZE
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
     tokenizer.save_pretrained(out)
     (out / METRICS_FILE).write_text(json.dumps({"args": args, "metrics": result}, indent=1))
     return out

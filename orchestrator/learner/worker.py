@@ -28,9 +28,11 @@ from orchestrator.learner.checkpoint import (
     load_policy,
     resolve_device,
     resolve_dtype,
+    MAX_SHARD_SIZE,
     save_hf_checkpoint,
     save_optimizer_state,
 )
+from orchestrator.checkpoint_files import load_tensors
 from orchestrator.learner.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -367,30 +369,32 @@ class Learner(WeightSender):
         seqs = sequences_from_table(table, self.vocab_size)
         return [lp.tolist() for lp in self._logprobs_all(self.model, seqs)[0]]
 
-    def save(self, out_dir: str) -> str | None:
-        """HF ``save_pretrained`` directory (safetensors, fp32 masters) + tokenizer, written atomically.
+    def save(self, out_dir: str, max_shard_size: int | str = MAX_SHARD_SIZE) -> str | None:
+        """HF ``save_pretrained`` directory (safetensors, fp32 masters, sharded above ``max_shard_size``) +
+        tokenizer, written atomically.
 
         Under FSDP every rank calls it (the weights are gathered); rank 0 writes and returns the path."""
         if not self.sharded:
             if self.rank != 0:
                 return None
-            return save_hf_checkpoint(self.model, self.tokenizer, out_dir)
+            return save_hf_checkpoint(self.model, self.tokenizer, out_dir, max_shard_size=max_shard_size)
         state = self.get_weights()
         if self.rank != 0:
             return None
         return save_hf_checkpoint(self.model, self.tokenizer, out_dir, state_dict=state,
-                                  architectures=self.architectures)
+                                  architectures=self.architectures, max_shard_size=max_shard_size)
 
-    def save_state(self, out_dir: str) -> str | None:
-        """Everything needed to continue training: ``model/`` (HF checkpoint), optimizer, RNG, version.
+    def save_state(self, out_dir: str, max_shard_size: int | str = MAX_SHARD_SIZE) -> str | None:
+        """Everything needed to continue training: ``model/`` (HF checkpoint), optimizer, RNG, version; the
+        weights and the optimizer moments sharded above ``max_shard_size`` (``load_state`` reads either).
 
         Collective under FSDP (every rank calls; rank 0 writes). Not atomic by itself: the driver
         writes into a temporary directory and swaps it into place (``trainer_state.json`` last)."""
         osd = dist.full_optimizer_state_dict(self.model, self.optimizer, self.sharded)
-        model_dir = self.save(str(Path(out_dir) / "model"))
+        model_dir = self.save(str(Path(out_dir) / "model"), max_shard_size)
         if self.rank != 0:
             return None
-        save_optimizer_state(osd, out_dir)
+        save_optimizer_state(osd, out_dir, max_shard_size)
         rng = {"version": self._version, "numpy": self._rng.bit_generator.state,
                "torch": torch.get_rng_state().tolist()}
         (Path(out_dir) / LEARNER_STATE).write_text(json.dumps(rng))
@@ -400,10 +404,8 @@ class Learner(WeightSender):
         """Restore weights, optimizer moments, RNG and version from ``save_state``; returns the version.
 
         The reference model (KL) is untouched: it stays the run's start checkpoint."""
-        from safetensors.torch import load_file
-
         d = Path(state_dir)
-        weights = load_file(str(d / "model" / "model.safetensors"))
+        weights = load_tensors(d / "model")
         dist.load_full_model_state_dict(self.model, weights, self.sharded)
         dist.load_full_optimizer_state_dict(self.model, self.optimizer, load_optimizer_state(d), self.sharded)
         meta = json.loads((d / LEARNER_STATE).read_text())

@@ -21,7 +21,6 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -95,9 +94,9 @@ def sft_examples(table: pa.Table, kind: str, tcfg, eos: str) -> list[tuple[str, 
 
 def checkpoint_weights(path: str) -> dict:
     """A checkpoint's tensors for an in-place engine update (the tied output embedding sent explicitly)."""
-    from safetensors.torch import load_file
+    from orchestrator.checkpoint_files import load_tensors
 
-    state = load_file(str(Path(path) / "model.safetensors"))
+    state = load_tensors(path)
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
