@@ -1,7 +1,10 @@
 """Generation engines behind one small interface: vLLM (default) and Hugging Face ``generate``.
 
 Both take token ids in and give token ids, sampled logprobs and a finish reason out, so budgeted
-two-phase generation (``rollout/budget.py``) is written once. Ids always come from the tokenizer.
+two-phase generation (``rollout/budget.py``) is written once. Ids always come from the tokenizer. Both
+stop every request on every end-of-generation id (``end_token_ids``: the tokenizer's EOS and the
+generation config's EOS list, ``rollout/end_ids.py``) besides the request's own stop ids; a sample that
+ended on one has finish reason ``stop``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .end_ids import end_token_ids
 from .vllm_extension import EXTENSION
 
 
@@ -34,7 +38,8 @@ class GenOutput:
 
 
 class Engine(Protocol):
-    eos_token_id: int
+    eos_token_id: int  # the tokenizer's
+    end_token_ids: tuple[int, ...]  # every id that ends a generation (rollout/end_ids.py), eos_token_id first
     budget_forcing: bool  # honours GenRequest.budget_forcing (one request per budgeted sample)
 
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]: ...
@@ -124,13 +129,17 @@ class VllmEngine:
         self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
+        # vLLM stops on these by itself too (its generation_config="auto"); listing them in every request
+        # keeps that true whatever the engine's generation_config setting.
+        self.end_token_ids = end_token_ids(model_path, tok.eos_token_id)
 
     def _params(self, r: GenRequest, temperature: float, top_p: float):
         from vllm import SamplingParams
 
         if r.budget_forcing is not None and not self._forcing_registered:  # vLLM would ignore extra_args
             raise ValueError("GenRequest.budget_forcing needs an engine built with budget_forcing=True")
-        return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
+        stops = list(dict.fromkeys([*r.stop_token_ids, *self.end_token_ids]))
+        return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=stops, temperature=temperature,
                               top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
                               logprobs=0, detokenize=False,
                               extra_args=None if r.budget_forcing is None else {"budget_forcing": list(r.budget_forcing)})
@@ -203,7 +212,8 @@ class HFEngine:
         self.model.to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_path)
         self.eos_token_id = tok.eos_token_id
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.end_token_ids = end_token_ids(model_path, tok.eos_token_id)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (self.end_token_ids or (0,))[0]
         self.generator_seed = seed
         self._sync_group = None  # the collective weight sync's group (open_sync_group)
 
@@ -213,7 +223,8 @@ class HFEngine:
         results: list[GenOutput | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.max_tokens, tuple(sorted(set(r.stop_token_ids) | {self.eos_token_id}))), []).append(i)
+            stops = tuple(sorted(set(r.stop_token_ids) | set(self.end_token_ids)))
+            groups.setdefault((r.max_tokens, stops), []).append(i)
         for (max_tokens, stops), idx in groups.items():
             seed = requests[idx[0]].seed
             if seed is not None:
@@ -229,7 +240,7 @@ class HFEngine:
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_tokens,
                 do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                top_k=0 if sample else None, eos_token_id=list(stops), pad_token_id=self.pad_token_id,
+                top_k=0 if sample else None, eos_token_id=list(stops) or None, pad_token_id=self.pad_token_id,
                 output_scores=True, return_dict_in_generate=True)
             new = out.sequences[:, width:].cpu()
             scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
