@@ -316,3 +316,23 @@ def test_every_end_id_ends_a_sample_vllm(ray_session, vllm_worker, hf_worker, ti
         kinds |= _check_end_ids(table, think_end, (eos, other), t, s)
     assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
 
+
+# ---- the HF engine: sampled logprobs without the scores, strict weight loads ------------------------------
+
+
+def test_hf_sampled_logprobs_are_the_models(hf_worker):
+    """The logprob the HF engine records for each sampled token is the model's own (scored again without
+    padding), at every step of left-padded rows, before temperature and top-p as vLLM's are."""
+    from orchestrator.rollout.engine import GenRequest
+
+    engine, tok = hf_worker.engine, hf_worker.tokenizer
+    prompts = [tok(f"<s>{10 ** i}+{3 * i}=<think>", add_special_tokens=False)["input_ids"] for i in range(6)]
+    assert len({len(p) for p in prompts}) > 3  # rows of different lengths: left padding
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8)):
+        outs = engine.generate([GenRequest(p, 24, seed=11) for p in prompts], temperature, top_p)
+        scored = engine.prompt_logprobs([p + o.token_ids for p, o in zip(prompts, outs)])
+        for p, o, lp in zip(prompts, outs, scored):
+            assert len(o.logprobs) == len(o.token_ids) > 0
+            assert o.logprobs == pytest.approx(lp[len(p) - 1:], abs=1e-4)
+        assert any(len(o.token_ids) > 12 for o in outs)
+

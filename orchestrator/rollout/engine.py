@@ -194,8 +194,44 @@ class VllmEngine:
 # ------------------------------------------------------------------------------------------------ HF
 
 
+class SampledLogprobs:
+    """A ``generate`` logits processor that keeps the logprob of each step's sampled token, one float per
+    row and step. It holds one step's log-softmax until the next call, whose ``input_ids`` end with the
+    token that step sampled; ``finish`` takes the last step's token from the returned sequences.
+
+    ``generate`` runs custom processors after its own (penalties) and before its sampling warpers
+    (temperature, top-k, top-p), so these are the model's logprobs, as vLLM's default ``raw_logprobs``."""
+
+    def __init__(self):
+        self._steps: list[torch.Tensor] = []  # [batch, 1] per step whose token is known
+        self._last: torch.Tensor | None = None  # the newest step's log-softmax, [batch, vocab]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self._steps.append(self._last.gather(1, input_ids[:, -1:]))
+        self._last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, n] logprobs of the ``n`` generated columns ``new_tokens`` (a step ``generate`` ran and then
+        undid, as its deferred stop check does on Apple's ``mps``, is dropped)."""
+        n = new_tokens.shape[1]
+        if len(self._steps) < n and self._last is not None:
+            self._steps.append(self._last.gather(1, new_tokens[:, n - 1:n].to(self._last.device)))
+        self._last = None
+        if len(self._steps) < n:
+            raise RuntimeError(f"generate returned {n} tokens a row but called its logits processors "
+                               f"{len(self._steps)} times")
+        return torch.cat(self._steps[:n], 1) if n else new_tokens.new_zeros((len(new_tokens), 0), dtype=torch.float32)
+
+
 class HFEngine:
-    """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface."""
+    """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface.
+
+    Sampled logprobs come from a logits processor that keeps one number per sample and step
+    (``SampledLogprobs``), never a step's whole score row: ``generate(output_scores=True)`` keeps batch x
+    tokens x vocabulary floats. As vLLM's (``raw_logprobs``), they are the model's distribution before
+    temperature and top-p."""
 
     budget_forcing = False  # budgeted samples take two generate calls
 
@@ -219,6 +255,8 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
+        from transformers import LogitsProcessorList
+
         # Batch requests sharing (max_tokens, stop ids); left-pad so every row continues at the end.
         results: list[GenOutput | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
@@ -229,32 +267,34 @@ class HFEngine:
             seed = requests[idx[0]].seed
             if seed is not None:
                 torch.manual_seed(seed)
-            width = max(len(requests[i].prompt_token_ids) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = requests[i].prompt_token_ids
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
+            ids, mask = self._left_padded([requests[i].prompt_token_ids for i in idx])
             sample = temperature > 0
+            record = SampledLogprobs()
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_tokens,
                 do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
                 top_k=0 if sample else None, eos_token_id=list(stops) or None, pad_token_id=self.pad_token_id,
-                output_scores=True, return_dict_in_generate=True)
-            new = out.sequences[:, width:].cpu()
-            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
+                logits_processor=LogitsProcessorList([record]))
+            new = out[:, ids.shape[1]:]
+            logprobs = record.finish(new).cpu()
             stop_set = set(stops)
             for row, i in enumerate(idx):
                 toks: list[int] = []
-                lps: list[float] = []
-                for j, t in enumerate(new[row].tolist()):
+                for t in new[row].tolist():
                     toks.append(t)
-                    lps.append(float(scores[row, j, t]) if scores is not None else float("nan"))
                     if t in stop_set:
                         break
-                results[i] = GenOutput(toks, lps, _finish(toks, max_tokens, stop_set))
+                results[i] = GenOutput(toks, logprobs[row, :len(toks)].tolist(), _finish(toks, max_tokens, stop_set))
         return results  # type: ignore[return-value]
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        return ids, mask
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state_dict, strict=False)
