@@ -336,3 +336,45 @@ def test_hf_sampled_logprobs_are_the_models(hf_worker):
             assert o.logprobs == pytest.approx(lp[len(p) - 1:], abs=1e-4)
         assert any(len(o.token_ids) > 12 for o in outs)
 
+
+def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_model):
+    """After a learner step and a sync, the HF engine scores sequences as the learner does; a missing or
+    unexpected name, or a tied copy that disagrees, raises naming it and loads nothing; a tied lm_head
+    may be left out (save_pretrained omits it)."""
+    import torch
+
+    from orchestrator.learner.worker import Learner
+
+    learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
+    base = learner.get_weights()
+    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    recs = hf_worker.generate(_prompts(4), spec)
+    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
+    seqs = [p + r for p, r in zip(prompts, resps)]
+    before = hf_worker.prompt_logprobs(seqs)
+    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
+        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
+    learner.step(batch)
+    engine = hf_worker.engine
+    try:
+        hf_worker.update_weights(learner.sync_payload(), 1)
+        after = hf_worker.prompt_logprobs(seqs)
+        for p, e, a, b in zip(prompts, learner.sequence_logprobs(prompts, resps), after, before):
+            assert a[len(p) - 1:] == pytest.approx(e, abs=1e-4)
+            assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3  # the update changed the scores
+
+        state = learner.get_weights()
+        bad = {"model.norm.weight": {k: v for k, v in state.items() if k != "model.norm.weight"},
+               "model.nowhere.weight": {**state, "model.nowhere.weight": torch.zeros(3)},
+               "lm_head.weight differs": {**state, "lm_head.weight": state["lm_head.weight"] + 1.0}}
+        for name, weights in bad.items():
+            with pytest.raises(ValueError, match=name):
+                engine.load_weights({k: v * 0.5 if k == "model.embed_tokens.weight" else v for k, v in weights.items()})
+        assert hf_worker.prompt_logprobs(seqs) == after  # nothing was loaded
+
+        engine.load_weights({k: v for k, v in base.items() if k != "lm_head.weight"})
+        restored = hf_worker.prompt_logprobs(seqs)
+        assert all(a == pytest.approx(b, abs=1e-6) for a, b in zip(restored, before))
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    finally:
+        hf_worker.update_weights(base, 0)

@@ -231,7 +231,7 @@ class HFEngine:
     Sampled logprobs come from a logits processor that keeps one number per sample and step
     (``SampledLogprobs``), never a step's whole score row: ``generate(output_scores=True)`` keeps batch x
     tokens x vocabulary floats. As vLLM's (``raw_logprobs``), they are the model's distribution before
-    temperature and top-p."""
+    temperature and top-p. Synced weights load strictly (``load_weights``)."""
 
     budget_forcing = False  # budgeted samples take two generate calls
 
@@ -297,7 +297,29 @@ class HFEngine:
         return ids, mask
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=False)
+        """Load a full state dict in place. Strict: a missing or unexpected name raises, naming it, before
+        anything is loaded. Names that share one tensor in the model (a tied ``lm_head.weight`` and the
+        input embedding) count as present when one of them is; both given must agree."""
+        own = self.model.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}  # tensor -> its names in the model (tied weights share one)
+        for name, tensor in own.items():
+            aliases.setdefault(id(tensor), []).append(name)
+        missing = [k for k in own if not any(a in state_dict for a in aliases[id(own[k])])]
+        unexpected = [k for k in state_dict if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the HF engine's model, nothing loaded: missing {missing}, "
+                             f"unexpected {unexpected}")
+        full = dict(state_dict)
+        for names in aliases.values():
+            given = [n for n in names if n in state_dict]
+            first = state_dict[given[0]]
+            for n in given[1:]:
+                other = state_dict[n]
+                if other.data_ptr() != first.data_ptr() and not torch.equal(other.to(first.dtype), first):
+                    raise ValueError(f"weights: {n} differs from {given[0]}, which the HF engine's model ties "
+                                     "to it; nothing loaded")
+            full.update({n: first for n in names})
+        self.model.load_state_dict(full, strict=True)
 
     def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float,
                         bind_host: str = "") -> None:
