@@ -299,7 +299,7 @@ class BudgetedServer:
                     seeds.append(seed)
                     owner.append(i)
             try:
-                samples = two_phase_generate(w.engine, prompts, budgets, think_end_id=w.think_end_id, eos_id=w.eos_id,
+                samples = two_phase_generate(w.engine, prompts, budgets, think_end_id=w.think_end_id, end_ids=w.end_ids,
                                              temperature=temperature, top_p=top_p, seeds=seeds)
             except Exception as exc:  # only this group's requests fail
                 # Each failed request logs the traceback under its request id (BudgetedLLM._answer).
@@ -321,7 +321,8 @@ class BudgetedServer:
         for k, smp in enumerate(samples):
             natural = bool(smp.thinking_ids) and smp.thinking_ids[-1] == w.think_end_id and not smp.forced_think_end
             think_ids = smp.thinking_ids[:-1] if natural else smp.thinking_ids
-            sol_ids = smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == w.eos_id else smp.solution_ids
+            ended = bool(smp.solution_ids) and smp.solution_ids[-1] in w.end_ids
+            sol_ids = smp.solution_ids[:-1] if ended else smp.solution_ids
             thinking = tok.decode(think_ids, skip_special_tokens=False)
             solution = tok.decode(sol_ids, skip_special_tokens=True)
             nt, ns = len(smp.thinking_ids), len(smp.solution_ids)

@@ -99,7 +99,7 @@ def check_budget(engine, ids: list[list[int]], t: int, s: int, think_end: int) -
 
     start = time.perf_counter()
     samples = two_phase_generate(engine, ids, [(t, s)] * len(ids), think_end_id=think_end,
-                                 eos_id=engine.eos_token_id, temperature=1.0, seeds=range(len(ids)))
+                                 end_ids=engine.end_token_ids, temperature=1.0, seeds=range(len(ids)))
     seconds = time.perf_counter() - start
     bad = [i for i, x in enumerate(samples)
            if len(x.thinking_ids) > t or len(x.solution_ids) > s
@@ -121,7 +121,7 @@ def check_two_calls(engine, ids: list[list[int]], t: int, s: int, think_end: int
         for forcing in (True, False):
             engine.budget_forcing = forcing  # the processor stays registered; False takes two calls
             runs.append(two_phase_generate(engine, ids, budgets, think_end_id=think_end,
-                                           eos_id=engine.eos_token_id, temperature=0.0))
+                                           end_ids=engine.end_token_ids, temperature=0.0))
     finally:
         engine.budget_forcing = switch
     differ = [i for i, (a, b) in enumerate(zip(*runs))

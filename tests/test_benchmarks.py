@@ -117,3 +117,17 @@ def test_gpu_check_memory_verdict():
     assert gpu_check.check_memory("m", 10.0, 9.0) and gpu_check.check_memory("m", 7.6, 10.0)
     assert not gpu_check.check_memory("m", 13.0, 10.0) and not gpu_check.check_memory("m", 7.4, 10.0)
     assert gpu_check.check_memory("m", float("nan"), 1.0)  # SKIP does not fail the run
+
+
+def test_hf_engine_generate_keeps_no_scores(benchmark_module, tiny_model, tmp_path):
+    """benchmarks/hf_memory.py's measurement, small: at a 64k vocabulary one HF-engine generate peaks far
+    below the batch x tokens x vocabulary scores that generate(output_scores=True) keeps, which the same
+    measurement sees (with the engine's old stacked log-softmax, about three times those bytes)."""
+    hf_memory = benchmark_module("hf_memory")
+    batch, tokens, vocab = 4, 64, 65536
+    path = hf_memory.build_vocab(tiny_model, tmp_path / "64k", vocab)  # the session's tiny model, 64k entries
+    r = hf_memory.measure(str(path), batch, tokens)
+    assert r["engine"]["steps"] == r["output_scores"]["steps"] == tokens  # nothing stopped early
+    kept = batch * tokens * vocab * 4
+    assert r["output_scores"]["peak"] > 2 * kept
+    assert r["engine"]["peak"] < kept / 4

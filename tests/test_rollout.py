@@ -153,7 +153,7 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
         budgets = [(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
         switch = engine.budget_forcing
         try:
-            free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=engine.eos_token_id,
+            free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, end_ids=engine.end_token_ids,
                                       temperature=0.0)
             # The most frequent generated token as "EOS": some samples stop on it while thinking.
             common = Counter(t for s in free for t in s.thinking_ids + s.solution_ids
@@ -163,7 +163,7 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
                 runs = []
                 for forcing in (True, False):
                     engine.budget_forcing = forcing  # the processor stays registered; False takes two calls
-                    runs.append(two_phase_generate(engine, prompts, budgets, think_end_id=think_end, eos_id=eos,
+                    runs.append(two_phase_generate(engine, prompts, budgets, think_end_id=think_end, end_ids=[eos],
                                                    temperature=0.0))
                 result[eos == common] = runs
         finally:
@@ -215,3 +215,166 @@ def test_inplace_load_refuses_an_update_it_does_not_fit(ray_session, vllm_worker
 
     refused, unchanged = ray_session.get(vllm_worker.__ray_call__.remote(probe))
     assert refused == [True, True, True] and unchanged
+
+
+# ---- every end-of-generation id (generation_config.json's EOS list plus the tokenizer's) -----------------
+
+
+def _frequent_token(engine, tok, think_end: int) -> int:
+    """The token the model samples most often (not EOS or </think>; about 1% of a random model's tokens):
+    as an extra EOS, it ends some thinking and some solutions."""
+    from collections import Counter
+
+    from orchestrator.rollout.engine import GenRequest
+
+    prompts = [tok(f"<s>{10 + i}+{20 + i}=<think>", add_special_tokens=False)["input_ids"] for i in range(8)]
+    outs = engine.generate([GenRequest(p, 64, seed=0) for p in prompts for _ in range(4)], 1.0, 1.0)
+    counts = Counter(t for o in outs for t in o.token_ids if t not in (think_end, engine.eos_token_id))
+    return counts.most_common(1)[0][0]
+
+
+def _check_end_ids(table, think_end: int, ends: tuple[int, ...], t: int, s: int) -> set[str]:
+    """No end id inside a response (only last, ending its solution with finish reason ``stop``); a
+    thinking an end id cut short is closed by an injected marker and not counted truncated."""
+    kinds = set()
+    for r in table.to_pylist():
+        resp, n = r["response_token_ids"], r["thinking_tokens"]
+        assert not set(resp[:-1]) & set(ends), resp
+        assert n <= t and r["solution_tokens"] <= s
+        if resp[-1] in ends:
+            assert r["finish_reason"] == "stop"
+            kinds.add(f"solution ended on {'EOS' if resp[-1] == ends[0] else 'the extra id'}")
+        if n < min(t, len(resp)) and r["injected"][n]:  # the thinking stopped on an end id, which was dropped
+            assert resp[n] == think_end and not r["thinking_truncated"]
+            kinds.add("thinking ended early")
+    return kinds
+
+
+def test_every_end_id_ends_a_sample_hf(hf_worker, tiny_model, tmp_path):
+    """A checkpoint whose generation config lists two EOS ids: the HF engine stops on both, the worker's
+    budget accounting drops the one that cut a thinking short and finishes on either."""
+    import json
+    import shutil
+
+    from orchestrator.rollout.end_ids import end_token_ids
+    from orchestrator.rollout.engine import GenRequest
+    from orchestrator.rollout.worker import RolloutWorker
+
+    think_end, eos = _think_end(tiny_model)
+    other = _frequent_token(hf_worker.engine, hf_worker.tokenizer, think_end)
+    path = tmp_path / "two-eos"
+    shutil.copytree(tiny_model, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [other, eos]}))
+
+    worker = RolloutWorker(str(path), engine="hf", prompt_template="<s>{prompt}<think>",
+                           engine_kwargs=dict(dtype="float32"))
+    assert worker.end_ids == worker.engine.end_token_ids == (eos, other)  # the tokenizer's first, each once
+    prompt = hf_worker.tokenizer("<s>12+34=<think>", add_special_tokens=False)["input_ids"]
+    free = hf_worker.engine.generate([GenRequest(prompt, 128, seed=2)], 1.0, 1.0)[0].token_ids
+    out = worker.engine.generate([GenRequest(prompt, 128, seed=2)], 1.0, 1.0)[0]  # no stop ids of its own
+    assert out.token_ids == free[:free.index(other) + 1] and out.finish_reason == "stop"
+    t, s = 40, 24
+    spec = SamplingSpec(group_size=4, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    kinds = _check_end_ids(worker.generate(_prompts(), spec), think_end, (eos, other), t, s)
+    assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
+
+    # Without generation_config.json, config.json's eos_token_id (as vLLM reads it).
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(path / "config.json", bare / "config.json")
+    assert end_token_ids(str(bare), None) == (eos,) and end_token_ids(str(bare), 7) == (7, eos)
+
+
+def test_every_end_id_ends_a_sample_vllm(ray_session, vllm_worker, hf_worker, tiny_model):
+    """The same on the shared vLLM worker, budget forced in one request and in two calls: its end ids are
+    set to the tokenizer's EOS plus a frequent token (the model's own generation config lists one)."""
+
+    def probe(worker, prompts, spec, other):  # runs inside the rollout actor; nested so Ray ships it by value
+        from orchestrator.rollout.engine import GenRequest
+
+        engine, saved, switch = worker.engine, worker.end_ids, worker.engine.budget_forcing
+        stops = engine._params(GenRequest([1, 2], 4), 1.0, 1.0).stop_token_ids
+        tables = []
+        try:
+            worker.end_ids = (saved[0], other)
+            for forcing in (True, False):
+                engine.budget_forcing = forcing
+                tables.append(worker.generate(prompts, spec))
+        finally:
+            worker.end_ids, engine.budget_forcing = saved, switch
+        return {"stops": stops, "engine_ends": engine.end_token_ids, "tables": tables}
+
+    think_end, eos = _think_end(tiny_model)
+    other = _frequent_token(hf_worker.engine, hf_worker.tokenizer, think_end)  # same weights, greedy
+    t, s = 40, 24
+    spec = SamplingSpec(group_size=8, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    out = ray_session.get(vllm_worker.__ray_call__.remote(probe, _prompts(), spec, other))
+    assert out["engine_ends"] == (eos,) and eos in out["stops"]  # every request stops on the engine's end ids
+    kinds = set()
+    for table in out["tables"]:
+        kinds |= _check_end_ids(table, think_end, (eos, other), t, s)
+    assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
+
+
+# ---- the HF engine: sampled logprobs without the scores, strict weight loads ------------------------------
+
+
+def test_hf_sampled_logprobs_are_the_models(hf_worker):
+    """The logprob the HF engine records for each sampled token is the model's own (scored again without
+    padding), at every step of left-padded rows, before temperature and top-p as vLLM's are."""
+    from orchestrator.rollout.engine import GenRequest
+
+    engine, tok = hf_worker.engine, hf_worker.tokenizer
+    prompts = [tok(f"<s>{10 ** i}+{3 * i}=<think>", add_special_tokens=False)["input_ids"] for i in range(6)]
+    assert len({len(p) for p in prompts}) > 3  # rows of different lengths: left padding
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.8)):
+        outs = engine.generate([GenRequest(p, 24, seed=11) for p in prompts], temperature, top_p)
+        scored = engine.prompt_logprobs([p + o.token_ids for p, o in zip(prompts, outs)])
+        for p, o, lp in zip(prompts, outs, scored):
+            assert len(o.logprobs) == len(o.token_ids) > 0
+            assert o.logprobs == pytest.approx(lp[len(p) - 1:], abs=1e-4)
+        assert any(len(o.token_ids) > 12 for o in outs)
+
+
+def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_model):
+    """After a learner step and a sync, the HF engine scores sequences as the learner does; a missing or
+    unexpected name, or a tied copy that disagrees, raises naming it and loads nothing; a tied lm_head
+    may be left out (save_pretrained omits it)."""
+    import torch
+
+    from orchestrator.learner.worker import Learner
+
+    learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
+    base = learner.get_weights()
+    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    recs = hf_worker.generate(_prompts(4), spec)
+    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
+    seqs = [p + r for p, r in zip(prompts, resps)]
+    before = hf_worker.prompt_logprobs(seqs)
+    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
+        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
+    learner.step(batch)
+    engine = hf_worker.engine
+    try:
+        hf_worker.update_weights(learner.sync_payload(), 1)
+        after = hf_worker.prompt_logprobs(seqs)
+        for p, e, a, b in zip(prompts, learner.sequence_logprobs(prompts, resps), after, before):
+            assert a[len(p) - 1:] == pytest.approx(e, abs=1e-4)
+            assert max(abs(x - y) for x, y in zip(a, b)) > 1e-3  # the update changed the scores
+
+        state = learner.get_weights()
+        bad = {"model.norm.weight": {k: v for k, v in state.items() if k != "model.norm.weight"},
+               "model.nowhere.weight": {**state, "model.nowhere.weight": torch.zeros(3)},
+               "lm_head.weight differs": {**state, "lm_head.weight": state["lm_head.weight"] + 1.0}}
+        for name, weights in bad.items():
+            with pytest.raises(ValueError, match=name):
+                engine.load_weights({k: v * 0.5 if k == "model.embed_tokens.weight" else v for k, v in weights.items()})
+        assert hf_worker.prompt_logprobs(seqs) == after  # nothing was loaded
+
+        engine.load_weights({k: v for k, v in base.items() if k != "lm_head.weight"})
+        restored = hf_worker.prompt_logprobs(seqs)
+        assert all(a == pytest.approx(b, abs=1e-6) for a, b in zip(restored, before))
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    finally:
+        hf_worker.update_weights(base, 0)

@@ -1,8 +1,10 @@
 """Budgeted two-phase generation (Elastic Reasoning's separate budgeting).
 
 Phase 1 thinks for at most ``t`` tokens and stops at the end-of-thinking token. If it did not emit
-that token (budget ran out, or the model ended early), the marker is appended: an *injected* token.
-Phase 2 continues from prompt + thinking + marker for at most ``s`` tokens, up to end-of-sequence.
+that token (budget ran out, or the model ended early on an end-of-generation id, which is dropped),
+the marker is appended: an *injected* token. Phase 2 continues from prompt + thinking + marker for at
+most ``s`` tokens, up to an end-of-generation id (any of ``end_ids``: the tokenizer's EOS and the
+generation config's EOS list, ``rollout/end_ids.py``), which stays in the solution.
 On vLLM both phases run inside one request per sample (``budget_forcing.py``); otherwise each phase
 is one batch on the engine.
 """
@@ -23,7 +25,7 @@ class BudgetedSample:
     thinking_truncated: bool  # phase 1 used its whole budget without closing the thinking
     solution_ids: list[int]
     solution_logprobs: list[float]
-    finish_reason: str  # phase 2: "stop" (EOS) or "length"
+    finish_reason: str  # phase 2: "stop" (an end-of-generation id) or "length"
 
     def response(self, think_end_id: int) -> tuple[list[int], list[float], list[bool]]:
         """Response token ids, their sampled logprobs (NaN where injected), and injected flags."""
@@ -41,28 +43,34 @@ class BudgetedSample:
 
 
 def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Sequence[tuple[int, int]], *,
-                       think_end_id: int, eos_id: int, temperature: float, top_p: float = 1.0,
+                       think_end_id: int, end_ids: Sequence[int], temperature: float, top_p: float = 1.0,
                        seeds: Sequence[int | None] | None = None) -> list[BudgetedSample]:
     """Generate one budgeted response per prompt (repeat a prompt for a group of samples).
 
-    On an engine with ``budget_forcing`` each sample is one request whose budgets a logits processor
-    enforces (``rollout/budget_forcing.py``: no second prefill); otherwise, and for samples that
-    ended without closing their thinking, phase 2 is a second ``generate`` call.
+    ``end_ids`` are the ids that end a generation (an engine's ``end_token_ids``); the first is the one
+    forced when a solution budget runs out. On an engine with ``budget_forcing`` each sample is one
+    request whose budgets a logits processor enforces (``rollout/budget_forcing.py``: no second
+    prefill); otherwise, and for samples that ended without closing their thinking, phase 2 is a
+    second ``generate`` call.
     """
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
     for t, s in budgets:
         if t <= 0 or s <= 0:
             raise ValueError(f"budgets must be positive, got thinking={t}, solution={s}")
+    ends = [e for e in dict.fromkeys(end_ids) if e != think_end_id]
+    if not ends:
+        raise ValueError(f"end_ids={list(end_ids)!r}: need an end-of-generation id besides think_end_id")
+    eos_id, end_set = ends[0], set(ends)
     seeds = list(seeds) if seeds is not None else [None] * len(prompts)
     forcing = bool(getattr(engine, "budget_forcing", False))
     if forcing:
         first = engine.generate(
-            [GenRequest(list(p), t + s + 2, [eos_id], seed, (think_end_id, t, eos_id, s))
+            [GenRequest(list(p), t + s + 2, ends, seed, (think_end_id, t, eos_id, s))
              for p, (t, s), seed in zip(prompts, budgets, seeds)], temperature, top_p)
     else:
         first = engine.generate(
-            [GenRequest(list(p), t, [think_end_id, eos_id], seed) for p, (t, _), seed in zip(prompts, budgets, seeds)],
+            [GenRequest(list(p), t, [think_end_id, *ends], seed) for p, (t, _), seed in zip(prompts, budgets, seeds)],
             temperature, top_p)
 
     samples: list[BudgetedSample | None] = [None] * len(prompts)
@@ -73,12 +81,12 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
             samples[i] = done
             continue
         closed = bool(ids) and ids[-1] == think_end_id
-        if ids and ids[-1] == eos_id:  # ended without closing its thinking: drop EOS, force the marker
+        if not closed and ids and ids[-1] in end_set:  # ended before closing: drop the end id, force the marker
             ids, lps = ids[:-1], lps[:-1]
         truncated = not closed and len(ids) >= t
         forced = not closed
         cont = list(p) + ids + ([think_end_id] if forced else [])
-        rest.append((i, GenRequest(cont, s, [eos_id], None if seed is None else seed + 1)))
+        rest.append((i, GenRequest(cont, s, ends, None if seed is None else seed + 1)))
         partial.append((ids, lps, forced, truncated))
 
     if rest:
@@ -92,7 +100,8 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
 def _split_forced(ids: list[int], lps: list[float], finish: str, t: int, s: int, think_end_id: int,
                   eos_id: int) -> BudgetedSample | None:
     """Split one budget-forced output into thinking and solution; None if its thinking never closed
-    (it sampled EOS, or hit the context length, first): that sample takes a second phase."""
+    (it sampled an end-of-generation id, or hit the context length, first): that sample takes a second
+    phase. ``eos_id`` is the id the processor forces when the solution budget runs out."""
     try:
         k = ids.index(think_end_id)
     except ValueError:

@@ -1,7 +1,10 @@
 """Generation engines behind one small interface: vLLM (default) and Hugging Face ``generate``.
 
 Both take token ids in and give token ids, sampled logprobs and a finish reason out, so budgeted
-two-phase generation (``rollout/budget.py``) is written once. Ids always come from the tokenizer.
+two-phase generation (``rollout/budget.py``) is written once. Ids always come from the tokenizer. Both
+stop every request on every end-of-generation id (``end_token_ids``: the tokenizer's EOS and the
+generation config's EOS list, ``rollout/end_ids.py``) besides the request's own stop ids; a sample that
+ended on one has finish reason ``stop``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .end_ids import end_token_ids
 from .vllm_extension import EXTENSION
 
 
@@ -34,7 +38,8 @@ class GenOutput:
 
 
 class Engine(Protocol):
-    eos_token_id: int
+    eos_token_id: int  # the tokenizer's
+    end_token_ids: tuple[int, ...]  # every id that ends a generation (rollout/end_ids.py), eos_token_id first
     budget_forcing: bool  # honours GenRequest.budget_forcing (one request per budgeted sample)
 
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]: ...
@@ -124,13 +129,17 @@ class VllmEngine:
         self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()
         self.eos_token_id = tok.eos_token_id
+        # vLLM stops on these by itself too (its generation_config="auto"); listing them in every request
+        # keeps that true whatever the engine's generation_config setting.
+        self.end_token_ids = end_token_ids(model_path, tok.eos_token_id)
 
     def _params(self, r: GenRequest, temperature: float, top_p: float):
         from vllm import SamplingParams
 
         if r.budget_forcing is not None and not self._forcing_registered:  # vLLM would ignore extra_args
             raise ValueError("GenRequest.budget_forcing needs an engine built with budget_forcing=True")
-        return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=list(r.stop_token_ids), temperature=temperature,
+        stops = list(dict.fromkeys([*r.stop_token_ids, *self.end_token_ids]))
+        return SamplingParams(max_tokens=r.max_tokens, stop_token_ids=stops, temperature=temperature,
                               top_p=top_p if temperature > 0 else 1.0, seed=r.seed if self.per_request_seed else None,
                               logprobs=0, detokenize=False,
                               extra_args=None if r.budget_forcing is None else {"budget_forcing": list(r.budget_forcing)})
@@ -185,8 +194,44 @@ class VllmEngine:
 # ------------------------------------------------------------------------------------------------ HF
 
 
+class SampledLogprobs:
+    """A ``generate`` logits processor that keeps the logprob of each step's sampled token, one float per
+    row and step. It holds one step's log-softmax until the next call, whose ``input_ids`` end with the
+    token that step sampled; ``finish`` takes the last step's token from the returned sequences.
+
+    ``generate`` runs custom processors after its own (penalties) and before its sampling warpers
+    (temperature, top-k, top-p), so these are the model's logprobs, as vLLM's default ``raw_logprobs``."""
+
+    def __init__(self):
+        self._steps: list[torch.Tensor] = []  # [batch, 1] per step whose token is known
+        self._last: torch.Tensor | None = None  # the newest step's log-softmax, [batch, vocab]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._last is not None:
+            self._steps.append(self._last.gather(1, input_ids[:, -1:]))
+        self._last = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, n] logprobs of the ``n`` generated columns ``new_tokens`` (a step ``generate`` ran and then
+        undid, as its deferred stop check does on Apple's ``mps``, is dropped)."""
+        n = new_tokens.shape[1]
+        if len(self._steps) < n and self._last is not None:
+            self._steps.append(self._last.gather(1, new_tokens[:, n - 1:n].to(self._last.device)))
+        self._last = None
+        if len(self._steps) < n:
+            raise RuntimeError(f"generate returned {n} tokens a row but called its logits processors "
+                               f"{len(self._steps)} times")
+        return torch.cat(self._steps[:n], 1) if n else new_tokens.new_zeros((len(new_tokens), 0), dtype=torch.float32)
+
+
 class HFEngine:
-    """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface."""
+    """Hugging Face ``generate``: the fallback engine (no vLLM needed), same interface.
+
+    Sampled logprobs come from a logits processor that keeps one number per sample and step
+    (``SampledLogprobs``), never a step's whole score row: ``generate(output_scores=True)`` keeps batch x
+    tokens x vocabulary floats. As vLLM's (``raw_logprobs``), they are the model's distribution before
+    temperature and top-p. Synced weights load strictly (``load_weights``)."""
 
     budget_forcing = False  # budgeted samples take two generate calls
 
@@ -203,50 +248,78 @@ class HFEngine:
         self.model.to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_path)
         self.eos_token_id = tok.eos_token_id
-        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.end_token_ids = end_token_ids(model_path, tok.eos_token_id)
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else (self.end_token_ids or (0,))[0]
         self.generator_seed = seed
         self._sync_group = None  # the collective weight sync's group (open_sync_group)
 
     @torch.no_grad()
     def generate(self, requests: Sequence[GenRequest], temperature: float, top_p: float) -> list[GenOutput]:
+        from transformers import LogitsProcessorList
+
         # Batch requests sharing (max_tokens, stop ids); left-pad so every row continues at the end.
         results: list[GenOutput | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.max_tokens, tuple(sorted(set(r.stop_token_ids) | {self.eos_token_id}))), []).append(i)
+            stops = tuple(sorted(set(r.stop_token_ids) | set(self.end_token_ids)))
+            groups.setdefault((r.max_tokens, stops), []).append(i)
         for (max_tokens, stops), idx in groups.items():
             seed = requests[idx[0]].seed
             if seed is not None:
                 torch.manual_seed(seed)
-            width = max(len(requests[i].prompt_token_ids) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = requests[i].prompt_token_ids
-                ids[row, width - len(p):] = torch.tensor(p)
-                mask[row, width - len(p):] = 1
+            ids, mask = self._left_padded([requests[i].prompt_token_ids for i in idx])
             sample = temperature > 0
+            record = SampledLogprobs()
             out = self.model.generate(
                 input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=max_tokens,
                 do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
-                top_k=0 if sample else None, eos_token_id=list(stops), pad_token_id=self.pad_token_id,
-                output_scores=True, return_dict_in_generate=True)
-            new = out.sequences[:, width:].cpu()
-            scores = torch.stack(out.scores, dim=1).float().log_softmax(-1).cpu() if out.scores else None
+                top_k=0 if sample else None, eos_token_id=list(stops) or None, pad_token_id=self.pad_token_id,
+                logits_processor=LogitsProcessorList([record]))
+            new = out[:, ids.shape[1]:]
+            logprobs = record.finish(new).cpu()
             stop_set = set(stops)
             for row, i in enumerate(idx):
                 toks: list[int] = []
-                lps: list[float] = []
-                for j, t in enumerate(new[row].tolist()):
+                for t in new[row].tolist():
                     toks.append(t)
-                    lps.append(float(scores[row, j, t]) if scores is not None else float("nan"))
                     if t in stop_set:
                         break
-                results[i] = GenOutput(toks, lps, _finish(toks, max_tokens, stop_set))
+                results[i] = GenOutput(toks, logprobs[row, :len(toks)].tolist(), _finish(toks, max_tokens, stop_set))
         return results  # type: ignore[return-value]
 
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        return ids, mask
+
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=False)
+        """Load a full state dict in place. Strict: a missing or unexpected name raises, naming it, before
+        anything is loaded. Names that share one tensor in the model (a tied ``lm_head.weight`` and the
+        input embedding) count as present when one of them is; both given must agree."""
+        own = self.model.state_dict(keep_vars=True)
+        aliases: dict[int, list[str]] = {}  # tensor -> its names in the model (tied weights share one)
+        for name, tensor in own.items():
+            aliases.setdefault(id(tensor), []).append(name)
+        missing = [k for k in own if not any(a in state_dict for a in aliases[id(own[k])])]
+        unexpected = [k for k in state_dict if k not in own]
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the HF engine's model, nothing loaded: missing {missing}, "
+                             f"unexpected {unexpected}")
+        full = dict(state_dict)
+        for names in aliases.values():
+            given = [n for n in names if n in state_dict]
+            first = state_dict[given[0]]
+            for n in given[1:]:
+                other = state_dict[n]
+                if other.data_ptr() != first.data_ptr() and not torch.equal(other.to(first.dtype), first):
+                    raise ValueError(f"weights: {n} differs from {given[0]}, which the HF engine's model ties "
+                                     "to it; nothing loaded")
+            full.update({n: first for n in names})
+        self.model.load_state_dict(full, strict=True)
 
     def open_sync_group(self, address: str, key: str, world_size: int, backend: str, timeout_s: float,
                         bind_host: str = "") -> None:

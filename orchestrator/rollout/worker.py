@@ -16,6 +16,7 @@ import pyarrow as pa
 from ..data.schema import ROLLOUT_SCHEMA
 from ..weight_sync import WeightPayload, unpack
 from .budget import two_phase_generate
+from .end_ids import end_token_ids
 from .engine import make_engine
 
 ENGINE_SECONDS = b"budgetrl.engine_seconds"  # schema metadata of a generate() result
@@ -56,9 +57,11 @@ class RolloutWorker:
         if ids is None or ids == self.tokenizer.unk_token_id:
             raise ValueError(f"model.think_end={think_end!r} is not a single token of the tokenizer at {model_path}")
         self.think_end_id = int(ids)
-        if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer at {model_path} has no eos_token")
-        self.eos_id = int(self.tokenizer.eos_token_id)
+        # Every id that ends a generation: the tokenizer's EOS (first) and the generation config's EOS list.
+        self.end_ids = end_token_ids(model_path, self.tokenizer.eos_token_id)
+        if not self.end_ids:
+            raise ValueError(f"the model at {model_path} names no end of generation: its tokenizer has no "
+                             "eos_token and its generation config no eos_token_id")
         self.prompt_template = prompt_template
         self.chat_template = chat_template
         self.worker_index = worker_index
@@ -94,7 +97,7 @@ class RolloutWorker:
         samples = two_phase_generate(
             self.engine, [p + pre for p, pre in zip(flat_prompts, flat_prefix)],
             [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
-            think_end_id=self.think_end_id, eos_id=self.eos_id, temperature=spec.temperature, top_p=spec.top_p,
+            think_end_id=self.think_end_id, end_ids=self.end_ids, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
         t_engine = time.perf_counter() - t0
 
@@ -131,14 +134,14 @@ class RolloutWorker:
 
     def _texts(self, samples, prefixes) -> tuple[list[str], list[str]]:
         """Thinking texts (an injected response prefix first, a natural end marker dropped) and solution
-        texts (EOS dropped), decoded as two batches."""
+        texts (the end-of-generation id that ended them dropped), decoded as two batches."""
         think, sol = [], []
         for smp, pre in zip(samples, prefixes):
             ids = smp.thinking_ids
             if ids and ids[-1] == self.think_end_id and not smp.forced_think_end:
                 ids = ids[:-1]
             think.append(list(pre) + list(ids) if pre else ids)
-            sol.append(smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] == self.eos_id
+            sol.append(smp.solution_ids[:-1] if smp.solution_ids and smp.solution_ids[-1] in self.end_ids
                        else smp.solution_ids)
         return (self.tokenizer.batch_decode(think, skip_special_tokens=False),
                 self.tokenizer.batch_decode(sol, skip_special_tokens=True))

@@ -103,7 +103,9 @@ class PolicyProposer:
         space = tokenizer(" ", add_special_tokens=False)["input_ids"]
         if len(space) != 1:
             raise ValueError("PolicyProposer needs a tokenizer with a single token for ' '")
-        self.stop_ids = [space[0], tokenizer.convert_tokens_to_ids(think_end), tokenizer.eos_token_id]
+        # The engine stops on every end-of-generation id as well: none of them belongs in a step's text.
+        ends = getattr(engine, "end_token_ids", None) or (tokenizer.eos_token_id,)
+        self.stop_ids = [space[0], tokenizer.convert_tokens_to_ids(think_end), *ends]
         self.samples = self.injected = 0
 
     def propose(self, task, problem, prompt: str, state: list[str], rng: random.Random,
