@@ -81,7 +81,8 @@ def test_budgeted_rollout_on_the_standin(standin_model):
     worker = RolloutWorker(standin_model, engine="hf", chat_template=True, engine_kwargs={"dtype": "float32"})
     tok = worker.tokenizer
     assert worker.think_end_id == tok.convert_tokens_to_ids("</think>")
-    assert worker.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
+    # Every end of generation: the tokenizer's EOS, then the generation config's list (rollout/end_ids.py).
+    assert list(worker.end_ids) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     prompts = pa.table({"prompt_id": ["a"], "prompt": ["12+34="], "task": ["addition"], "difficulty": [2],
                         "domain": ["arithmetic"], "answer": ["46"]})
     records = worker.generate(prompts, SamplingSpec(group_size=2, budget_thinking=6, budget_solution=3,
