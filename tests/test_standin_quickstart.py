@@ -1,0 +1,77 @@
+"""The stand-in quickstart's pieces, fast: its config validates (and its new keys fail with the key named),
+``train`` builds the stand-in where the config says and never over another directory, and a served chat
+request reaches the chat template's ``enable_thinking`` switch (HF engine, in-process, no Ray).
+
+The whole run (warm start, GRPO, eval grid, served chat, SIGKILL and resume) is
+``bash scripts/standin_quickstart.sh``; its timed result is in the README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "standin" / "quickstart.yaml"
+SERVE_CONFIG = str(ROOT / "configs" / "standin" / "serve.yaml")
+
+
+def test_standin_config_validates_and_names_bad_values():
+    cfg = load_config(CONFIG, check_paths=False)
+    assert cfg.model.build_standin_if_missing and not cfg.model.build_tiny_if_missing
+    assert cfg.model.chat_template and cfg.model.think_end == "</think>"
+    assert cfg.learner.max_shard_size == "1MB" and cfg.trainer.state_every > 0
+    assert load_config(None, ["model.path=x", "model.build_tiny_if_missing=true"]).learner.max_shard_size == "5GB"
+    with pytest.raises(ConfigError, match="model.build_standin_if_missing=True: model.build_tiny_if_missing is true"):
+        load_config(CONFIG, ["model.build_tiny_if_missing=true"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"learner.max_shard_size='5 gigs': must be a size"):
+        load_config(CONFIG, ["learner.max_shard_size=5 gigs"], check_paths=False)
+    with pytest.raises(ConfigError, match="model.build_standin_if_missing=true for the stand-in"):
+        load_config(CONFIG, ["model.build_standin_if_missing=false", "model.path=/nonexistent/standin"])
+
+
+def test_train_builds_the_standin_where_asked_and_never_over_another_dir(tmp_path, standin_model):
+    from orchestrator.checkpoint_files import CheckpointError, read_weight_map
+    from orchestrator.warmstart import ensure_base_model
+
+    cfg = load_config(CONFIG, [f"model.path={tmp_path / 'standin'}"])
+    built = Path(ensure_base_model(cfg))
+    assert len(set(read_weight_map(built).values())) == 3  # the stand-in's shards, checked
+    assert (built / "tokenizer.json").read_bytes() == (Path(standin_model) / "tokenizer.json").read_bytes()
+    mtime = (built / "config.json").stat().st_mtime_ns
+    assert ensure_base_model(cfg) == str(built) and (built / "config.json").stat().st_mtime_ns == mtime  # reused
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a model")
+    with pytest.raises(CheckpointError, match=r"model.path=.*mine.*not a stand-in build"):
+        ensure_base_model(load_config(CONFIG, [f"model.path={other}"]))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_served_chat_follows_enable_thinking(standin_model):
+    from orchestrator.serve import APIError, BudgetedServer, load_serve_config
+
+    cfg = load_serve_config(SERVE_CONFIG, ["model.engine=hf", "sampling.temperature=1.0"], target=standin_model)
+    server = BudgetedServer(cfg, cfg.model.path)
+    ask = {"messages": [{"role": "user", "content": "47+38="}], "thinking_budget": 6, "solution_budget": 4, "seed": 3}
+    on = server.handle("chat", {**ask, "chat_template_kwargs": {"enable_thinking": True}})
+    c = on["choices"][0]
+    assert on["budget"] == {"thinking": 6, "solution": 4} and 1 <= c["thinking_tokens"] <= 6
+    assert c["thinking_tokens"] + c["solution_tokens"] == on["usage"]["completion_tokens"]
+    assert on["usage"]["prompt_tokens"] == 14  # the template's prompt, ending in "<think>\n"
+    off = server.handle("chat", {**ask, "chat_template_kwargs": {"enable_thinking": False}})
+    c = off["choices"][0]
+    assert off["budget"]["thinking"] == 0 and c["thinking_tokens"] == 0 and c["message"]["reasoning_content"] == ""
+    assert 1 <= c["solution_tokens"] <= 4 and not c["forced_think_end"]
+    closed = server.tokenizer.apply_chat_template(ask["messages"], tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=False)
+    assert closed.endswith("<think>\n\n</think>\n\n")  # the template wrote an empty thinking block
+    assert off["usage"]["prompt_tokens"] == len(server.tokenizer(closed, add_special_tokens=False)["input_ids"]) > 14
+    for body, param in (({**ask, "chat_template_kwargs": "no"}, "chat_template_kwargs"),
+                        ({**ask, "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs"),
+                        ({"prompt": "1+1", "chat_template_kwargs": {}}, "chat_template_kwargs")):
+        with pytest.raises(APIError) as err:
+            server.handle("completion" if "prompt" in body else "chat", body)
+        assert err.value.param == param
