@@ -176,8 +176,8 @@ class BudgetedServer:
             raise APIError(f"{key} must be in {bound}, got {v}", param=key, code="invalid_value")
         return float(v)
 
-    def _texts(self, kind: str, body: dict) -> tuple[list[str], str]:
-        """Model input texts (templates applied) and the field they came from."""
+    def _texts(self, kind: str, body: dict, kwargs: dict) -> tuple[list[str], str]:
+        """Model input texts (templates applied; ``kwargs`` go to the chat template) and their field."""
         if kind == "completion":
             p = body.get("prompt")
             if isinstance(p, str):
@@ -215,7 +215,6 @@ class BudgetedServer:
                 raise APIError(f"messages[{i}].content must be a string or a list of text parts",
                                param=f"messages[{i}].content", code="invalid_type")
             clean.append({"role": msg["role"], "content": content})
-        kwargs = self._template_kwargs(body)
         if self.cfg.model.chat_template:
             try:
                 text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **kwargs)
@@ -226,20 +225,15 @@ class BudgetedServer:
         # No chat template: the message contents, joined by newlines, fill the prompt template.
         return [self._render("\n".join(c["content"] for c in clean))], "messages"
 
-    def _template_kwargs(self, body: dict) -> dict:
-        """A chat request's ``chat_template_kwargs`` (as vLLM's OpenAI server takes them, e.g.
-        ``{"enable_thinking": false}``), passed to the chat template."""
-        kwargs = body.get("chat_template_kwargs")
+    def _template_kwargs(self, kind: str, body: dict) -> dict:
+        """A chat request's ``chat_template_kwargs`` for the chat template (as vLLM's OpenAI server takes them)."""
+        kwargs, param = body.get("chat_template_kwargs"), "chat_template_kwargs"
         if kwargs is None:
             return {}
-        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-            raise APIError("chat_template_kwargs must be an object", param="chat_template_kwargs", code="invalid_type")
-        if not self.cfg.model.chat_template:
-            raise APIError("chat_template_kwargs: this server renders chat without the tokenizer's chat template "
-                           "(model.chat_template: false)", param="chat_template_kwargs", code="unsupported")
-        if kwargs.get("enable_thinking", True) not in (True, False):
-            raise APIError("chat_template_kwargs.enable_thinking must be true or false",
-                           param="chat_template_kwargs", code="invalid_type")
+        if kind != "chat" or not self.cfg.model.chat_template:
+            raise APIError(f"{param}: chat only, with model.chat_template: true", param=param, code="unsupported")
+        if not isinstance(kwargs, dict) or kwargs.get("enable_thinking", True) not in (True, False):
+            raise APIError(f"{param} must be an object (enable_thinking: a bool)", param=param, code="invalid_type")
         return kwargs
 
     def _render(self, prompt: str) -> str:
@@ -278,11 +272,9 @@ class BudgetedServer:
         seed = body.get("seed")
         if seed is not None and not _is_int(seed):
             raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
-        if kind != "chat" and body.get("chat_template_kwargs") is not None:
-            raise APIError("chat_template_kwargs: chat requests only", param="chat_template_kwargs", code="unsupported")
-        texts, field_name = self._texts(kind, body)
-        if kind == "chat" and self._template_kwargs(body).get("enable_thinking") is False:
-            t = 0  # the template wrote an empty thinking block: the solution only (rollout/budget.py)
+        kwargs = self._template_kwargs(kind, body)
+        texts, field_name = self._texts(kind, body, kwargs)
+        t = 0 if kwargs.get("enable_thinking") is False else t  # thinking off: the solution only (rollout/budget.py)
         if len(texts) * n > cfg.deployment.max_batch_size:
             raise APIError(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} samples, above this server's "
                            f"maximum of {cfg.deployment.max_batch_size} per request (deployment.max_batch_size)",

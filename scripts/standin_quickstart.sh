@@ -4,7 +4,8 @@
 # the trained checkpoint on 127.0.0.1 and ask it one chat completion with enable_thinking, then stop.
 #   bash scripts/standin_quickstart.sh [key=value ...]     # overrides go to the train command
 # Killed mid-run, the same command continues the run from its last state (same MLflow run).
-# Env: PYTHON (default .venv/bin/python), PORT (8000), CONFIG, SERVE_CONFIG.
+# Env: PYTHON (default .venv/bin/python), PORT (8000), CONFIG, SERVE_CONFIG, SERVE_ARGS (key=value overrides
+# of the serving config, space-separated, e.g. "model.max_model_len=4096 budget.max_thinking=2048").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,7 +24,8 @@ trap cleanup EXIT
 CKPT=$(sed -n 's/^run [^ ]*: checkpoint //p' "$LOG" | tail -n 1)
 [ -n "$CKPT" ] || { echo "standin_quickstart: no checkpoint in the train output" >&2; exit 1; }
 
-"$PY" -m orchestrator serve "$CKPT" --config "$SERVE_CONFIG" "http.port=$PORT" &
+# shellcheck disable=SC2086  # SERVE_ARGS: word-split on purpose
+"$PY" -m orchestrator serve "$CKPT" --config "$SERVE_CONFIG" "http.port=$PORT" ${SERVE_ARGS:-} &
 SERVER=$!
 "$PY" - "$PORT" <<'PYEOF'
 import json, sys, time, urllib.request

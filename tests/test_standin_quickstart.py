@@ -75,3 +75,26 @@ def test_served_chat_follows_enable_thinking(standin_model):
         with pytest.raises(APIError) as err:
             server.handle("completion" if "prompt" in body else "chat", body)
         assert err.value.param == param
+
+
+def test_learner_max_shard_size_shards_states_and_checkpoints(tiny_model, tmp_path):
+    """``learner.max_shard_size`` reaches the Learner: its states (weights and optimizer moments) and its
+    checkpoints are sharded without the caller naming a size (the trainer names none)."""
+    from orchestrator.checkpoint_files import read_weight_map
+    from orchestrator.learner.worker import Learner
+
+    import pyarrow as pa
+
+    learner = Learner(tiny_model, device="cpu", max_shard_size="100KB")
+    learner.step(pa.table({  # one update, so that AdamW has moments to save
+        "prompt_token_ids": pa.array([[5, 6, 7]] * 2, pa.list_(pa.int32())),
+        "response_token_ids": pa.array([[8, 9]] * 2, pa.list_(pa.int32())),
+        "loss_mask": pa.array([[1, 1]] * 2, pa.list_(pa.int8())),
+        "advantage": pa.array([1.0, -1.0], pa.float32())}))
+    (tmp_path / "state").mkdir()
+    learner.save_state(str(tmp_path / "state"))
+    assert len(set(read_weight_map(tmp_path / "state" / "model").values())) >= 2
+    assert len(set(read_weight_map(tmp_path / "state", "optimizer.safetensors").values())) >= 2
+    learner.save(str(tmp_path / "ckpt"))
+    assert len(set(read_weight_map(tmp_path / "ckpt").values())) >= 2
+    assert read_weight_map(Learner(tiny_model, device="cpu").save(str(tmp_path / "whole"))) is None  # 5GB default
