@@ -7,8 +7,10 @@ The whole run (warm start, GRPO, eval grid, served chat, SIGKILL and resume) is
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.config import ConfigError, load_config
@@ -125,3 +127,56 @@ def test_thinking_off_samples_skip_phase_one_and_keep_their_order():
     assert not out[0].forced_think_end and out[1].forced_think_end  # phase 1 ended on EOS: </think> forced
     with pytest.raises(ValueError, match="thinking=-1"):
         two_phase_generate(engine, [[10]], [(-1, 5)], think_end_id=9, eos_id=2, temperature=1.0)
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL of the driver: nothing in the trainer catches it."""
+
+
+def test_standin_trains_through_its_chat_template_and_resumes_from_a_sharded_state(
+        tmp_path, standin_model, ray_session, monkeypatch):
+    """A few HF-engine steps on the stand-in through its chat template; the driver dies right after a state
+    is written (sharded: weights and optimizer moments), and the same call continues the same MLflow run
+    from it, every step logged once."""
+    from mlflow import MlflowClient
+
+    from orchestrator import trainer
+    from orchestrator.checkpoint_files import read_weight_map
+
+    out = tmp_path / "out" / "standin"
+    overrides = [
+        f"model.path={standin_model}", "model.build_standin_if_missing=false", "warmstart.steps=0",
+        "rollout.engine=hf", "trainer.steps=3", "trainer.state_every=1", "trainer.log_samples_every=1",
+        "trainer.prompts_per_step=2", "rollout.group_size=2", "learner.max_shard_size=200KB",
+        f"trainer.output_dir={tmp_path / 'out'}", "trainer.run_name=standin", "eval.num_prompts=2", "data.eval_size=2",
+        "data.train_size=16", "budgets=[6x4]", "eval.max_thinking=12", "eval.max_solution=4", "budget.thinking=6",
+        "budget.solution=4", "learner.micro_batch_size=8", "learner.num_threads=1", "reward.num_workers=0",
+        "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=standin"]
+    seen = {}
+    commit = trainer._Run.commit_state
+
+    def commit_then_die(self):
+        commit(self)
+        state = out / "state"
+        if (state / "trainer_state.json").is_file() and "shards" not in seen:
+            seen["step"] = json.loads((state / "trainer_state.json").read_text())["step"]
+            seen["shards"] = (len(set(read_weight_map(state / "model").values())),
+                              len(set(read_weight_map(state, "optimizer.safetensors").values())))
+            raise _Killed()
+
+    monkeypatch.setattr(trainer._Run, "commit_state", commit_then_die)
+    with pytest.raises(_Killed):
+        trainer.train(load_config(CONFIG, overrides), log=lambda *_: None)
+    assert seen["step"] == 1 and min(seen["shards"]) >= 2, seen
+    first = json.loads((out / "state" / "trainer_state.json").read_text())["run_id"]
+    from transformers import AutoTokenizer
+
+    row = pq.read_table(out / "rollouts" / "step_00001.parquet", columns=["prompt", "prompt_token_ids"]).to_pylist()[0]
+    rendered = AutoTokenizer.from_pretrained(standin_model).decode(row["prompt_token_ids"])
+    assert rendered == f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n<think>\n"  # the template
+
+    result = trainer.train(load_config(CONFIG, overrides), log=lambda *_: None)
+    assert result.run_id == first and result.resumed_from == 1 and result.steps == 3
+    steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(first, "train/reward")]
+    assert sorted(steps) == [1, 2, 3], steps
