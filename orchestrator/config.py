@@ -42,6 +42,8 @@ class ModelConfig:
     # Any local Hugging Face causal-LM directory (save_pretrained layout).
     path: str = MISSING
     build_tiny_if_missing: bool = False
+    # Build the stand-in chat checkpoint (orchestrator/standin_model.py, its default shape) at path if missing.
+    build_standin_if_missing: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # auto | float32 | bfloat16 | float16. auto: bfloat16 when rollout and learner are on GPUs, float32 on
     # CPUs (orchestrator/devices.py; show-config prints what it became and why).
@@ -177,6 +179,8 @@ class LearnerConfig:
     activation_checkpointing: bool = False
     lr_warmup_steps: int = 0
     num_threads: int = 0  # 0: leave torch's default
+    # Checkpoints and resumable states (weights, optimizer moments) are sharded above this size ("5GB", "1MB").
+    max_shard_size: str = "5GB"
 
 
 @dataclass
@@ -416,7 +420,7 @@ def resolve_durable_paths(cfg: Config) -> None:
 
     try:
         cfg.trainer.output_dir = paths.output_path(cfg.trainer.output_dir, "trainer.output_dir")
-        if cfg.model.build_tiny_if_missing and cfg.model.path:
+        if (cfg.model.build_tiny_if_missing or cfg.model.build_standin_if_missing) and cfg.model.path:
             cfg.model.path = paths.input_or_output_path(cfg.model.path, "model.path")
         uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri and paths.ray_job_working_dir() is not None:
@@ -453,8 +457,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     m = cfg.model
     if not m.path:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
-    if check_paths and not m.build_tiny_if_missing and not Path(m.path).exists():
-        bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model there)")
+    if m.build_tiny_if_missing and m.build_standin_if_missing:
+        bad("model.build_standin_if_missing", True, "model.build_tiny_if_missing is true too; set one of them")
+    if check_paths and not (m.build_tiny_if_missing or m.build_standin_if_missing) and not Path(m.path).exists():
+        bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model "
+            "there, or model.build_standin_if_missing=true for the stand-in chat model)")
     if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad("model.dtype", m.dtype, "must be one of auto, float32, bfloat16, float16")
     if "{prompt}" not in m.prompt_template and not m.chat_template:
@@ -510,6 +517,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     positive("learner.micro_batch_size", le.micro_batch_size)
     non_negative("learner.micro_batch_tokens", le.micro_batch_tokens)
     non_negative("learner.num_threads", le.num_threads)
+    if not re.fullmatch(r"[1-9]\d*(KB|MB|GB|TB)", le.max_shard_size):
+        bad("learner.max_shard_size", le.max_shard_size, "must be a size such as '5GB' or '1MB' (KB, MB, GB, TB)")
 
     w = cfg.warmstart
     non_negative("warmstart.steps", w.steps)

@@ -286,7 +286,8 @@ class LearnerGroup:
                      mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
                      strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init,
-                     micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing)
+                     micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing,
+                     max_shard_size=le.max_shard_size)
             for i in range(self.world_size)
         ]
         ray.get([r.version.remote() for r in self.ranks])

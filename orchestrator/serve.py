@@ -176,8 +176,8 @@ class BudgetedServer:
             raise APIError(f"{key} must be in {bound}, got {v}", param=key, code="invalid_value")
         return float(v)
 
-    def _texts(self, kind: str, body: dict) -> tuple[list[str], str]:
-        """Model input texts (templates applied) and the field they came from."""
+    def _texts(self, kind: str, body: dict, kwargs: dict) -> tuple[list[str], str]:
+        """Model input texts (templates applied; ``kwargs`` go to the chat template) and their field."""
         if kind == "completion":
             p = body.get("prompt")
             if isinstance(p, str):
@@ -217,13 +217,24 @@ class BudgetedServer:
             clean.append({"role": msg["role"], "content": content})
         if self.cfg.model.chat_template:
             try:
-                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+                text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **kwargs)
             except Exception as exc:
                 raise APIError(f"messages: the chat template rejected them: {exc}", param="messages",
                                code="invalid_value") from exc
             return [text], "messages"
         # No chat template: the message contents, joined by newlines, fill the prompt template.
         return [self._render("\n".join(c["content"] for c in clean))], "messages"
+
+    def _template_kwargs(self, kind: str, body: dict) -> dict:
+        """A chat request's ``chat_template_kwargs`` for the chat template (as vLLM's OpenAI server takes them)."""
+        kwargs, param = body.get("chat_template_kwargs"), "chat_template_kwargs"
+        if kwargs is None:
+            return {}
+        if kind != "chat" or not self.cfg.model.chat_template:
+            raise APIError(f"{param}: chat only, with model.chat_template: true", param=param, code="unsupported")
+        if not isinstance(kwargs, dict) or kwargs.get("enable_thinking", True) not in (True, False):
+            raise APIError(f"{param} must be an object (enable_thinking: a bool)", param=param, code="invalid_type")
+        return kwargs
 
     def _render(self, prompt: str) -> str:
         from .rollout.worker import render_prompt
@@ -261,7 +272,9 @@ class BudgetedServer:
         seed = body.get("seed")
         if seed is not None and not _is_int(seed):
             raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
-        texts, field_name = self._texts(kind, body)
+        kwargs = self._template_kwargs(kind, body)
+        texts, field_name = self._texts(kind, body, kwargs)
+        t = 0 if kwargs.get("enable_thinking") is False else t  # thinking off: the solution only (rollout/budget.py)
         if len(texts) * n > cfg.deployment.max_batch_size:
             raise APIError(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} samples, above this server's "
                            f"maximum of {cfg.deployment.max_batch_size} per request (deployment.max_batch_size)",

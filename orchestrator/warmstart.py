@@ -29,11 +29,20 @@ def _key(cfg: Config) -> str:
 
 def ensure_base_model(cfg: Config) -> str:
     """The configured model directory, checked before Ray starts (``checkpoint_files.check_model_dir``: weights
-    and every shard, EOS ids, ``model.think_end``, chat template); the tiny model is built there first when
-    asked and missing. A directory that holds a checkpoint the tiny builder did not write is never built over."""
+    and every shard, EOS ids, ``model.think_end``, chat template); the tiny model (or the stand-in) is built there
+    first when asked and missing. A directory that holds a checkpoint its builder did not write is never built over."""
     from .checkpoint_files import check_model_dir
 
     path = Path(cfg.model.path)
+    if cfg.model.build_standin_if_missing:
+        from .checkpoint_files import CheckpointError
+        from .standin_model import MARKER_FILE as STANDIN_MARKER, build_standin_model
+
+        if (path / STANDIN_MARKER).is_file() or not (path / "config.json").is_file():
+            try:
+                build_standin_model(path)
+            except FileExistsError as exc:  # a non-empty directory that is not a stand-in build
+                raise CheckpointError(f"model.path={str(path)!r}: {exc} (model.build_standin_if_missing)") from None
     if cfg.model.build_tiny_if_missing:
         from .tiny_model import MARKER_FILE, build_tiny_model, is_built
 

@@ -157,6 +157,7 @@ class Learner(WeightSender):
         strategy: str = "auto",
         dist_init: str | None = None,
         activation_checkpointing: bool = False,
+        max_shard_size: int | str = MAX_SHARD_SIZE,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
@@ -225,6 +226,7 @@ class Learner(WeightSender):
         self.vocab_size = int(self.model.get_input_embeddings().weight.shape[0])
         self._tied = self._tied_output_key()
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.max_shard_size = max_shard_size  # save / save_state shard above it (learner.max_shard_size)
         self.model, self.ref_model = place_models(
             self.model, device=self.device, sharded=self.sharded, compute_dtype=self.compute_dtype,
             reference=self.kl_coef > 0, checkpointing=self.activation_checkpointing,
@@ -369,11 +371,12 @@ class Learner(WeightSender):
         seqs = sequences_from_table(table, self.vocab_size)
         return [lp.tolist() for lp in self._logprobs_all(self.model, seqs)[0]]
 
-    def save(self, out_dir: str, max_shard_size: int | str = MAX_SHARD_SIZE) -> str | None:
+    def save(self, out_dir: str, max_shard_size: int | str | None = None) -> str | None:
         """HF ``save_pretrained`` directory (safetensors, fp32 masters, sharded above ``max_shard_size``) +
         tokenizer, written atomically.
 
         Under FSDP every rank calls it (the weights are gathered); rank 0 writes and returns the path."""
+        max_shard_size = max_shard_size or self.max_shard_size
         if not self.sharded:
             if self.rank != 0:
                 return None
@@ -384,12 +387,13 @@ class Learner(WeightSender):
         return save_hf_checkpoint(self.model, self.tokenizer, out_dir, state_dict=state,
                                   architectures=self.architectures, max_shard_size=max_shard_size)
 
-    def save_state(self, out_dir: str, max_shard_size: int | str = MAX_SHARD_SIZE) -> str | None:
+    def save_state(self, out_dir: str, max_shard_size: int | str | None = None) -> str | None:
         """Everything needed to continue training: ``model/`` (HF checkpoint), optimizer, RNG, version; the
         weights and the optimizer moments sharded above ``max_shard_size`` (``load_state`` reads either).
 
         Collective under FSDP (every rank calls; rank 0 writes). Not atomic by itself: the driver
         writes into a temporary directory and swaps it into place (``trainer_state.json`` last)."""
+        max_shard_size = max_shard_size or self.max_shard_size
         osd = dist.full_optimizer_state_dict(self.model, self.optimizer, self.sharded)
         model_dir = self.save(str(Path(out_dir) / "model"), max_shard_size)
         if self.rank != 0:

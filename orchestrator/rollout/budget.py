@@ -45,7 +45,8 @@ class BudgetedSample:
 def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Sequence[tuple[int, int]], *,
                        think_end_id: int, end_ids: Sequence[int], temperature: float, top_p: float = 1.0,
                        seeds: Sequence[int | None] | None = None) -> list[BudgetedSample]:
-    """Generate one budgeted response per prompt (repeat a prompt for a group of samples).
+    """Generate one budgeted response per prompt (repeat a prompt for a group of samples). A thinking
+    budget of 0 means no thinking phase (a chat template with thinking off wrote an empty one): the solution only.
 
     ``end_ids`` are the ids that end a generation (an engine's ``end_token_ids``); the first is the one
     forced when a solution budget runs out. On an engine with ``budget_forcing`` each sample is one
@@ -56,13 +57,23 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
     for t, s in budgets:
-        if t <= 0 or s <= 0:
-            raise ValueError(f"budgets must be positive, got thinking={t}, solution={s}")
+        if t < 0 or s <= 0:
+            raise ValueError(f"budgets must be positive (thinking 0: none), got thinking={t}, solution={s}")
     ends = [e for e in dict.fromkeys(end_ids) if e != think_end_id]
     if not ends:
         raise ValueError(f"end_ids={list(end_ids)!r}: need an end-of-generation id besides think_end_id")
     eos_id, end_set = ends[0], set(ends)
     seeds = list(seeds) if seeds is not None else [None] * len(prompts)
+    if off := [i for i, (t, _) in enumerate(budgets) if t == 0]:  # thinking off: the prompt closed it
+        outs = engine.generate([GenRequest(list(prompts[i]), budgets[i][1], ends, seeds[i]) for i in off],
+                               temperature, top_p)
+        done = {i: BudgetedSample([], [], False, False, list(o.token_ids), list(o.logprobs), o.finish_reason)
+                for i, o in zip(off, outs)}
+        on = [i for i in range(len(prompts)) if i not in done]
+        done.update(zip(on, two_phase_generate(
+            engine, [prompts[i] for i in on], [budgets[i] for i in on], think_end_id=think_end_id, end_ids=ends,
+            temperature=temperature, top_p=top_p, seeds=[seeds[i] for i in on]) if on else []))
+        return [done[i] for i in range(len(prompts))]
     forcing = bool(getattr(engine, "budget_forcing", False))
     if forcing:
         first = engine.generate(
