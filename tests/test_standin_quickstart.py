@@ -119,14 +119,14 @@ def test_thinking_off_samples_skip_phase_one_and_keep_their_order():
             return [GenOutput([r.prompt_token_ids[0], 2], [-0.1, -0.2], "stop") for r in requests]
 
     engine = Recorder()
-    out = two_phase_generate(engine, [[10], [11], [12]], [(0, 5), (4, 3), (0, 7)], think_end_id=9, eos_id=2,
+    out = two_phase_generate(engine, [[10], [11], [12]], [(0, 5), (4, 3), (0, 7)], think_end_id=9, end_ids=[2],
                              temperature=1.0)
     assert engine.calls[0] == [(10, 5, [2]), (12, 7, [2])]  # thinking off: solution budget, EOS only
     assert engine.calls[1] == [(11, 4, [9, 2])]  # thinking on: phase 1 stops at </think> or EOS
     assert [s.thinking_ids for s in out] == [[], [11], []] and [s.solution_ids for s in out] == [[10, 2], [11, 2], [12, 2]]
     assert not out[0].forced_think_end and out[1].forced_think_end  # phase 1 ended on EOS: </think> forced
     with pytest.raises(ValueError, match="thinking=-1"):
-        two_phase_generate(engine, [[10]], [(-1, 5)], think_end_id=9, eos_id=2, temperature=1.0)
+        two_phase_generate(engine, [[10]], [(-1, 5)], think_end_id=9, end_ids=[2], temperature=1.0)
 
 
 class _Killed(BaseException):
