@@ -36,6 +36,7 @@ from ray import serve
 
 from . import registry
 from .config import ConfigError
+from .runtime import init_ray
 from .serve_config import (  # noqa: F401  (the config API is importable from here too)
     AutoscalingConfig,
     DeploymentConfig,
@@ -499,12 +500,8 @@ def _init_ray(cfg: ServeConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
+    init_ray(cfg)  # the trainer's: retries a local start that misses Ray's 30 s start-up window
+    return not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
 
 
 def deploy(cfg: ServeConfig) -> str:

@@ -41,8 +41,10 @@ def ray_session():
 
     # Logical CPUs above the machine's 2 cores: tests place several small actors at once
     # (the shared rollout worker plus a training run's group); the OS shares the real cores.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    from orchestrator.runtime import start_local_ray  # retried when Ray's 30 s start-up window is missed
+
+    start_local_ray(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
 

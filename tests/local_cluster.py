@@ -34,6 +34,21 @@ FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_chec
                           "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_timeout_ms": "1000"}
 
 
+# Ray gives a starting node a fixed 30 s to register (ray/_private/node.py, raylet_start_wait_time_s);
+# on 2 busy cores (the other pytest-xdist worker training beside this one) a node can miss it. Such a
+# start is retried, after its leftovers are killed.
+STARTUP_TIMEOUT = "timed out during startup"
+ATTEMPTS = 3
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(1.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,19 +95,23 @@ class LocalCluster:
 
     # ---- start and stop -----------------------------------------------------------------------------
 
-    def start_head(self, num_cpus: int = 0) -> None:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        cmd = [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-               f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={self.tmp}",
-               "--labels=budgetrl.io/role=head"]
-        proc = subprocess.Popen([str(c) for c in cmd], env={**self.env, **self.health_env}, cwd=self.tmp,
-                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._pgids.append(proc.pid)  # the daemons `ray start` leaves behind keep its process group
-        out, _ = proc.communicate(timeout=180)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ray start --head failed:\n{out}")
+    def start_head(self, num_cpus: int = 0, attempts: int = ATTEMPTS) -> None:
+        for attempt in range(1, attempts + 1):
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+            cmd = [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                   f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={self.tmp}",
+                   "--labels=budgetrl.io/role=head"]
+            proc = subprocess.Popen([str(c) for c in cmd], env={**self.env, **self.health_env}, cwd=self.tmp,
+                                    start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self._pgids.append(proc.pid)  # the daemons `ray start` leaves behind keep its process group
+            out, _ = proc.communicate(timeout=180)
+            if proc.returncode == 0:
+                return
+            if STARTUP_TIMEOUT not in out or attempt == attempts:
+                raise RuntimeError(f"ray start --head failed:\n{out}")
+            _kill_group(proc.pid)  # what the failed start left behind, then a fresh head on new ports
 
     @property
     def address(self) -> str:
@@ -124,17 +143,23 @@ class LocalCluster:
                                  for d in private_dirs)
             cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                    f"{mounts} && exec {' '.join(shlex.quote(c) for c in cmd)}"]
-        proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, start_new_session=True,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        self._pgids.append(proc.pid)
-        node = Node(name, dict(resources), proc, log)
         deadline = time.monotonic() + timeout
-        while "Ray runtime started" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"node {name} did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        self.nodes.append(node)
-        return node
+        for attempt in range(1, ATTEMPTS + 1):
+            proc = subprocess.Popen(cmd, env=self.env, cwd=self.tmp, start_new_session=True,
+                                    stdout=open(log, "w"), stderr=subprocess.STDOUT)
+            self._pgids.append(proc.pid)
+            while "Ray runtime started" not in (text := log.read_text()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.3)
+            else:
+                node = Node(name, dict(resources), proc, log)
+                self.nodes.append(node)
+                return node
+            if STARTUP_TIMEOUT not in text or attempt == ATTEMPTS or time.monotonic() > deadline:
+                raise RuntimeError(f"node {name} did not start:\n{text[-3000:]}")
+            _kill_group(proc.pid)  # its raylet may still be up: gone before the retry registers a twin
+        raise AssertionError("unreachable")
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL the node's raylet (its workers and agents go with it, as on a lost machine)."""
