@@ -20,6 +20,7 @@ from . import devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 from .config_merge import describe_error as _describe  # noqa: F401  (sweep.py imports it from here)
 from .cost import CostModel
+from .rewards import RewardConfig  # the reward section: the reward code takes it whole
 
 
 @dataclass
@@ -147,18 +148,6 @@ class RolloutConfig:
     seed: int = 0
     vllm: VllmConfig = field(default_factory=VllmConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
-
-
-@dataclass
-class RewardConfig:
-    verifier: str = "auto"  # "auto": the task's own verifier; else a registry name or "module:function"
-    correct_reward: float = 1.0
-    wrong_reward: float = 0.0
-    format_weight: float = 0.0
-    format_fn: str = "think_format"
-    length_penalty: float = 0.0
-    timeout_s: float = 5.0
-    num_workers: int = 1
 
 
 @dataclass

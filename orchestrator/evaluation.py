@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import ray
 
 from .config import Budget
-from .rewards import RewardPool, RewardSpec
+from .rewards import RewardConfig, RewardPool
 from .rollout.worker import ENGINE_SECONDS, SamplingSpec, engine_seconds
 from .rewards.stage import score_rollouts
 
@@ -60,7 +60,7 @@ def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.
 
 
 def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
-             temperature: float, top_p: float, reward_spec: RewardSpec, pool: RewardPool | None,
+             temperature: float, top_p: float, reward_spec: RewardConfig, pool: RewardPool | None,
              step: int = 0, seed: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
     tables = []
@@ -128,7 +128,7 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
     from .config import eval_budgets, to_dict
     from .rewards import RewardPool
     from .runtime import WorkerGroup, init_ray
-    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables, reward_spec
+    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables
 
     model = require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
     run_name, out_dir = fresh_run_dir(cfg, "eval")
@@ -149,7 +149,7 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
                 e = cfg.eval
                 records, summary, by_diff = evaluate(
                     group.rollout, prompts, eval_budgets(cfg), samples_per_prompt=e.samples_per_prompt,
-                    temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(cfg, verifier), pool=pool,
+                    temperature=e.temperature, top_p=e.top_p, reward_spec=cfg.reward.for_verifier(verifier), pool=pool,
                     seed=cfg.rollout.seed)
         finally:
             group.shutdown()
