@@ -136,11 +136,7 @@ class BudgetedServer:
         m = cfg.model
         engine_kwargs: dict[str, Any] = dict(dtype=m.dtype, seed=m.seed)
         if m.engine == "vllm":
-            engine_kwargs.update(max_model_len=m.max_model_len, kv_cache_gib=m.vllm.kv_cache_gib,
-                                 enforce_eager=m.vllm.enforce_eager, multiprocess=m.vllm.multiprocess,
-                                 gpu_memory_utilization=m.vllm.gpu_memory_utilization,
-                                 enable_prefix_caching=m.vllm.enable_prefix_caching, max_num_seqs=m.vllm.max_num_seqs,
-                                 budget_forcing=m.vllm.budget_forcing, tensor_parallel_size=m.vllm.tensor_parallel_size)
+            engine_kwargs.update(max_model_len=m.max_model_len, vllm=m.vllm)  # the section whole, auto resolved
         self.worker = RolloutWorker(model_dir, engine=m.engine, prompt_template=m.prompt_template,
                                     chat_template=m.chat_template, think_end=m.think_end,
                                     engine_kwargs=engine_kwargs)

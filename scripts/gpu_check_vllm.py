@@ -173,7 +173,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "orchestrator", "build-tiny", model], cwd=ROOT, check=True,
                            capture_output=True)
         start = time.perf_counter()
-        engine = VllmEngine(model, dtype=args.dtype, max_model_len=256, seed=0, budget_forcing=True)
+        engine = VllmEngine(model, dtype=args.dtype, max_model_len=256, seed=0)  # STANDALONE_VLLM: budget forcing on
         print(f"engine started in {time.perf_counter() - start:.1f} s on "
               f"{torch.cuda.get_device_name() if on_gpu else 'the CPU'}", flush=True)
         ok = run_checks(engine, AutoTokenizer.from_pretrained(model), expect=expect, n=args.prompts,

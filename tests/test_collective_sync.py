@@ -47,6 +47,9 @@ def untied_model(tiny_model, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def mp_worker(ray_session, untied_model):
     """A rollout worker whose vLLM engine runs in its own subprocess (the GPU configs' setting)."""
+    from dataclasses import replace
+
+    from orchestrator.rollout.engine import STANDALONE_VLLM
     from orchestrator.rollout.worker import RolloutWorker
     from orchestrator.runtime import VLLM_CPU_ENV
 
@@ -54,7 +57,8 @@ def mp_worker(ray_session, untied_model):
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     actor = ray_session.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
         untied_model, engine="vllm", prompt_template="<s>{prompt}<think>",
-        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0, multiprocess=True, budget_forcing=False))
+        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0,
+                           vllm=replace(STANDALONE_VLLM, multiprocess=True, budget_forcing=False)))
     ray_session.get(actor.ready.remote())
     yield actor
     ray_session.kill(actor)

@@ -15,6 +15,16 @@ def _prompts(n=8):
     return pa.Table.from_pylist(rows)
 
 
+def test_vllm_engine_takes_the_section_with_auto_resolved(tiny_model):
+    """The engine takes ``rollout.vllm`` whole; an ``auto`` left unresolved fails before vLLM starts."""
+    from orchestrator.config import VllmConfig
+    from orchestrator.rollout.engine import STANDALONE_VLLM, VllmEngine
+
+    with pytest.raises(ValueError, match="resolve them first"):
+        VllmEngine(tiny_model, vllm=VllmConfig())
+    assert (STANDALONE_VLLM.enforce_eager, STANDALONE_VLLM.gpu_memory_utilization) == (True, 0.5)
+
+
 def _think_end(tiny_model):
     from transformers import AutoTokenizer
 
