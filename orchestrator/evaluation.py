@@ -65,8 +65,7 @@ def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples
     """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
     tables = []
     for b in budgets:
-        spec = SamplingSpec(group_size=samples_per_prompt, budget_thinking=b.thinking, budget_solution=b.solution,
-                            temperature=temperature, top_p=top_p, seed=seed)
+        spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p, seed=seed)
         recs = generate(workers, prompts, spec, step)
         recs, _ = score_rollouts(recs, reward_spec, pool)
         tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))

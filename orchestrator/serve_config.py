@@ -16,7 +16,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from . import devices, registry
-from .config import RayConfig, VllmConfig, validate_vllm
+from .config import Budget, RayConfig, VllmConfig, validate_vllm
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 
 # The context of a model whose config.json names a longer one, unless model.max_model_len says otherwise:
@@ -56,6 +56,16 @@ class ServeBudgetConfig:
     solution: Optional[int] = None
     max_thinking: Optional[int] = None  # larger requested budgets get HTTP 400
     max_solution: Optional[int] = None
+
+    @property
+    def default(self) -> Budget:
+        """The budget of a request that sets none (once validation filled the unset values)."""
+        return Budget(self.thinking, self.solution)
+
+    @property
+    def most(self) -> Budget:
+        """The largest budget a request may ask for."""
+        return Budget(self.max_thinking, self.max_solution)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from . import frontier, resume, tracking
-from .config import Config, ConfigError, eval_budgets, to_dict, to_yaml
+from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import read_prompts, write_rollouts
@@ -294,8 +294,9 @@ class _Run:
         self._curriculum_start = None
         self.buffer = tracking.MetricBuffer()
         self.result = TrainResult(run_id="", checkpoint="", output_dir=str(out_dir))
-        self.sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
-                                     budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
+        self.sampling = SamplingSpec(group_size=cfg.rollout.group_size,
+                                     budget=Budget(cfg.budget.thinking, cfg.budget.solution),
+                                     temperature=cfg.rollout.temperature,
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # the next step's rollout, started during this step

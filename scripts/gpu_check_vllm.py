@@ -95,10 +95,11 @@ def check_think_end(engine, ids: list[list[int]], t: int, s: int, think_end: int
 
 
 def check_budget(engine, ids: list[list[int]], t: int, s: int, think_end: int) -> bool:
+    from orchestrator.config import Budget
     from orchestrator.rollout.budget import two_phase_generate
 
     start = time.perf_counter()
-    samples = two_phase_generate(engine, ids, [(t, s)] * len(ids), think_end_id=think_end,
+    samples = two_phase_generate(engine, ids, [Budget(t, s)] * len(ids), think_end_id=think_end,
                                  end_ids=engine.end_token_ids, temperature=1.0, seeds=range(len(ids)))
     seconds = time.perf_counter() - start
     bad = [i for i, x in enumerate(samples)
@@ -113,9 +114,10 @@ def check_budget(engine, ids: list[list[int]], t: int, s: int, think_end: int) -
 
 
 def check_two_calls(engine, ids: list[list[int]], t: int, s: int, think_end: int) -> bool:
+    from orchestrator.config import Budget
     from orchestrator.rollout.budget import two_phase_generate
 
-    budgets = [(max(1, t - 3 + i % 7), max(1, s - 1 + i % 3)) for i in range(len(ids))]
+    budgets = [Budget(max(1, t - 3 + i % 7), max(1, s - 1 + i % 3)) for i in range(len(ids))]
     switch, runs = engine.budget_forcing, []
     try:
         for forcing in (True, False):

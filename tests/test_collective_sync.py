@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from orchestrator.config import Budget
 from orchestrator.rollout.worker import SamplingSpec
 
 TOL = 1e-4  # fp32 engine vs fp32 learner
@@ -77,7 +78,7 @@ def _stepped_learner(worker, model_path: str):
     from orchestrator.learner.worker import Learner
 
     learner = Learner(model_path, lr=5e-2, micro_batch_size=64, seed=0)
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = ray.get(worker.generate.remote(_prompts(4), spec))
     adv = np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)
     learner.step(recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(

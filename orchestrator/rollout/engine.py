@@ -28,7 +28,8 @@ class GenRequest:
     max_tokens: int
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
-    # (think_end_id, t, eos_id, s): budget forcing inside this request (engines with budget_forcing)
+    # (think_end_id, thinking budget, eos_id, solution budget): budget forcing inside this request
+    # (engines with budget_forcing; vLLM's extra_args carry it as this list)
     budget_forcing: tuple[int, int, int, int] | None = None
 
 
