@@ -1,8 +1,10 @@
-"""Structured configs: one YAML file plus ``key=value`` overrides, validated before Ray starts.
+"""The training config: one YAML file plus ``key=value`` overrides, validated before Ray starts.
 
-The dataclasses below are the schema. OmegaConf rejects unknown keys and wrong types; ``validate``
-rejects impossible values. Every error is a ``ConfigError`` that names the key path and the bad value,
-so a typo fails in a second instead of after a cluster has started.
+The dataclasses below are the schema, one per section; a section another part owns is defined there and
+handed to it whole (``rewards.RewardConfig``, ``cost.CostModel``; the engine takes ``rollout.vllm``).
+``config_merge`` reads the file and overrides (OmegaConf rejects unknown keys and wrong types); ``validate``
+rejects impossible values, one ``validate_<section>`` per section. Every error is a ``ConfigError`` that
+names the key path and the bad value, so a typo fails in a second instead of after a cluster has started.
 """
 
 from __future__ import annotations

@@ -191,12 +191,12 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
     assert out["processors"] == ["orchestrator.rollout.budget_forcing:BudgetForcing"]
     kinds = set()
     for forced, two_calls in out["runs"].values():
-        for a, b, (t, s) in zip(forced, two_calls, out["budgets"]):
+        for a, b, budget in zip(forced, two_calls, out["budgets"]):
             for k in ("thinking_ids", "solution_ids", "forced_think_end", "thinking_truncated", "finish_reason"):
                 assert a[k] == b[k], (k, a, b)
             assert a["thinking_logprobs"] == pytest.approx(b["thinking_logprobs"], abs=1e-4)
             assert a["solution_logprobs"] == pytest.approx(b["solution_logprobs"], abs=1e-4)
-            assert len(a["thinking_ids"]) <= t and len(a["solution_ids"]) <= s
+            assert len(a["thinking_ids"]) <= budget.thinking and len(a["solution_ids"]) <= budget.solution
             assert out["think_end"] not in a["thinking_ids"][:-1]  # a sampled marker ends the thinking
             kinds.add("truncated" if a["thinking_truncated"] else "ended early" if a["forced_think_end"] else "closed")
             kinds.add(f"solution {a['finish_reason']}")
