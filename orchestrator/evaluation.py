@@ -65,7 +65,8 @@ def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples
     """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
     tables = []
     for b in budgets:
-        spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p, seed=seed)
+        spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p,
+                            seed=seed)
         recs = generate(workers, prompts, spec, step)
         recs, _ = score_rollouts(recs, reward_spec, pool)
         tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))
@@ -148,8 +149,8 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
                 e = cfg.eval
                 records, summary, by_diff = evaluate(
                     group.rollout, prompts, eval_budgets(cfg), samples_per_prompt=e.samples_per_prompt,
-                    temperature=e.temperature, top_p=e.top_p, reward_spec=cfg.reward.for_verifier(verifier), pool=pool,
-                    seed=cfg.rollout.seed)
+                    temperature=e.temperature, top_p=e.top_p, reward_spec=cfg.reward.for_verifier(verifier),
+                    pool=pool, seed=cfg.rollout.seed)
         finally:
             group.shutdown()
         _log_eval(tracker, summary, by_diff, records, 0, "eval", out_dir)
