@@ -46,14 +46,18 @@ def run_vllm(args) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from dataclasses import replace
+
+    from orchestrator.rollout.engine import STANDALONE_VLLM
+    from orchestrator.config import Budget
     from orchestrator.rollout.worker import RolloutWorker, SamplingSpec, engine_seconds
 
     worker = RolloutWorker(args.model, engine="vllm", prompt_template="<s>{prompt}<think>",
                            engine_kwargs=dict(dtype="float32", max_model_len=args.max_model_len, seed=0,
-                                              max_num_seqs=args.max_num_seqs))
+                                              vllm=replace(STANDALONE_VLLM, max_num_seqs=args.max_num_seqs)))
     table = pa.table({"prompt_id": [str(i) for i in range(args.prompts)], "prompt": _prompts(args.prompts),
                       "answer": ["0"] * args.prompts})
-    spec = SamplingSpec(group_size=args.samples, budget_thinking=args.thinking, budget_solution=args.solution,
+    spec = SamplingSpec(group_size=args.samples, budget=Budget(args.thinking, args.solution),
                         temperature=1.0)
     worker.generate(table, spec)  # warm-up
     llm = worker.engine.llm

@@ -53,6 +53,9 @@ def _measure(path: str, learner, dtype: str, args) -> dict[str, float]:
     """Median seconds per sync each way, for one engine dtype."""
     import ray
 
+    from dataclasses import replace
+
+    from orchestrator.rollout.engine import STANDALONE_VLLM
     from orchestrator.rollout.worker import RolloutWorker
     from orchestrator.runtime import VLLM_CPU_ENV
 
@@ -61,7 +64,8 @@ def _measure(path: str, learner, dtype: str, args) -> dict[str, float]:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     worker = ray.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
         path, engine="vllm", engine_kwargs=dict(dtype=dtype, max_model_len=256, seed=0,
-                                                multiprocess=args.multiprocess, budget_forcing=False))
+                                                vllm=replace(STANDALONE_VLLM, multiprocess=args.multiprocess,
+                                                             budget_forcing=False)))
     ray.get(worker.ready.remote())
     key = f"bench-{dtype}"
     joined = worker.open_sync_group.remote(ray.get(learner.sync_address.remote()), key, 2, "gloo", 300.0)

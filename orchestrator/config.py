@@ -1,8 +1,10 @@
-"""Structured configs: one YAML file plus ``key=value`` overrides, validated before Ray starts.
+"""The training config: one YAML file plus ``key=value`` overrides, validated before Ray starts.
 
-The dataclasses below are the schema. OmegaConf rejects unknown keys and wrong types; ``validate``
-rejects impossible values. Every error is a ``ConfigError`` that names the key path and the bad value,
-so a typo fails in a second instead of after a cluster has started.
+The dataclasses below are the schema, one per section; a section another part owns is defined there and
+handed to it whole (``rewards.RewardConfig``, ``cost.CostModel``; the engine takes ``rollout.vllm``).
+``config_merge`` reads the file and overrides (OmegaConf rejects unknown keys and wrong types); ``validate``
+rejects impossible values, one ``validate_<section>`` per section. Every error is a ``ConfigError`` that
+names the key path and the bad value, so a typo fails in a second instead of after a cluster has started.
 """
 
 from __future__ import annotations
@@ -12,17 +14,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from . import devices
+from . import devices, paths
+from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
+from .config_merge import describe_error as _describe  # noqa: F401  (sweep.py imports it from here)
 from .cost import CostModel
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key path and the value."""
+from .rewards import RewardConfig  # the reward section: the reward code takes it whole
 
 
 @dataclass
@@ -68,6 +68,25 @@ class DataConfig:
     # A prompt whose tokens plus the largest budget exceed model.max_model_len: error (before any work),
     # drop (skip it, counted in the log and the run's tags) or truncate_left (keep its last tokens).
     overlong_prompts: str = "error"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One token budget, the one name for it everywhere (training, eval grid, serving, sweeps): think up to
+    ``thinking`` tokens, answer up to ``solution``. ``label`` names it in an eval grid ("16x8",
+    "unconstrained"); by default THINKxSOLUTION. Rollout records keep it as budget_thinking/budget_solution."""
+
+    thinking: int
+    solution: int
+    label: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", f"{self.thinking}x{self.solution}")
+
+    @property
+    def total(self) -> int:
+        return self.thinking + self.solution
 
 
 @dataclass
@@ -131,18 +150,6 @@ class RolloutConfig:
     seed: int = 0
     vllm: VllmConfig = field(default_factory=VllmConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
-
-
-@dataclass
-class RewardConfig:
-    verifier: str = "auto"  # "auto": the task's own verifier; else a registry name or "module:function"
-    correct_reward: float = 1.0
-    wrong_reward: float = 0.0
-    format_weight: float = 0.0
-    format_fn: str = "think_format"
-    length_penalty: float = 0.0
-    timeout_s: float = 5.0
-    num_workers: int = 1
 
 
 @dataclass
@@ -234,6 +241,10 @@ class EvalConfig:
     temperature: float = 0.0
     top_p: float = 1.0
 
+    @property
+    def unconstrained(self) -> Budget:
+        return Budget(self.max_thinking, self.max_solution, "unconstrained")
+
 
 @dataclass
 class TrackingConfig:
@@ -277,79 +288,17 @@ K1_AS_LOSS = ("as a loss term k1 has zero expected gradient (E_pi[grad log pi] =
 _BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
 
 
-@dataclass(frozen=True)
-class Budget:
-    thinking: int
-    solution: int
-    label: str
-
-
 def parse_budget(text: str, cfg: EvalConfig) -> Budget:
     """'16x8' -> Budget(16, 8); 'unconstrained' -> the eval's maximum lengths."""
     if text.strip().lower() == "unconstrained":
-        return Budget(cfg.max_thinking, cfg.max_solution, "unconstrained")
+        return cfg.unconstrained
     m = _BUDGET_RE.match(text)
     if not m:
         raise ConfigError(f"eval.budgets: {text!r} is not THINKxSOLUTION (e.g. '16x8') or 'unconstrained'")
-    t, s = int(m.group(1)), int(m.group(2))
-    if t <= 0 or s <= 0:
+    budget = Budget(int(m.group(1)), int(m.group(2)))
+    if budget.thinking <= 0 or budget.solution <= 0:
         raise ConfigError(f"eval.budgets: {text!r} has a budget <= 0; both budgets must be positive")
-    return Budget(t, s, f"{t}x{s}")
-
-
-def _split_override(item: str) -> tuple[str, str]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value")
-    key, value = item.split("=", 1)
-    return key.strip().lstrip("+"), value
-
-
-def merge_structured(schema: type, path: str | os.PathLike | None = None, overrides=(), *,
-                     aliases: dict[str, str] | None = None, extra: dict | None = None) -> Any:
-    """Schema defaults <- YAML file <- ``key=value`` overrides <- ``extra`` -> a dataclass instance.
-
-    The one place every command's config is read; errors are ``ConfigError`` naming the key path."""
-    layers = [OmegaConf.structured(schema)]
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            layers.append(OmegaConf.load(p))
-        except Exception as exc:  # YAML syntax errors
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
-    dotlist = []
-    for item in overrides:
-        key, value = _split_override(item)
-        dotlist.append(f"{(aliases or {}).get(key, key)}={value}")
-    try:
-        if dotlist:
-            layers.append(OmegaConf.from_dotlist(dotlist))
-        if extra:
-            layers.append(OmegaConf.create(extra))
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as exc:
-        where = next(filter(None, (_value_over_section(layers[0], layer) for layer in layers[1:])), None)
-        raise ConfigError(where or _describe(exc)) from None
-
-
-def _value_over_section(schema, layer, prefix: str = "") -> str | None:
-    """``key=value: ...`` for a plain value given where the schema has a section (OmegaConf's merge error
-    names neither), e.g. ``rollout.weight_sync=collective``."""
-    if not OmegaConf.is_dict(layer) or not OmegaConf.is_dict(schema):
-        return None
-    for key in layer:
-        if key not in schema:
-            continue
-        node, given = schema._get_node(key), layer._get_node(key)
-        path = f"{prefix}{key}"
-        if OmegaConf.is_dict(given):
-            found = _value_over_section(node, given, f"{path}.")
-            if found:
-                return found
-        elif OmegaConf.is_dict(node) and OmegaConf.get_type(node) not in (dict, None):
-            return f"{path}={given._value()!r}: a section, not a value; set its keys ({', '.join(f'{path}.{k}' for k in node)})"
-    return None
+    return budget
 
 
 def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str = "base") -> str:
@@ -379,82 +328,50 @@ def load_config_explained(path: str | os.PathLike | None, overrides: list[str] |
                           check_paths: bool = True) -> tuple[Config, list[devices.Resolution]]:
     """``load_config`` and what each ``auto`` value became, with the reason (``show-config`` prints them)."""
     obj = merge_structured(Config, path, overrides, aliases=ALIASES)
-    resolve_durable_paths(obj)
+    try:
+        paths.resolve_durable_paths(obj)  # inside a Ray job: under $BUDGETRL_HOME
+    except paths.DurablePathError as exc:
+        raise ConfigError(str(exc)) from None
     validate(obj, check_paths=check_paths)
-    return obj, resolve_auto(obj)
-
-
-def resolve_auto(cfg: Config) -> list[devices.Resolution]:
-    """Replace ``auto`` values by their meaning on the config's devices (a GPU count > 0 means CUDA),
-    in the driver before any actor starts; on CPUs they are the values used before ``auto`` existed."""
-    rollout = devices.DeviceFacts.of(cfg.rollout.gpus_per_worker)
-    out = []
-    if cfg.model.dtype == devices.AUTO:  # one dtype: weights move between the learner and the engines
-        roles = {"rollout": rollout, "learner": devices.DeviceFacts.of(cfg.learner.gpus_per_worker)}
-        out.append(devices.resolve_shared("dtype", roles, "model.dtype"))
-        cfg.model.dtype = out[-1].value
-    out += devices.resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
-    r = cfg.rollout
-    if r.weight_sync.method == devices.AUTO:  # CUDA only when both ends of the sync have GPUs
-        ends = devices.DeviceFacts.of(min(r.gpus_per_worker, cfg.learner.gpus_per_worker))
-        own_process = r.engine == "vllm" and bool(r.vllm.multiprocess)
-        out.append(devices.resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
-        r.weight_sync.method = out[-1].value
-    return out
+    return obj, devices.resolve_auto(obj)
 
 
 def durable_output(value: str, key: str) -> str:
     """A relative path a command writes, resolved for a Ray job (``ConfigError`` naming ``key`` when it cannot be)."""
-    from . import paths
-
     try:
         return paths.output_path(value, key)
     except paths.DurablePathError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def resolve_durable_paths(cfg: Config) -> None:
-    """Inside a Ray job, relative paths the run writes go under ``$BUDGETRL_HOME`` (orchestrator/paths.py):
-    the output dir, a model the run builds, and the default SQLite tracking store."""
-    from . import paths
-
-    try:
-        cfg.trainer.output_dir = paths.output_path(cfg.trainer.output_dir, "trainer.output_dir")
-        if (cfg.model.build_tiny_if_missing or cfg.model.build_standin_if_missing) and cfg.model.path:
-            cfg.model.path = paths.input_or_output_path(cfg.model.path, "model.path")
-        uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri and paths.ray_job_working_dir() is not None:
-            root = paths.durable_root("tracking.tracking_uri (or MLFLOW_TRACKING_URI)")
-            cfg.tracking.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    except paths.DurablePathError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _describe(exc: OmegaConfBaseException) -> str:
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-    msg = (getattr(exc, "msg", None) or str(exc)).splitlines()[0]
-    if "Missing mandatory value" in msg:
-        return f"{key}: missing (required value not set)"
-    if key:
-        return f"{key}: {msg}"
-    return msg
-
-
 def validate(cfg: Config, *, check_paths: bool = True) -> None:
-    """Reject impossible values; messages name the key path and the bad value."""
+    """Reject impossible values, section by section; messages name the key path and the bad value."""
+    validate_model(cfg.model, check_paths)
+    validate_budget(cfg.budget)
+    validate_rollout(cfg.rollout)
+    if cfg.rollout.group_size < 2 and cfg.algorithm.name == "grpo":
+        bad("rollout.group_size", cfg.rollout.group_size,
+            "group-normalized advantages need at least 2 samples per prompt")
+    validate_reward(cfg.reward)
+    validate_algorithm(cfg.algorithm)
+    validate_learner(cfg.learner)
+    validate_warmstart(cfg.warmstart)
+    validate_trainer(cfg.trainer)
+    non_negative("cost.accelerator_hour_price", cfg.cost.accelerator_hour_price)
+    non_negative("cost.cpu_hour_price", cfg.cost.cpu_hour_price)
+    total = cfg.trainer.prompts_per_step * cfg.rollout.group_size
+    if total % cfg.algorithm.mini_batches:
+        bad("algorithm.mini_batches", cfg.algorithm.mini_batches,
+            f"must divide the batch of {total} samples (trainer.prompts_per_step x rollout.group_size)")
+    validate_data(cfg.data, check_paths)
+    validate_eval(cfg.eval)
+    longest = max(b.total for b in [Budget(cfg.budget.thinking, cfg.budget.solution), *eval_budgets(cfg)])
+    if longest >= cfg.model.max_model_len:
+        bad("model.max_model_len", cfg.model.max_model_len,
+            f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
 
-    def bad(key: str, value: Any, why: str) -> None:
-        raise ConfigError(f"{key}={value!r}: {why}")
 
-    def positive(key: str, value: float) -> None:
-        if value is None or value <= 0:
-            bad(key, value, "must be > 0")
-
-    def non_negative(key: str, value: float) -> None:
-        if value < 0:
-            bad(key, value, "must be >= 0")
-
-    m = cfg.model
+def validate_model(m: ModelConfig, check_paths: bool) -> None:
     if not m.path:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
     if m.build_tiny_if_missing and m.build_standin_if_missing:
@@ -468,17 +385,18 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
     positive("model.max_model_len", m.max_model_len)
 
-    positive("budget.thinking", cfg.budget.thinking)
-    positive("budget.solution", cfg.budget.solution)
 
-    r = cfg.rollout
+def validate_budget(b: BudgetConfig) -> None:
+    positive("budget.thinking", b.thinking)
+    positive("budget.solution", b.solution)
+
+
+def validate_rollout(r: RolloutConfig) -> None:
     if r.engine not in ("vllm", "hf"):
         bad("rollout.engine", r.engine, "must be 'vllm' or 'hf'")
     positive("rollout.num_workers", r.num_workers)
     non_negative("rollout.cpus_per_worker", r.cpus_per_worker)
     non_negative("rollout.gpus_per_worker", r.gpus_per_worker)
-    if r.group_size < 2 and cfg.algorithm.name == "grpo":
-        bad("rollout.group_size", r.group_size, "group-normalized advantages need at least 2 samples per prompt")
     non_negative("rollout.temperature", r.temperature)
     if not 0 < r.top_p <= 1:
         bad("rollout.top_p", r.top_p, "must be in (0, 1]")
@@ -489,97 +407,6 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
         bad("rollout.weight_sync.method", r.weight_sync.method, f"must be one of {', '.join(WEIGHT_SYNC_METHODS)}")
     positive("rollout.weight_sync.bucket_mb", r.weight_sync.bucket_mb)
     positive("rollout.weight_sync.timeout_s", r.weight_sync.timeout_s)
-
-    positive("reward.timeout_s", cfg.reward.timeout_s)
-    non_negative("reward.num_workers", cfg.reward.num_workers)
-    non_negative("reward.length_penalty", cfg.reward.length_penalty)
-
-    a = cfg.algorithm
-    if a.name not in ("grpo",):
-        bad("algorithm.name", a.name, "supported: grpo")
-    non_negative("algorithm.clip_low", a.clip_low)
-    non_negative("algorithm.clip_high", a.clip_high)
-    non_negative("algorithm.kl_coef", a.kl_coef)
-    if a.kl_estimator == "k1":
-        bad("algorithm.kl_estimator", a.kl_estimator, K1_AS_LOSS)
-    if a.kl_estimator not in ("k2", "k3"):
-        bad("algorithm.kl_estimator", a.kl_estimator, "must be k2 or k3")
-    if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
-        bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
-    positive("algorithm.ppo_epochs", a.ppo_epochs)
-    positive("algorithm.mini_batches", a.mini_batches)
-
-    le = cfg.learner
-    positive("learner.num_workers", le.num_workers)
-    if le.strategy not in ("auto", "ddp", "fsdp"):
-        bad("learner.strategy", le.strategy, "must be auto, ddp or fsdp")
-    positive("learner.lr", le.lr)
-    positive("learner.micro_batch_size", le.micro_batch_size)
-    non_negative("learner.micro_batch_tokens", le.micro_batch_tokens)
-    non_negative("learner.num_threads", le.num_threads)
-    if not re.fullmatch(r"[1-9]\d*(KB|MB|GB|TB)", le.max_shard_size):
-        bad("learner.max_shard_size", le.max_shard_size, "must be a size such as '5GB' or '1MB' (KB, MB, GB, TB)")
-
-    w = cfg.warmstart
-    non_negative("warmstart.steps", w.steps)
-    if w.steps:
-        positive("warmstart.batch_size", w.batch_size)
-        positive("warmstart.lr", w.lr)
-        positive("warmstart.train_size", w.train_size)
-    if not 0 <= w.concise_fraction <= 1:
-        bad("warmstart.concise_fraction", w.concise_fraction, "must be in [0, 1]")
-
-    t = cfg.trainer
-    non_negative("trainer.steps", t.steps)
-    positive("trainer.prompts_per_step", t.prompts_per_step)
-    non_negative("trainer.eval_every", t.eval_every)
-    non_negative("trainer.state_every", t.state_every)
-    non_negative("trainer.max_restarts", t.max_restarts)
-    non_negative("trainer.node_wait_s", t.node_wait_s)
-    non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
-    if t.off_policy_steps not in (0, 1):
-        bad("trainer.off_policy_steps", t.off_policy_steps, "must be 0 (synchronous) or 1 (one step ahead)")
-    if t.resume not in ("auto", "never", "must"):
-        bad("trainer.resume", t.resume, "must be auto, never or must")
-    if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name in (".", "..")):
-        bad("trainer.run_name", t.run_name, "must be a plain directory name")
-    c = cfg.cost
-    non_negative("cost.accelerator_hour_price", c.accelerator_hour_price)
-    non_negative("cost.cpu_hour_price", c.cpu_hour_price)
-    total = t.prompts_per_step * r.group_size
-    if total % a.mini_batches:
-        bad("algorithm.mini_batches", a.mini_batches,
-            f"must divide the batch of {total} samples (trainer.prompts_per_step x rollout.group_size)")
-
-    d = cfg.data
-    if d.path is None:
-        if not d.difficulties:
-            bad("data.difficulties", d.difficulties, "must list at least one level")
-        positive("data.train_size", d.train_size)
-    elif check_paths and not Path(d.path).exists():
-        bad("data.path", d.path, "no such file")
-    if check_paths and d.eval_path is not None and not Path(d.eval_path).exists():
-        bad("data.eval_path", d.eval_path, "no such file")
-    positive("data.eval_size", d.eval_size)
-    if d.overlong_prompts not in ("error", "drop", "truncate_left"):
-        bad("data.overlong_prompts", d.overlong_prompts, "must be error, drop or truncate_left")
-
-    e = cfg.eval
-    if not e.budgets:
-        bad("eval.budgets", e.budgets, "list at least one budget")
-    for b in e.budgets:
-        parse_budget(b, e)
-    positive("eval.max_thinking", e.max_thinking)
-    positive("eval.max_solution", e.max_solution)
-    positive("eval.num_prompts", e.num_prompts)
-    positive("eval.samples_per_prompt", e.samples_per_prompt)
-    non_negative("eval.temperature", e.temperature)
-
-    longest = max([cfg.budget.thinking + cfg.budget.solution] +
-                  [parse_budget(b, e).thinking + parse_budget(b, e).solution for b in e.budgets])
-    if longest >= m.max_model_len:
-        bad("model.max_model_len", m.max_model_len,
-            f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
 
 
 def validate_vllm(v: VllmConfig, prefix: str, gpus: float, gpus_key: str) -> None:
@@ -595,6 +422,92 @@ def validate_vllm(v: VllmConfig, prefix: str, gpus: float, gpus_key: str) -> Non
     if tp > gpus and tp > 1:
         raise ConfigError(f"{prefix}.tensor_parallel_size={tp!r}: an engine shards over that many GPUs but gets "
                           f"{gpus_key}={gpus:g}; raise {gpus_key} to {tp} or lower the tensor parallel size")
+
+
+def validate_reward(r: RewardConfig) -> None:
+    positive("reward.timeout_s", r.timeout_s)
+    non_negative("reward.num_workers", r.num_workers)
+    non_negative("reward.length_penalty", r.length_penalty)
+
+
+def validate_algorithm(a: AlgorithmConfig) -> None:
+    if a.name not in ("grpo",):
+        bad("algorithm.name", a.name, "supported: grpo")
+    non_negative("algorithm.clip_low", a.clip_low)
+    non_negative("algorithm.clip_high", a.clip_high)
+    non_negative("algorithm.kl_coef", a.kl_coef)
+    if a.kl_estimator == "k1":
+        bad("algorithm.kl_estimator", a.kl_estimator, K1_AS_LOSS)
+    if a.kl_estimator not in ("k2", "k3"):
+        bad("algorithm.kl_estimator", a.kl_estimator, "must be k2 or k3")
+    if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
+        bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
+    positive("algorithm.ppo_epochs", a.ppo_epochs)
+    positive("algorithm.mini_batches", a.mini_batches)
+
+
+def validate_learner(le: LearnerConfig) -> None:
+    positive("learner.num_workers", le.num_workers)
+    if le.strategy not in ("auto", "ddp", "fsdp"):
+        bad("learner.strategy", le.strategy, "must be auto, ddp or fsdp")
+    positive("learner.lr", le.lr)
+    positive("learner.micro_batch_size", le.micro_batch_size)
+    non_negative("learner.micro_batch_tokens", le.micro_batch_tokens)
+    non_negative("learner.num_threads", le.num_threads)
+    if not re.fullmatch(r"[1-9]\d*(KB|MB|GB|TB)", le.max_shard_size):
+        bad("learner.max_shard_size", le.max_shard_size, "must be a size such as '5GB' or '1MB' (KB, MB, GB, TB)")
+
+
+def validate_warmstart(w: WarmstartConfig) -> None:
+    non_negative("warmstart.steps", w.steps)
+    if w.steps:
+        positive("warmstart.batch_size", w.batch_size)
+        positive("warmstart.lr", w.lr)
+        positive("warmstart.train_size", w.train_size)
+    if not 0 <= w.concise_fraction <= 1:
+        bad("warmstart.concise_fraction", w.concise_fraction, "must be in [0, 1]")
+
+
+def validate_trainer(t: TrainerConfig) -> None:
+    non_negative("trainer.steps", t.steps)
+    positive("trainer.prompts_per_step", t.prompts_per_step)
+    non_negative("trainer.eval_every", t.eval_every)
+    non_negative("trainer.state_every", t.state_every)
+    non_negative("trainer.max_restarts", t.max_restarts)
+    non_negative("trainer.node_wait_s", t.node_wait_s)
+    non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
+    if t.off_policy_steps not in (0, 1):
+        bad("trainer.off_policy_steps", t.off_policy_steps, "must be 0 (synchronous) or 1 (one step ahead)")
+    if t.resume not in ("auto", "never", "must"):
+        bad("trainer.resume", t.resume, "must be auto, never or must")
+    if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name in (".", "..")):
+        bad("trainer.run_name", t.run_name, "must be a plain directory name")
+
+
+def validate_data(d: DataConfig, check_paths: bool) -> None:
+    if d.path is None:
+        if not d.difficulties:
+            bad("data.difficulties", d.difficulties, "must list at least one level")
+        positive("data.train_size", d.train_size)
+    elif check_paths and not Path(d.path).exists():
+        bad("data.path", d.path, "no such file")
+    if check_paths and d.eval_path is not None and not Path(d.eval_path).exists():
+        bad("data.eval_path", d.eval_path, "no such file")
+    positive("data.eval_size", d.eval_size)
+    if d.overlong_prompts not in ("error", "drop", "truncate_left"):
+        bad("data.overlong_prompts", d.overlong_prompts, "must be error, drop or truncate_left")
+
+
+def validate_eval(e: EvalConfig) -> None:
+    if not e.budgets:
+        bad("eval.budgets", e.budgets, "list at least one budget")
+    for b in e.budgets:
+        parse_budget(b, e)
+    positive("eval.max_thinking", e.max_thinking)
+    positive("eval.max_solution", e.max_solution)
+    positive("eval.num_prompts", e.num_prompts)
+    positive("eval.samples_per_prompt", e.samples_per_prompt)
+    non_negative("eval.temperature", e.temperature)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -147,6 +147,26 @@ def resolve_vllm(vllm_cfg, facts: DeviceFacts, prefix: str) -> list[Resolution]:
     return out
 
 
+def resolve_auto(cfg) -> list[Resolution]:
+    """Replace a training config's ``auto`` values by their meaning on the devices it names (a GPU count
+    > 0 means CUDA), in the driver before any actor starts; on CPUs they are the values used before
+    ``auto`` existed. Returns what each became, with the reason."""
+    rollout = DeviceFacts.of(cfg.rollout.gpus_per_worker)
+    out = []
+    if cfg.model.dtype == AUTO:  # one dtype: weights move between the learner and the engines
+        roles = {"rollout": rollout, "learner": DeviceFacts.of(cfg.learner.gpus_per_worker)}
+        out.append(resolve_shared("dtype", roles, "model.dtype"))
+        cfg.model.dtype = out[-1].value
+    out += resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
+    r = cfg.rollout
+    if r.weight_sync.method == AUTO:  # CUDA only when both ends of the sync have GPUs
+        ends = DeviceFacts.of(min(r.gpus_per_worker, cfg.learner.gpus_per_worker))
+        own_process = r.engine == "vllm" and bool(r.vllm.multiprocess)
+        out.append(resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
+        r.weight_sync.method = out[-1].value
+    return out
+
+
 def describe(resolutions: Sequence[Resolution]) -> str:
     """YAML comment lines: what each ``auto`` became and why (``show-config`` appends them)."""
     if not resolutions:

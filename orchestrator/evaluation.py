@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import ray
 
 from .config import Budget
-from .rewards import RewardPool, RewardSpec
+from .rewards import RewardConfig, RewardPool
 from .rollout.worker import ENGINE_SECONDS, SamplingSpec, engine_seconds
 from .rewards.stage import score_rollouts
 
@@ -60,13 +60,13 @@ def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.
 
 
 def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
-             temperature: float, top_p: float, reward_spec: RewardSpec, pool: RewardPool | None,
+             temperature: float, top_p: float, reward_spec: RewardConfig, pool: RewardPool | None,
              step: int = 0, seed: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
     tables = []
     for b in budgets:
-        spec = SamplingSpec(group_size=samples_per_prompt, budget_thinking=b.thinking, budget_solution=b.solution,
-                            temperature=temperature, top_p=top_p, seed=seed)
+        spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p,
+                            seed=seed)
         recs = generate(workers, prompts, spec, step)
         recs, _ = score_rollouts(recs, reward_spec, pool)
         tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))
@@ -128,7 +128,7 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
     from .config import eval_budgets, to_dict
     from .rewards import RewardPool
     from .runtime import WorkerGroup, init_ray
-    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables, reward_spec
+    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables
 
     model = require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
     run_name, out_dir = fresh_run_dir(cfg, "eval")
@@ -149,8 +149,8 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
                 e = cfg.eval
                 records, summary, by_diff = evaluate(
                     group.rollout, prompts, eval_budgets(cfg), samples_per_prompt=e.samples_per_prompt,
-                    temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(cfg, verifier), pool=pool,
-                    seed=cfg.rollout.seed)
+                    temperature=e.temperature, top_p=e.top_p, reward_spec=cfg.reward.for_verifier(verifier),
+                    pool=pool, seed=cfg.rollout.seed)
         finally:
             group.shutdown()
         _log_eval(tracker, summary, by_diff, records, 0, "eval", out_dir)

@@ -97,12 +97,7 @@ class WorkerGroup:
 
         engine_kwargs = dict(dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=r.seed)
         if r.engine == "vllm":
-            engine_kwargs.update(kv_cache_gib=r.vllm.kv_cache_gib, enforce_eager=r.vllm.enforce_eager,
-                                 multiprocess=r.vllm.multiprocess, gpu_memory_utilization=r.vllm.gpu_memory_utilization,
-                                 enable_prefix_caching=r.vllm.enable_prefix_caching, max_num_seqs=r.vllm.max_num_seqs,
-                                 budget_forcing=r.vllm.budget_forcing,
-                                 inplace_reload=r.vllm.inplace_reload,
-                                 tensor_parallel_size=r.vllm.tensor_parallel_size)
+            engine_kwargs["vllm"] = r.vllm  # the section whole, its auto values resolved (config.load_config)
         env = dict(VLLM_CPU_ENV)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(r.vllm.kv_cache_gib))))
         if r.vllm.multiprocess:

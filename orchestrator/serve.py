@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from . import registry
-from .config import ConfigError
+from .config import Budget, ConfigError
 from .runtime import init_ray
 from .serve_config import (  # noqa: F401  (the config API is importable from here too)
     AutoscalingConfig,
@@ -94,8 +94,7 @@ class Job:
     model: str
     prompt_ids: list[list[int]]  # one per prompt
     n: int
-    thinking_budget: int
-    solution_budget: int
+    budget: Budget  # every sample's (the request's thinking_budget and solution_budget, capped)
     temperature: float
     top_p: float
     seed: int | None
@@ -136,11 +135,7 @@ class BudgetedServer:
         m = cfg.model
         engine_kwargs: dict[str, Any] = dict(dtype=m.dtype, seed=m.seed)
         if m.engine == "vllm":
-            engine_kwargs.update(max_model_len=m.max_model_len, kv_cache_gib=m.vllm.kv_cache_gib,
-                                 enforce_eager=m.vllm.enforce_eager, multiprocess=m.vllm.multiprocess,
-                                 gpu_memory_utilization=m.vllm.gpu_memory_utilization,
-                                 enable_prefix_caching=m.vllm.enable_prefix_caching, max_num_seqs=m.vllm.max_num_seqs,
-                                 budget_forcing=m.vllm.budget_forcing, tensor_parallel_size=m.vllm.tensor_parallel_size)
+            engine_kwargs.update(max_model_len=m.max_model_len, vllm=m.vllm)  # the section whole, auto resolved
         self.worker = RolloutWorker(model_dir, engine=m.engine, prompt_template=m.prompt_template,
                                     chat_template=m.chat_template, think_end=m.think_end,
                                     engine_kwargs=engine_kwargs)
@@ -257,16 +252,7 @@ class BudgetedServer:
             v = body.get(key)
             if v is not None and v is not False and v != [] and v != 0:
                 raise APIError(f"{key} is not supported by this server", param=key, code="unsupported")
-        b = cfg.budget
-        t = self._int(body, "thinking_budget", b.thinking, minimum=1, maximum=b.max_thinking,
-                      max_key="budget.max_thinking")
-        s = self._int(body, "solution_budget", b.solution, minimum=1, maximum=b.max_solution,
-                      max_key="budget.max_solution")
-        cap_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        cap = self._int(body, cap_key, None, minimum=2)
-        if cap is not None:  # thinking + solution never exceed it (the thinking is cut first)
-            t = min(t, cap - 1)
-            s = min(s, cap - t)
+        budget = self._budget(body)
         n = self._int(body, "n", 1, minimum=1, maximum=cfg.sampling.max_n, max_key="sampling.max_n")
         temperature = self._number(body, "temperature", cfg.sampling.temperature, 0.0, 2.0)
         top_p = self._number(body, "top_p", cfg.sampling.top_p, 0.0, 1.0, lo_open=True)
@@ -275,7 +261,8 @@ class BudgetedServer:
             raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
         kwargs = self._template_kwargs(kind, body)
         texts, field_name = self._texts(kind, body, kwargs)
-        t = 0 if kwargs.get("enable_thinking") is False else t  # thinking off: the solution only (rollout/budget.py)
+        if kwargs.get("enable_thinking") is False:  # thinking off: the solution only (rollout/budget.py)
+            budget = Budget(0, budget.solution)
         if len(texts) * n > cfg.deployment.max_batch_size:
             raise APIError(f"{len(texts)} prompt(s) x n={n} is {len(texts) * n} samples, above this server's "
                            f"maximum of {cfg.deployment.max_batch_size} per request (deployment.max_batch_size)",
@@ -286,12 +273,26 @@ class BudgetedServer:
             where = field_name if len(ids) == 1 else f"{field_name}[{i}]"
             if not p:
                 raise APIError(f"{where} is empty after the template", param=field_name, code="invalid_value")
-            need = len(p) + t + 1 + s
+            need = len(p) + budget.total + 1
             if need > limit:
-                raise APIError(f"{where} is {len(p)} tokens; with thinking_budget={t}, the </think> marker and "
-                               f"solution_budget={s} it needs {need} tokens, over the context window of "
-                               f"{limit} (model.max_model_len)", param=field_name, code="context_length_exceeded")
-        return Job(kind, model, ids, n, t, s, temperature, top_p, seed)
+                raise APIError(f"{where} is {len(p)} tokens; with thinking_budget={budget.thinking}, the </think> "
+                               f"marker and solution_budget={budget.solution} it needs {need} tokens, over the "
+                               f"context window of {limit} (model.max_model_len)", param=field_name,
+                               code="context_length_exceeded")
+        return Job(kind, model, ids, n, budget, temperature, top_p, seed)
+
+    def _budget(self, body: dict) -> Budget:
+        """thinking_budget and solution_budget (else the defaults), capped by max_tokens (thinking first)."""
+        default, most = self.cfg.budget.default, self.cfg.budget.most
+        t = self._int(body, "thinking_budget", default.thinking, minimum=1, maximum=most.thinking,
+                      max_key="budget.max_thinking")
+        s = self._int(body, "solution_budget", default.solution, minimum=1, maximum=most.solution,
+                      max_key="budget.max_solution")
+        cap_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        if (cap := self._int(body, cap_key, None, minimum=2)) is not None:
+            t = min(t, cap - 1)
+            s = min(s, cap - t)
+        return Budget(t, s)
 
     # ------------------------------------------------------------------------------ generation
 
@@ -309,7 +310,7 @@ class BudgetedServer:
             for i in idx:
                 for ids, seed in jobs[i].samples():
                     prompts.append(ids)
-                    budgets.append((jobs[i].thinking_budget, jobs[i].solution_budget))
+                    budgets.append(jobs[i].budget)
                     seeds.append(seed)
                     owner.append(i)
             try:
@@ -362,7 +363,7 @@ class BudgetedServer:
         prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
                 "model": job.model, "choices": choices, "usage": usage,
-                "budget": {"thinking": job.thinking_budget, "solution": job.solution_budget}}
+                "budget": {"thinking": job.budget.thinking, "solution": job.budget.solution}}
 
     def handle(self, kind: str, body: Any) -> dict:
         """Validate, generate and respond in one call (no batching across requests)."""

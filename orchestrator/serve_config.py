@@ -11,12 +11,13 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
 from . import devices, registry
-from .config import ConfigError, RayConfig, VllmConfig, merge_structured, validate_vllm
+from .config import Budget, RayConfig, VllmConfig, validate_vllm
+from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 
 # The context of a model whose config.json names a longer one, unless model.max_model_len says otherwise:
 # vLLM reserves KV cache for one full-length sequence, so a 128k-context model would not start by default.
@@ -55,6 +56,16 @@ class ServeBudgetConfig:
     solution: Optional[int] = None
     max_thinking: Optional[int] = None  # larger requested budgets get HTTP 400
     max_solution: Optional[int] = None
+
+    @property
+    def default(self) -> Budget:
+        """The budget of a request that sets none (once validation filled the unset values)."""
+        return Budget(self.thinking, self.solution)
+
+    @property
+    def most(self) -> Budget:
+        """The largest budget a request may ask for."""
+        return Budget(self.max_thinking, self.max_solution)
 
 
 @dataclass
@@ -114,20 +125,6 @@ def load_serve_config(path: str | os.PathLike | None, overrides: list[str] | tup
     return cfg
 
 
-def _bad(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{key}={value!r}: {why}")
-
-
-def _positive(key: str, value: float) -> None:
-    if value is None or value <= 0:
-        _bad(key, value, "must be > 0")
-
-
-def _non_negative(key: str, value: float) -> None:
-    if value is None or value < 0:
-        _bad(key, value, "must be >= 0")
-
-
 def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None:
     """Reject impossible values (naming key and value); fill in absolute paths, served names, and the
     context and budget limits left unset (from the checkpoint's config.json when ``check_paths``)."""
@@ -142,62 +139,62 @@ def _check_fields(cfg: ServeConfig) -> None:
     """Every check that needs neither the model's files nor its context length."""
     m = cfg.model
     if not m.path or not str(m.path).strip():
-        _bad("model.path", m.path, "set it to a model directory or a models:/ URI")
+        bad("model.path", m.path, "set it to a model directory or a models:/ URI")
     if m.engine not in ("vllm", "hf"):
-        _bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
+        bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
     if m.dtype not in ("float32", "bfloat16", "float16"):
-        _bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+        bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
     if "{prompt}" not in m.prompt_template and not m.chat_template:
-        _bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
+        bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
     if not m.think_end:
-        _bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
+        bad("model.think_end", m.think_end, "must be the end-of-thinking token, e.g. '</think>'")
     if m.max_model_len is not None:
-        _positive("model.max_model_len", m.max_model_len)
-    _positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
-    _non_negative("model.vllm.max_num_seqs", m.vllm.max_num_seqs)
+        positive("model.max_model_len", m.max_model_len)
+    positive("model.vllm.kv_cache_gib", m.vllm.kv_cache_gib)
+    non_negative("model.vllm.max_num_seqs", m.vllm.max_num_seqs)
     if m.name is not None and not m.name.strip():
-        _bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
+        bad("model.name", m.name, "must be non-empty (or unset to use model.path)")
     for key in ("thinking", "solution", "max_thinking", "max_solution"):
         if getattr(cfg.budget, key) is not None:
-            _positive(f"budget.{key}", getattr(cfg.budget, key))
+            positive(f"budget.{key}", getattr(cfg.budget, key))
 
     s = cfg.sampling
-    _non_negative("sampling.temperature", s.temperature)
+    non_negative("sampling.temperature", s.temperature)
     if not 0 < s.top_p <= 1:
-        _bad("sampling.top_p", s.top_p, "must be in (0, 1]")
-    _positive("sampling.max_n", s.max_n)
+        bad("sampling.top_p", s.top_p, "must be in (0, 1]")
+    positive("sampling.max_n", s.max_n)
 
     d = cfg.deployment
     if not d.name or "/" in d.name:
-        _bad("deployment.name", d.name, "must be a non-empty name without '/'")
-    _positive("deployment.num_replicas", d.num_replicas)
+        bad("deployment.name", d.name, "must be a non-empty name without '/'")
+    positive("deployment.num_replicas", d.num_replicas)
     a = d.autoscaling
     if a.enabled:
-        _non_negative("deployment.autoscaling.min_replicas", a.min_replicas)
-        _positive("deployment.autoscaling.max_replicas", a.max_replicas)
+        non_negative("deployment.autoscaling.min_replicas", a.min_replicas)
+        positive("deployment.autoscaling.max_replicas", a.max_replicas)
         if a.max_replicas < a.min_replicas:
-            _bad("deployment.autoscaling.max_replicas", a.max_replicas,
+            bad("deployment.autoscaling.max_replicas", a.max_replicas,
                  f"must be >= deployment.autoscaling.min_replicas={a.min_replicas}")
-        _positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
-    _non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
-    _non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
+        positive("deployment.autoscaling.target_ongoing_requests", a.target_ongoing_requests)
+    non_negative("deployment.cpus_per_replica", d.cpus_per_replica)
+    non_negative("deployment.gpus_per_replica", d.gpus_per_replica)
     validate_vllm(m.vllm, "model.vllm", d.gpus_per_replica, "deployment.gpus_per_replica")
-    _positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
-    _positive("deployment.max_batch_size", d.max_batch_size)
-    _non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)
+    positive("deployment.max_ongoing_requests", d.max_ongoing_requests)
+    positive("deployment.max_batch_size", d.max_batch_size)
+    non_negative("deployment.batch_wait_timeout_s", d.batch_wait_timeout_s)
     if s.max_n > d.max_batch_size:
-        _bad("sampling.max_n", s.max_n, f"must be <= deployment.max_batch_size={d.max_batch_size}")
+        bad("sampling.max_n", s.max_n, f"must be <= deployment.max_batch_size={d.max_batch_size}")
 
     h = cfg.http
     if not h.host or any(c.isspace() for c in h.host):
-        _bad("http.host", h.host, "must be a host or IP address, e.g. 127.0.0.1")
+        bad("http.host", h.host, "must be a host or IP address, e.g. 127.0.0.1")
     if not 1 <= h.port <= 65535:
-        _bad("http.port", h.port, "must be in 1..65535")
+        bad("http.port", h.port, "must be in 1..65535")
     if not h.route_prefix.startswith("/") or (h.route_prefix != "/" and h.route_prefix.endswith("/")) \
             or any(c.isspace() for c in h.route_prefix):
-        _bad("http.route_prefix", h.route_prefix, "must start with '/' and not end with '/' (e.g. '/' or '/llm')")
+        bad("http.route_prefix", h.route_prefix, "must start with '/' and not end with '/' (e.g. '/' or '/llm')")
     if cfg.ray.num_cpus is not None:
-        _positive("ray.num_cpus", cfg.ray.num_cpus)
+        positive("ray.num_cpus", cfg.ray.num_cpus)
 
 
 def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
@@ -212,7 +209,7 @@ def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
         try:
             ref = registry.parse_model_uri(given)
         except registry.RegistryError as exc:
-            _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+            bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
         from .tracking import resolve_tracking_uri
 
         m.tracking_uri = resolve_tracking_uri(m.tracking_uri)
@@ -223,12 +220,12 @@ def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
                 registry.check_model_uri(given, m.tracking_uri)
                 conf = registry.read_model_config(given, m.tracking_uri)
             except Exception as exc:  # RegistryError, TrackingError
-                _bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
+                bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
     else:
         local = Path(given).expanduser()
         if check_paths:
             if not (local / "config.json").is_file():
-                _bad("model.path", given, "no such model directory (no config.json)")
+                bad("model.path", given, "no such model directory (no config.json)")
             conf = _check_model_dir(cfg, local)
         m.path = str(local.resolve())
         names.append(m.path)
@@ -258,11 +255,11 @@ def _fit_context(cfg: ServeConfig, conf: dict | None) -> None:
     limit = checkpoint_context(conf) if conf is not None else None
     where = f"the checkpoint's config.json at {m.path}"
     if m.max_model_len is not None and limit is not None and m.max_model_len > limit:
-        _bad("model.max_model_len", m.max_model_len,
+        bad("model.max_model_len", m.max_model_len,
              f"larger than the checkpoint's context of {limit} tokens ({where}); lower it, or leave it unset")
     if m.max_model_len is None:
         if conf is not None and limit is None:
-            _bad("model.max_model_len", None, f"{where} names no context length ({', '.join(_CONTEXT_KEYS)}); "
+            bad("model.max_model_len", None, f"{where} names no context length ({', '.join(_CONTEXT_KEYS)}); "
                                               "set it")
         m.max_model_len = min(limit or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN)
     ctx = m.max_model_len
@@ -279,9 +276,9 @@ def _fit_context(cfg: ServeConfig, conf: dict | None) -> None:
 def _check_budgets(cfg: ServeConfig) -> None:
     b, m = cfg.budget, cfg.model
     if b.thinking > b.max_thinking:
-        _bad("budget.thinking", b.thinking, f"the default is above budget.max_thinking={b.max_thinking}")
+        bad("budget.thinking", b.thinking, f"the default is above budget.max_thinking={b.max_thinking}")
     if b.solution > b.max_solution:
-        _bad("budget.solution", b.solution, f"the default is above budget.max_solution={b.max_solution}")
+        bad("budget.solution", b.solution, f"the default is above budget.max_solution={b.max_solution}")
     if b.max_thinking + 1 + b.max_solution >= m.max_model_len:
         raise ConfigError(
             f"budget.max_thinking={b.max_thinking} + 1 (</think>) + budget.max_solution={b.max_solution} = "

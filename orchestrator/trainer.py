@@ -27,14 +27,14 @@ import pyarrow.compute as pc
 import ray
 
 from . import frontier, resume, tracking
-from .config import Config, ConfigError, eval_budgets, to_dict, to_yaml
+from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
 from .evaluation import evaluate, format_summary, gather, generate, submit
 from .learner.losses import group_advantages
-from .rewards import RewardPool, RewardSpec
+from .rewards import RewardPool
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
 from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
@@ -132,13 +132,6 @@ def fit_prompts(cfg: Config, model_path: str, train: pa.Table, evals: pa.Table, 
             log(f"{counts[name]} {name} prompt(s) longer than {limit} tokens: {mode}")
         out.append(table)
     return out[0], out[1], counts
-
-
-def reward_spec(cfg: Config, verifier: str) -> RewardSpec:
-    r = cfg.reward
-    return RewardSpec(verifier=verifier, correct_reward=r.correct_reward, wrong_reward=r.wrong_reward,
-                      format_weight=r.format_weight, format_fn=r.format_fn, length_penalty=r.length_penalty,
-                      timeout_s=r.timeout_s)
 
 
 def generated_tokens(records: pa.Table) -> float:
@@ -259,7 +252,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
             tracker.set_tags({tracking.TAG_SOURCE_CHECKPOINT: start,
                               tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts),
                               "budgetrl.overlong_prompts": json.dumps(overlong)})
-        spec = reward_spec(cfg, verifier)
+        spec = cfg.reward.for_verifier(verifier)
         try:
             group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}", shared_dir=str(out_dir))
         except NodeUnavailable as exc:
@@ -301,8 +294,9 @@ class _Run:
         self._curriculum_start = None
         self.buffer = tracking.MetricBuffer()
         self.result = TrainResult(run_id="", checkpoint="", output_dir=str(out_dir))
-        self.sampling = SamplingSpec(group_size=cfg.rollout.group_size, budget_thinking=cfg.budget.thinking,
-                                     budget_solution=cfg.budget.solution, temperature=cfg.rollout.temperature,
+        self.sampling = SamplingSpec(group_size=cfg.rollout.group_size,
+                                     budget=Budget(cfg.budget.thinking, cfg.budget.solution),
+                                     temperature=cfg.rollout.temperature,
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # the next step's rollout, started during this step

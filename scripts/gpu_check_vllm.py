@@ -95,10 +95,11 @@ def check_think_end(engine, ids: list[list[int]], t: int, s: int, think_end: int
 
 
 def check_budget(engine, ids: list[list[int]], t: int, s: int, think_end: int) -> bool:
+    from orchestrator.config import Budget
     from orchestrator.rollout.budget import two_phase_generate
 
     start = time.perf_counter()
-    samples = two_phase_generate(engine, ids, [(t, s)] * len(ids), think_end_id=think_end,
+    samples = two_phase_generate(engine, ids, [Budget(t, s)] * len(ids), think_end_id=think_end,
                                  end_ids=engine.end_token_ids, temperature=1.0, seeds=range(len(ids)))
     seconds = time.perf_counter() - start
     bad = [i for i, x in enumerate(samples)
@@ -113,9 +114,10 @@ def check_budget(engine, ids: list[list[int]], t: int, s: int, think_end: int) -
 
 
 def check_two_calls(engine, ids: list[list[int]], t: int, s: int, think_end: int) -> bool:
+    from orchestrator.config import Budget
     from orchestrator.rollout.budget import two_phase_generate
 
-    budgets = [(max(1, t - 3 + i % 7), max(1, s - 1 + i % 3)) for i in range(len(ids))]
+    budgets = [Budget(max(1, t - 3 + i % 7), max(1, s - 1 + i % 3)) for i in range(len(ids))]
     switch, runs = engine.budget_forcing, []
     try:
         for forcing in (True, False):
@@ -173,7 +175,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "orchestrator", "build-tiny", model], cwd=ROOT, check=True,
                            capture_output=True)
         start = time.perf_counter()
-        engine = VllmEngine(model, dtype=args.dtype, max_model_len=256, seed=0, budget_forcing=True)
+        engine = VllmEngine(model, dtype=args.dtype, max_model_len=256, seed=0)  # STANDALONE_VLLM: budget forcing on
         print(f"engine started in {time.perf_counter() - start:.1f} s on "
               f"{torch.cuda.get_device_name() if on_gpu else 'the CPU'}", flush=True)
         ok = run_checks(engine, AutoTokenizer.from_pretrained(model), expect=expect, n=args.prompts,

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from orchestrator.config import Budget
 from orchestrator.rollout.budget import _split_forced
 from orchestrator.rollout.vllm_runner import BUDGET_FORCING
 
@@ -80,7 +81,7 @@ def _params(t=None, s=None, temperature=0.0):
 
 def _check_accounting(out: list[int], t: int, s: int, marker_at, eos_at) -> None:
     """``budget.py`` splits the forced output into the phases, within budget and exact."""
-    smp = _split_forced(out, [0.0] * len(out), "stop", t, s, THINK_END, EOS)
+    smp = _split_forced(out, [0.0] * len(out), "stop", Budget(t, s), THINK_END, EOS)
     if eos_at is not None and eos_at < t and (marker_at is None or eos_at < marker_at):
         assert smp is None  # EOS before the marker: budget.py gives it a second phase
         return

@@ -76,6 +76,7 @@ def test_standin_checkpoint_is_shaped_like_a_real_chat_model(standin_model):
 def test_budgeted_rollout_on_the_standin(standin_model):
     """The HF engine's two-phase rollout on the stand-in through its chat template: the prompt ends in the
     template's ``<think>``, the thinking budget holds, and ``</think>`` is forced as one injected token."""
+    from orchestrator.config import Budget
     from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
 
     worker = RolloutWorker(standin_model, engine="hf", chat_template=True, engine_kwargs={"dtype": "float32"})
@@ -85,7 +86,7 @@ def test_budgeted_rollout_on_the_standin(standin_model):
     assert list(worker.end_ids) == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     prompts = pa.table({"prompt_id": ["a"], "prompt": ["12+34="], "task": ["addition"], "difficulty": [2],
                         "domain": ["arithmetic"], "answer": ["46"]})
-    records = worker.generate(prompts, SamplingSpec(group_size=2, budget_thinking=6, budget_solution=3,
+    records = worker.generate(prompts, SamplingSpec(group_size=2, budget=Budget(6, 3),
                                                     temperature=1.0, seed=0)).to_pylist()
     assert len(records) == 2
     for r in records:

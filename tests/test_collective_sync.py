@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from orchestrator.config import Budget
 from orchestrator.rollout.worker import SamplingSpec
 
 TOL = 1e-4  # fp32 engine vs fp32 learner
@@ -47,6 +48,9 @@ def untied_model(tiny_model, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def mp_worker(ray_session, untied_model):
     """A rollout worker whose vLLM engine runs in its own subprocess (the GPU configs' setting)."""
+    from dataclasses import replace
+
+    from orchestrator.rollout.engine import STANDALONE_VLLM
     from orchestrator.rollout.worker import RolloutWorker
     from orchestrator.runtime import VLLM_CPU_ENV
 
@@ -54,7 +58,8 @@ def mp_worker(ray_session, untied_model):
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     actor = ray_session.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
         untied_model, engine="vllm", prompt_template="<s>{prompt}<think>",
-        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0, multiprocess=True, budget_forcing=False))
+        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0,
+                           vllm=replace(STANDALONE_VLLM, multiprocess=True, budget_forcing=False)))
     ray_session.get(actor.ready.remote())
     yield actor
     ray_session.kill(actor)
@@ -73,7 +78,7 @@ def _stepped_learner(worker, model_path: str):
     from orchestrator.learner.worker import Learner
 
     learner = Learner(model_path, lr=5e-2, micro_batch_size=64, seed=0)
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = ray.get(worker.generate.remote(_prompts(4), spec))
     adv = np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)
     learner.step(recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_config, parse_budget, EvalConfig
+from orchestrator.config import Budget, ConfigError, EvalConfig, load_config, parse_budget
 
 
 @pytest.fixture()
@@ -71,6 +71,10 @@ def test_parse_budget():
     assert parse_budget("unconstrained", e).solution == 12
     with pytest.raises(ConfigError):
         parse_budget("0x8", e)
+    # One value for a budget: its label names it in the eval grid and does not make it a different budget.
+    assert parse_budget("16x8", e) == Budget(16, 8) and Budget(16, 8).label == "16x8"
+    assert parse_budget("unconstrained", e) == e.unconstrained == Budget(64, 12)
+    assert (e.unconstrained.label, e.unconstrained.total) == ("unconstrained", 76)
 
 
 def test_missing_config_file():

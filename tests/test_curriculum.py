@@ -25,10 +25,11 @@ def _prompts(prefix):
 
 @pytest.mark.parametrize("engine", ["hf_worker", "vllm_worker"])
 def test_response_prefix_is_injected_with_zero_loss_weight(engine, request, ray_session):
+    from orchestrator.config import Budget
     from orchestrator.rollout.worker import SamplingSpec
 
     worker = request.getfixturevalue(engine)
-    spec = SamplingSpec(group_size=3, budget_thinking=6, budget_solution=4, temperature=1.0)
+    spec = SamplingSpec(group_size=3, budget=Budget(6, 4), temperature=1.0)
     gen = worker.generate if engine == "hf_worker" else (lambda *a: ray_session.get(worker.generate.remote(*a)))
     rows = gen(_prompts("12+34: 2+4=6 "), spec).to_pylist()
     tok_prefix = len("12+34: 2+4=6 ")  # the tiny tokenizer is character-level

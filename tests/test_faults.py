@@ -53,6 +53,7 @@ def test_corrupt_prompt_file_fails_before_any_work(tmp_path, tiny_model, content
 
 
 def test_overlong_prompts_error_drop_and_truncate(tmp_path, tiny_model):
+    from orchestrator.config import Budget
     from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
     from orchestrator.trainer import fit_prompts, load_prompt_tables, train
 
@@ -71,7 +72,7 @@ def test_overlong_prompts_error_drop_and_truncate(tmp_path, tiny_model):
 
     worker = RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
                            engine_kwargs=dict(dtype="float32", max_model_len=64), truncate_prompts=True)
-    spec = SamplingSpec(group_size=1, budget_thinking=16, budget_solution=8, temperature=0.0)
+    spec = SamplingSpec(group_size=1, budget=Budget(16, 8), temperature=0.0)
     out = worker.generate(train_t, spec)
     full = worker.tokenizer("<s>" + rows[1]["prompt"] + "<think>", add_special_tokens=False)["input_ids"]
     ids = out.to_pylist()[1]["prompt_token_ids"]

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.data.schema import PROMPT_SCHEMA
-from orchestrator.rewards import RewardSpec, ScoreItem, get_format, get_verifier, score
+from orchestrator.rewards import RewardConfig, ScoreItem, get_format, get_verifier, score
 from workloads.tasks import abduction, deduction, induction, logic
 
 MODULES = {"deduction": deduction, "induction": induction, "abduction": abduction}
@@ -290,7 +290,7 @@ def test_parse_pairs_forms():
 
 
 def test_meta_ability_reward_values():
-    spec = RewardSpec(verifier=deduction.TASK.verifier, correct_reward=2.0, wrong_reward=-1.5,
+    spec = RewardConfig(verifier=deduction.TASK.verifier, correct_reward=2.0, wrong_reward=-1.5,
                       format_weight=1.0, format_fn="workloads.tasks.logic:meta_ability_format")
 
     def item(thinking: str, solution: str) -> ScoreItem:
@@ -324,7 +324,7 @@ def test_verifier_resolves_in_a_reward_worker_process():
                        solution_tokens=0, budget_thinking=1, budget_solution=1, thinking_truncated=False)
              for s in ("7", "8")]
     with RewardPool(num_workers=1) as pool:
-        result = score(items, RewardSpec(verifier=induction.TASK.verifier), pool=pool)
+        result = score(items, RewardConfig(verifier=induction.TASK.verifier), pool=pool)
     assert result.correct.tolist() == [True, False] and result.error == [None, None]
 
 

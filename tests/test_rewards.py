@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.rewards import (
+    RewardConfig,
     RewardPool,
-    RewardSpec,
     ScoreItem,
     UnknownRewardError,
     get_verifier,
@@ -108,7 +108,7 @@ def test_last_boxed():
 
 
 def test_correctness_only_looks_at_the_solution():
-    spec = RewardSpec(verifier="math")
+    spec = RewardConfig(verifier="math")
     right_thinking = item(thinking="it is \\boxed{7}", solution="\\boxed{8}", answer="7")
     right_solution = item(thinking="it is \\boxed{8}", solution="\\boxed{7}", answer="7")
     result = score([right_thinking, right_solution], spec)
@@ -142,10 +142,10 @@ def test_tag_format_on_split_response():
     # Rollouts split at </think>; the item-level check puts the marker back once.
     good = item(thinking="<think>a", solution="<answer>b</answer>")
     dup = item(thinking="<think>a</think><answer>x</answer>", solution="<answer>b</answer>")
-    spec = RewardSpec(format_weight=1.0, format_fn="tag_format")
+    spec = RewardConfig(verifier="exact_match", format_weight=1.0, format_fn="tag_format")
     assert score([good, dup], spec).format_score.tolist() == [1.0, -1.0]
     prefilled = item(thinking="a", solution="<answer>b</answer>")
-    spec = RewardSpec(format_weight=1.0, format_fn="tag_format_prefilled")
+    spec = RewardConfig(verifier="exact_match", format_weight=1.0, format_fn="tag_format_prefilled")
     assert score([prefilled, good], spec).format_score.tolist() == [1.0, -1.0]
 
 
@@ -159,14 +159,14 @@ def test_think_format():
         item(thinking="a", solution="b"),
         ScoreItem("t", "a", "b", "", 1, 1, 8, 8, False, True),
     )
-    spec = RewardSpec(format_weight=1.0, format_fn="think_format")
+    spec = RewardConfig(verifier="exact_match", format_weight=1.0, format_fn="think_format")
     assert score([closed, eos_first], spec).format_score.tolist() == [1.0, -1.0]
 
 
 def test_length_penalty_math():
     assert length_fraction(100, 20, 200, 40) == pytest.approx(0.5)
     assert length_fraction([0, 10], [0, 0], [0, 10], [0, 0]).tolist() == [0.0, 1.0]  # zero budget: no penalty
-    spec = RewardSpec(length_penalty=0.5, format_weight=0.2, wrong_reward=-1.0)
+    spec = RewardConfig(verifier="exact_match", length_penalty=0.5, format_weight=0.2, wrong_reward=-1.0)
     items = [
         item(solution="7", answer="7", t_tok=100, s_tok=20, bt=200, bs=40),
         item(solution="8", answer="7", t_tok=200, s_tok=40, bt=200, bs=40, truncated=True),
@@ -186,7 +186,7 @@ def test_length_penalty_math():
     penalty=st.floats(0, 2),
 )
 def test_reward_formula(correct, used, budget, penalty):
-    spec = RewardSpec(correct_reward=2.0, wrong_reward=-0.5, length_penalty=penalty)
+    spec = RewardConfig(verifier="exact_match", correct_reward=2.0, wrong_reward=-0.5, length_penalty=penalty)
     it = item(
         solution="a" if correct else "b", answer="a", t_tok=used[0], s_tok=used[1], bt=budget[0], bs=budget[1]
     )
@@ -197,9 +197,20 @@ def test_reward_formula(correct, used, budget, penalty):
 # ---- registry -----------------------------------------------------------------------------------------
 
 
+def test_auto_verifier_must_be_resolved_first():
+    """The config section is what score takes; its "auto" names no verifier until the task resolves it."""
+    with pytest.raises(ValueError, match="for_verifier"):
+        score([item()], RewardConfig())
+    section = RewardConfig(correct_reward=2.0, num_workers=3)
+    resolved = section.for_verifier("exact_match")
+    assert (resolved.verifier, resolved.correct_reward, resolved.num_workers, section.verifier) == (
+        "exact_match", 2.0, 3, "auto")
+    assert score([item(solution="7", answer="7")], resolved).reward.tolist() == [2.0]
+
+
 def test_unknown_verifier_names_it_and_lists_known():
     with pytest.raises(KeyError) as err:
-        score([item()], RewardSpec(verifier="no_such_verifier"))
+        score([item()], RewardConfig(verifier="no_such_verifier"))
     msg = str(err.value)
     assert "no_such_verifier" in msg and "exact_match" in msg and "math" in msg
     with pytest.raises(ValueError, match="not_a_module"):
@@ -215,7 +226,7 @@ def test_register_and_dotted_path():
 
     assert get_verifier("test_case_insensitive") is case_insensitive
     assert get_verifier("orchestrator.rewards.verifiers:exact_match") is exact_match
-    assert score([item(solution="ABC", answer="abc")], RewardSpec(verifier="test_case_insensitive")).correct[
+    assert score([item(solution="ABC", answer="abc")], RewardConfig(verifier="test_case_insensitive")).correct[
         0
     ]
     with pytest.raises(ValueError, match="already registered"):
@@ -239,7 +250,7 @@ def test_items_from_table():
     )
     items = items_from_table(table)
     assert items[1].thinking == "" and items[1].thinking_truncated
-    assert score(items, RewardSpec()).correct.tolist() == [True, False]
+    assert score(items, RewardConfig(verifier="exact_match")).correct.tolist() == [True, False]
     assert not items[0].forced_think_end  # optional column absent
     forced = items_from_table(table.append_column("forced_think_end", pa.array([True, None])))
     assert [it.forced_think_end for it in forced] == [True, False]
@@ -261,7 +272,7 @@ def mixed(bad_word: str) -> list[ScoreItem]:
 
 @pytest.mark.parametrize("use_pool", [False, True])
 def test_raising_verifier_fails_only_its_sample(use_pool, pool):
-    spec = RewardSpec(verifier=f"{TESTING}:raises_on_raise", wrong_reward=-1.0, length_penalty=0.1)
+    spec = RewardConfig(verifier=f"{TESTING}:raises_on_raise", wrong_reward=-1.0, length_penalty=0.1)
     result = score(mixed("RAISE"), spec, pool if use_pool else None)
     assert result.reward.tolist() == pytest.approx([1 - 0.0, 0.0, 1.0, -1.0])
     assert result.correct.tolist() == [True, False, True, False]
@@ -271,7 +282,7 @@ def test_raising_verifier_fails_only_its_sample(use_pool, pool):
 
 
 def test_hanging_verifier_times_out_and_pool_recovers(pool):
-    spec = RewardSpec(verifier=f"{TESTING}:hangs_on_hang", timeout_s=1.0)
+    spec = RewardConfig(verifier=f"{TESTING}:hangs_on_hang", timeout_s=1.0)
     before = set(pool.pids)
     start = time.monotonic()
     result = score(mixed("HANG"), spec, pool)
@@ -283,7 +294,7 @@ def test_hanging_verifier_times_out_and_pool_recovers(pool):
     assert (result.num_errors, result.num_timeouts) == (0, 1)
     assert not any(alive(pid) for pid in before)  # the hung worker was killed and reaped
     # the replacement serves the next call
-    again = score(mixed("fine"), RewardSpec(), pool)
+    again = score(mixed("fine"), RewardConfig(verifier="exact_match"), pool)
     assert again.error == [None] * 4 and again.correct.tolist() == [True, False, True, False]
 
 
@@ -292,13 +303,13 @@ def test_slow_verifier_is_judged_per_sample(pool):
 
     items = [item(solution=str(i), answer=str(i % 2)) for i in range(6)]
     assert len(items) * SLOW_S > 1.0  # the batch takes longer than timeout_s; no sample does
-    result = score(items, RewardSpec(verifier=f"{TESTING}:slow", timeout_s=1.0), pool)
+    result = score(items, RewardConfig(verifier=f"{TESTING}:slow", timeout_s=1.0), pool)
     assert result.num_timeouts == 0 and result.num_errors == 0
     assert result.correct.tolist() == [True, True, False, False, False, False]
 
 
 def test_crashing_worker_fails_only_its_sample(pool):
-    result = score(mixed("CRASH"), RewardSpec(verifier=f"{TESTING}:crashes_on_crash"), pool)
+    result = score(mixed("CRASH"), RewardConfig(verifier=f"{TESTING}:crashes_on_crash"), pool)
     assert result.error[1] == "error: RewardWorkerDied: exit code 3"
     assert result.correct.tolist() == [True, False, True, False]
     assert result.num_errors == 1
@@ -309,7 +320,7 @@ def test_multi_worker_pool_with_hangs_and_close_leaves_no_children():
     with RewardPool(num_workers=2) as pool:
         started = set(pool.pids)
         assert started <= children()
-        result = score(items, RewardSpec(verifier=f"{TESTING}:hangs_on_hang", timeout_s=1.0), pool)
+        result = score(items, RewardConfig(verifier=f"{TESTING}:hangs_on_hang", timeout_s=1.0), pool)
         assert [i for i, e in enumerate(result.error) if e] == [3, 17]
         assert result.num_timeouts == 2
         expected = [i % 3 == 0 and i not in (3, 17) for i in range(24)]
@@ -326,7 +337,7 @@ def test_pool_format_and_math_in_workers(pool):
         item(thinking="<think>a", solution="<answer>\\boxed{0.5}</answer>", answer="\\frac{1}{2}"),
         item(thinking="<think>a", solution="\\boxed{3}", answer="4"),
     ]
-    spec = RewardSpec(verifier="math", format_weight=0.5, format_fn="tag_format")
+    spec = RewardConfig(verifier="math", format_weight=0.5, format_fn="tag_format")
     result = score(items, spec, pool)
     assert result.error == [None, None]
     assert result.reward.tolist() == [1.5, -0.5]
@@ -334,14 +345,14 @@ def test_pool_format_and_math_in_workers(pool):
 
 
 def test_worker_killed_while_idle_is_replaced(pool):
-    score(mixed("x"), RewardSpec(), pool)  # make sure a worker is up
+    score(mixed("x"), RewardConfig(verifier="exact_match"), pool)  # make sure a worker is up
     for pid in pool.pids:
         os.kill(pid, 9)  # no wait: whether dispatch sees it dead or the send/recv fails, it is retried
-    result = score(mixed("x"), RewardSpec(), pool)
+    result = score(mixed("x"), RewardConfig(verifier="exact_match"), pool)
     assert result.error == [None] * 4 and result.correct.tolist() == [True, False, True, False]
 
 
 def test_worker_that_cannot_start_fails_the_batch_without_hanging():
     with RewardPool(num_workers=1, preload=["no_such_module_for_rewards"]) as broken:
-        result = score(mixed("x"), RewardSpec(), broken)
+        result = score(mixed("x"), RewardConfig(verifier="exact_match"), broken)
     assert result.num_errors == 4 and all(e.startswith("error: RewardWorkerDied") for e in result.error)

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from orchestrator.config import Budget
 from orchestrator.rollout.worker import SamplingSpec
 
 
@@ -13,6 +14,16 @@ def _prompts(n=8):
     rows = [{"prompt_id": f"p{i}", "task": "addition", "difficulty": 2, "domain": "arithmetic",
              "prompt": f"{10 + i}+{20 + i}=", "answer": str(30 + 2 * i), "reasoning": None} for i in range(n)]
     return pa.Table.from_pylist(rows)
+
+
+def test_vllm_engine_takes_the_section_with_auto_resolved(tiny_model):
+    """The engine takes ``rollout.vllm`` whole; an ``auto`` left unresolved fails before vLLM starts."""
+    from orchestrator.config import VllmConfig
+    from orchestrator.rollout.engine import STANDALONE_VLLM, VllmEngine
+
+    with pytest.raises(ValueError, match="resolve them first"):
+        VllmEngine(tiny_model, vllm=VllmConfig())
+    assert (STANDALONE_VLLM.enforce_eager, STANDALONE_VLLM.gpu_memory_utilization) == (True, 0.5)
 
 
 def _think_end(tiny_model):
@@ -56,7 +67,7 @@ def _check_budgets(table, tiny_model, t, s, forced_trained=True):
 def test_two_phase_budgets(engine, request, tiny_model):
     worker = request.getfixturevalue(f"{engine}_worker")
     t, s = 40, 6
-    spec = SamplingSpec(group_size=8, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1,
+    spec = SamplingSpec(group_size=8, budget=Budget(t, s), temperature=1.0, seed=1,
                         train_forced_think_end=False)
     if engine == "vllm":
         import ray
@@ -74,7 +85,7 @@ def test_two_phase_budgets(engine, request, tiny_model):
 def test_vllm_greedy_is_deterministic(vllm_worker):
     import ray
 
-    spec = SamplingSpec(group_size=1, budget_thinking=12, budget_solution=4, temperature=0.0)
+    spec = SamplingSpec(group_size=1, budget=Budget(12, 4), temperature=0.0)
     a = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     b = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     assert a["response_token_ids"].to_pylist() == b["response_token_ids"].to_pylist()
@@ -89,7 +100,7 @@ def test_weight_sync_matches_learner_logprobs(vllm_worker, tiny_model):
 
     assert AutoConfig.from_pretrained(tiny_model).tie_word_embeddings
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = ray.get(vllm_worker.generate.remote(_prompts(4), spec))
     seq_prompt = recs["prompt_token_ids"].to_pylist()[:2]
     seq_resp = recs["response_token_ids"].to_pylist()[:2]
@@ -127,7 +138,7 @@ def test_vllm_large_sampled_batch(vllm_worker, tiny_model):
     vLLM-CPU crashed here with per-request seeds ("CPU Generator does not use offset")."""
     import ray
 
-    spec = SamplingSpec(group_size=16, budget_thinking=40, budget_solution=4, temperature=1.0, seed=3)
+    spec = SamplingSpec(group_size=16, budget=Budget(40, 4), temperature=1.0, seed=3)
     table = ray.get(vllm_worker.generate.remote(_prompts(16), spec, step=1))
     assert table.num_rows == 256
     assert sum(len(p) + len(r) for p, r in zip(table["prompt_token_ids"].to_pylist(),
@@ -150,7 +161,7 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
         engine, tok = worker.engine, worker.tokenizer
         think_end = tok.convert_tokens_to_ids("</think>")
         prompts = [tok(f"<s>{10 + i}+{20 + i}=<think>", add_special_tokens=False)["input_ids"] for i in range(16)]
-        budgets = [(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
+        budgets = [Budget(4 + 9 * (i % 4), 3 + i % 5) for i in range(16)]
         switch = engine.budget_forcing
         try:
             free = two_phase_generate(engine, prompts, budgets, think_end_id=think_end, end_ids=engine.end_token_ids,
@@ -180,12 +191,12 @@ def test_budget_forcing_matches_two_calls(ray_session, vllm_worker):
     assert out["processors"] == ["orchestrator.rollout.budget_forcing:BudgetForcing"]
     kinds = set()
     for forced, two_calls in out["runs"].values():
-        for a, b, (t, s) in zip(forced, two_calls, out["budgets"]):
+        for a, b, budget in zip(forced, two_calls, out["budgets"]):
             for k in ("thinking_ids", "solution_ids", "forced_think_end", "thinking_truncated", "finish_reason"):
                 assert a[k] == b[k], (k, a, b)
             assert a["thinking_logprobs"] == pytest.approx(b["thinking_logprobs"], abs=1e-4)
             assert a["solution_logprobs"] == pytest.approx(b["solution_logprobs"], abs=1e-4)
-            assert len(a["thinking_ids"]) <= t and len(a["solution_ids"]) <= s
+            assert len(a["thinking_ids"]) <= budget.thinking and len(a["solution_ids"]) <= budget.solution
             assert out["think_end"] not in a["thinking_ids"][:-1]  # a sampled marker ends the thinking
             kinds.add("truncated" if a["thinking_truncated"] else "ended early" if a["forced_think_end"] else "closed")
             kinds.add(f"solution {a['finish_reason']}")
@@ -275,7 +286,7 @@ def test_every_end_id_ends_a_sample_hf(hf_worker, tiny_model, tmp_path):
     out = worker.engine.generate([GenRequest(prompt, 128, seed=2)], 1.0, 1.0)[0]  # no stop ids of its own
     assert out.token_ids == free[:free.index(other) + 1] and out.finish_reason == "stop"
     t, s = 40, 24
-    spec = SamplingSpec(group_size=4, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    spec = SamplingSpec(group_size=4, budget=Budget(t, s), temperature=1.0, seed=1)
     kinds = _check_end_ids(worker.generate(_prompts(), spec), think_end, (eos, other), t, s)
     assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
 
@@ -308,7 +319,7 @@ def test_every_end_id_ends_a_sample_vllm(ray_session, vllm_worker, hf_worker, ti
     think_end, eos = _think_end(tiny_model)
     other = _frequent_token(hf_worker.engine, hf_worker.tokenizer, think_end)  # same weights, greedy
     t, s = 40, 24
-    spec = SamplingSpec(group_size=8, budget_thinking=t, budget_solution=s, temperature=1.0, seed=1)
+    spec = SamplingSpec(group_size=8, budget=Budget(t, s), temperature=1.0, seed=1)
     out = ray_session.get(vllm_worker.__ray_call__.remote(probe, _prompts(), spec, other))
     assert out["engine_ends"] == (eos,) and eos in out["stops"]  # every request stops on the engine's end ids
     kinds = set()
@@ -347,7 +358,7 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
 
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
     base = learner.get_weights()
-    spec = SamplingSpec(group_size=4, budget_thinking=10, budget_solution=4, temperature=1.0, seed=5)
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
     recs = hf_worker.generate(_prompts(4), spec)
     prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
     seqs = [p + r for p, r in zip(prompts, resps)]

@@ -105,6 +105,7 @@ def test_learner_max_shard_size_shards_states_and_checkpoints(tiny_model, tmp_pa
 def test_thinking_off_samples_skip_phase_one_and_keep_their_order():
     """A thinking budget of 0 (a chat template with ``enable_thinking: false``) generates the solution only, in
     one request with the solution budget; samples with thinking keep both phases; the output keeps the input order."""
+    from orchestrator.config import Budget
     from orchestrator.rollout.budget import two_phase_generate
     from orchestrator.rollout.engine import GenOutput
 
@@ -119,14 +120,14 @@ def test_thinking_off_samples_skip_phase_one_and_keep_their_order():
             return [GenOutput([r.prompt_token_ids[0], 2], [-0.1, -0.2], "stop") for r in requests]
 
     engine = Recorder()
-    out = two_phase_generate(engine, [[10], [11], [12]], [(0, 5), (4, 3), (0, 7)], think_end_id=9, end_ids=[2],
+    out = two_phase_generate(engine, [[10], [11], [12]], [Budget(0, 5), Budget(4, 3), Budget(0, 7)], think_end_id=9, end_ids=[2],
                              temperature=1.0)
     assert engine.calls[0] == [(10, 5, [2]), (12, 7, [2])]  # thinking off: solution budget, EOS only
     assert engine.calls[1] == [(11, 4, [9, 2])]  # thinking on: phase 1 stops at </think> or EOS
     assert [s.thinking_ids for s in out] == [[], [11], []] and [s.solution_ids for s in out] == [[10, 2], [11, 2], [12, 2]]
     assert not out[0].forced_think_end and out[1].forced_think_end  # phase 1 ended on EOS: </think> forced
     with pytest.raises(ValueError, match="thinking=-1"):
-        two_phase_generate(engine, [[10]], [(-1, 5)], think_end_id=9, end_ids=[2], temperature=1.0)
+        two_phase_generate(engine, [[10]], [Budget(-1, 5)], think_end_id=9, end_ids=[2], temperature=1.0)
 
 
 class _Killed(BaseException):

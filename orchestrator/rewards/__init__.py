@@ -9,6 +9,7 @@ correct False, and is reported in ``error``; the rest of the batch is scored nor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = [
+    "RewardConfig",
     "RewardPool",
-    "RewardSpec",
     "ScoreItem",
     "ScoreResult",
     "UnknownRewardError",
@@ -66,17 +67,26 @@ class ScoreItem:
     forced_think_end: bool = False
 
 
-@dataclass(frozen=True)
-class RewardSpec:
-    verifier: str = "exact_match"
+# What a format function's True and False score (a float it returns is used as given).
+FORMAT_OK, FORMAT_BAD = 1.0, -1.0
+
+
+@dataclass
+class RewardConfig:
+    """The ``reward`` section of a training config (``config.Config.reward``), taken whole by ``score``."""
+
+    verifier: str = "auto"  # "auto": the task's own verifier; else a registry name or "module:function"
     correct_reward: float = 1.0
     wrong_reward: float = 0.0
     format_weight: float = 0.0
     format_fn: str = "think_format"
     length_penalty: float = 0.0
     timeout_s: float = 5.0
-    format_ok: float = 1.0  # format score when a format function returns True
-    format_bad: float = -1.0  # ... and when it returns False
+    num_workers: int = 1  # RewardPool processes; 0: score in the driver (no timeouts)
+
+    def for_verifier(self, verifier: str) -> RewardConfig:
+        """This section scoring with ``verifier`` (what ``auto`` means for the task at hand)."""
+        return dataclasses.replace(self, verifier=verifier)
 
 
 @dataclass
@@ -90,18 +100,21 @@ class ScoreResult:
     length_fraction: np.ndarray | None = None  # float32 tokens / budget, for metrics
 
 
-def score(items: Sequence[ScoreItem], spec: RewardSpec, pool: RewardPool | None = None) -> ScoreResult:
+def score(items: Sequence[ScoreItem], cfg: RewardConfig, pool: RewardPool | None = None) -> ScoreResult:
     """Score a batch. With ``pool=None`` reward code runs in this process: errors are caught, but a hang
     cannot be interrupted (no timeouts in-process), so training should always pass a RewardPool."""
-    get_verifier(spec.verifier)  # fail fast, in the caller, on a bad name
-    use_format = spec.format_weight != 0.0
+    if cfg.verifier == "auto":
+        raise ValueError("reward.verifier='auto' names no verifier yet: score with "
+                         "RewardConfig.for_verifier(the task's verifier)")
+    get_verifier(cfg.verifier)  # fail fast, in the caller, on a bad name
+    use_format = cfg.format_weight != 0.0
     if use_format:
-        get_format(spec.format_fn)
-    format_fn = spec.format_fn if use_format else None
+        get_format(cfg.format_fn)
+    format_fn = cfg.format_fn if use_format else None
     if pool is None:
-        outcomes = evaluate_in_process(items, spec.verifier, format_fn)
+        outcomes = evaluate_in_process(items, cfg.verifier, format_fn)
     else:
-        outcomes = pool.evaluate(items, spec.verifier, format_fn, timeout_s=spec.timeout_s)
+        outcomes = pool.evaluate(items, cfg.verifier, format_fn, timeout_s=cfg.timeout_s)
 
     n = len(items)
     correct = np.zeros(n, dtype=bool)
@@ -113,15 +126,15 @@ def score(items: Sequence[ScoreItem], spec: RewardSpec, pool: RewardPool | None 
             continue
         correct[i] = ok
         if use_format:
-            fmt[i] = (spec.format_ok if value else spec.format_bad) if isinstance(value, bool) else value
+            fmt[i] = (FORMAT_OK if value else FORMAT_BAD) if isinstance(value, bool) else value
     frac = length_fraction(
         [it.thinking_tokens for it in items],
         [it.solution_tokens for it in items],
         [it.budget_thinking for it in items],
         [it.budget_solution for it in items],
     ).reshape(n)
-    reward = np.where(correct, spec.correct_reward, spec.wrong_reward)
-    reward = reward + spec.format_weight * fmt - spec.length_penalty * frac
+    reward = np.where(correct, cfg.correct_reward, cfg.wrong_reward)
+    reward = reward + cfg.format_weight * fmt - cfg.length_penalty * frac
     failed = np.array([e is not None for e in errors], dtype=bool)
     reward[failed] = 0.0
     num_timeouts = sum(e == "timeout" for e in errors)

@@ -40,7 +40,7 @@ def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
 
 
 def register_format(name: str) -> Callable[[FormatFn], FormatFn]:
-    """Register ``fn(item) -> bool | float`` (bool maps to RewardSpec.format_ok/format_bad)."""
+    """Register ``fn(item) -> bool | float`` (bool maps to FORMAT_OK/FORMAT_BAD, 1 and -1)."""
     return _register(_FORMATS, "format function", name)
 
 

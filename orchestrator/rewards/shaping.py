@@ -1,6 +1,6 @@
 """Shaping terms added to the correctness reward: response format and length.
 
-Format functions take a ScoreItem and return True/False (scored as RewardSpec.format_ok/format_bad) or
+Format functions take a ScoreItem and return True/False (scored as FORMAT_OK/FORMAT_BAD, 1 and -1) or
 a float. Plain-text helpers are exposed too, for analysis code and tests.
 """
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from . import RewardPool, RewardSpec, items_from_table, score
+from . import RewardConfig, RewardPool, items_from_table, score
 
 
-def score_rollouts(records: pa.Table, spec: RewardSpec, pool: RewardPool | None) -> tuple[pa.Table, dict]:
+def score_rollouts(records: pa.Table, reward: RewardConfig, pool: RewardPool | None) -> tuple[pa.Table, dict]:
     """Rollout records with rewards filled in, and counts of reward errors and timeouts."""
-    result = score(items_from_table(records), spec, pool)
+    result = score(items_from_table(records), reward, pool)
     out = records
     for name, values, typ in (("reward", np.asarray(result.reward, np.float32), pa.float32()),
                               ("correct", np.asarray(result.correct, bool), pa.bool_()),

@@ -1,9 +1,9 @@
 """Budgeted two-phase generation (Elastic Reasoning's separate budgeting).
 
-Phase 1 thinks for at most ``t`` tokens and stops at the end-of-thinking token. If it did not emit
+Phase 1 thinks for at most ``budget.thinking`` tokens and stops at the end-of-thinking token. If it did not emit
 that token (budget ran out, or the model ended early on an end-of-generation id, which is dropped),
 the marker is appended: an *injected* token. Phase 2 continues from prompt + thinking + marker for at
-most ``s`` tokens, up to an end-of-generation id (any of ``end_ids``: the tokenizer's EOS and the
+most ``budget.solution`` tokens, up to an end-of-generation id (any of ``end_ids``: the tokenizer's EOS and the
 generation config's EOS list, ``rollout/end_ids.py``), which stays in the solution.
 On vLLM both phases run inside one request per sample (``budget_forcing.py``); otherwise each phase
 is one batch on the engine.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from collections.abc import Sequence
 
+from ..config import Budget
 from .engine import Engine, GenRequest
 
 
@@ -42,7 +43,7 @@ class BudgetedSample:
         return ids, lps, inj
 
 
-def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Sequence[tuple[int, int]], *,
+def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Sequence[Budget], *,
                        think_end_id: int, end_ids: Sequence[int], temperature: float, top_p: float = 1.0,
                        seeds: Sequence[int | None] | None = None) -> list[BudgetedSample]:
     """Generate one budgeted response per prompt (repeat a prompt for a group of samples). A thinking
@@ -56,16 +57,17 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
     """
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
-    for t, s in budgets:
-        if t < 0 or s <= 0:
-            raise ValueError(f"budgets must be positive (thinking 0: none), got thinking={t}, solution={s}")
+    for b in budgets:
+        if b.thinking < 0 or b.solution <= 0:
+            raise ValueError(f"budgets must be positive (thinking 0: none), got thinking={b.thinking}, "
+                             f"solution={b.solution}")
     ends = [e for e in dict.fromkeys(end_ids) if e != think_end_id]
     if not ends:
         raise ValueError(f"end_ids={list(end_ids)!r}: need an end-of-generation id besides think_end_id")
     eos_id, end_set = ends[0], set(ends)
     seeds = list(seeds) if seeds is not None else [None] * len(prompts)
-    if off := [i for i, (t, _) in enumerate(budgets) if t == 0]:  # thinking off: the prompt closed it
-        outs = engine.generate([GenRequest(list(prompts[i]), budgets[i][1], ends, seeds[i]) for i in off],
+    if off := [i for i, b in enumerate(budgets) if b.thinking == 0]:  # thinking off: the prompt closed it
+        outs = engine.generate([GenRequest(list(prompts[i]), budgets[i].solution, ends, seeds[i]) for i in off],
                                temperature, top_p)
         done = {i: BudgetedSample([], [], False, False, list(o.token_ids), list(o.logprobs), o.finish_reason)
                 for i, o in zip(off, outs)}
@@ -77,27 +79,28 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
     forcing = bool(getattr(engine, "budget_forcing", False))
     if forcing:
         first = engine.generate(
-            [GenRequest(list(p), t + s + 2, ends, seed, (think_end_id, t, eos_id, s))
-             for p, (t, s), seed in zip(prompts, budgets, seeds)], temperature, top_p)
+            [GenRequest(list(p), b.total + 2, ends, seed, (think_end_id, b.thinking, eos_id, b.solution))
+             for p, b, seed in zip(prompts, budgets, seeds)], temperature, top_p)
     else:
         first = engine.generate(
-            [GenRequest(list(p), t, [think_end_id, *ends], seed) for p, (t, _), seed in zip(prompts, budgets, seeds)],
+            [GenRequest(list(p), b.thinking, [think_end_id, *ends], seed)
+             for p, b, seed in zip(prompts, budgets, seeds)],
             temperature, top_p)
 
     samples: list[BudgetedSample | None] = [None] * len(prompts)
     rest, partial = [], []  # samples that still need phase 2
-    for i, (p, (t, s), seed, out) in enumerate(zip(prompts, budgets, seeds, first)):
+    for i, (p, b, seed, out) in enumerate(zip(prompts, budgets, seeds, first)):
         ids, lps = list(out.token_ids), list(out.logprobs)
-        if forcing and (done := _split_forced(ids, lps, out.finish_reason, t, s, think_end_id, eos_id)):
+        if forcing and (done := _split_forced(ids, lps, out.finish_reason, b, think_end_id, eos_id)):
             samples[i] = done
             continue
         closed = bool(ids) and ids[-1] == think_end_id
         if not closed and ids and ids[-1] in end_set:  # ended before closing: drop the end id, force the marker
             ids, lps = ids[:-1], lps[:-1]
-        truncated = not closed and len(ids) >= t
+        truncated = not closed and len(ids) >= b.thinking
         forced = not closed
         cont = list(p) + ids + ([think_end_id] if forced else [])
-        rest.append((i, GenRequest(cont, s, ends, None if seed is None else seed + 1)))
+        rest.append((i, GenRequest(cont, b.solution, ends, None if seed is None else seed + 1)))
         partial.append((ids, lps, forced, truncated))
 
     if rest:
@@ -108,7 +111,7 @@ def two_phase_generate(engine: Engine, prompts: Sequence[list[int]], budgets: Se
     return samples  # type: ignore[return-value]
 
 
-def _split_forced(ids: list[int], lps: list[float], finish: str, t: int, s: int, think_end_id: int,
+def _split_forced(ids: list[int], lps: list[float], finish: str, budget: Budget, think_end_id: int,
                   eos_id: int) -> BudgetedSample | None:
     """Split one budget-forced output into thinking and solution; None if its thinking never closed
     (it sampled an end-of-generation id, or hit the context length, first): that sample takes a second
@@ -117,11 +120,11 @@ def _split_forced(ids: list[int], lps: list[float], finish: str, t: int, s: int,
         k = ids.index(think_end_id)
     except ValueError:
         return None
-    if k > t:
+    if k > budget.thinking:
         return None
-    forced = k == t  # the marker at index t is always the processor's: a sampled one comes earlier
+    forced = k == budget.thinking  # the marker there is always the processor's: a sampled one comes earlier
     n_think = k if forced else k + 1
     sol, sol_lps = ids[k + 1:], lps[k + 1:]
-    if len(sol) == s + 1 and sol[-1] == eos_id:  # the processor's EOS: the solution budget ran out
-        sol, sol_lps, finish = sol[:s], sol_lps[:s], "length"
+    if len(sol) == budget.solution + 1 and sol[-1] == eos_id:  # the processor's EOS: the solution budget ran out
+        sol, sol_lps, finish = sol[:budget.solution], sol_lps[:budget.solution], "length"
     return BudgetedSample(ids[:n_think], lps[:n_think], forced, forced, sol, sol_lps, finish)

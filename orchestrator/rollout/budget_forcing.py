@@ -34,11 +34,12 @@ def spec_error(spec) -> str | None:
 
 
 class _Row:
-    __slots__ = ("out", "think_end", "t", "eos", "s", "seen", "closed_at")
+    __slots__ = ("out", "think_end", "thinking", "eos", "solution", "seen", "closed_at")
 
-    def __init__(self, out: list[int], think_end: int, t: int, eos: int, s: int):
+    def __init__(self, out: list[int], think_end: int, thinking: int, eos: int, solution: int):
         self.out = out  # vLLM's live list of this request's output tokens
-        self.think_end, self.t, self.eos, self.s = think_end, t, eos, s
+        self.think_end, self.eos = think_end, eos
+        self.thinking, self.solution = thinking, solution  # the request's budget
         self.seen = 0  # output tokens already scanned for the marker
         self.closed_at = -1  # index of the end-of-thinking token, once there
 
@@ -54,8 +55,8 @@ class _Row:
                 j += 1
             self.seen = j
             if self.closed_at < 0:
-                return self.think_end if n == self.t else None
-        return self.eos if n == self.closed_at + 1 + self.s else None
+                return self.think_end if n == self.thinking else None
+        return self.eos if n == self.closed_at + 1 + self.solution else None
 
 
 class BudgetForcing(LogitsProcessor):

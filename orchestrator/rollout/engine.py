@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..config import VllmConfig
+from ..devices import AUTO
 from .end_ids import end_token_ids
 from .vllm_extension import EXTENSION
 
@@ -26,7 +28,8 @@ class GenRequest:
     max_tokens: int
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
-    # (think_end_id, t, eos_id, s): budget forcing inside this request (engines with budget_forcing)
+    # (think_end_id, thinking budget, eos_id, solution budget): budget forcing inside this request
+    # (engines with budget_forcing; vLLM's extra_args carry it as this list)
     budget_forcing: tuple[int, int, int, int] | None = None
 
 
@@ -67,42 +70,48 @@ def _finish(token_ids: list[int], max_tokens: int, stops: set[int]) -> str:
 # ---------------------------------------------------------------------------------------------- vLLM
 
 
+# The vLLM settings of an engine built outside a config (tests, benchmarks, scripts): eager, half a GPU.
+STANDALONE_VLLM = VllmConfig(enforce_eager=True, gpu_memory_utilization=0.5)
+
+
 class VllmEngine:
-    """vLLM ``LLM`` built in this process. ``multiprocess`` (``rollout.vllm.multiprocess``, serve's
-    ``model.vllm.multiprocess``; default False) picks where vLLM's engine runs, on CPU and GPU alike:
-    False keeps it in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), which
-    starts in seconds and takes weights as tensors; True leaves vLLM its engine subprocess, and synced
-    weights travel to it as safetensors bytes in chunks, or over a collective. Either way they reach vLLM's
-    worker through methods called by name (``rollout/vllm_extension.py``). The device sets only the rest: on GPU
-    ``gpu_memory_utilization`` and per-request seeds; on CPU whole-batch prefills, ``max_num_seqs``
-    1024 when unset, and the in-place weight load. ``configs/gpu/deepscaler-1.5b.yaml`` sets
-    ``multiprocess: true``."""
+    """vLLM ``LLM`` built in this process from a ``VllmConfig`` taken whole (``rollout.vllm``, serve's
+    ``model.vllm``; its ``auto`` values resolved by the driver). ``multiprocess`` (default False) picks
+    where vLLM's engine runs, on CPU and GPU alike: False keeps it in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor), which starts in seconds and takes weights
+    as tensors; True leaves vLLM its engine subprocess, and synced weights travel to it as safetensors bytes
+    in chunks, or over a collective. Either way they reach vLLM's worker through methods called by name
+    (``rollout/vllm_extension.py``). The device sets only the rest: on GPU ``gpu_memory_utilization`` and
+    per-request seeds; on CPU whole-batch prefills, ``max_num_seqs`` 1024 when unset, and the in-place
+    weight load. ``configs/gpu/deepscaler-1.5b.yaml`` sets ``multiprocess: true``."""
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 4096, seed: int = 0,
-                 kv_cache_gib: float = 1.0, enforce_eager: bool = True, multiprocess: bool = False,
-                 gpu_memory_utilization: float = 0.5, enable_prefix_caching: bool = True, max_num_seqs: int = 0,
-                 budget_forcing: bool = True, inplace_reload: bool = True, tensor_parallel_size: int = 1):
+                 vllm: VllmConfig | None = None):
         from ..devices import actor_device, check_dtype
         from .vllm_runner import BUDGET_FORCING, planned_model_runner, started_model_runner
         from .vllm_version import require_supported_vllm
 
+        v = STANDALONE_VLLM if vllm is None else vllm
+        if AUTO in (v.enforce_eager, v.gpu_memory_utilization):
+            raise ValueError(f"vLLM settings with auto values left ({v}): resolve them first (devices.resolve_vllm)")
         on_gpu = torch.cuda.is_available()
         check_dtype(dtype, actor_device())
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(v.kv_cache_gib)))))
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        self.multiprocess = multiprocess
-        if not multiprocess:
+        self.multiprocess = v.multiprocess
+        if not v.multiprocess:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         require_supported_vllm()  # an older vLLM fails here, naming the release needed
         from vllm import LLM
 
         kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                      enforce_eager=enforce_eager, enable_prefix_caching=enable_prefix_caching,
-                      tensor_parallel_size=tensor_parallel_size)
-        if not multiprocess and tensor_parallel_size == 1:  # several shards need vLLM's worker processes
+                      enforce_eager=v.enforce_eager, enable_prefix_caching=v.enable_prefix_caching,
+                      tensor_parallel_size=v.tensor_parallel_size)
+        if not v.multiprocess and v.tensor_parallel_size == 1:  # several shards need vLLM's worker processes
             kwargs["distributed_executor_backend"] = "uni"
+        max_num_seqs = v.max_num_seqs
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            kwargs["gpu_memory_utilization"] = v.gpu_memory_utilization
         else:
             # Whole rollout batches prefill in one step instead of being chunked (a prefill chunk split
             # across steps is also what trips vLLM-CPU's per-request generators, see below).
@@ -112,6 +121,7 @@ class VllmEngine:
             kwargs["max_num_seqs"] = max_num_seqs
         # budget_forcing is a switch two_phase_generate reads (False: two calls); the processor is
         # registered once, here, so only an engine built with it can switch it on.
+        budget_forcing = v.budget_forcing
         self.budget_forcing = self._forcing_registered = budget_forcing
         if budget_forcing:  # by name, so a multiprocess engine imports it in its own process
             planned = planned_model_runner(kwargs)  # each model runner loads only its own interface
@@ -124,7 +134,7 @@ class VllmEngine:
         self.model_runner = started_model_runner(self.llm)  # "v1" or "v2" (rollout/vllm_runner.py)
         if budget_forcing and self.model_runner != planned:  # its loader would have refused the processor
             raise RuntimeError(f"vLLM started model runner {self.model_runner}, not the planned {planned}")
-        self.inplace_reload = inplace_reload
+        self.inplace_reload = v.inplace_reload
         self.load_chunk_bytes = 1 << 30  # multiprocess loads: one collective_rpc per chunk (msgpack: < 4 GiB)
         self.last_reload = ""  # the path the last weight load took (see _vllm_reload)
         tok = self.llm.get_tokenizer()

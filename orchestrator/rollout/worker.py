@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..config import Budget
 from ..data.schema import ROLLOUT_SCHEMA
 from ..weight_sync import WeightPayload, unpack
 from .budget import two_phase_generate
@@ -30,8 +31,7 @@ def engine_seconds(table: pa.Table) -> float:
 @dataclass(frozen=True)
 class SamplingSpec:
     group_size: int
-    budget_thinking: int
-    budget_solution: int
+    budget: Budget
     temperature: float
     top_p: float = 1.0
     seed: int = 0
@@ -86,7 +86,7 @@ class RolloutWorker:
         prefixes = [self.tokenizer(r.get("response_prefix") or "", add_special_tokens=False)["input_ids"]
                     if r.get("response_prefix") else [] for r in rows]
         if self.truncate_prompts and self.max_model_len:
-            limit = self.max_model_len - spec.budget_thinking - spec.budget_solution - 1
+            limit = self.max_model_len - spec.budget.total - 1
             enc = [ids[-(limit - len(pre)):] if len(ids) + len(pre) > limit else ids for ids, pre in zip(enc, prefixes)]
         g = spec.group_size
         flat_prompts = [ids for ids in enc for _ in range(g)]
@@ -96,7 +96,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         samples = two_phase_generate(
             self.engine, [p + pre for p, pre in zip(flat_prompts, flat_prefix)],
-            [(spec.budget_thinking, spec.budget_solution)] * len(flat_prompts),
+            [spec.budget] * len(flat_prompts),
             think_end_id=self.think_end_id, end_ids=self.end_ids, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
         t_engine = time.perf_counter() - t0
@@ -121,7 +121,7 @@ class RolloutWorker:
                 "thinking": think_texts[k], "solution": sol_texts[k],
                 "thinking_tokens": len(smp.thinking_ids), "solution_tokens": len(smp.solution_ids),
                 "thinking_truncated": smp.thinking_truncated, "finish_reason": smp.finish_reason,
-                "budget_thinking": spec.budget_thinking, "budget_solution": spec.budget_solution,
+                "budget_thinking": spec.budget.thinking, "budget_solution": spec.budget.solution,
                 "reward": None, "correct": None, "reward_error": None,
                 "prompt_token_ids": flat_prompts[k], "response_token_ids": resp,
                 "response_logprobs": [x if not math.isnan(x) else None for x in lps],

@@ -123,7 +123,7 @@ def run(cfg: JourneyConfig, log=print) -> dict:
     from orchestrator.resume import fresh_run_dir
     from orchestrator.rewards import RewardPool
     from orchestrator.runtime import WorkerGroup, init_ray
-    from orchestrator.trainer import _log_eval, load_prompt_tables, reward_spec
+    from orchestrator.trainer import _log_eval, load_prompt_tables
     from orchestrator.warmstart import prepare_start_checkpoint
 
     tcfg = train_config(cfg)  # everything validated before MLflow or Ray start
@@ -216,7 +216,7 @@ def run(cfg: JourneyConfig, log=print) -> dict:
                         e = tcfg.eval
                         records, summary, by_diff = evaluate(
                             group.rollout, prompts, eval_budgets(tcfg), samples_per_prompt=e.samples_per_prompt,
-                            temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(tcfg, verifier),
+                            temperature=e.temperature, top_p=e.top_p, reward_spec=tcfg.reward.for_verifier(verifier),
                             pool=pool, seed=tcfg.rollout.seed)
 
                         def prefixed(m: dict, step: int, model=model) -> None:

@@ -311,7 +311,7 @@ def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], 
     from orchestrator.data.io import write_rollouts
     from orchestrator.data.tasks import get_task
     from orchestrator.evaluation import evaluate
-    from orchestrator.rewards import RewardPool, RewardSpec
+    from orchestrator.rewards import RewardConfig, RewardPool
     from orchestrator.runtime import WorkerGroup, init_ray
 
     c = copy.deepcopy(train_cfg)
@@ -324,7 +324,7 @@ def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], 
             for s in suites:
                 task = get_task(s["task"])
                 prompts = task.generate(s["num"], difficulties=tuple(s["difficulties"]), seed=seed, split="eval")
-                spec = RewardSpec(verifier=task.verifier, timeout_s=c.reward.timeout_s)
+                spec = RewardConfig(verifier=task.verifier, timeout_s=c.reward.timeout_s)
                 budget = Budget(s["max_thinking"], s["max_solution"], "unconstrained")
                 records, _, by_diff = evaluate(group.rollout, prompts, [budget],
                                                samples_per_prompt=int(s.get("samples", 1)),

@@ -11,7 +11,7 @@ tolerantly, and provides the paper's reward as a format term:
                           + (-0.5 if the answer is missing or unparseable else 0)
 
 which is exactly format +-1 plus answer +2 / -1.5 (mismatch) / -2 (unparseable) with
-``RewardSpec(correct_reward=2.0, wrong_reward=-1.5, format_weight=1.0,
+``RewardConfig(correct_reward=2.0, wrong_reward=-1.5, format_weight=1.0,
 format_fn="workloads.tasks.logic:meta_ability_format")`` (``..._prefilled`` when the prompt template
 already ends in ``<think>``).
 """
@@ -203,7 +203,7 @@ def meta_ability_format_score(thinking: str, solution: str, task: str, prefilled
 
 @register_format("meta_ability_format")
 def meta_ability_format(item) -> float:
-    """Format term for ``RewardSpec(correct_reward=2, wrong_reward=-1.5, format_weight=1)``."""
+    """Format term for ``RewardConfig(correct_reward=2, wrong_reward=-1.5, format_weight=1)``."""
     return meta_ability_format_score(item.thinking, item.solution, item.task)
 
 
