@@ -117,21 +117,9 @@ def build_tiny_model(
     interrupted or concurrent build never leaves a directory that looks complete but is not.
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    for name, value in (
-        ("hidden_size", hidden_size),
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("intermediate_size", intermediate_size),
-        ("max_position_embeddings", max_position_embeddings),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if hidden_size % num_heads:
-        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-
+    _check_shape(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                 num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+                 max_position_embeddings=max_position_embeddings)
     out = Path(out_dir)
     args = _build_args(
         hidden_size=hidden_size,
@@ -172,6 +160,23 @@ def build_tiny_model(
         bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
     )
 
+    _publish(model, tokenizer, args, out)
+    return out
+
+
+def _check_shape(**shape: int) -> None:
+    for name, value in shape.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if shape["hidden_size"] % shape["num_heads"]:
+        raise ValueError(f"hidden_size={shape['hidden_size']} is not divisible by num_heads={shape['num_heads']}")
+    if shape["num_heads"] % shape["num_kv_heads"]:
+        raise ValueError(
+            f"num_heads={shape['num_heads']} is not divisible by num_kv_heads={shape['num_kv_heads']}")
+
+
+def _publish(model, tokenizer, args: dict, out: Path) -> None:
+    """Save into a temporary sibling, then move the files in with the marker last (never half-built)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
@@ -183,4 +188,3 @@ def build_tiny_model(
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -147,28 +147,14 @@ def sft_loop(
     if batch_size < world_size:
         raise ValueError(f"batch_size={batch_size} is smaller than the number of workers ({world_size})")
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-        foreach=True,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
-    )
+    optimizer, scheduler = _optimizer(model, lr=lr, weight_decay=weight_decay, steps=steps,
+                                      warmup_steps=warmup_steps, schedule=schedule)
     batches = _batches(len(data), batch_size, torch.Generator().manual_seed(seed))
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype], enabled=dtype != "float32")
 
     from tqdm.auto import tqdm
 
-    start = time.perf_counter()
-    total_tokens = window_tokens = 0
-    window_losses: list[float] = []
-    window_start = start
-    initial_loss = None
-    metrics: dict = {}
+    window = _LogWindow()
     bar = tqdm(range(1, steps + 1), desc="sft", disable=not progress, dynamic_ncols=True)
     for step in bar:
         idx, epoch = next(batches)
@@ -184,36 +170,70 @@ def sft_loop(
         scheduler.step()
 
         value = loss.item()
-        initial_loss = value if initial_loss is None else initial_loss
-        n_tokens = int(attention.sum())
-        total_tokens += n_tokens
-        window_tokens += n_tokens
-        window_losses.append(value)
+        window.add(value, int(attention.sum()))
         bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         if step % log_every == 0 or step == steps:
-            now = time.perf_counter()
-            metrics = {
-                "loss": sum(window_losses) / len(window_losses),
-                "lr": step_lr,
-                "grad_norm": float(grad_norm),
-                "epoch": epoch,
-                "seconds": now - start,
-                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-            }
+            metrics = window.close(lr=step_lr, grad_norm=float(grad_norm), epoch=epoch)
             if on_log is not None:
                 on_log(step, dict(metrics))
-            window_losses, window_tokens, window_start = [], 0, now
     bar.close()
-    seconds = time.perf_counter() - start
-    return {
-        "loss": metrics["loss"],
-        "initial_loss": initial_loss,
-        "steps": steps,
-        "seconds": seconds,
-        "tokens_per_s": total_tokens / max(seconds, 1e-9),
-        "epochs": epoch,
-        "examples": len(data),
-    }
+    return window.summary(steps=steps, epochs=epoch, examples=len(data))
+
+
+def _optimizer(model, *, lr: float, weight_decay: float, steps: int, warmup_steps: int, schedule: str):
+    """AdamW without decay on biases and norms, and its warm-up + decay schedule."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps, schedule=schedule)
+    )
+    return optimizer, scheduler
+
+
+class _LogWindow:
+    """Losses and tokens since the last log line, and totals over the whole loop."""
+
+    def __init__(self):
+        self.start = self.window_start = time.perf_counter()
+        self.total_tokens = self.window_tokens = 0
+        self.losses: list[float] = []
+        self.initial_loss: float | None = None
+        self.metrics: dict = {}
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.initial_loss = loss if self.initial_loss is None else self.initial_loss
+        self.total_tokens += tokens
+        self.window_tokens += tokens
+        self.losses.append(loss)
+
+    def close(self, **extra) -> dict:
+        """The window's metrics (mean loss, tokens/s) plus ``extra``; starts the next window."""
+        now = time.perf_counter()
+        self.metrics = {
+            "loss": sum(self.losses) / len(self.losses),
+            **extra,
+            "seconds": now - self.start,
+            "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
+        }
+        self.losses, self.window_tokens, self.window_start = [], 0, now
+        return self.metrics
+
+    def summary(self, **extra) -> dict:
+        seconds = time.perf_counter() - self.start
+        return {
+            "loss": self.metrics["loss"],
+            "initial_loss": self.initial_loss,
+            "steps": extra.pop("steps"),
+            "seconds": seconds,
+            "tokens_per_s": self.total_tokens / max(seconds, 1e-9),
+            **extra,
+        }
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | os.PathLike, args: dict, result: dict) -> Path:
