@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import devices
+from .algorithms import AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
 
 
@@ -146,21 +147,6 @@ class RewardConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    """GRPO-family policy-gradient settings."""
-
-    name: str = "grpo"
-    normalize_std: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"  # k2 | k3 (k1 is refused: zero expected gradient as a loss term)
-    loss_agg: str = "token_mean"
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-
-
-@dataclass
 class LearnerConfig:
     num_workers: int = 1  # data-parallel ranks (gloo on CPU, NCCL on GPU)
     strategy: str = "auto"  # auto (fsdp on GPUs, ddp on CPUs) | ddp (replicated, all-reduce) | fsdp (FSDP2 shards)
@@ -270,10 +256,6 @@ class Config:
 ALIASES = {"checkpoint": "model.path", "budgets": "eval.budgets"}
 WEIGHT_SYNC_METHODS = ("auto", "object_store", "collective")
 
-# Why algorithm.kl_estimator=k1 is refused (the learner adds the KL estimate to the loss).
-K1_AS_LOSS = ("as a loss term k1 has zero expected gradient (E_pi[grad log pi] = 0), so it does not pull the "
-              "policy toward the reference; use k2 or k3 (k1 is meaningful only as a reward penalty)")
-
 _BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
 
 
@@ -381,6 +363,7 @@ def load_config_explained(path: str | os.PathLike | None, overrides: list[str] |
     obj = merge_structured(Config, path, overrides, aliases=ALIASES)
     resolve_durable_paths(obj)
     validate(obj, check_paths=check_paths)
+    obj.algorithm = _algorithm(obj)  # the preset's values filled in: what show-config and MLflow record
     return obj, resolve_auto(obj)
 
 
@@ -477,8 +460,10 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     positive("rollout.num_workers", r.num_workers)
     non_negative("rollout.cpus_per_worker", r.cpus_per_worker)
     non_negative("rollout.gpus_per_worker", r.gpus_per_worker)
-    if r.group_size < 2 and cfg.algorithm.name == "grpo":
-        bad("rollout.group_size", r.group_size, "group-normalized advantages need at least 2 samples per prompt")
+    a = _algorithm(cfg)
+    if r.group_size < 2:  # every registered estimator subtracts a group baseline
+        bad("rollout.group_size", r.group_size, f"algorithm.advantage={a.advantage!r} subtracts a group baseline: "
+            "it needs at least 2 samples per prompt")
     non_negative("rollout.temperature", r.temperature)
     if not 0 < r.top_p <= 1:
         bad("rollout.top_p", r.top_p, "must be in (0, 1]")
@@ -493,21 +478,6 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     positive("reward.timeout_s", cfg.reward.timeout_s)
     non_negative("reward.num_workers", cfg.reward.num_workers)
     non_negative("reward.length_penalty", cfg.reward.length_penalty)
-
-    a = cfg.algorithm
-    if a.name not in ("grpo",):
-        bad("algorithm.name", a.name, "supported: grpo")
-    non_negative("algorithm.clip_low", a.clip_low)
-    non_negative("algorithm.clip_high", a.clip_high)
-    non_negative("algorithm.kl_coef", a.kl_coef)
-    if a.kl_estimator == "k1":
-        bad("algorithm.kl_estimator", a.kl_estimator, K1_AS_LOSS)
-    if a.kl_estimator not in ("k2", "k3"):
-        bad("algorithm.kl_estimator", a.kl_estimator, "must be k2 or k3")
-    if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
-        bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
-    positive("algorithm.ppo_epochs", a.ppo_epochs)
-    positive("algorithm.mini_batches", a.mini_batches)
 
     le = cfg.learner
     positive("learner.num_workers", le.num_workers)
@@ -580,6 +550,15 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     if longest >= m.max_model_len:
         bad("model.max_model_len", m.max_model_len,
             f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
+
+
+def _algorithm(cfg: Config) -> AlgorithmConfig:
+    """``cfg.algorithm`` with its preset's values filled in and checked (orchestrator/algorithms/presets.py)."""
+    longest = cfg.budget.thinking + 1 + cfg.budget.solution  # the forced end-of-thinking token included
+    try:
+        return resolve_algorithm(cfg.algorithm, longest_response=longest)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate_vllm(v: VllmConfig, prefix: str, gpus: float, gpus_key: str) -> None:
