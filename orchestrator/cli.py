@@ -156,6 +156,21 @@ def _plan(argv: list[str]) -> int:
     return 0 if plan.fits else 1
 
 
+def _printed(args) -> str:
+    """What the commands that only print one thing print: the algorithm registries, a built model's path."""
+    if args.command == "algorithms":
+        from .algorithms import listing
+
+        return listing()
+    if args.command == "build-tiny":
+        from .tiny_model import build_tiny_model
+
+        return str(build_tiny_model(args.out_dir))
+    from .standin_model import build_standin_model
+
+    return str(build_standin_model(args.out_dir, seed=args.seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:  # options may come after the overrides
@@ -165,20 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_cli(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "algorithms":
-        from .algorithms import listing
-
-        print(listing())
-        return 0
-    if args.command == "build-tiny":
-        from .tiny_model import build_tiny_model
-
-        print(build_tiny_model(args.out_dir))
-        return 0
-    if args.command == "build-standin":
-        from .standin_model import build_standin_model
-
-        print(build_standin_model(args.out_dir, seed=args.seed))
+    if args.command in ("algorithms", "build-tiny", "build-standin"):
+        print(_printed(args))
         return 0
     if args.command == "sweep":
         return _sweep(args)

@@ -158,6 +158,9 @@ def test_dynamic_sampling_bounded_tries_pad_with_dropped_groups():
     assert len(calls) == 2 and m["dynamic_sampling/tries"] == 3.0  # the first generation counts
     assert list(dict.fromkeys(kept["prompt_id"].to_pylist())) == ["p1", "p2", "p3"]  # padded with p2, p3
     assert m["dynamic_sampling/padded_groups"] == 2.0 and m["dynamic_sampling/dropped_groups"] == 4.0
+    all_flat, m = fill_batch(_records({"p2": [1, 1], "p3": [0, 0]}), flat, {"name": "dapo",
+                             "dynamic_sampling": {"max_tries": 1}})  # nothing kept: the batch is all padding
+    assert all_flat["prompt_id"].to_pylist() == ["p2"] * 2 + ["p3"] * 2 and m["dynamic_sampling/padded_groups"] == 2
     same, none = fill_batch(first, flat, {"name": "grpo"})  # off: untouched, no draw
     assert same is first and none == {} and len(calls) == 2
 

@@ -21,7 +21,7 @@ def _groups(table: pa.Table) -> list:
 
 def _first_groups(table: pa.Table, n: int) -> pa.Table:
     chosen = set(_groups(table)[:n])
-    return table.filter(pa.array([pid in chosen for pid in table["prompt_id"].to_pylist()]))
+    return table.filter(pa.array([pid in chosen for pid in table["prompt_id"].to_pylist()], pa.bool_()))
 
 
 def fill_batch(records: pa.Table, more: Callable[[], pa.Table], algorithm) -> tuple[pa.Table, dict[str, float]]:
@@ -41,8 +41,8 @@ def fill_batch(records: pa.Table, more: Callable[[], pa.Table], algorithm) -> tu
     while True:
         tries += 1
         mask = keep(batch)
-        kept.append(batch.filter(pa.array(mask)))
-        dropped.append(batch.filter(pa.array(~mask)))
+        kept.append(batch.filter(pa.array(mask, pa.bool_())))
+        dropped.append(batch.filter(pa.array(~mask, pa.bool_())))
         n_kept += len(_groups(kept[-1]))
         n_dropped += len(_groups(dropped[-1]))
         if n_kept >= want or tries >= ds.max_tries:

@@ -115,6 +115,21 @@ def sequences_from_table(batch: pa.Table, vocab_size: int | None = None) -> Sequ
     return Sequences(tokens, p_len.astype(np.int64), r_len.astype(np.int64), masks, advantage)
 
 
+def _check_arguments(rank, world_size, dist_init, micro_batch_size, micro_batch_tokens, lr, lr_warmup_steps) -> None:
+    """A Learner built by hand gets the errors config validation would give (each names the argument)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
+    if world_size > 1 and not dist_init:
+        raise ValueError("dist_init: a tcp://HOST:PORT rendezvous is needed when world_size > 1")
+    if int(micro_batch_size) < 1:
+        raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+    if int(micro_batch_tokens) < 0:
+        raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
+    for name, value in (("lr", lr), ("lr_warmup_steps", lr_warmup_steps)):
+        if value < 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+
+
 class Learner(WeightSender):
     """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy.
 
@@ -147,24 +162,12 @@ class Learner(WeightSender):
         activation_checkpointing: bool = False,
         max_shard_size: int | str = MAX_SHARD_SIZE,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
-        if world_size > 1 and not dist_init:
-            raise ValueError("dist_init: a tcp://HOST:PORT rendezvous is needed when world_size > 1")
+        _check_arguments(rank, world_size, dist_init, micro_batch_size, micro_batch_tokens, lr, lr_warmup_steps)
         # The algorithm section whole (orchestrator/algorithms/presets.py): the config's checks, the preset filled.
         self.algorithm = a = resolve_algorithm(algorithm)
-        if int(micro_batch_size) < 1:
-            raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
-        if int(micro_batch_tokens) < 0:
-            raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
-        for name, value in (("lr", lr), ("lr_warmup_steps", lr_warmup_steps)):
-            if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
         self.compute_dtype = resolve_dtype(dtype)
         if self.compute_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(
-                f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)"
-            )
+            raise ValueError(f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         torch.manual_seed(seed + rank)
