@@ -154,7 +154,7 @@ def main() -> int:
     })
     with tempfile.TemporaryDirectory() as tmp:
         path = build(args.shape, Path(tmp))
-        learner = Learner(str(path), lr=1e-6, kl_coef=args.kl, micro_batch_size=args.micro_batch,
+        learner = Learner(str(path), lr=1e-6, algorithm={"kl_coef": args.kl}, micro_batch_size=args.micro_batch,
                           dtype=args.dtype, device=str(device), strategy="fsdp" if args.strategy == "fsdp" else "auto",
                           activation_checkpointing=args.activation_checkpointing,
                           micro_batch_tokens=args.micro_batch_tokens)

@@ -6,7 +6,8 @@ model), ``show-config`` (the merged, validated config), ``sweep`` (Ray Tune + Op
 config), ``frontier`` (Pareto fronts from MLflow runs),
 ``serve`` (a checkpoint or models:/ URI behind an OpenAI-compatible API with per-request budgets),
 ``workload NAME`` (a method recipe such as ``elastic``), ``analyze`` (reasoning length vs accuracy
-over rollout/eval tables), ``plan`` (GPU memory per learner and rollout device, before a run starts).
+over rollout/eval tables), ``plan`` (GPU memory per learner and rollout device, before a run starts),
+``algorithms`` (every registered advantage estimator, policy loss, aggregation, KL, filter and preset).
 Configs are validated before Ray starts; a bad key or value exits with status 2 and one line.
 """
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("overrides", nargs="*", help="key=value overrides, e.g. per_tokens=1000")
     an.add_argument("--workload", default="length_analysis",
                     help="analysis workload registered under budgetrl.workloads (default: length_analysis)")
+    sub.add_parser("algorithms", help="list the registered algorithm pieces and presets, one line each")
     bt = sub.add_parser("build-tiny", help="build the embedded tiny Qwen2 model and tokenizer")
     bt.add_argument("out_dir")
     bs = sub.add_parser("build-standin", help="build a stand-in checkpoint shaped like a real chat model: trained "
@@ -154,6 +156,21 @@ def _plan(argv: list[str]) -> int:
     return 0 if plan.fits else 1
 
 
+def _printed(args) -> str:
+    """What the commands that only print one thing print: the algorithm registries, a built model's path."""
+    if args.command == "algorithms":
+        from .algorithms import listing
+
+        return listing()
+    if args.command == "build-tiny":
+        from .tiny_model import build_tiny_model
+
+        return str(build_tiny_model(args.out_dir))
+    from .standin_model import build_standin_model
+
+    return str(build_standin_model(args.out_dir, seed=args.seed))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plan"]:  # options may come after the overrides
@@ -163,15 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_cli(argv[1:])
     args = _parser().parse_args(argv)
-    if args.command == "build-tiny":
-        from .tiny_model import build_tiny_model
-
-        print(build_tiny_model(args.out_dir))
-        return 0
-    if args.command == "build-standin":
-        from .standin_model import build_standin_model
-
-        print(build_standin_model(args.out_dir, seed=args.seed))
+    if args.command in ("algorithms", "build-tiny", "build-standin"):
+        print(_printed(args))
         return 0
     if args.command == "sweep":
         return _sweep(args)

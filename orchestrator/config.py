@@ -21,6 +21,7 @@ from omegaconf import MISSING, OmegaConf
 from . import devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 from .config_merge import describe_error as _describe  # noqa: F401  (sweep.py imports it from here)
+from .algorithms import AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
 from .rewards import RewardConfig  # the reward section: the reward code takes it whole
 
@@ -153,21 +154,6 @@ class RolloutConfig:
 
 
 @dataclass
-class AlgorithmConfig:
-    """GRPO-family policy-gradient settings."""
-
-    name: str = "grpo"
-    normalize_std: bool = True
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"  # k2 | k3 (k1 is refused: zero expected gradient as a loss term)
-    loss_agg: str = "token_mean"
-    ppo_epochs: int = 1
-    mini_batches: int = 1
-
-
-@dataclass
 class LearnerConfig:
     num_workers: int = 1  # data-parallel ranks (gloo on CPU, NCCL on GPU)
     strategy: str = "auto"  # auto (fsdp on GPUs, ddp on CPUs) | ddp (replicated, all-reduce) | fsdp (FSDP2 shards)
@@ -281,10 +267,6 @@ class Config:
 ALIASES = {"checkpoint": "model.path", "budgets": "eval.budgets"}
 WEIGHT_SYNC_METHODS = ("auto", "object_store", "collective")
 
-# Why algorithm.kl_estimator=k1 is refused (the learner adds the KL estimate to the loss).
-K1_AS_LOSS = ("as a loss term k1 has zero expected gradient (E_pi[grad log pi] = 0), so it does not pull the "
-              "policy toward the reference; use k2 or k3 (k1 is meaningful only as a reward penalty)")
-
 _BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
 
 
@@ -333,6 +315,7 @@ def load_config_explained(path: str | os.PathLike | None, overrides: list[str] |
     except paths.DurablePathError as exc:
         raise ConfigError(str(exc)) from None
     validate(obj, check_paths=check_paths)
+    obj.algorithm = _algorithm(obj)  # the preset's values filled in: what show-config and MLflow record
     return obj, devices.resolve_auto(obj)
 
 
@@ -349,19 +332,19 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     validate_model(cfg.model, check_paths)
     validate_budget(cfg.budget)
     validate_rollout(cfg.rollout)
-    if cfg.rollout.group_size < 2 and cfg.algorithm.name == "grpo":
+    a = _algorithm(cfg)
+    if cfg.rollout.group_size < 2:  # every registered estimator subtracts a group baseline
         bad("rollout.group_size", cfg.rollout.group_size,
-            "group-normalized advantages need at least 2 samples per prompt")
+            f"algorithm.advantage={a.advantage!r} subtracts a group baseline: it needs at least 2 samples per prompt")
     validate_reward(cfg.reward)
-    validate_algorithm(cfg.algorithm)
     validate_learner(cfg.learner)
     validate_warmstart(cfg.warmstart)
     validate_trainer(cfg.trainer)
     non_negative("cost.accelerator_hour_price", cfg.cost.accelerator_hour_price)
     non_negative("cost.cpu_hour_price", cfg.cost.cpu_hour_price)
     total = cfg.trainer.prompts_per_step * cfg.rollout.group_size
-    if total % cfg.algorithm.mini_batches:
-        bad("algorithm.mini_batches", cfg.algorithm.mini_batches,
+    if total % a.mini_batches:
+        bad("algorithm.mini_batches", a.mini_batches,
             f"must divide the batch of {total} samples (trainer.prompts_per_step x rollout.group_size)")
     validate_data(cfg.data, check_paths)
     validate_eval(cfg.eval)
@@ -430,20 +413,13 @@ def validate_reward(r: RewardConfig) -> None:
     non_negative("reward.length_penalty", r.length_penalty)
 
 
-def validate_algorithm(a: AlgorithmConfig) -> None:
-    if a.name not in ("grpo",):
-        bad("algorithm.name", a.name, "supported: grpo")
-    non_negative("algorithm.clip_low", a.clip_low)
-    non_negative("algorithm.clip_high", a.clip_high)
-    non_negative("algorithm.kl_coef", a.kl_coef)
-    if a.kl_estimator == "k1":
-        bad("algorithm.kl_estimator", a.kl_estimator, K1_AS_LOSS)
-    if a.kl_estimator not in ("k2", "k3"):
-        bad("algorithm.kl_estimator", a.kl_estimator, "must be k2 or k3")
-    if a.loss_agg not in ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean"):
-        bad("algorithm.loss_agg", a.loss_agg, "must be token_mean, seq_mean_token_sum or seq_mean_token_mean")
-    positive("algorithm.ppo_epochs", a.ppo_epochs)
-    positive("algorithm.mini_batches", a.mini_batches)
+def _algorithm(cfg: Config) -> AlgorithmConfig:
+    """``cfg.algorithm`` with its preset's values filled in and checked (orchestrator/algorithms/presets.py)."""
+    longest = cfg.budget.thinking + 1 + cfg.budget.solution  # the forced end-of-thinking token included
+    try:
+        return resolve_algorithm(cfg.algorithm, longest_response=longest)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate_learner(le: LearnerConfig) -> None:

@@ -276,9 +276,8 @@ class LearnerGroup:
                 num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
                 runtime_env={"env_vars": dict(WORKER_ENV)}, scheduling_strategy=placed(i),
             ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
-                     micro_batch_size=le.micro_batch_size, clip_low=a.clip_low, clip_high=a.clip_high,
-                     kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, loss_agg=a.loss_agg, ppo_epochs=a.ppo_epochs,
-                     mini_batches=a.mini_batches, lr_warmup_steps=le.lr_warmup_steps, dtype=cfg.model.dtype,
+                     micro_batch_size=le.micro_batch_size, algorithm=a, lr_warmup_steps=le.lr_warmup_steps,
+                     dtype=cfg.model.dtype,
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
                      strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init,
                      micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing,
@@ -312,6 +311,10 @@ class LearnerGroup:
                                                                   self.sync_dtype)
                  for i, r in enumerate(self.ranks)]
         return [m for m, _ in calls], (calls[0][1] if export else None)
+
+    def sequence_kl(self, batch):
+        """Each sample's summed KL to the reference (``Learner.sequence_kl``; every rank joins when several)."""
+        return ray.get(self._all("sequence_kl", batch) if self.world_size > 1 else [self.lead.sequence_kl.remote(batch)])[0]
 
     @staticmethod
     def step_result(metric_refs: list) -> dict:

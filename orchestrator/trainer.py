@@ -26,14 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from . import frontier, resume, tracking
+from . import algorithms, frontier, resume, tracking
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import read_prompts, write_rollouts
 from .data.tasks import get_task
 from .evaluation import evaluate, format_summary, gather, generate, submit
-from .learner.losses import group_advantages
 from .rewards import RewardPool
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
@@ -149,18 +148,9 @@ def step_metrics(records: pa.Table) -> dict[str, float]:
             "generated_tokens": generated_tokens(records)}
 
 
-def learner_batch(records: pa.Table, cfg: Config) -> tuple[pa.Table, dict]:
-    rewards = records["reward"].to_numpy(zero_copy_only=False).astype(np.float32)
-    groups = pa.compute.dictionary_encode(records["prompt_id"]).combine_chunks().indices.to_numpy()
-    adv = group_advantages(rewards, groups, normalize_std=cfg.algorithm.normalize_std).astype(np.float32)
-    batch = records.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
-        "advantage", pa.array(adv, pa.float32()))
-    # Share of groups whose rewards differ: only those carry a learning signal.
-    uniq = {}
-    for g, r in zip(groups, rewards):
-        uniq.setdefault(int(g), set()).add(float(r))
-    mixed = float(np.mean([len(v) > 1 for v in uniq.values()])) if uniq else 0.0
-    return batch, {"mixed_group_fraction": mixed, "advantage_abs_mean": float(np.abs(adv).mean())}
+def learner_batch(records: pa.Table, cfg: Config, learner=None) -> tuple[pa.Table, dict]:
+    """The advantage step (orchestrator/algorithms/batch.py); ``learner`` gives the KL reward penalty."""
+    return algorithms.learner_batch(records, cfg.algorithm, learner.sequence_kl if learner is not None else None)
 
 
 def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, step: int, tag: str,
@@ -552,8 +542,12 @@ class _Run:
         records, rstats = score_rollouts(records, self.spec, self.pool)
         # Observed before the next step's prompts are drawn (synchronous runs draw them below).
         cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
+        # DAPO dynamic sampling (algorithm.dynamic_sampling): drop flat groups, generate more to refill.
+        kept, dstats = algorithms.fill_batch(
+            records, lambda: self._scored_rollout(self._draw(step), cfg.rollout.group_size), cfg.algorithm)
         tr = time.perf_counter()
-        batch, bstats = learner_batch(records, cfg)
+        batch, bstats = learner_batch(kept, cfg, self.group.learner)
+        bstats.update(dstats)
         metric_refs, weights = self.group.learner.submit_step(batch, export=self.syncer.with_step)
         # The object-store sync is sent with the step: each worker loads the new weights as soon as the
         # learner exports them, and after any rollout already queued on it (an actor runs one caller's

@@ -64,7 +64,7 @@ def _gradients(model_dir: str, device, batch, checkpointing: bool) -> dict:
 
     from orchestrator.learner.worker import Learner, _Totals, sequences_from_table
 
-    learner = Learner(model_dir, device=str(device), strategy="fsdp", dtype="bfloat16", kl_coef=0.05,
+    learner = Learner(model_dir, device=str(device), strategy="fsdp", dtype="bfloat16", algorithm={"kl_coef": 0.05},
                       micro_batch_size=4, activation_checkpointing=checkpointing)
     try:
         dtypes = ({p.dtype for p in learner.model.parameters()}, {p.dtype for p in learner.ref_model.parameters()})

@@ -12,13 +12,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from orchestrator.learner.losses import (
-    group_advantages,
-    kl_penalty,
-    masked_aggregate,
-    policy_loss,
-    token_logprobs,
-)
+from orchestrator.algorithms import kl_penalty, masked_aggregate
+from orchestrator.algorithms.advantages import dr_grpo, grpo as group_advantages
+from orchestrator.algorithms.losses import ppo_clip as policy_loss
+from orchestrator.learner.losses import token_logprobs
 from orchestrator.learner.worker import Learner
 
 VOCAB = 64
@@ -79,9 +76,15 @@ def random_batch(n=8, seed=0, agg_lengths=(2, 9), resp_lengths=(1, 12)):
     return prompts, responses, adv, masks
 
 
+ALGORITHM_KEYS = ("clip_low", "clip_high", "kl_coef", "kl_estimator", "kl_mode", "loss_agg", "ppo_epochs",
+                  "mini_batches", "name", "advantage", "policy_loss", "norm_length")
+
+
 def make_learner(model_dir, **kw):
+    """A Learner on the CPU; algorithm keys (clip_low, kl_coef, ...) go into its ``algorithm`` section."""
     kw.setdefault("device", "cpu")
-    return Learner(model_dir, **kw)
+    algorithm = {k: kw.pop(k) for k in ALGORITHM_KEYS if k in kw}
+    return Learner(model_dir, algorithm=algorithm, **kw)
 
 
 # ---- losses ---------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def test_group_advantages_known_values_and_constant_groups():
     np.testing.assert_allclose(adv[:4], np.array([0.5, -0.5, 0.5, -0.5]) / (std + 1e-6), rtol=1e-6)
     assert np.all(adv[4:] == 0.0)  # constant group and singleton group carry no signal
     np.testing.assert_allclose(
-        group_advantages(rewards, groups, normalize_std=False)[:4], [0.5, -0.5, 0.5, -0.5]
+        dr_grpo(rewards, groups)[:4], [0.5, -0.5, 0.5, -0.5]
     )
     assert np.all(group_advantages(np.full(3, 0.1), np.zeros(3)) == 0.0)
     with pytest.raises(ValueError, match="group_index"):

@@ -52,7 +52,7 @@ def test_token_cap_packs_each_share_under_the_cap(world_size):
 def test_token_capped_gradient_equals_one_big_batch(model_dir, agg):  # noqa: F811
     prompts, responses, adv, masks = random_batch(n=9, seed=6)
     batch = make_batch(prompts, responses, adv, masks)
-    learner = Learner(model_dir, device="cpu", micro_batch_size=4, micro_batch_tokens=30, loss_agg=agg,
+    learner = Learner(model_dir, device="cpu", micro_batch_size=4, micro_batch_tokens=30, algorithm={"loss_agg": agg},
                       grad_clip=None)
     lengths = np.array([len(p) + len(r) for p, r in zip(prompts, responses)])
     chunks = learner._local_chunks(sequences_from_table(batch), np.arange(9))
@@ -67,7 +67,7 @@ def test_token_capped_gradient_equals_one_big_batch(model_dir, agg):  # noqa: F8
 
 def test_token_capped_steps_match_row_steps_with_kl_and_minibatches(model_dir):  # noqa: F811
     batch = make_batch(*random_batch(n=8, seed=7))
-    kw = dict(device="cpu", lr=5e-3, ppo_epochs=2, mini_batches=2, kl_coef=0.1)
+    kw = dict(device="cpu", lr=5e-3, algorithm={"ppo_epochs": 2, "mini_batches": 2, "kl_coef": 0.1})
     rows, capped = Learner(model_dir, micro_batch_size=64, **kw), Learner(model_dir, micro_batch_size=64,
                                                                           micro_batch_tokens=25, **kw)
     for _ in range(2):
@@ -107,8 +107,9 @@ def saved_activation_bytes(learner: Learner, batch) -> int:
 
 def test_checkpointing_keeps_the_gradient_and_drops_the_saved_activations(model_dir):  # noqa: F811
     batch = make_batch(*random_batch(n=6, seed=8, resp_lengths=(20, 40)))
-    plain = Learner(model_dir, device="cpu", micro_batch_size=2, kl_coef=0.1)
-    ckpt = Learner(model_dir, device="cpu", micro_batch_size=2, kl_coef=0.1, activation_checkpointing=True)
+    plain = Learner(model_dir, device="cpu", micro_batch_size=2, algorithm={"kl_coef": 0.1})
+    ckpt = Learner(model_dir, device="cpu", micro_batch_size=2, algorithm={"kl_coef": 0.1},
+                   activation_checkpointing=True)
     # The switch is live (Hugging Face's own checkpointing would do nothing: the learner runs in eval mode).
     assert saved_activation_bytes(ckpt, batch) < 0.5 * saved_activation_bytes(plain, batch)
     g_plain, g_ckpt = captured_grads(plain, batch), captured_grads(ckpt, batch)
@@ -126,7 +127,8 @@ def test_checkpointing_under_one_rank_fsdp_in_bf16(model_dir):  # noqa: F811
     batch = make_batch(*random_batch(n=6, seed=9))
     results = []
     for checkpointing in (False, True):
-        learner = Learner(model_dir, device="cpu", strategy="fsdp", dtype="bfloat16", kl_coef=0.1, lr=1e-3,
+        learner = Learner(model_dir, device="cpu", strategy="fsdp", dtype="bfloat16", algorithm={"kl_coef": 0.1},
+                          lr=1e-3,
                           micro_batch_size=4, activation_checkpointing=checkpointing)
         try:
             assert learner.sharded and learner.world_size == 1
@@ -152,7 +154,8 @@ def test_checkpointing_under_one_rank_fsdp_in_bf16(model_dir):  # noqa: F811
 # ---- the policy sharded before it reaches the device; rank 0's weights everywhere -----------------------
 
 
-LEARNER_KW = dict(device="cpu", kl_coef=0.1, lr=1e-2, mini_batches=2, micro_batch_size=3, num_threads=1)
+LEARNER_KW = dict(device="cpu", algorithm={"kl_coef": 0.1, "mini_batches": 2}, lr=1e-2, micro_batch_size=3,
+                  num_threads=1)
 
 
 def _fsdp_rank(rank: int, paths: list[str], init: str, out: str, batch) -> None:

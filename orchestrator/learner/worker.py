@@ -33,15 +33,9 @@ from orchestrator.learner.checkpoint import (
     save_optimizer_state,
 )
 from orchestrator.checkpoint_files import load_tensors
-from orchestrator.learner.losses import (
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    KL_LOSS_ESTIMATORS,
-    kl_penalty,
-    masked_aggregate,
-    policy_loss,
-    token_logprobs,
-)
+from orchestrator.algorithms import AGGREGATIONS, POLICY_LOSSES, AlgorithmConfig, kl_penalty, masked_aggregate
+from orchestrator.algorithms import resolve as resolve_algorithm
+from orchestrator.learner.losses import token_logprobs
 from orchestrator.learner.micro_batches import Packed, local_chunks, pack, place
 from orchestrator.learner.sync_sender import WeightSender
 
@@ -121,6 +115,21 @@ def sequences_from_table(batch: pa.Table, vocab_size: int | None = None) -> Sequ
     return Sequences(tokens, p_len.astype(np.int64), r_len.astype(np.int64), masks, advantage)
 
 
+def _check_arguments(rank, world_size, dist_init, micro_batch_size, micro_batch_tokens, lr, lr_warmup_steps) -> None:
+    """A Learner built by hand gets the errors config validation would give (each names the argument)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
+    if world_size > 1 and not dist_init:
+        raise ValueError("dist_init: a tcp://HOST:PORT rendezvous is needed when world_size > 1")
+    if int(micro_batch_size) < 1:
+        raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+    if int(micro_batch_tokens) < 0:
+        raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
+    for name, value in (("lr", lr), ("lr_warmup_steps", lr_warmup_steps)):
+        if value < 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
+
+
 class Learner(WeightSender):
     """Holds the policy, its AdamW state and (when ``kl_coef > 0``) a frozen reference copy.
 
@@ -140,13 +149,7 @@ class Learner(WeightSender):
         grad_clip: float | None = 1.0,
         micro_batch_size: int = 32,
         micro_batch_tokens: int = 0,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
-        kl_coef: float = 0.0,
-        kl_estimator: str = "k3",
-        loss_agg: str = "token_mean",
-        ppo_epochs: int = 1,
-        mini_batches: int = 1,
+        algorithm: AlgorithmConfig | dict | None = None,
         lr_warmup_steps: int = 0,
         dtype: str = "float32",
         num_threads: int | None = None,
@@ -159,40 +162,12 @@ class Learner(WeightSender):
         activation_checkpointing: bool = False,
         max_shard_size: int | str = MAX_SHARD_SIZE,
     ):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank: {rank} is not in [0, world_size={world_size})")
-        if world_size > 1 and not dist_init:
-            raise ValueError("dist_init: a tcp://HOST:PORT rendezvous is needed when world_size > 1")
-        if loss_agg not in AGGREGATIONS:
-            raise ValueError(f"loss_agg: unknown value {loss_agg!r}; expected one of {AGGREGATIONS}")
-        if kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator: unknown value {kl_estimator!r}; expected one of {KL_ESTIMATORS}")
-        if kl_estimator not in KL_LOSS_ESTIMATORS:
-            raise ValueError(f"kl_estimator={kl_estimator!r}: zero expected gradient as a loss term; "
-                             f"use k2 or k3 (k1 is meaningful only as a reward penalty)")
-        for name, value in (
-            ("micro_batch_size", micro_batch_size),
-            ("ppo_epochs", ppo_epochs),
-            ("mini_batches", mini_batches),
-        ):
-            if int(value) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {value}")
-        if int(micro_batch_tokens) < 0:
-            raise ValueError(f"micro_batch_tokens: must be >= 0 (0: rows only), got {micro_batch_tokens}")
-        for name, value in (
-            ("clip_low", clip_low),
-            ("clip_high", clip_high),
-            ("kl_coef", kl_coef),
-            ("lr", lr),
-            ("lr_warmup_steps", lr_warmup_steps),
-        ):
-            if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
+        _check_arguments(rank, world_size, dist_init, micro_batch_size, micro_batch_tokens, lr, lr_warmup_steps)
+        # The algorithm section whole (orchestrator/algorithms/presets.py): the config's checks, the preset filled.
+        self.algorithm = a = resolve_algorithm(algorithm)
         self.compute_dtype = resolve_dtype(dtype)
         if self.compute_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(
-                f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)"
-            )
+            raise ValueError(f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)")
         if num_threads:
             torch.set_num_threads(int(num_threads))
         torch.manual_seed(seed + rank)
@@ -209,10 +184,12 @@ class Learner(WeightSender):
         # FSDP averages gradients over ranks; the losses already divide by global counts (SUM semantics).
         self._loss_scale = float(world_size) if self.sharded else 1.0
         self.lr, self.grad_clip = float(lr), grad_clip
-        self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, ppo_epochs, mini_batches
+        self.micro_batch_size, self.ppo_epochs, self.mini_batches = micro_batch_size, a.ppo_epochs, a.mini_batches
         self.micro_batch_tokens = int(micro_batch_tokens)  # > 0: also cap rows x padded length per forward
-        self.clip_low, self.clip_high = float(clip_low), float(clip_high)
-        self.kl_coef, self.kl_estimator, self.loss_agg = float(kl_coef), kl_estimator, loss_agg
+        self.policy_loss = POLICY_LOSSES.get(a.policy_loss)
+        self.per_token_agg = AGGREGATIONS.entry(a.loss_agg).meta["per_token"]  # its divisor counts tokens
+        self.kl_coef = float(a.kl_coef)
+        self.kl_in_loss = self.kl_coef > 0 and a.kl_mode == "loss"
         self.lr_warmup_steps = int(lr_warmup_steps)
         self._version = 0
         if world_size > 1 or self.sharded:
@@ -272,7 +249,7 @@ class Learner(WeightSender):
             old, ent_sum, ent_n = self._logprobs_all(self.model, seqs, with_entropy=True)
             lead = 1.0 if self.rank == 0 else 0.0  # already summed over ranks
             acc.add("entropy", ent_sum * lead, ent_n * lead)
-        ref = self._logprobs_all(self.ref_model, seqs)[0] if self.ref_model is not None else None
+        ref = self._logprobs_all(self.ref_model, seqs)[0] if self.kl_in_loss else None
 
         updates = skipped = 0
         for _ in range(self.ppo_epochs):
@@ -370,6 +347,24 @@ class Learner(WeightSender):
         )
         seqs = sequences_from_table(table, self.vocab_size)
         return [lp.tolist() for lp in self._logprobs_all(self.model, seqs)[0]]
+
+    @torch.no_grad()
+    def sequence_kl(self, batch: pa.Table) -> np.ndarray:
+        """Each sample's KL to the reference summed over its loss-masked response tokens, under
+        ``algorithm.kl_estimator`` (k1: logp - ref_logp), with the current weights: the KL reward penalty
+        (``algorithm.kl_mode=reward``), which the driver asks for before computing advantages.
+
+        Needs ``kl_coef > 0`` (the reference copy). Collective under several ranks: every rank calls it."""
+        if self.ref_model is None:
+            raise ValueError("sequence_kl: no reference model; it is built when algorithm.kl_coef > 0")
+        if "advantage" not in batch.column_names:  # the advantage step asks before advantages exist
+            batch = batch.append_column("advantage", pa.array(np.zeros(batch.num_rows, np.float32)))
+        seqs = sequences_from_table(batch, self.vocab_size)
+        policy = self._logprobs_all(self.model, seqs)[0]
+        ref = self._logprobs_all(self.ref_model, seqs)[0]
+        est = self.algorithm.kl_estimator
+        return np.array([float((kl_penalty(torch.from_numpy(p), torch.from_numpy(r), est) * torch.from_numpy(m)).sum())
+                         for p, r, m in zip(policy, ref, seqs.loss_mask)], dtype=np.float64)
 
     def save(self, out_dir: str, max_shard_size: int | str | None = None) -> str | None:
         """HF ``save_pretrained`` directory (safetensors, fp32 masters, sharded above ``max_shard_size``) +
@@ -511,7 +506,7 @@ class Learner(WeightSender):
 
         ``idx`` is the whole (global) mini-batch; this rank computes on its share of it."""
         loss_tokens = float(sum(seqs.loss_mask[i].sum() for i in idx))  # every rank sees the whole batch
-        denom = loss_tokens if self.loss_agg == "token_mean" else float(len(idx))
+        denom = loss_tokens if self.per_token_agg else float(len(idx))
         if loss_tokens == 0:
             return False  # nothing to learn; an AdamW step would still move weights via momentum
         lead = 1.0 if self.rank == 0 else 0.0  # per-update scalars are counted once, on rank 0
@@ -529,20 +524,13 @@ class Learner(WeightSender):
             logprobs = out[0] if with_entropy else out
             old_lp = logprobs.detach() if old is None else self._place(old, micro, packed)
             adv = torch.from_numpy(seqs.advantage[micro]).to(self.device)
-            pg, metrics = policy_loss(
-                logprobs,
-                old_lp,
-                adv,
-                mask,
-                clip_low=self.clip_low,
-                clip_high=self.clip_high,
-                agg=self.loss_agg,
-                denom=denom,
-            )
+            a = self.algorithm
+            pg, metrics = self.policy_loss(logprobs, old_lp, adv, mask, clip_low=a.clip_low, clip_high=a.clip_high,
+                                           agg=a.loss_agg, denom=denom, norm_length=a.norm_length)
             loss = pg
             if ref is not None:
-                kl_tok = kl_penalty(logprobs, self._place(ref, micro, packed), self.kl_estimator)
-                kl = masked_aggregate(kl_tok, mask, self.loss_agg, denom)
+                kl_tok = kl_penalty(logprobs, self._place(ref, micro, packed), a.kl_estimator)
+                kl = masked_aggregate(kl_tok, mask, a.loss_agg, denom, a.norm_length)
                 loss = loss + self.kl_coef * kl
                 mb_kl += float(kl.detach())
             (loss * self._loss_scale).backward()
