@@ -183,7 +183,7 @@ def check_model_dir(path: str | os.PathLike, *, key: str = "model.path", think_e
 
 def require_checkpoint(path: str, key: str = "model.path", *, think_end: str | None = None,
                        chat_template: bool = False) -> str:
-    """A command that reads a trained model (eval) never builds one, whatever ``model.build_tiny_if_missing``
+    """A command that reads a trained model (eval) never builds one, whatever ``model.build_if_missing``
     says: a typo in the path must not turn into a freshly built random model. Runs ``check_model_dir``;
     returns the path."""
     check_model_dir(path, key=key, think_end=think_end, chat_template=chat_template,

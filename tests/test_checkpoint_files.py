@@ -211,7 +211,7 @@ def test_missing_shard_is_named_before_ray(standin_model, tmp_path, capsys, monk
 
     monkeypatch.setattr(trainer, "init_ray", no_ray)
     out = tmp_path / "out"
-    for command in ("eval", "train"):  # train: quickstart's build_tiny_if_missing must not build over it
+    for command in ("eval", "train"):  # train: quickstart's build_if_missing=tiny must not build over it
         code = main([command, QUICKSTART, f"model.path={broken}", f"trainer.output_dir={out}", *_SMALL])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
