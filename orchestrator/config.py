@@ -37,9 +37,6 @@ class TinyModelConfig:
     seed: int = 0
 
 
-BUILD_IF_MISSING = ("none", "tiny", "standin")  # model.build_if_missing: what train builds at an empty model.path
-
-
 @dataclass
 class ModelConfig:
     # Any local Hugging Face causal-LM directory (save_pretrained layout).
@@ -460,8 +457,8 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     m = cfg.model
     if not m.path:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
-    if m.build_if_missing not in BUILD_IF_MISSING:
-        bad("model.build_if_missing", m.build_if_missing, f"must be one of {', '.join(BUILD_IF_MISSING)}")
+    if m.build_if_missing not in ("none", "tiny", "standin"):
+        bad("model.build_if_missing", m.build_if_missing, "must be one of none, tiny, standin")
     if check_paths and m.build_if_missing == "none" and not Path(m.path).exists():
         bad("model.path", m.path, "no such directory (set model.build_if_missing=tiny to build the tiny model "
             "there, or model.build_if_missing=standin for the stand-in chat model)")
