@@ -1,10 +1,11 @@
 """Elastic Reasoning recipe: one parent MLflow run, two training stages, one comparison table.
 
-Stages (``pipeline.run_pipeline``; each a child of the parent run): ``budgeted`` trains with two-phase rollouts at the tight budget
-(t, s); ``baseline`` trains plain GRPO with a thinking budget large enough not to bind, the same steps,
-prompts per step and group size (same number of samples), from the same start checkpoint. Both runs
-evaluate over the same (t, s) grid plus unconstrained, so the table compares start, baseline and
-budget-trained models on identical prompts: the paper's table, at whatever scale the base config sets.
+Stages (``pipeline.run_pipeline``; each a child of the parent run): ``budgeted`` trains with two-phase
+rollouts at the tight budget (t, s); ``baseline`` trains plain GRPO with a thinking budget large enough not
+to bind, the same steps, prompts per step and group size (same number of samples), from the same start
+checkpoint. Both runs evaluate over the same (t, s) grid plus unconstrained, so the table compares start,
+baseline and budget-trained models on identical prompts: the paper's table, at whatever scale the base
+config sets.
 """
 
 from __future__ import annotations
