@@ -56,7 +56,7 @@ def run_ours(args, tmp: Path) -> dict:
 
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"model.path={args.model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+        f"model.path={args.model}", "model.build_if_missing=none", "warmstart.steps=0",
         f"rollout.engine={args.engine}",
         f"budget.thinking={args.thinking}", f"budget.solution={args.solution}",
         f"rollout.group_size={args.group}", f"trainer.prompts_per_step={args.prompts}",

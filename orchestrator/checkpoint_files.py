@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 from .config import ConfigError
@@ -51,29 +52,38 @@ def read_weight_map(model_dir: str | os.PathLike, name: str = WEIGHTS) -> dict[s
     return weight_map
 
 
+def _layout(d: Path, name: str, present: Collection[str] | None) -> tuple[list[Path], dict[str, str] | None]:
+    """(the files holding ``name``'s tensors, the index's weight_map or None); reads the index once.
+
+    ``present``: the names of the files the directory holds when ``d`` has only its small files (a registry
+    artifact checked before it is downloaded); None: look at ``d`` itself."""
+    has = (lambda f: f in present) if present is not None else (lambda f: (d / f).is_file())
+    weight_map = read_weight_map(d, name)
+    if weight_map is None:
+        if has(name):
+            return [d / name], None
+        listed = present if present is not None else [p.name for p in d.iterdir()] if d.is_dir() else []
+        pickled = sorted(f for f in listed if f.endswith((".bin", ".pt")))
+        extra = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
+        raise CheckpointError(f"{d}: no {name} and no {index_file(d, name).name}: no *.safetensors weights{extra}")
+    index = index_file(d, name)
+    if has(name):
+        raise CheckpointError(f"{d}: holds both {name} and {index.name}; remove the stale one")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if not has(shard):
+            first = next(t for t, s in weight_map.items() if s == shard)
+            raise CheckpointError(f"{index}: names shard {shard!r} (tensor {first!r} and others), which is missing "
+                                  f"from {d}")
+    return [d / s for s in shards], weight_map
+
+
 def weight_files(model_dir: str | os.PathLike, name: str = WEIGHTS) -> list[Path]:
     """The safetensors files holding a directory's tensors: ``name`` itself, or every shard its index names.
 
     Raises ``CheckpointError`` naming the missing shard, a directory that holds both layouts (transformers
     would read one, vLLM the other), or one without safetensors weights (pickled weights are never loaded)."""
-    d = Path(model_dir)
-    single, weight_map = d / name, read_weight_map(d, name)
-    if weight_map is None:
-        if single.is_file():
-            return [single]
-        pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
-        extra = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
-        raise CheckpointError(f"{d}: no {name} and no {index_file(d, name).name}: no *.safetensors weights{extra}")
-    index = index_file(d, name)
-    if single.is_file():
-        raise CheckpointError(f"{d}: holds both {name} and {index.name}; remove the stale one")
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
-        if not (d / shard).is_file():
-            first = next(t for t, s in weight_map.items() if s == shard)
-            raise CheckpointError(f"{index}: names shard {shard!r} (tensor {first!r} and others), which is missing "
-                                  f"from {d}")
-    return [d / s for s in shards]
+    return _layout(Path(model_dir), name, None)[0]
 
 
 def load_tensors(model_dir: str | os.PathLike, name: str = WEIGHTS, device: str = "cpu") -> dict:
@@ -83,7 +93,7 @@ def load_tensors(model_dir: str | os.PathLike, name: str = WEIGHTS, device: str 
     from safetensors.torch import load_file
 
     d = Path(model_dir)
-    files = weight_files(d, name)
+    files, weight_map = _layout(d, name, None)
     state: dict = {}
     for f in files:
         part = load_file(str(f), device=device)
@@ -91,7 +101,6 @@ def load_tensors(model_dir: str | os.PathLike, name: str = WEIGHTS, device: str 
         if twice:
             raise CheckpointError(f"{d}: tensor {twice[0]!r} is in two files (the second: {f.name})")
         state.update(part)
-    weight_map = read_weight_map(d, name)
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(state))
         if missing:
@@ -149,19 +158,24 @@ def _check_tokenizer(d: Path, key: str, think_end: str | None, chat_template: bo
         if tid is None or tid == tok.unk_token_id or tok.encode(think_end, add_special_tokens=False) != [tid]:
             raise CheckpointError(f"model.think_end={think_end!r}: is not a single token of the tokenizer at {d}")
     if tok.eos_token_id is None:
-        raise CheckpointError(f"{key}={str(d)!r}: its tokenizer has no eos_token")
+        from .rollout.end_ids import end_token_ids
+
+        if not end_token_ids(str(d), None):  # the rollout worker ends a sample on either source's ids
+            raise CheckpointError(f"{key}={str(d)!r}: nothing ends a sample: its tokenizer has no eos_token and "
+                                  f"its {GENERATION_CONFIG} (or config.json) names no eos_token_id")
     if chat_template and not getattr(tok, "chat_template", None):
         raise CheckpointError(f"model.chat_template=True: the tokenizer at {d} has no chat template")
 
 
 def check_model_dir(path: str | os.PathLike, *, key: str = "model.path", think_end: str | None = None,
-                    chat_template: bool = False, hint: str = "") -> dict:
+                    chat_template: bool = False, hint: str = "", present: Collection[str] | None = None) -> dict:
     """The checks a command runs on a checkpoint before Ray starts; returns its ``config.json``.
 
     ``config.json`` is readable; the weights are there (every shard an index names); each EOS id of the
     generation config is inside the vocabulary; with ``think_end`` or ``chat_template`` the tokenizer loads,
-    ``think_end`` is one token of it, it has an EOS token, and (when asked for) a chat template.
-    Each failure is a ``CheckpointError`` naming the key and the file, shard or id (``hint`` follows the
+    ``think_end`` is one token of it, something ends a sample (the tokenizer's EOS or the generation config's),
+    and (when asked for) a chat template. ``present``: the file names of a directory of which ``path`` holds only
+    the small files (weights listed, not downloaded). Each failure is a ``CheckpointError`` naming the key and the file, shard or id (``hint`` follows the
     message of a directory that is missing or holds no ``config.json``)."""
     d = Path(path).expanduser()
     if not (d / "config.json").is_file():
@@ -172,7 +186,7 @@ def check_model_dir(path: str | os.PathLike, *, key: str = "model.path", think_e
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{key}={str(path)!r}: config.json is unreadable: {exc}") from None
     try:
-        weight_files(d)
+        _layout(d, WEIGHTS, present)
     except CheckpointError as exc:
         raise CheckpointError(f"{key}={str(path)!r}: {exc}") from None
     _check_eos_ids(d, key, conf if isinstance(conf, dict) else {})
@@ -183,7 +197,7 @@ def check_model_dir(path: str | os.PathLike, *, key: str = "model.path", think_e
 
 def require_checkpoint(path: str, key: str = "model.path", *, think_end: str | None = None,
                        chat_template: bool = False) -> str:
-    """A command that reads a trained model (eval) never builds one, whatever ``model.build_tiny_if_missing``
+    """A command that reads a trained model (eval) never builds one, whatever ``model.build_if_missing``
     says: a typo in the path must not turn into a freshly built random model. Runs ``check_model_dir``;
     returns the path."""
     check_model_dir(path, key=key, think_end=think_end, chat_template=chat_template,

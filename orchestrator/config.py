@@ -28,7 +28,7 @@ from .rewards import RewardConfig  # the reward section: the reward code takes i
 
 @dataclass
 class TinyModelConfig:
-    """Shape of the embedded tiny Qwen2 model (built when ``model.build_tiny_if_missing``)."""
+    """Shape of the embedded tiny Qwen2 model (built when ``model.build_if_missing=tiny``)."""
 
     hidden_size: int = 128
     num_layers: int = 3
@@ -42,9 +42,9 @@ class TinyModelConfig:
 class ModelConfig:
     # Any local Hugging Face causal-LM directory (save_pretrained layout).
     path: str = MISSING
-    build_tiny_if_missing: bool = False
-    # Build the stand-in chat checkpoint (orchestrator/standin_model.py, its default shape) at path if missing.
-    build_standin_if_missing: bool = False
+    # Build a model at path when it holds none (train only; never over another checkpoint): none | tiny (the
+    # embedded tiny Qwen2, model.tiny) | standin (the stand-in chat checkpoint, orchestrator/standin_model.py).
+    build_if_missing: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     # auto | float32 | bfloat16 | float16. auto: bfloat16 when rollout and learner are on GPUs, float32 on
     # CPUs (orchestrator/devices.py; show-config prints what it became and why).
@@ -357,11 +357,11 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
 def validate_model(m: ModelConfig, check_paths: bool) -> None:
     if not m.path:
         bad("model.path", m.path, "set it to a Hugging Face model directory")
-    if m.build_tiny_if_missing and m.build_standin_if_missing:
-        bad("model.build_standin_if_missing", True, "model.build_tiny_if_missing is true too; set one of them")
-    if check_paths and not (m.build_tiny_if_missing or m.build_standin_if_missing) and not Path(m.path).exists():
-        bad("model.path", m.path, "no such directory (set model.build_tiny_if_missing=true to build the tiny model "
-            "there, or model.build_standin_if_missing=true for the stand-in chat model)")
+    if m.build_if_missing not in ("none", "tiny", "standin"):
+        bad("model.build_if_missing", m.build_if_missing, "must be one of none, tiny, standin")
+    if check_paths and m.build_if_missing == "none" and not Path(m.path).exists():
+        bad("model.path", m.path, "no such directory (set model.build_if_missing=tiny to build the tiny model "
+            "there, or model.build_if_missing=standin for the stand-in chat model)")
     if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad("model.dtype", m.dtype, "must be one of auto, float32, bfloat16, float16")
     if "{prompt}" not in m.prompt_template and not m.chat_template:

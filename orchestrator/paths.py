@@ -78,7 +78,7 @@ def resolve_durable_paths(cfg) -> None:
     the output dir, a model the run builds, and the default SQLite tracking store (``DurablePathError``
     naming the key when there is no durable root)."""
     cfg.trainer.output_dir = output_path(cfg.trainer.output_dir, "trainer.output_dir")
-    if (cfg.model.build_tiny_if_missing or cfg.model.build_standin_if_missing) and cfg.model.path:
+    if cfg.model.build_if_missing != "none" and cfg.model.path:
         cfg.model.path = input_or_output_path(cfg.model.path, "model.path")
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri and ray_job_working_dir() is not None:

@@ -1,9 +1,10 @@
 """A small DAG runner for multi-stage workloads: named stages, dependencies, concurrency, resume, lineage.
 
 A ``Stage`` is a name, the names of the stages it reads from, a JSON-able ``config`` and a function
-``fn(ctx) -> StageOutput``. ``run_pipeline`` runs every stage once its inputs are done, up to
-``max_concurrency`` at a time (threads in the driver: a stage that calls ``trainer.train`` gets its
-resources from its own Ray placement group, so Ray needs enough CPUs for the stages that run at once).
+``fn(ctx) -> StageOutput``. ``run_pipeline`` runs every stage once its inputs are done: in order in the
+calling thread, or up to ``max_concurrency`` at a time (threads in the driver: a stage that calls
+``trainer.train`` gets its resources from its own Ray placement group, so Ray needs enough CPUs for the
+stages that run at once). Used by every multi-stage workload (meta_abilities, elastic, difficulty, journey).
 
 Resume: a stage's **key** is a hash of its config and of its inputs' identities (their keys and
 checkpoints), so it changes whenever anything upstream changes. Each stage writes into
@@ -11,7 +12,8 @@ checkpoints), so it changes whenever anything upstream changes. Each stage write
 (and the checkpoint it names) skips the stage and reuses its outputs.
 
 Tracking: everything lands under one parent MLflow run. A stage's function either calls ``train`` with
-``ctx.train_tracking()`` (parent run id + lineage tags) or opens ``ctx.start_run()``; the runner then
+``ctx.train_tracking()`` (parent run id + lineage tags) or opens ``ctx.start_run()``, and returns its metrics
+in ``StageOutput.metrics``; the runner (in the driver: nothing on a Ray worker logs to MLflow) logs them and
 tags that run with the stage key, its checkpoint and its inputs (``tracking.TAG_INPUTS``: source
 stage, run, checkpoint, dataset digest). A skipped stage is logged as a short child run tagged
 ``budgetrl.reused_run`` = the run that produced the outputs. ``tracking.lineage_graph`` reads the
@@ -49,6 +51,7 @@ class StageOutput:
     checkpoint: str | None = None
     dataset_digest: str | None = None
     outputs: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # logged by the runner on the stage's run (step 0)
 
 
 @dataclass
@@ -204,68 +207,101 @@ def _result_tags(result: StageResult) -> dict[str, str]:
     return tags
 
 
+def _needed(order: list[str], by_name: Mapping[str, Stage], only: Sequence[str] | None) -> list[str]:
+    """``order`` cut to the stages in ``only`` and every stage they need (all of it without ``only``)."""
+    if not only:
+        return order
+    need, todo = set(), list(only)
+    while todo:
+        n = todo.pop()
+        if n not in by_name:
+            raise PipelineError(f"only: unknown stage {n!r}")
+        if n not in need:
+            need.add(n)
+            todo.extend(by_name[n].deps)
+    return [n for n in order if n in need]
+
+
+def _execute(stage: Stage, inputs: dict[str, StageResult], parent: tracking.Tracker, root: Path, workload: str,
+             log: Callable[[str], None]) -> StageResult:
+    """One stage: reuse its completed outputs, or run it and log what it returned on its run (the driver's
+    job: a stage's function returns metrics, it need not log them)."""
+    key = stage_key(stage, inputs)
+    out_dir = (root / f"{stage.name}-{key}").absolute()
+    ctx = StageContext(stage.name, key, stage.config, out_dir, inputs, parent, workload, log)
+    done = _read_marker(out_dir)
+    if done is not None:
+        tags = {**tracking.lineage_tags(_hashable(stage.config), workload=workload, stage=stage.name),
+                **ctx.lineage_tags(), **_result_tags(done), tracking.TAG_REUSED_RUN: str(done.run_id),
+                tracking.TAG_SKIPPED: "true"}
+        with _child(parent, f"{stage.name} (reused)", None, tags) as child:
+            pass
+        log(f"pipeline: {stage.name}: reusing {out_dir} (run {done.run_id})")
+        return dataclasses.replace(done, skipped=True, logged_run_id=child.run_id, seconds=0.0)
+    log(f"pipeline: {stage.name}: start (key {key})")
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = stage.fn(ctx) or StageOutput()
+    seconds = time.perf_counter() - t0
+    result = StageResult(name=stage.name, key=key, run_id=out.run_id, checkpoint=out.checkpoint,
+                         dataset_digest=out.dataset_digest, outputs=dict(out.outputs), out_dir=str(out_dir),
+                         seconds=seconds)
+    if result.run_id is None:  # every stage shows in the parent, even one that logged nothing itself
+        with ctx.start_run() as child:
+            result.run_id = child.run_id
+    run = tracking.Tracker(parent.tracking_uri, result.run_id, parent.experiment_id)
+    run.set_tags({**ctx.lineage_tags(), **_result_tags(result), tracking.TAG_SKIPPED: "false"})
+    run.log_metrics({**out.metrics, "pipeline/stage_seconds": seconds}, step=0)
+    result.logged_run_id = result.run_id
+    _write_marker(out_dir, dataclasses.replace(result, skipped=False))
+    log(f"pipeline: {stage.name}: done in {seconds:.1f}s")
+    return result
+
+
 def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str | os.PathLike,
                  workload: str, max_concurrency: int = 1, log: Callable[[str], None] = print,
                  only: Sequence[str] | None = None) -> dict[str, StageResult]:
     """Run the DAG under ``parent``; returns every stage's result. ``only``: run just these stages and
-    what they need. A failure stops new stages from starting, waits for the running ones, and raises
-    ``PipelineError`` naming the stage (completed stages keep their markers, so a re-run resumes)."""
+    what they need. One at a time (``max_concurrency=1``) the stages run in the calling thread, in order.
+    A failure stops new stages from starting, waits for the running ones, and raises ``PipelineError``
+    naming the stage (completed stages keep their markers, so a re-run resumes)."""
     if max_concurrency < 1:
         raise PipelineError(f"max_concurrency={max_concurrency}: must be >= 1")
-    order = check_graph(stages)
     by_name = {s.name: s for s in stages}
-    if only:
-        need, todo = set(), list(only)
-        while todo:
-            n = todo.pop()
-            if n not in by_name:
-                raise PipelineError(f"only: unknown stage {n!r}")
-            if n not in need:
-                need.add(n)
-                todo.extend(by_name[n].deps)
-        order = [n for n in order if n in need]
-    root = Path(root)
+    order = _needed(check_graph(stages), by_name, only)
     results: dict[str, StageResult] = {}
-    lock = threading.Lock()
 
     def execute(stage: Stage) -> StageResult:
-        inputs = {d: results[d] for d in stage.deps}
-        key = stage_key(stage, inputs)
-        out_dir = (root / f"{stage.name}-{key}").absolute()
-        ctx = StageContext(stage.name, key, stage.config, out_dir, inputs, parent, workload, log)
-        done = _read_marker(out_dir)
-        if done is not None:
-            tags = {**tracking.lineage_tags(_hashable(stage.config), workload=workload, stage=stage.name),
-                    **ctx.lineage_tags(), **_result_tags(done), tracking.TAG_REUSED_RUN: str(done.run_id),
-                    tracking.TAG_SKIPPED: "true"}
-            with _child(parent, f"{stage.name} (reused)", None, tags) as child:
-                pass
-            log(f"pipeline: {stage.name}: reusing {out_dir} (run {done.run_id})")
-            return dataclasses.replace(done, skipped=True, logged_run_id=child.run_id, seconds=0.0)
-        log(f"pipeline: {stage.name}: start (key {key})")
-        t0 = time.perf_counter()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        out = stage.fn(ctx) or StageOutput()
-        seconds = time.perf_counter() - t0
-        result = StageResult(name=stage.name, key=key, run_id=out.run_id, checkpoint=out.checkpoint,
-                             dataset_digest=out.dataset_digest, outputs=dict(out.outputs), out_dir=str(out_dir),
-                             seconds=seconds)
-        if result.run_id is None:  # every stage shows in the parent, even one that logged nothing itself
-            with ctx.start_run() as child:
-                result.run_id = child.run_id
-        run = tracking.Tracker(parent.tracking_uri, result.run_id, parent.experiment_id)
-        run.set_tags({**ctx.lineage_tags(), **_result_tags(result), tracking.TAG_SKIPPED: "false"})
-        run.log_metrics({"pipeline/stage_seconds": seconds}, step=0)
-        result.logged_run_id = result.run_id
-        _write_marker(out_dir, dataclasses.replace(result, skipped=False))
-        log(f"pipeline: {stage.name}: done in {seconds:.1f}s")
-        return result
+        return _execute(stage, {d: results[d] for d in stage.deps}, parent, Path(root), workload, log)
 
+    def finished(name: str, res: StageResult) -> None:
+        results[name] = res
+        parent.set_tags({f"{tracking.TAG_STAGE_RUN_PREFIX}{name}": str(res.run_id),
+                         f"{tracking.TAG_STAGE_SKIPPED_PREFIX}{name}": str(res.skipped).lower()})
+
+    if max_concurrency == 1:
+        for name in order:
+            try:
+                res = execute(by_name[name])
+            except BaseException as exc:  # noqa: BLE001 - re-raised with the stage's name
+                log(f"pipeline: {name}: FAILED: {type(exc).__name__}: {exc}")
+                raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            finished(name, res)
+        return results
+    _resolve_lazy_imports()
+    failure = _run_concurrently(order, by_name, results, execute, finished, max_concurrency, log)
+    if failure is not None:
+        name, exc = failure
+        raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+    return results
+
+
+def _run_concurrently(order, by_name, results, execute, finished, max_concurrency, log):
+    """Threads in the driver, a stage started once its inputs are done; returns the first (stage, error)."""
     pending = list(order)
     running: dict[cf.Future, str] = {}
     failure: tuple[str, BaseException] | None = None
-    if max_concurrency > 1:
-        _resolve_lazy_imports()
+    lock = threading.Lock()
     with cf.ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="stage") as pool:
         while pending or running:
             if failure is None:
@@ -277,24 +313,19 @@ def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str
                         running[pool.submit(execute, by_name[name])] = name
             if not running:
                 break
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for fut in finished:
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
                 name = running.pop(fut)
                 try:
                     res = fut.result()
-                except BaseException as exc:  # noqa: BLE001 - reported below with the stage's name
+                except BaseException as exc:  # noqa: BLE001 - reported with the stage's name
                     if failure is None:
                         failure = (name, exc)
                     log(f"pipeline: {name}: FAILED: {type(exc).__name__}: {exc}")
                     continue
                 with lock:
-                    results[name] = res
-                parent.set_tags({f"{tracking.TAG_STAGE_RUN_PREFIX}{name}": str(res.run_id),
-                                 f"{tracking.TAG_STAGE_SKIPPED_PREFIX}{name}": str(res.skipped).lower()})
-    if failure is not None:
-        name, exc = failure
-        raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
-    return results
+                    finished(name, res)
+    return failure
 
 
 def _resolve_lazy_imports() -> None:

@@ -13,7 +13,6 @@ directory through unchanged. Everything goes through an explicit ``MlflowClient`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -128,14 +127,21 @@ def _find_training_run(client, ckpt: Path) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _require_weights(where: str, model_dir: Path) -> None:
-    """Every weight file of a checkpoint is there (each shard its index names), else ``RegistryError``."""
-    from .checkpoint_files import CheckpointError, weight_files
+def _check_dir(model_dir: Path, where: str, *, shown: str | None = None, **checks) -> dict:
+    """``checkpoint_files.check_model_dir`` on a checkpoint (config.json, every shard its index names, EOS ids;
+    ``checks``: its think_end, chat_template, present), as a ``RegistryError`` led by ``where``; ``shown``
+    replaces the local directory in the message (a registry artifact checked in a temporary copy). A failure that
+    names another key (``model.think_end``, ``model.chat_template``) stays a ``CheckpointError``."""
+    from .checkpoint_files import CheckpointError, check_model_dir
 
     try:
-        weight_files(model_dir)
+        return check_model_dir(model_dir, **checks)
     except CheckpointError as exc:
-        raise RegistryError(f"{where}: {exc}") from None
+        msg, prefix = str(exc), f"model.path={str(model_dir)!r}: "
+        named_key = not msg.startswith(prefix)  # names a key of its own (model.think_end, model.chat_template)
+        msg = msg if named_key else msg[len(prefix):]
+        msg = msg.replace(str(model_dir), shown) if shown else msg
+        raise (CheckpointError(msg) if named_key else RegistryError(f"{where}: {msg}")) from None
 
 
 def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathLike, name: str,
@@ -151,10 +157,7 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
     new version. ``tags`` are added to the version as given.
     """
     ckpt = Path(checkpoint_dir).expanduser().resolve()
-    if not (ckpt / "config.json").is_file():
-        raise RegistryError(f"checkpoint_dir={str(checkpoint_dir)!r}: not a Hugging Face save_pretrained "
-                            "directory (no config.json)")
-    _require_weights(f"checkpoint_dir={str(checkpoint_dir)!r}", ckpt)
+    _check_dir(ckpt, f"checkpoint_dir={str(checkpoint_dir)!r}")
     if not _NAME_RE.match(name):
         raise RegistryError(f"name={name!r}: use letters, digits, '_', '-', '.' (no '/' or '@')")
     client, uri = _client(tracking_uri)
@@ -212,26 +215,26 @@ def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", part)
 
 
-def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
-    """Check that a registry URI names something that exists (no download); returns a description."""
-    ref = parse_model_uri(uri)
-    client, store = _client(tracking_uri)
-    return _lookup(client, store, uri, ref)[0]
-
-
-def read_model_config(uri: str, tracking_uri: str | None = None) -> dict:
-    """The ``config.json`` of a registry model, downloading that one file (for checks before Ray starts)."""
+def check_model_files(uri: str, tracking_uri: str | None = None, **checks) -> dict:
+    """A registry model checked before Ray starts as a local directory is (``checkpoint_files.check_model_dir``:
+    config.json, every shard its index names, EOS ids, tokenizer; ``checks``: think_end, chat_template) without
+    downloading its weights: the artifact's files are listed, the small ones fetched. Returns its config.json."""
     import mlflow
 
     client, store = _client(tracking_uri)
     _, download_uri, _ = _lookup(client, store, uri, parse_model_uri(uri))
-    with tempfile.TemporaryDirectory(prefix="budgetrl-config-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="budgetrl-check-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=download_uri.rstrip("/") + "/config.json",
+            names = [Path(f.path).name for f in mlflow.artifacts.list_artifacts(artifact_uri=download_uri,
+                                                                              tracking_uri=store) if not f.is_dir]
+            for name in names:
+                if not name.endswith(".safetensors"):
+                    mlflow.artifacts.download_artifacts(artifact_uri=f"{download_uri.rstrip('/')}/{name}",
                                                         dst_path=tmp, tracking_uri=store)
-            return json.loads(Path(local).read_text())
         except Exception as exc:
-            raise RegistryError(f"{uri!r}: cannot read config.json of {download_uri}: {exc}") from exc
+            raise RegistryError(f"{uri!r}: cannot list or read the files of {download_uri}: {exc}") from exc
+        return _check_dir(Path(tmp), f"{uri!r}: the artifact at {download_uri}", shown=download_uri,
+                          present=names, **checks)
 
 
 def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]:
@@ -269,9 +272,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
     """
     if not is_registry_uri(uri):
         path = Path(uri).expanduser()
-        if not (path / "config.json").is_file():
-            raise RegistryError(f"{uri!r}: no such model directory (no config.json)")
-        _require_weights(repr(uri), path)
+        _check_dir(path, repr(uri))
         return str(path.resolve())
     import mlflow
 
@@ -287,10 +288,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(tmp),
                                                          tracking_uri=store))
-        if not (local / "config.json").is_file():
-            raise RegistryError(f"{uri!r}: the artifact at {download_uri} is not a Hugging Face model "
-                                "directory (no config.json)")
-        _require_weights(f"{uri!r}: the artifact at {download_uri}", local)
+        _check_dir(local, f"{uri!r}: the artifact at {download_uri}", shown=download_uri)
         (local / _COMPLETE).write_text(uri + "\n")
         staged = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
         local.rename(staged)

@@ -216,9 +216,11 @@ def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
         if ref.kind != "run":
             names.append(ref.name)
         if check_paths:
-            try:
-                registry.check_model_uri(given, m.tracking_uri)
-                conf = registry.read_model_config(given, m.tracking_uri)
+            try:  # the whole model dir (index and shards listed, small files read), before Ray starts
+                conf = registry.check_model_files(given, m.tracking_uri, think_end=m.think_end,
+                                                  chat_template=m.chat_template)
+            except ConfigError:  # CheckpointError naming model.think_end or model.chat_template
+                raise
             except Exception as exc:  # RegistryError, TrackingError
                 bad("model.path", given, str(exc).removeprefix(f"{given!r}: "))
     else:

@@ -34,7 +34,7 @@ def ensure_base_model(cfg: Config) -> str:
     from .checkpoint_files import check_model_dir
 
     path = Path(cfg.model.path)
-    if cfg.model.build_standin_if_missing:
+    if cfg.model.build_if_missing == "standin":
         from .checkpoint_files import CheckpointError
         from .standin_model import MARKER_FILE as STANDIN_MARKER, build_standin_model
 
@@ -42,8 +42,8 @@ def ensure_base_model(cfg: Config) -> str:
             try:
                 build_standin_model(path)
             except FileExistsError as exc:  # a non-empty directory that is not a stand-in build
-                raise CheckpointError(f"model.path={str(path)!r}: {exc} (model.build_standin_if_missing)") from None
-    if cfg.model.build_tiny_if_missing:
+                raise CheckpointError(f"model.path={str(path)!r}: {exc} (model.build_if_missing=standin)") from None
+    if cfg.model.build_if_missing == "tiny":
         from .tiny_model import MARKER_FILE, build_tiny_model, is_built
 
         if not is_built(path) and ((path / MARKER_FILE).is_file() or not (path / "config.json").is_file()):

@@ -26,7 +26,7 @@ def test_preset_trains(ray_session, tmp_path, preset):
 
     from orchestrator.trainer import train
 
-    overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_tiny_if_missing=true", "warmstart.steps=0",
+    overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_if_missing=tiny", "warmstart.steps=0",
                  "trainer.steps=2",
                  "trainer.prompts_per_step=4", "rollout.group_size=4", f"trainer.output_dir={tmp_path / 'out'}",
                  f"trainer.run_name={preset}", "trainer.state_every=0", "eval.num_prompts=4", "data.eval_size=4",

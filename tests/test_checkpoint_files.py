@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from orchestrator.config import ConfigError
 from orchestrator.checkpoint_files import (
     CheckpointError,
     check_model_dir,
@@ -212,7 +213,7 @@ def test_missing_shard_is_named_before_ray(standin_model, tmp_path, capsys, monk
 
     monkeypatch.setattr(trainer, "init_ray", no_ray)
     out = tmp_path / "out"
-    for command in ("eval", "train"):  # train: quickstart's build_tiny_if_missing must not build over it
+    for command in ("eval", "train"):  # train: quickstart's build_if_missing=tiny must not build over it
         code = main([command, QUICKSTART, f"model.path={broken}", f"trainer.output_dir={out}", *_SMALL])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, err
@@ -250,3 +251,52 @@ def test_generation_config_eos_outside_vocabulary(tiny_model, tmp_path):
     gen["eos_token_id"] = vocab - 1
     (bad / "generation_config.json").write_text(json.dumps(gen))
     assert require_checkpoint(str(bad)) == str(bad)
+
+
+def test_serve_registered_model_with_a_missing_shard_fails_before_ray(standin_model, tmp_path, capsys, monkeypatch):
+    """``serve models:/NAME/VERSION`` checks the whole artifact (index and every shard, listed; the small files
+    read; no weights downloaded) before Ray starts, as a local directory is checked."""
+    import orchestrator.serve as serve
+    from orchestrator import registry
+    from orchestrator.cli import main
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    assert registry.register_checkpoint(store, _copy(standin_model, tmp_path / "standin"), "standin") == 1
+    track = f"model.tracking_uri={store}"
+    conf = serve.load_serve_config(None, [track, "model.chat_template=true"], target="models:/standin/1")
+    assert conf.model.max_model_len > 0
+    with pytest.raises(ConfigError, match=r"^model.think_end='</thinking>': .*not a single token"):
+        serve.load_serve_config(None, [track, "model.think_end=</thinking>"], target="models:/standin/1")
+    stored = sorted((tmp_path / "mlruns").rglob("checkpoint/model.safetensors.index.json"))
+    assert len(stored) == 1, stored
+    gone = _shards(stored[0].parent)[-1]
+    (stored[0].parent / gone).unlink()
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started before the registered model was checked")
+
+    monkeypatch.setattr(serve, "init_ray", no_ray)
+    assert main(["serve", "models:/standin/1", track]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own INFO lines
+    assert err.startswith("config error: model.path='models:/standin/1': the artifact at runs:/"), err
+    assert f"names shard '{gone}'" in err and "missing" in err and "budgetrl-check-" not in err, err
+
+
+def test_an_eos_from_the_generation_config_alone_is_enough(standin_model, tmp_path):
+    """The rollout worker ends a sample on the tokenizer's EOS or the generation config's: a model with either
+    passes; one with neither fails naming both places."""
+    d = _copy(standin_model, tmp_path / "no_tok_eos")
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tok_cfg["eos_token"] = None
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(d)).eos_token_id is None
+    assert require_checkpoint(str(d), chat_template=True) == str(d)  # generation_config.json's two ids
+    for name in ("generation_config.json", "config.json"):
+        conf = json.loads((d / name).read_text())
+        conf.pop("eos_token_id", None)
+        (d / name).write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match=r"nothing ends a sample: its tokenizer has no eos_token and its "
+                                              r"generation_config.json \(or config.json\) names no eos_token_id"):
+        require_checkpoint(str(d), chat_template=True)

@@ -115,7 +115,7 @@ _CHEAP_EVAL = ["rollout.engine=hf", "budgets=[4x4]", "eval.num_prompts=2", "data
 @pytest.mark.parametrize("command", ["eval", "serve"])
 @pytest.mark.parametrize("existing_dir", [False, True], ids=["typo", "not-a-checkpoint"])
 def test_eval_and_serve_never_build_a_model(tmp_path, command, existing_dir):
-    """configs/quickstart.yaml sets model.build_tiny_if_missing; a checkpoint path with a typo (or a folder
+    """configs/quickstart.yaml sets model.build_if_missing=tiny; a checkpoint path with a typo (or a folder
     that is no checkpoint) must still exit 2 with one line naming it, before Ray starts, building nothing."""
     from pathlib import Path
 

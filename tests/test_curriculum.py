@@ -119,7 +119,7 @@ def test_recipe_compares_at_equal_generated_tokens(ray_session, tmp_path, tiny_m
 base: {root / 'configs' / 'quickstart.yaml'}
 name: diff-test
 max_generated_tokens: 400
-overrides: [model.path={tiny_model}, model.build_tiny_if_missing=false, warmstart.steps=0, rollout.engine=hf,
+overrides: [model.path={tiny_model}, model.build_if_missing=none, warmstart.steps=0, rollout.engine=hf,
             rollout.group_size=2, trainer.steps=20, trainer.prompts_per_step=4, trainer.eval_every=2,
             trainer.log_samples_every=0, trainer.output_dir={tmp_path / 'out'}, eval.num_prompts=6,
             data.eval_size=6, data.train_size=32, "eval.budgets=[6x4]", eval.max_thinking=12, eval.max_solution=4,

@@ -67,3 +67,9 @@ def test_tiny_run_nests_stages_under_parent(ray_session, tmp_path):
     arts = {a.path for a in client.list_artifacts(out["parent_run_id"], "elastic")}
     assert {"elastic/comparison.parquet", "elastic/comparison.png"} <= arts
     assert set(out["table"].column("model").to_pylist()) == {"start", "baseline", "budgeted"}
+    # The stage runner: a re-run with the same config reuses both trained stages (a short child run each,
+    # tagged with the run that produced it) and rebuilds the same table from their stored evaluations.
+    again = run(cfg, log=lambda *_: None)
+    assert again["runs"] == out["runs"] and again["table"].equals(out["table"])
+    reused = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{again['parent_run_id']}'")
+    assert {c.data.tags["budgetrl.stage"]: c.data.tags["budgetrl.reused_run"] for c in reused} == out["runs"]

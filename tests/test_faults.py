@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tmp: Path, tiny_model: str, *extra: str):
-    base = [f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+    base = [f"model.path={tiny_model}", "model.build_if_missing=none", "warmstart.steps=0",
             f"trainer.output_dir={tmp / 'out'}", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
             "budget.thinking=16", "budget.solution=8", "eval.max_thinking=16", "eval.max_solution=8",
             "budgets=[unconstrained]", "model.max_model_len=64", "eval.num_prompts=4"]

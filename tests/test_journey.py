@@ -151,9 +151,17 @@ def test_sft_on_ray_train_writes_a_loadable_checkpoint(ray_session, tiny_model, 
     examples = [(f"<s>{a}+{b}=<think>", f"{a + b}</think>{a + b}</s>") for a in range(8) for b in range(8)]
     out = tmp_path / "ckpt"
     monkeypatch.chdir(Path(tiny_model).parent)
-    m = sft_train_ray(Path(tiny_model).name, out, examples, steps=25, batch_size=16, lr=3e-3, warmup_steps=2, log_every=5,
-                      num_workers=2, num_threads=1, storage_path=tmp_path / "rt")
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.Tracker.start(uri, "sft-ray", run_name="sft") as run:
+        m = sft_train_ray(Path(tiny_model).name, out, examples, steps=25, batch_size=16, lr=3e-3, warmup_steps=2,
+                          log_every=5, num_workers=2, num_threads=1, storage_path=tmp_path / "rt", tracker=run)
     assert m["num_workers"] == 2 and m["steps"] == 25
+    # rank 0's curve came back to the driver, which logged it (the workers never see the tracking store)
+    assert [p["step"] for p in m["history"]] == [5, 10, 15, 20, 25] and m["history"][-1]["loss"] == m["loss"]
+    logged = run.client.get_metric_history(run.run_id, "sft/loss")
+    assert sorted((x.step, x.value) for x in logged) == [(p["step"], p["loss"]) for p in m["history"]]
     assert m["loss"] < 0.7 * m["initial_loss"]
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)

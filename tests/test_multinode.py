@@ -201,7 +201,7 @@ def test_output_dir_a_node_cannot_see_fails_at_once(cluster, tmp_path):
     before its first step, naming the setting, instead of writing states the driver never sees."""
     island = cluster.add_node("island", {"island_gpu": 1}, private_dirs=(tmp_path / "out",))
     try:
-        overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_tiny_if_missing=true",
+        overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_if_missing=tiny",
                      f"ray.address={cluster.address}",
                      *_small(**{"warmstart.steps": 0, "rollout.engine": "hf", "learner.resources.learner_gpu": 0,
                                 "learner.resources.island_gpu": 1, "trainer.output_dir": tmp_path / "out",
@@ -245,7 +245,7 @@ def test_lost_rollout_node_learner_node_then_no_spare(cluster, tmp_path):
     from mlflow import MlflowClient
 
     steps, out = 60, tmp_path / "out" / "nodes"  # ~0.2 s a step: the run outlasts the faults
-    overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_tiny_if_missing=true", f"ray.address={cluster.address}",
+    overrides = [f"model.path={tmp_path / 'tiny'}", "model.build_if_missing=tiny", f"ray.address={cluster.address}",
                  *_small(**{"warmstart.steps": 0, "rollout.engine": "hf", "trainer.steps": steps,
                             "trainer.state_every": 2, "trainer.log_samples_every": 1, "trainer.node_wait_s": 8,
                             "trainer.max_restarts": 5, "trainer.output_dir": tmp_path / "out",

@@ -34,29 +34,32 @@ def test_independent_stages_run_concurrently(tmp_path):
         t0 = time.perf_counter()
         time.sleep(1.0)
         with lock:
-            spans[ctx.name] = (t0, time.perf_counter())
-        return StageOutput(outputs={"inputs": sorted(ctx.inputs)})
+            spans[ctx.name] = (t0, time.perf_counter(), threading.current_thread())
+        return StageOutput(outputs={"inputs": sorted(ctx.inputs)}, metrics={"stage/inputs": len(ctx.inputs)})
 
     stages = [Stage("a", work), Stage("b", work), Stage("c", work, ("a", "b"))]
     uri, parent = _parent(tmp_path)
     with parent:
         res = run_pipeline(stages, parent=parent, root=tmp_path / "out", workload="t", max_concurrency=2,
                            log=lambda *_: None)
-    (a0, a1), (b0, b1), (c0, _) = spans["a"], spans["b"], spans["c"]
+    (a0, a1, _), (b0, b1, _), (c0, _, _) = spans["a"], spans["b"], spans["c"]
     assert max(a0, b0) < min(a1, b1), "a and b must overlap"
     assert c0 >= max(a1, b1), "c starts only after its inputs"
     assert res["c"].outputs == {"inputs": ["a", "b"]}
     children = {c.data.tags["budgetrl.stage"]: c for c in _children(uri, parent.run_id)}
     assert set(children) == {"a", "b", "c"}
     assert set(children["c"].data.tags["budgetrl.source_runs"].split(",")) == {res["a"].run_id, res["b"].run_id}
+    # the metrics a stage returned were logged by the runner on its run
+    assert {n: c.data.metrics["stage/inputs"] for n, c in children.items()} == {"a": 0, "b": 0, "c": 2}
 
     spans.clear()
     uri, parent = _parent(tmp_path, "serial")
     with parent:
         run_pipeline(stages, parent=parent, root=tmp_path / "out2", workload="t", max_concurrency=1,
                      log=lambda *_: None)
-    (a0, a1), (b0, b1) = spans["a"], spans["b"]
+    (a0, a1, ta), (b0, b1, tb) = spans["a"], spans["b"]
     assert a1 <= b0 or b1 <= a0, "max_concurrency=1 runs one stage at a time"
+    assert ta is tb is threading.main_thread()  # ... in the calling thread (Ray Train's fit, signal handlers)
 
 
 def test_rerun_skips_done_stages_and_reruns_changed_ones(tmp_path):

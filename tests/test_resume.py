@@ -168,7 +168,7 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
 
     out = tmp_path / "out" / "nostate"
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0", "rollout.engine=hf",
+        f"model.path={tiny_model}", "model.build_if_missing=none", "warmstart.steps=0", "rollout.engine=hf",
         "trainer.steps=200", "trainer.state_every=0", "trainer.log_samples_every=1", "trainer.prompts_per_step=2",
         "rollout.group_size=2", f"trainer.output_dir={tmp_path / 'out'}", "trainer.run_name=nostate",
         "eval.num_prompts=2", "data.eval_size=2", "data.train_size=16", "budgets=[6x4]", "eval.max_thinking=12",

@@ -328,6 +328,62 @@ def test_every_end_id_ends_a_sample_vllm(ray_session, vllm_worker, hf_worker, ti
     assert {"thinking ended early", "solution ended on the extra id"} <= kinds, kinds
 
 
+def test_standin_checkpoint_ends_on_both_eos_ids_vllm(ray_session, standin_model):
+    """A vLLM rollout worker on the stand-in checkpoint (BPE, chat template, a generation config listing
+    ``<|im_end|>`` and ``<|endoftext|>``, sharded, untied Llama): its end ids are both, read from the files;
+    every request stops on both; whichever one ends a thinking or a solution, the sample is accounted the
+    same (finish reason ``stop``, the id last and only there, thinking + marker + solution = response).
+    The budget is forced in one request (test_every_end_id_ends_a_sample_vllm covers two calls). The random
+    model almost never samples one of its 8k tokens, so each id is made frequent in turn with a logit bias
+    (the stop logic never sees it)."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.rollout.worker import RolloutWorker
+    from orchestrator.runtime import VLLM_CPU_ENV
+    from orchestrator.standin_model import END_THINK, ENDOFTEXT, IM_END
+
+    def probe(worker, prompts, spec, bias):  # runs inside the rollout actor; nested so Ray ships it by value
+        from orchestrator.rollout.engine import GenRequest
+
+        engine, make = worker.engine, worker.engine._params
+        out = {"worker_ends": worker.end_ids, "engine_ends": engine.end_token_ids,
+               "stops": make(GenRequest([1, 2], 4), 1.0, 1.0).stop_token_ids, "tables": {}}
+        for end in worker.end_ids:
+            def biased(r, temperature, top_p, end=end):
+                params = make(r, temperature, top_p)
+                params.logit_bias = {end: bias}
+                return params
+
+            engine._params = biased
+            out["tables"][end] = worker.generate(prompts, spec)  # the budget forced in one request
+        return out
+
+    tok = AutoTokenizer.from_pretrained(standin_model)
+    im_end, endoftext, think_end = (tok.convert_tokens_to_ids(x) for x in (IM_END, ENDOFTEXT, END_THINK))
+    env = dict(VLLM_CPU_ENV, VLLM_CPU_KVCACHE_SPACE="1")
+    actor = ray_session.remote(RolloutWorker).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
+        standin_model, engine="vllm", prompt_template="{prompt}", chat_template=True,
+        engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0))
+    try:
+        t, s = 16, 8
+        spec = SamplingSpec(group_size=4, budget_thinking=t, budget_solution=s, temperature=1.0, seed=3)
+        out = ray_session.get(actor.__ray_call__.remote(probe, _prompts(), spec, 8.0))
+    finally:
+        ray_session.kill(actor)
+    assert out["worker_ends"] == out["engine_ends"] == (im_end, endoftext)  # the tokenizer's EOS first
+    assert {im_end, endoftext} <= set(out["stops"])
+    assert set(out["tables"]) == {im_end, endoftext}
+    for end, table in out["tables"].items():
+        kinds = _check_end_ids(table, think_end, (im_end, endoftext), t, s)
+        which = "EOS" if end == im_end else "the extra id"
+        assert {"thinking ended early", f"solution ended on {which}"} <= kinds, (end, kinds)
+        for r in table.to_pylist():
+            resp = r["response_token_ids"]
+            assert len(resp) == r["thinking_tokens"] + r["injected"].count(True) + r["solution_tokens"], r
+            assert r["finish_reason"] == ("stop" if resp[-1] == end else "length"), r
+            assert tok.decode([end]) not in r["solution"]
+
+
 # ---- the HF engine: sampled logprobs without the scores, strict weight loads ------------------------------
 
 

@@ -22,16 +22,18 @@ SERVE_CONFIG = str(ROOT / "configs" / "standin" / "serve.yaml")
 
 def test_standin_config_validates_and_names_bad_values():
     cfg = load_config(CONFIG, check_paths=False)
-    assert cfg.model.build_standin_if_missing and not cfg.model.build_tiny_if_missing
+    assert cfg.model.build_if_missing == "standin"
     assert cfg.model.chat_template and cfg.model.think_end == "</think>"
     assert cfg.learner.max_shard_size == "1MB" and cfg.trainer.state_every > 0
-    assert load_config(None, ["model.path=x", "model.build_tiny_if_missing=true"]).learner.max_shard_size == "5GB"
-    with pytest.raises(ConfigError, match="model.build_standin_if_missing=True: model.build_tiny_if_missing is true"):
+    assert load_config(None, ["model.path=x", "model.build_if_missing=tiny"]).learner.max_shard_size == "5GB"
+    with pytest.raises(ConfigError, match="^model.build_if_missing='tiny_model': must be one of none, tiny, standin$"):
+        load_config(CONFIG, ["model.build_if_missing=tiny_model"], check_paths=False)
+    with pytest.raises(ConfigError, match="Did you mean: 'build_if_missing'"):  # the two booleans it replaced are gone
         load_config(CONFIG, ["model.build_tiny_if_missing=true"], check_paths=False)
     with pytest.raises(ConfigError, match=r"learner.max_shard_size='5 gigs': must be a size"):
         load_config(CONFIG, ["learner.max_shard_size=5 gigs"], check_paths=False)
-    with pytest.raises(ConfigError, match="model.build_standin_if_missing=true for the stand-in"):
-        load_config(CONFIG, ["model.build_standin_if_missing=false", "model.path=/nonexistent/standin"])
+    with pytest.raises(ConfigError, match="model.build_if_missing=standin for the stand-in"):
+        load_config(CONFIG, ["model.build_if_missing=none", "model.path=/nonexistent/standin"])
 
 
 def test_train_builds_the_standin_where_asked_and_never_over_another_dir(tmp_path, standin_model):
@@ -146,7 +148,7 @@ def test_standin_trains_through_its_chat_template_and_resumes_from_a_sharded_sta
 
     out = tmp_path / "out" / "standin"
     overrides = [
-        f"model.path={standin_model}", "model.build_standin_if_missing=false", "warmstart.steps=0",
+        f"model.path={standin_model}", "model.build_if_missing=none", "warmstart.steps=0",
         "rollout.engine=hf", "trainer.steps=3", "trainer.state_every=1", "trainer.log_samples_every=1",
         "trainer.prompts_per_step=2", "rollout.group_size=2", "learner.max_shard_size=200KB",
         f"trainer.output_dir={tmp_path / 'out'}", "trainer.run_name=standin", "eval.num_prompts=2", "data.eval_size=2",

@@ -28,7 +28,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 def _tiny_base_overrides(tmp: Path, model: str) -> list[str]:
     """A training run of a few seconds: tiny model, HF engine, 1 RL step, 4 eval prompts x 2 budgets."""
-    return [f"model.path={model}", "model.build_tiny_if_missing=false", "warmstart.steps=0",
+    return [f"model.path={model}", "model.build_if_missing=none", "warmstart.steps=0",
             "rollout.engine=hf", "rollout.group_size=2", "trainer.steps=1", "trainer.prompts_per_step=2",
             "trainer.eval_every=0",
             "trainer.log_samples_every=0", f"trainer.output_dir={tmp / 'out'}", "eval.num_prompts=4",

@@ -117,7 +117,7 @@ def test_eval_command_on_trained_checkpoint(trained):
     from orchestrator.evaluation import run_eval
 
     cfg, result, tmp = trained
-    overrides = [f"checkpoint={result.checkpoint}", "budgets=[4x4,12x4]", "model.build_tiny_if_missing=false",
+    overrides = [f"checkpoint={result.checkpoint}", "budgets=[4x4,12x4]", "model.build_if_missing=none",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e-eval", "eval.num_prompts=8",
                  f"tracking.tracking_uri={cfg.tracking.tracking_uri}", "tracking.experiment=e2e",
                  "eval.max_thinking=24", "data.eval_size=12",

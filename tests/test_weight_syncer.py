@@ -26,7 +26,7 @@ def _config(tiny_model: str, tmp_path: Path, *extra: str):
     from orchestrator.config import load_config
 
     return load_config(ROOT / "configs" / "quickstart.yaml", [
-        f"model.path={tiny_model}", "model.build_tiny_if_missing=false", "warmstart.steps=0", "rollout.engine=hf",
+        f"model.path={tiny_model}", "model.build_if_missing=none", "warmstart.steps=0", "rollout.engine=hf",
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
         "rollout.weight_sync.method=collective", "rollout.weight_sync.timeout_s=20", "rollout.weight_sync.bucket_mb=0.05",
         "learner.num_threads=1", "learner.micro_batch_size=8", f"trainer.output_dir={tmp_path / 'out'}",

@@ -4,8 +4,9 @@ Data parallel: ``num_workers`` ranks (gloo on CPU, NCCL with ``use_gpu``), the m
 ``ray.train.torch.prepare_model``; every rank takes its share of the same global batch, so the
 optimisation matches single-process SFT at the same ``batch_size``. Rank 0 writes the result as a
 Hugging Face ``save_pretrained`` directory (safetensors, tokenizer) and reports it as a Ray Train
-checkpoint, which Ray persists under ``storage_path``; the driver copies it to ``out_dir``. Rank 0 can
-log its loss to an MLflow run (a ``tracking.Tracker``, which pickles as URI + run id).
+checkpoint, which Ray persists under ``storage_path``; the driver copies it to ``out_dir``. Rank 0 keeps its
+loss curve (every ``log_every`` steps) in the checkpoint's metrics; the driver, alone, logs it to an MLflow
+run (a ``tracking.Tracker``): no Ray Train worker talks to the tracking store.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .sft import METRICS_FILE, _validate
 
+HISTORY = "history"  # the metrics file's key for rank 0's curve: [{"step": s, "loss": ..., ...}, ...]
 SFT_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "schedule", "weight_decay", "seed", "dtype", "log_every")
 
 
@@ -42,12 +44,11 @@ def _train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     model.to(device)
     forward = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    tracker = config.get("tracker")
+    history: list[dict] = []  # rank 0's curve, returned to the driver in the checkpoint's metrics
 
     def on_log(step: int, metrics: dict) -> None:
-        if rank == 0 and tracker is not None:
-            tracker.log_metrics({f"sft/{k}": v for k, v in metrics.items()}, step=step)
         if rank == 0:
+            history.append({"step": step, **metrics})
             print(f"sft: step {step}/{sft['steps']} loss {metrics['loss']:.4f}", flush=True)
 
     result = sft_loop(model, tokenizer, config["examples"], device=str(device), forward=forward, rank=rank,
@@ -56,7 +57,7 @@ def _train_loop(config: dict) -> None:
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(model, tokenizer, tmp, {"source": config["model_dir"], "num_workers": world, **sft},
-                            result)
+                            {**result, HISTORY: history})
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(result)
@@ -85,7 +86,8 @@ def sft_train_ray(
     tracker=None,
 ) -> dict:
     """Fine-tune ``model_dir`` on (prompt, target) pairs with a ``TorchTrainer``; the checkpoint lands in
-    ``out_dir``. Returns rank 0's metrics (``loss``, ``initial_loss``, ``steps``, ``seconds``, ...)."""
+    ``out_dir``. Returns rank 0's metrics (``loss``, ``initial_loss``, ``steps``, ``seconds``, ..., and
+    ``history``: its curve), which this driver logs to ``tracker`` (``sft/<name>`` at each logged step)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -107,7 +109,7 @@ def sft_train_ray(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"model_dir": str(model_dir), "examples": examples, "sft": sft,
-                           "num_threads": num_threads, "tracker": tracker},
+                           "num_threads": num_threads},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=f"{name}-{os.getpid()}-{abs(hash(str(out))) % 10**8}",
@@ -124,4 +126,8 @@ def sft_train_ray(
         shutil.copytree(ckpt, tmp)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # the directory appears complete or not at all
-    return json.loads((out / METRICS_FILE).read_text())["metrics"]
+    metrics = json.loads((out / METRICS_FILE).read_text())["metrics"]
+    if tracker is not None:
+        for point in metrics.get(HISTORY, []):
+            tracker.log_metrics({f"sft/{k}": v for k, v in point.items() if k != "step"}, step=point["step"])
+    return metrics

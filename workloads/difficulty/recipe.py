@@ -1,6 +1,6 @@
 """Preview difficulty-aware intervention vs plain GRPO at the same generated-token budget.
 
-Two training stages under one parent MLflow run, from the same start checkpoint and config:
+Two training stages (``pipeline.run_pipeline``) under one parent MLflow run, from the same start checkpoint and config:
 ``intervention`` (GRPO with ``DifficultyCurriculum``: preview pass rates, drop solved prompts, reference
 prefixes for unsolved ones, masked out of the loss) and ``baseline`` (plain GRPO). Both stop at the same
 ``trainer.max_generated_tokens`` (the preview's tokens count toward the intervention's), and both
@@ -11,12 +11,14 @@ learner steps per difficulty for both, and the share of prompts intervened over 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 from omegaconf import MISSING
 
 from orchestrator import tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
+from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 from .curriculum import DifficultyConfig, DifficultyCurriculum
 
@@ -111,9 +113,32 @@ def plot_intervened(client, run_id: str):
     return fig
 
 
-def run(cfg: DifficultyRecipeConfig, log=print) -> dict:
-    from orchestrator.trainer import train
+def _train_stage(cfg: DifficultyRecipeConfig, scfg, log):
+    """A stage that trains ``scfg`` (with the curriculum for ``intervention``) as a child of the parent run."""
 
+    def fn(ctx: StageContext) -> StageOutput:
+        from orchestrator.trainer import train
+
+        ctx.train_tracking(scfg.tracking)
+        log(f"difficulty: stage {ctx.name} (generation budget {cfg.max_generated_tokens} tokens)")
+        curriculum = DifficultyCurriculum(cfg.curriculum) if ctx.name == "intervention" else None
+        res = train(scfg, log=log, curriculum=curriculum)
+        return StageOutput(run_id=res.run_id, checkpoint=res.checkpoint,
+                           outputs={"eval_after": res.eval_after, "steps": res.steps})
+
+    return fn
+
+
+def _stages(cfg: DifficultyRecipeConfig, stages: dict, log) -> list[Stage]:
+    curriculum = {f"curriculum.{k}": v for k, v in vars(cfg.curriculum).items()}
+    return [Stage(name, _train_stage(cfg, scfg, log), (),
+                  {"train": to_dict(scfg), **(curriculum if name == "intervention" else {})})
+            for name, scfg in stages.items()]
+
+
+def run(cfg: DifficultyRecipeConfig, log=print) -> dict:
+    """Both stages under one parent run (``pipeline.run_pipeline``: a completed stage is reused by a re-run with
+    the same config), then the curves, plots and summary on the parent."""
     stages = stage_configs(cfg)  # every stage's config is validated before anything starts
     first = stages["intervention"]
     uri = tracking.resolve_tracking_uri(first.tracking.tracking_uri)
@@ -122,15 +147,9 @@ def run(cfg: DifficultyRecipeConfig, log=print) -> dict:
         params={"base": cfg.base, "overrides": " ".join(cfg.overrides), "max_generated_tokens": cfg.max_generated_tokens,
                 **{f"curriculum.{k}": v for k, v in vars(cfg.curriculum).items()}},
         tags=tracking.lineage_tags(to_dict(first), workload="difficulty", stage="pipeline"))
-    results = {}
     with parent:
-        for name, scfg in stages.items():
-            scfg.tracking.tracking_uri = uri
-            scfg.tracking.parent_run_id = parent.run_id
-            scfg.tracking.tags = {**scfg.tracking.tags, tracking.TAG_WORKLOAD: "difficulty", tracking.TAG_STAGE: name}
-            log(f"difficulty: stage {name} (generation budget {cfg.max_generated_tokens} tokens)")
-            curriculum = DifficultyCurriculum(cfg.curriculum) if name == "intervention" else None
-            results[name] = train(scfg, log=log, curriculum=curriculum)
+        results = run_pipeline(_stages(cfg, stages, log), parent=parent, workload="difficulty", log=log,
+                               root=Path(first.trainer.output_dir) / "stages" / cfg.name)
         client = parent.client
         rows = []
         for name, res in results.items():
@@ -142,16 +161,16 @@ def run(cfg: DifficultyRecipeConfig, log=print) -> dict:
             for x in ("generated_tokens", "step"):
                 parent.log_figure(plot_curves(table, budget, x), f"difficulty/accuracy_vs_{x}_{budget}.png")
         parent.log_figure(plot_intervened(client, results["intervention"].run_id), "difficulty/intervened_share.png")
-        final = {name: {f"{r['budget_label']}": r["accuracy"] for r in res.eval_after} for name, res in results.items()}
-        summary = {name: {"steps": res.steps, "final_accuracy": final[name], "run_id": res.run_id}
-                   for name, res in results.items()}
+        summary = {}
         for name, res in results.items():
             m = client.get_run(res.run_id).data.metrics
-            summary[name]["generated_tokens"] = m.get("cost/generated_tokens_total")
-            summary[name]["by_difficulty"] = {k.split("/", 1)[1]: v for k, v in m.items()
-                                              if k.startswith("eval/") and "/accuracy_d" in k}
+            summary[name] = {"steps": res.outputs["steps"],
+                             "final_accuracy": {f"{r['budget_label']}": r["accuracy"]
+                                                for r in res.outputs["eval_after"]},
+                             "run_id": res.run_id, "generated_tokens": m.get("cost/generated_tokens_total"),
+                             "by_difficulty": {k.split("/", 1)[1]: v for k, v in m.items()
+                                               if k.startswith("eval/") and "/accuracy_d" in k}}
         parent.log_dict(summary, "difficulty/summary.json")
-        parent.set_tags({f"budgetrl.stage_run.{k}": v.run_id for k, v in results.items()})
         log("difficulty: " + "; ".join(f"{k}: {v['steps']} steps, {v['generated_tokens']:.0f} tokens, "
                                        f"final {v['final_accuracy']}" for k, v in summary.items()))
         return {"parent_run_id": parent.run_id, "summary": summary, "table": table}

@@ -1,15 +1,17 @@
 """Elastic Reasoning recipe: one parent MLflow run, two training stages, one comparison table.
 
-Stages (children of the parent run): ``budgeted`` trains with two-phase rollouts at the tight budget
-(t, s); ``baseline`` trains plain GRPO with a thinking budget large enough not to bind, the same steps,
-prompts per step and group size (same number of samples), from the same start checkpoint. Both runs
-evaluate over the same (t, s) grid plus unconstrained, so the table compares start, baseline and
-budget-trained models on identical prompts: the paper's table, at whatever scale the base config sets.
+Stages (``pipeline.run_pipeline``; each a child of the parent run): ``budgeted`` trains with two-phase
+rollouts at the tight budget (t, s); ``baseline`` trains plain GRPO with a thinking budget large enough not
+to bind, the same steps, prompts per step and group size (same number of samples), from the same start
+checkpoint. Both runs evaluate over the same (t, s) grid plus unconstrained, so the table compares start,
+baseline and budget-trained models on identical prompts: the paper's table, at whatever scale the base
+config sets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import MISSING
 
@@ -17,6 +19,7 @@ from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
 from orchestrator.evaluation import format_model_comparison as format_table
 from orchestrator.evaluation import model_comparison as comparison_table
+from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 
 @dataclass
@@ -55,10 +58,24 @@ def _stage_configs(cfg: ElasticConfig, check_paths: bool = True):
     return stages
 
 
-def run(cfg: ElasticConfig, log=print) -> dict:
-    """Train the stages under one parent run and log the comparison; returns the table and run ids."""
-    from orchestrator.trainer import train
+def _train_stage(scfg, log):
+    """A stage that trains ``scfg`` as a child of the parent run and hands its evaluations to the driver."""
 
+    def fn(ctx: StageContext) -> StageOutput:
+        from orchestrator.trainer import train
+
+        ctx.train_tracking(scfg.tracking)
+        log(f"elastic: stage {ctx.name} (thinking budget {scfg.budget.thinking})")
+        res = train(scfg, log=log)
+        return StageOutput(run_id=res.run_id, checkpoint=res.checkpoint,
+                           outputs={"eval_before": res.eval_before, "eval_after": res.eval_after, "steps": res.steps})
+
+    return fn
+
+
+def run(cfg: ElasticConfig, log=print) -> dict:
+    """Train the stages under one parent run (``pipeline.run_pipeline``: a completed stage is reused by a
+    re-run with the same config) and log the comparison; returns the table and run ids."""
     stages = _stage_configs(cfg)  # every stage's config is validated before anything starts
     first = stages["budgeted"]
     uri = tracking.resolve_tracking_uri(first.tracking.tracking_uri)
@@ -66,18 +83,14 @@ def run(cfg: ElasticConfig, log=print) -> dict:
                                     params={"base": cfg.base, "budgeted": " ".join(cfg.budgeted),
                                             "baseline": " ".join(cfg.baseline), "overrides": " ".join(cfg.overrides)},
                                     tags=tracking.lineage_tags(to_dict(first), workload="elastic", stage="pipeline"))
-    results = {}
     with parent:
-        for name, scfg in stages.items():
-            scfg.tracking.tracking_uri = uri
-            scfg.tracking.parent_run_id = parent.run_id
-            scfg.tracking.tags = {**scfg.tracking.tags, tracking.TAG_WORKLOAD: "elastic", tracking.TAG_STAGE: name}
-            log(f"elastic: stage {name} (thinking budget {scfg.budget.thinking})")
-            results[name] = train(scfg, log=log)
-        rows = {"start": results["budgeted"].eval_before}
+        dag = [Stage(name, _train_stage(scfg, log), (), to_dict(scfg)) for name, scfg in stages.items()]
+        results = run_pipeline(dag, parent=parent, root=Path(first.trainer.output_dir) / "stages" / cfg.name,
+                               workload="elastic", log=log)
+        rows = {"start": results["budgeted"].outputs["eval_before"]}
         if "baseline" in results:
-            rows["baseline"] = results["baseline"].eval_after
-        rows["budgeted"] = results["budgeted"].eval_after
+            rows["baseline"] = results["baseline"].outputs["eval_after"]
+        rows["budgeted"] = results["budgeted"].outputs["eval_after"]
         table = comparison_table(rows)
         parent.log_table(table, "elastic/comparison.parquet")
         fig = frontier.plot_frontier(table.to_pandas().rename(columns={"budget": "label"}), x="mean_tokens",
@@ -85,13 +98,12 @@ def run(cfg: ElasticConfig, log=print) -> dict:
                                      title="accuracy vs tokens by model (budget grid)")
         parent.log_figure(fig, "elastic/comparison.png")
         text = format_table(table)
-        parent.log_dict({"markdown": text, "runs": {k: v.run_id for k, v in results.items()}},
-                        "elastic/comparison.json")
+        runs = {k: v.run_id for k, v in results.items()}
+        parent.log_dict({"markdown": text, "runs": runs}, "elastic/comparison.json")
         metrics = {f"{r['model']}/{r['budget']}/accuracy": r["accuracy"] for r in table.to_pylist()}
         parent.log_metrics(metrics, step=0)
-        parent.set_tags({f"budgetrl.stage_run.{k}": v.run_id for k, v in results.items()})
         log("elastic: comparison (greedy unless eval.temperature > 0; Avg@k over eval.samples_per_prompt)\n" + text)
-        return {"parent_run_id": parent.run_id, "table": table, "runs": {k: v.run_id for k, v in results.items()}}
+        return {"parent_run_id": parent.run_id, "table": table, "runs": runs}
 
 
 def main(config: str, overrides: list[str]) -> int:

@@ -1,6 +1,7 @@
 """Journey-learning recipe: base -> tree data -> shortcut-SFT vs journey-SFT (Ray Train) -> evaluation.
 
-One parent MLflow run, one child per stage:
+One parent MLflow run, one child per stage (``pipeline.run_pipeline``: the stages return their checkpoints,
+data and metrics to the driver, which logs them):
 
 - ``base``: the start checkpoint, the base training config's model warm-started on a little addition
   (``orchestrator.warmstart``; the warm start is reused when its inputs are unchanged);
@@ -28,6 +29,7 @@ from orchestrator import frontier, tracking
 from orchestrator.config import ConfigError, load_config, merge_structured, resolve_base_config, to_dict
 from orchestrator.evaluation import format_model_comparison
 from orchestrator.evaluation import model_comparison as comparison_table
+from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
 
 from .data import DataGenConfig, generate_pairs, length_summary, policy_proposer, validate, write
 
@@ -113,98 +115,90 @@ def format_table(table: pa.Table, lengths: dict[str, float], n: int) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: JourneyConfig, log=print) -> dict:
-    """All stages under one parent run; returns the table, lengths, checkpoints and run ids."""
-    from transformers import AutoTokenizer
+def _base_stage(tcfg, log):
+    """(a) the start checkpoint: the base config's model, warm-started (reused when its inputs are unchanged)."""
 
-    from orchestrator.config import eval_budgets
-    from orchestrator.evaluation import evaluate, format_summary
-    from orchestrator.learner.sft_ray import sft_train_ray
-    from orchestrator.resume import fresh_run_dir
-    from orchestrator.rewards import RewardPool
-    from orchestrator.runtime import WorkerGroup, init_ray
-    from orchestrator.trainer import _log_eval, load_prompt_tables
-    from orchestrator.warmstart import prepare_start_checkpoint
+    def fn(ctx: StageContext) -> StageOutput:
+        from orchestrator.warmstart import prepare_start_checkpoint
 
-    tcfg = train_config(cfg)  # everything validated before MLflow or Ray start
-    t_start = time.time()
-    _, out_dir = fresh_run_dir(tcfg, "journey", log=log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking.resolve_tracking_uri(tcfg.tracking.tracking_uri)
-    recipe_params = {"base": cfg.base, "overrides": " ".join(cfg.overrides),
-                     **{f"data.{k}": v for k, v in vars(cfg.data).items()},
-                     **{f"sft.{k}": v for k, v in vars(cfg.sft).items()}, "sft.resolved_steps": sft_steps(cfg)}
-    parent = tracking.Tracker.start(uri, tcfg.tracking.experiment, run_name=cfg.name, params=recipe_params,
-                                    tags=tracking.lineage_tags(to_dict(tcfg), workload="journey", stage="pipeline"))
-    seconds: dict[str, float] = {}
-    runs: dict[str, str] = {}
-
-    def stage(name: str, **tags):
-        child = parent.child(name, tags={tracking.TAG_STAGE: name, **{k: str(v) for k, v in tags.items()}})
-        runs[name] = child.run_id
-        return child
-
-    with parent:
-        init_ray(tcfg)
-        # (a) base
-        t0 = time.time()
-        with stage("base", **{tracking.TAG_SOURCE_CHECKPOINT: tcfg.model.path}) as child:
+        with ctx.start_run(tags={tracking.TAG_SOURCE_CHECKPOINT: tcfg.model.path}) as child:
             base, ws = prepare_start_checkpoint(tcfg, log=log)
             child.log_params({"checkpoint": base, "warmstart.steps": tcfg.warmstart.steps})
-            if ws:
-                child.log_metrics({f"warmstart/{k}": v for k, v in ws.items()}, step=0)
-        seconds["base"] = time.time() - t0
-        tok = AutoTokenizer.from_pretrained(base)
+        return StageOutput(run_id=child.run_id, checkpoint=base, metrics={f"warmstart/{k}": v for k, v in ws.items()})
 
-        # (b) data
-        t0 = time.time()
-        with stage("data", **{tracking.TAG_SOURCE_CHECKPOINT: base}) as child:
+    return fn
+
+
+def _data_stage(cfg: JourneyConfig, tcfg, out_dir, log):
+    """(b) step-level trees -> N shortcut/journey pairs, written as Parquet and logged as an artifact."""
+
+    def fn(ctx: StageContext) -> StageOutput:
+        from transformers import AutoTokenizer
+
+        base = ctx.inputs["base"].checkpoint
+        with ctx.start_run() as child:
             proposer = (policy_proposer(cfg.data, base, tcfg.model.prompt_template, tcfg.model.max_model_len)
                         if cfg.data.proposer == "policy" else None)
-            pairs = generate_pairs(cfg.data, tokenizer=tok, proposer=proposer, think_end=tcfg.model.think_end)
+            pairs = generate_pairs(cfg.data, tokenizer=AutoTokenizer.from_pretrained(base), proposer=proposer,
+                                   think_end=tcfg.model.think_end)
             path = write(pairs, out_dir / "data" / "pairs.parquet")
             digest = tracking.dataset_digest(pairs)
             lengths = length_summary(pairs)
-            child.set_tags({tracking.TAG_DATASET_DIGEST: digest})
-            child.log_metrics(lengths, step=0)
             child.log_artifact(path, "data")
-            log(f"journey: {cfg.data.n} pairs -> {path} (digest {digest}); " +
-                ", ".join(f"{k} {v:.2f}" for k, v in lengths.items()))
-        seconds["data"] = time.time() - t0
+        log(f"journey: {cfg.data.n} pairs -> {path} (digest {digest}); " +
+            ", ".join(f"{k} {v:.2f}" for k, v in lengths.items()))
+        return StageOutput(run_id=child.run_id, dataset_digest=digest, metrics=lengths,
+                           outputs={"path": str(path), "lengths": lengths})
 
-        # (c) shortcut-SFT and journey-SFT: same base, N, steps, batch, lr
-        steps = sft_steps(cfg)
-        ckpts = {"base": base}
-        for kind in ("shortcut", "journey"):
-            t0 = time.time()
-            examples = sft_examples(pairs, kind, tcfg, tok.eos_token)
-            subset = pairs.filter(pa.compute.equal(pairs["kind"], kind))
-            with stage(f"sft_{kind}", **{tracking.TAG_SOURCE_CHECKPOINT: base,
-                                         tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(subset)}) as child:
-                s = cfg.sft
-                child.log_params({"kind": kind, "examples": len(examples), "steps": steps, "batch_size": s.batch_size,
-                                  "lr": s.lr, "num_workers": s.num_workers, "source_checkpoint": base})
-                log(f"journey: SFT on {len(examples)} {kind}s for {steps} steps (Ray Train, {s.num_workers} worker(s))")
-                ckpt = str(out_dir / "checkpoints" / f"sft_{kind}")
-                metrics = sft_train_ray(base, ckpt, examples, steps=steps, batch_size=s.batch_size, lr=s.lr,
-                                        warmup_steps=s.warmup_steps, schedule=s.schedule, seed=tcfg.trainer.seed,
-                                        log_every=s.log_every, num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                        cpus_per_worker=s.cpus_per_worker, num_threads=s.num_threads or None,
-                                        storage_path=out_dir / "ray_train", name=f"sft_{kind}", tracker=child)
-                child.log_metrics({f"sft/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                  step=steps)
-                child.set_tags({"budgetrl.checkpoint": ckpt})
-                ckpts[kind] = ckpt
-            seconds[f"sft_{kind}"] = time.time() - t0
+    return fn
 
-        # (d) evaluation: one engine, weights swapped between models
-        t0 = time.time()
-        with stage("eval", **{tracking.TAG_SOURCE_CHECKPOINT: base}) as child:
-            import ray
 
+def _sft_stage(cfg: JourneyConfig, tcfg, kind: str, out_dir, log):
+    """(c) SFT on Ray Train on the N ``kind`` trajectories; both kinds: same base, N, steps, batch, lr. Rank 0's
+    curve comes back to this driver, which logs it."""
+
+    def fn(ctx: StageContext) -> StageOutput:
+        import pyarrow.parquet as pq
+        from transformers import AutoTokenizer
+
+        from orchestrator.learner.sft_ray import sft_train_ray
+
+        base, s, steps = ctx.inputs["base"].checkpoint, cfg.sft, sft_steps(cfg)
+        pairs = pq.read_table(ctx.inputs["data"].outputs["path"])
+        examples = sft_examples(pairs, kind, tcfg, AutoTokenizer.from_pretrained(base).eos_token)
+        subset = pairs.filter(pa.compute.equal(pairs["kind"], kind))
+        with ctx.start_run(params={"kind": kind, "examples": len(examples), "steps": steps, "batch_size": s.batch_size,
+                                   "lr": s.lr, "num_workers": s.num_workers, "source_checkpoint": base}) as child:
+            log(f"journey: SFT on {len(examples)} {kind}s for {steps} steps (Ray Train, {s.num_workers} worker(s))")
+            ckpt = str(out_dir / "checkpoints" / f"sft_{kind}")
+            metrics = sft_train_ray(base, ckpt, examples, steps=steps, batch_size=s.batch_size, lr=s.lr,
+                                    warmup_steps=s.warmup_steps, schedule=s.schedule, seed=tcfg.trainer.seed,
+                                    log_every=s.log_every, num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                    cpus_per_worker=s.cpus_per_worker, num_threads=s.num_threads or None,
+                                    storage_path=out_dir / "ray_train", name=f"sft_{kind}", tracker=child)
+            child.log_metrics({f"sft/final_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                              step=steps)
+        return StageOutput(run_id=child.run_id, checkpoint=ckpt, dataset_digest=tracking.dataset_digest(subset))
+
+    return fn
+
+
+def _eval_stage(tcfg, out_dir, log):
+    """(d) base, shortcut-SFT and journey-SFT over the budget grid: one engine, weights swapped between models."""
+
+    def fn(ctx: StageContext) -> StageOutput:
+        import ray
+
+        from orchestrator.config import eval_budgets
+        from orchestrator.evaluation import evaluate, format_summary
+        from orchestrator.rewards import RewardPool
+        from orchestrator.runtime import WorkerGroup
+        from orchestrator.trainer import _log_eval, load_prompt_tables
+
+        ckpts = {"base": ctx.inputs["base"].checkpoint, **{k: ctx.inputs[f"sft_{k}"].checkpoint for k in MODELS[1:]}}
+        with ctx.start_run(tags={tracking.TAG_SOURCE_CHECKPOINT: ckpts["base"]}) as child:
             _, prompts, verifier = load_prompt_tables(tcfg)
-            child.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
-            group = WorkerGroup(tcfg, base, learner=False)
+            group = WorkerGroup(tcfg, ckpts["base"], learner=False)
             pool_cm = RewardPool(tcfg.reward.num_workers) if tcfg.reward.num_workers > 0 else contextlib.nullcontext()
             summaries = {}
             try:
@@ -227,38 +221,80 @@ def run(cfg: JourneyConfig, log=print) -> dict:
                         log(f"journey: eval of {model}\n" + format_summary(summary))
             finally:
                 group.shutdown()
-        seconds["eval"] = time.time() - t0
+        return StageOutput(run_id=child.run_id, dataset_digest=tracking.dataset_digest(prompts),
+                           outputs={"summaries": summaries})
 
-        # (e) the comparison on the parent
-        table = comparison_table(summaries)
-        parent.log_table(table, "journey/comparison.parquet")
-        lengths_table = pa.Table.from_pylist([
-            {"kind": k, "n": int(lengths[f"{k}/n"]), "mean_num_tokens": lengths[f"{k}/mean_num_tokens"],
-             "mean_num_steps": lengths[f"{k}/mean_num_steps"], "mean_num_wrong": lengths[f"{k}/mean_num_wrong"]}
-            for k in ("shortcut", "journey")])
-        parent.log_table(lengths_table, "journey/trajectory_lengths.parquet")
-        import matplotlib.pyplot as plt
+    return fn
 
-        fig = frontier.plot_frontier(table.to_pandas().rename(columns={"budget": "label"}), x="mean_tokens",
-                                     y="accuracy", label="label", group="model",
-                                     title=f"accuracy vs tokens: base, shortcut-SFT, journey-SFT (N={cfg.data.n})")
-        parent.log_figure(fig, "journey/comparison.png")
-        plt.close(fig)
-        text = format_table(table, lengths, cfg.data.n)
+
+def _stages(cfg: JourneyConfig, tcfg, out_dir, log) -> list[Stage]:
+    conf = {"train": to_dict(tcfg), "data": vars(cfg.data), "sft": vars(cfg.sft)}
+    return [Stage("base", _base_stage(tcfg, log), (), {"train": conf["train"]}),
+            Stage("data", _data_stage(cfg, tcfg, out_dir, log), ("base",), {**conf, "sft": None}),
+            *[Stage(f"sft_{kind}", _sft_stage(cfg, tcfg, kind, out_dir, log), ("base", "data"), conf)
+              for kind in ("shortcut", "journey")],
+            Stage("eval", _eval_stage(tcfg, out_dir, log), ("base", "sft_shortcut", "sft_journey"), conf)]
+
+
+def _log_comparison(parent, cfg: JourneyConfig, summaries: dict, lengths: dict, out_dir) -> tuple[pa.Table, str]:
+    """(e) the comparison on the parent: table, trajectory lengths, plot, markdown."""
+    import matplotlib.pyplot as plt
+
+    table = comparison_table(summaries)
+    parent.log_table(table, "journey/comparison.parquet")
+    lengths_table = pa.Table.from_pylist([
+        {"kind": k, "n": int(lengths[f"{k}/n"]), "mean_num_tokens": lengths[f"{k}/mean_num_tokens"],
+         "mean_num_steps": lengths[f"{k}/mean_num_steps"], "mean_num_wrong": lengths[f"{k}/mean_num_wrong"]}
+        for k in ("shortcut", "journey")])
+    parent.log_table(lengths_table, "journey/trajectory_lengths.parquet")
+    fig = frontier.plot_frontier(table.to_pandas().rename(columns={"budget": "label"}), x="mean_tokens",
+                                 y="accuracy", label="label", group="model",
+                                 title=f"accuracy vs tokens: base, shortcut-SFT, journey-SFT (N={cfg.data.n})")
+    parent.log_figure(fig, "journey/comparison.png")
+    plt.close(fig)
+    text = format_table(table, lengths, cfg.data.n)
+    md = out_dir / "comparison.md"
+    md.write_text(text + "\n")
+    parent.log_artifact(md, "journey")
+    return table, text
+
+
+def run(cfg: JourneyConfig, log=print) -> dict:
+    """All stages under one parent run (``pipeline.run_pipeline``); returns the table, lengths, checkpoints and
+    run ids."""
+    from orchestrator.resume import fresh_run_dir
+    from orchestrator.runtime import init_ray
+
+    tcfg = train_config(cfg)  # everything validated before MLflow or Ray start
+    t_start = time.time()
+    _, out_dir = fresh_run_dir(tcfg, "journey", log=log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(tcfg.tracking.tracking_uri)
+    recipe_params = {"base": cfg.base, "overrides": " ".join(cfg.overrides),
+                     **{f"data.{k}": v for k, v in vars(cfg.data).items()},
+                     **{f"sft.{k}": v for k, v in vars(cfg.sft).items()}, "sft.resolved_steps": sft_steps(cfg)}
+    parent = tracking.Tracker.start(uri, tcfg.tracking.experiment, run_name=cfg.name, params=recipe_params,
+                                    tags=tracking.lineage_tags(to_dict(tcfg), workload="journey", stage="pipeline"))
+    with parent:
+        init_ray(tcfg)
+        results = run_pipeline(_stages(cfg, tcfg, out_dir, log), parent=parent, root=out_dir / "stages",
+                               workload="journey", log=log)
+        lengths = results["data"].outputs["lengths"]
+        table, text = _log_comparison(parent, cfg, results["eval"].outputs["summaries"], lengths, out_dir)
+        runs = {k: r.run_id for k, r in results.items()}
+        ckpts = {"base": results["base"].checkpoint, **{k: results[f"sft_{k}"].checkpoint for k in MODELS[1:]}}
+        seconds = {k: r.seconds for k, r in results.items()}
         seconds["total"] = time.time() - t_start
         parent.log_dict({"markdown": text, "runs": runs, "checkpoints": ckpts, "seconds": seconds},
                         "journey/comparison.json")
-        md = out_dir / "comparison.md"
-        md.write_text(text + "\n")
-        parent.log_artifact(md, "journey")
         parent.log_metrics({**{f"{r['model']}/{r['budget']}/accuracy": r["accuracy"] for r in table.to_pylist()},
                             **{f"lengths/{k}": v for k, v in lengths.items()},
                             **{f"seconds/{k}": v for k, v in seconds.items()}}, step=0)
-        parent.set_tags({f"budgetrl.stage_run.{k}": v for k, v in runs.items()})
         log("journey: comparison (greedy unless eval.temperature > 0)\n" + text +
             "\nseconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
         return {"parent_run_id": parent.run_id, "table": table, "lengths": lengths, "runs": runs,
-                "checkpoints": ckpts, "seconds": seconds, "data_path": path, "output_dir": str(out_dir)}
+                "checkpoints": ckpts, "seconds": seconds, "data_path": results["data"].outputs["path"],
+                "output_dir": str(out_dir)}
 
 
 def main(config: str, overrides: list[str]) -> int:

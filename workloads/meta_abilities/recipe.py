@@ -157,7 +157,7 @@ def _format_fn(cfg: Config) -> str:
 
 def stage_configs(cfg: MetaConfig, check_paths: bool = False) -> dict[str, Config]:
     """Every training stage's config (model.path is filled from its input when the stage runs)."""
-    common = list(cfg.overrides) + ["warmstart.steps=0", "model.build_tiny_if_missing=false"]
+    common = list(cfg.overrides) + ["warmstart.steps=0", "model.build_if_missing=none"]
     out: dict[str, Config] = {}
     for a in cfg.abilities:
         for lv in cfg.levels:
