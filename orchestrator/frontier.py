@@ -298,7 +298,7 @@ def frontier_command(*, tracking_uri: str | None, experiment: str | None, study:
         log(front[["run_name", "budget_label", "accuracy", "mean_tokens", "cost"]].to_string(index=False)
             if not front.empty else "  (no points with this metric)")
     figs = {x: plot_frontier(r["points"], x=x, y="accuracy", label="label",
-                                      title=f"accuracy vs {x}: {source}") for x, r in report.items()}
+                             title=f"accuracy vs {x}: {source}") for x, r in report.items()}
     names = {"mean_tokens": "accuracy_vs_tokens", "cost": "accuracy_vs_cost"}
     if out_dir:
         import pyarrow.parquet as pq
