@@ -8,7 +8,7 @@ own SQLite file and its own MLflow experiment, all under ``--out``; both share t
 checkpoint (cached by config hash under ``--out``), which is built once before the clock starts.
 
 The hypervolume of each final Pareto front (complete trials) is computed with ``frontier.hypervolume``
-against ONE reference point common to every sweep of the run: ``sweep.reference_point`` applied to the
+against ONE reference point common to every sweep of the run: ``sweep.front.reference_point`` applied to the
 union of all trials, i.e. accuracy 0 and mean tokens = the unconstrained budget's cap (thinking +
 solution = 72): fixed worst values derived from the objectives' bounds, the same point the sweep logs
 its own ``frontier/hypervolume`` against. (Only an objective with no natural bound would fall back to
@@ -57,7 +57,7 @@ SEARCHERS = {"optuna": "tpe", "random": "random"}  # label -> sampler; ratio is 
 
 
 def common_reference(plan, tables: list[pd.DataFrame]) -> dict[str, float]:
-    """One hypervolume reference for every sweep: ``sweep.reference_point`` over the union of their trials.
+    """One hypervolume reference for every sweep: ``sweep.front.reference_point`` over the union of their trials.
 
     Objectives with a natural bound (accuracy 0, mean tokens at a budget's cap) get that bound whatever
     the trials did; any other objective gets 1.1 x the worst value over all sweeps (worse-of-all nadir).
@@ -209,7 +209,8 @@ def run_one(args, run_dir: Path, label: str, repeat: int, log_file) -> dict:
 def prepare(args, run_dir: Path, log_file):
     """Validate both searchers' plans, start Ray once, build the shared warm start (untimed)."""
     from orchestrator.cost import reserved_resources
-    from orchestrator.sweep import _init_ray, load_sweep
+    from orchestrator.sweep import load_sweep
+    from orchestrator.sweep.run import _init_ray
     from orchestrator.warmstart import prepare_start_checkpoint
 
     plans = [load_sweep(args.config, sweep_overrides(args, run_dir, label, 0)) for label in SEARCHERS]

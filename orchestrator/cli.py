@@ -99,7 +99,7 @@ def _sweep(args) -> int:
 
 def _frontier(args) -> int:
     from .cost import CostModel
-    from .sweep import frontier_command
+    from .frontier import frontier_command
     from .tracking import TrackingError
 
     try:

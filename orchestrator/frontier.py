@@ -5,17 +5,28 @@ as ``label``, ``budget_thinking``, ``budget_solution``, ``run_id``). A row is on
 row is at least as good in every objective and strictly better in one. Rows with a NaN objective are
 never on the front and dominate nothing. Exact duplicates dominate neither each other, so all copies of
 a front point are on the front: the result depends on the values only, never on row order.
+
+The ``frontier`` command (``frontier_command``) recomputes both fronts (accuracy vs tokens, accuracy vs
+cost) from any MLflow runs: an experiment, a sweep's study, or run ids.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
+import math
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from . import tracking
+from .cost import CostModel, run_cost
 
 Points = pd.DataFrame | pa.Table
 
@@ -166,3 +177,155 @@ def plot_frontier(
     if group is not None:
         ax.legend(title=group, fontsize=8)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The `frontier` command: a front from any MLflow runs
+
+_EVAL_KEY = re.compile(r"^eval/(?P<label>[^/]+)/accuracy$")
+
+
+def _run_cost_from_params(params: dict[str, str], wall: float, model: CostModel) -> float:
+    """Cost of a run that did not log ``cost/total``: its resources from the logged config params."""
+
+    def num(key: str, default: float) -> float:
+        try:
+            return float(json.loads(params[key]))
+        except (KeyError, ValueError, TypeError):
+            return default
+
+    cfg = type("C", (), {})()
+    cfg.rollout = type("R", (), {"num_workers": num("rollout.num_workers", 1), "cpus_per_worker":
+                                 num("rollout.cpus_per_worker", 1), "gpus_per_worker": num("rollout.gpus_per_worker", 0)})
+    cfg.learner = type("L", (), {"num_workers": num("learner.num_workers", 1), "cpus_per_worker":
+                                 num("learner.cpus_per_worker", 1), "gpus_per_worker": num("learner.gpus_per_worker", 0)})
+    return run_cost(cfg, wall, model)["cost/total"]
+
+
+def select_runs(client, *, experiment: str | None = None, study: str | None = None,
+                run_ids: list[str] | None = None) -> list:
+    """Training runs named by an experiment, a study tag, or explicit ids (sweep/frontier parents excluded)."""
+    from mlflow.entities import ViewType
+
+    if run_ids:
+        runs = []
+        for r in run_ids:
+            try:
+                runs.append(client.get_run(r))
+            except Exception as e:  # noqa: BLE001 - MlflowException: no such run
+                raise ValueError(f"no MLflow run {r!r}: {str(e).splitlines()[0]}") from None
+    elif experiment is not None:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no MLflow experiment named {experiment!r}")
+        runs = client.search_runs([exp.experiment_id], max_results=50000)
+    elif study is not None:
+        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        runs = client.search_runs(ids, filter_string=f"tags.`{tracking.TAG_STUDY}` = '{study}'", max_results=50000)
+    else:
+        raise ValueError("name an experiment, a study or run ids")
+    skip = {"sweep", "frontier"}
+    return [r for r in runs if r.data.tags.get(tracking.TAG_WORKLOAD) not in skip]
+
+
+def run_points(runs, *, budget: str | None = None, cost_model: CostModel | None = None,
+               include_unfinished: bool = False, include_pruned: bool = False) -> pd.DataFrame:
+    """One row per (run, eval budget): the run's last logged eval at that budget, and its cost."""
+    model = cost_model or CostModel()
+    rows = []
+    for r in runs:
+        if not include_unfinished and r.info.status != "FINISHED":
+            continue
+        if not include_pruned and r.data.tags.get(tracking.TAG_PRUNED) == "true":
+            continue
+        m = r.data.metrics
+        if "cost/total" in m:
+            cost = m["cost/total"]
+        elif "cost/wall_seconds" in m:
+            cost = _run_cost_from_params(r.data.params, m["cost/wall_seconds"], model)
+        else:
+            cost = math.nan
+        for key in m:
+            g = _EVAL_KEY.match(key)
+            if not g or (budget is not None and g["label"] != budget):
+                continue
+            label = g["label"]
+            rows.append({"run_id": r.info.run_id, "run_name": r.info.run_name, "budget_label": label,
+                         "label": f"{r.info.run_name}@{label}", "study": r.data.tags.get(tracking.TAG_STUDY),
+                         "trial": r.data.tags.get(tracking.TAG_TRIAL), "accuracy": m[key],
+                         "mean_tokens": m.get(f"eval/{label}/mean_tokens", math.nan),
+                         "mean_thinking_tokens": m.get(f"eval/{label}/mean_thinking_tokens", math.nan),
+                         "cost": cost, "generated_tokens": m.get("cost/generated_tokens_total", math.nan)})
+    return pd.DataFrame(rows, columns=["run_id", "run_name", "budget_label", "label", "study", "trial", "accuracy",
+                                       "mean_tokens", "mean_thinking_tokens", "cost", "generated_tokens"])
+
+
+def frontier_report(points: pd.DataFrame) -> dict:
+    """Both fronts (accuracy vs tokens, accuracy vs cost) with hypervolumes against a fixed-rule reference
+    (accuracy 0; tokens / cost: 1.1 x the largest value among the points)."""
+    out = {}
+    for x in ("mean_tokens", "cost"):
+        pts = points[np.isfinite(points[x].astype(float))] if len(points) else points
+        table = frontier_table(pts, maximize=("accuracy",), minimize=(x,))
+        worst = float(pts[x].max()) if len(pts) else 0.0
+        ref = {"accuracy": 0.0, x: worst * 1.1 + 1e-9}
+        hv = hypervolume(pts, ["accuracy"], [x], reference=ref) if len(pts) else 0.0
+        out[x] = {"table": table, "points": pts, "hypervolume": hv, "reference": ref}
+    return out
+
+
+def frontier_command(*, tracking_uri: str | None, experiment: str | None, study: str | None,
+                     run_ids: list[str] | None, budget: str | None, out_dir: str | None, log_run: bool,
+                     log_experiment: str | None, cost_model: CostModel | None = None,
+                     include_unfinished: bool = False, include_pruned: bool = False, log=print) -> dict:
+    """Recompute the fronts from MLflow runs, print them, optionally write files and log an MLflow run."""
+    from mlflow import MlflowClient
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking._probe(uri)
+    client = MlflowClient(uri)
+    runs = select_runs(client, experiment=experiment, study=study, run_ids=run_ids)
+    points = run_points(runs, budget=budget, cost_model=cost_model, include_unfinished=include_unfinished,
+                        include_pruned=include_pruned)
+    if points.empty:
+        raise ValueError(f"no finished runs with eval metrics among {len(runs)} selected run(s)")
+    report = frontier_report(points)
+    source = (f"experiment {experiment}" if experiment else f"study {study}" if study else f"{len(run_ids)} runs")
+    for x, r in report.items():
+        front = r["table"].to_pandas()
+        front = front[front["on_front"]].sort_values(x)
+        log(f"accuracy vs {x} ({source}; {len(r['points'])} points, hypervolume {r['hypervolume']:.4g}):")
+        log(front[["run_name", "budget_label", "accuracy", "mean_tokens", "cost"]].to_string(index=False)
+            if not front.empty else "  (no points with this metric)")
+    figs = {x: plot_frontier(r["points"], x=x, y="accuracy", label="label",
+                             title=f"accuracy vs {x}: {source}") for x, r in report.items()}
+    names = {"mean_tokens": "accuracy_vs_tokens", "cost": "accuracy_vs_cost"}
+    if out_dir:
+        import pyarrow.parquet as pq
+
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        for x, r in report.items():
+            pq.write_table(r["table"], d / f"{names[x]}.parquet")
+            figs[x].savefig(d / f"{names[x]}.png", dpi=120)
+        log(f"frontier written to {d}")
+    run_id = None
+    if log_run:
+        exp_name = log_experiment or experiment or client.get_experiment(runs[0].info.experiment_id).name
+        sel = {"experiment": experiment, "study": study, "run_ids": ",".join(run_ids or []), "budget": budget}
+        tags = {tracking.TAG_WORKLOAD: "frontier", "budgetrl.frontier_source": source}
+        if study:
+            tags[tracking.TAG_STUDY] = study
+        with tracking.Tracker.start(uri, exp_name, run_name=f"frontier-{_dt.datetime.now():%Y%m%d-%H%M%S}",
+                                    params={k: v for k, v in sel.items() if v}, tags=tags) as t:
+            for x, r in report.items():
+                t.log_table(r["table"], f"frontier/{names[x]}.parquet")
+                t.log_figure(figs[x], f"frontier/{names[x]}.png")
+            t.log_metrics({"frontier/hypervolume_tokens": report["mean_tokens"]["hypervolume"],
+                           "frontier/hypervolume_cost": report["cost"]["hypervolume"],
+                           "frontier/points": float(len(points))}, step=0)
+            t.log_dict({"runs": sorted({r.info.run_id for r in runs}),
+                        "reference": {x: r["reference"] for x, r in report.items()}}, "frontier/summary.json")
+            run_id = t.run_id
+        log(f"frontier logged to MLflow run {run_id} (experiment {exp_name})")
+    return {"points": points, "report": report, "run_id": run_id}

@@ -43,6 +43,10 @@ TAG_SOURCE_RUN = "budgetrl.source_run"
 TAG_WORKLOAD = "budgetrl.workload"
 TAG_STAGE = "budgetrl.stage"
 TAG_STUDY = "budgetrl.study"
+# Sweeps (orchestrator/sweep/): a trial's child run, and the frontier command that reads them back.
+TAG_TRIAL = "budgetrl.trial"
+TAG_SWEEP_INVOCATION = "budgetrl.sweep_invocation"
+TAG_PRUNED = "budgetrl.pruned"  # "true" on a trial stopped early (kept off fronts)
 TAG_CHECKPOINT = "budgetrl.checkpoint"  # the checkpoint a run produced (set by the trainer and pipeline stages)
 # Multi-stage pipelines (orchestrator/pipeline.py): a stage's inputs and its identity.
 TAG_SOURCE_RUNS = "budgetrl.source_runs"  # comma-separated run ids of every input stage

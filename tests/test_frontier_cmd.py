@@ -52,7 +52,7 @@ def store(tmp_path):
 def test_points_use_last_eval_and_skip_parents_pruned_and_failed(store):
     from mlflow import MlflowClient
 
-    from orchestrator.sweep import run_points, select_runs
+    from orchestrator.frontier import run_points, select_runs
 
     uri, ids = store
     runs = select_runs(MlflowClient(uri), experiment="fr")

@@ -127,17 +127,19 @@ def test_cli_bad_sweep_exits_2_with_one_line(tmp_path, model_dir):
 
 
 def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
-    from orchestrator.sweep import derive_params, load_sweep
+    from orchestrator.sweep import base_budget, derive_params, load_sweep
 
     plan = load_sweep(_write_sweep(tmp_path, model_dir), ["num_trials=5", "base.trainer.steps=3"])
     assert plan.sweep.num_trials == 5 and plan.base.trainer.steps == 3
     assert [o.name for o in plan.objectives] == ["accuracy_6x4", "mean_tokens_unconstrained"]
     assert plan.frontier_budget == "6x4"
+    bb = base_budget(plan.base)
+    assert (bb.thinking, bb.solution) == (6, 4)
     # Total from the base (6 + 4 = 10) when only the fraction is searched; both budgets >= 1.
-    assert derive_params({"budget.thinking_fraction": 0.7}, (6, 4)) == {"budget.thinking": 7, "budget.solution": 3}
-    assert derive_params({"budget.total": 32, "budget.thinking_fraction": 0.99}, (6, 4)) == {
+    assert derive_params({"budget.thinking_fraction": 0.7}, bb) == {"budget.thinking": 7, "budget.solution": 3}
+    assert derive_params({"budget.total": 32, "budget.thinking_fraction": 0.99}, bb) == {
         "budget.thinking": 31, "budget.solution": 1}
-    assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, (6, 4)) == {
+    assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, bb) == {
         "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
 
 
@@ -346,7 +348,7 @@ def test_killed_trial_is_retried_then_killed_driver_resumes(tmp_path, tiny_model
 
     from orchestrator.config import load_config
     from orchestrator.cost import CostModel, run_cost
-    from orchestrator.sweep_attempts import HEARTBEAT_S
+    from orchestrator.sweep.attempts import HEARTBEAT_S
 
     steps = 4
     base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.steps=")]
@@ -419,6 +421,8 @@ def test_interrupted_trials_are_continued_first_and_lease_guards_the_study(tmp_p
     from optuna.trial import TrialState
 
     from orchestrator import sweep as sw
+    from orchestrator.sweep.run import _interrupted
+    from orchestrator.sweep.study import Lease
 
     plan = sw.load_sweep(_write_sweep(tmp_path, model_dir, num_trials=3))
     study = sw.open_study(plan, create=True)
@@ -432,20 +436,20 @@ def test_interrupted_trials_are_continued_first_and_lease_guards_the_study(tmp_p
     study.set_user_attr("budgetrl.driver", {"token": "x", "host": socket.gethostname(), "pid": os.getpid(),
                                             "heartbeat": time.time()})
     with pytest.raises(sw.SweepBusy, match="is being run by pid"):
-        sw._Lease(study).acquire()
+        Lease(study).acquire()
     # A dead driver on this host: taken over at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     study.set_user_attr("budgetrl.driver", {"token": "x", "host": socket.gethostname(), "pid": dead.pid,
                                             "heartbeat": time.time()})
-    lease = sw._Lease(study)
+    lease = Lease(study)
     lease.acquire()
     assert study.user_attrs["budgetrl.driver"]["pid"] == os.getpid()
     lease.release()
     assert study.user_attrs["budgetrl.driver"] == {}
 
     logs = []
-    assert sw._interrupted(study, plan, "001", logs.append) == [killed.number]
+    assert _interrupted(study, plan, "001", logs.append) == [killed.number]
     old = study.get_trials()[killed.number]
     assert old.state == TrialState.RUNNING and old.user_attrs["budgetrl.interruptions"] == 1
     assert sw.invocation_done(study, "001") == 1  # an interrupted trial is still owed
@@ -480,10 +484,10 @@ def test_study_frontier_logged_to_parent(tmp_path, model_dir):
         t = study.ask(sw.distributions(plan.sweep.space))
         t.set_user_attr("budgetrl.metrics", {"accuracy_6x4": acc, "mean_tokens_6x4": tok - 1,
                                              "mean_tokens_unconstrained": tok, "cost": 0.01 * (i + 1)})
-        t.set_user_attr("budgetrl.overrides", sw.param_overrides(t.params, (6, 4)))
+        t.set_user_attr("budgetrl.overrides", sw.param_overrides(t.params, sw.base_budget(plan.base)))
         t.set_user_attr("budgetrl.run_id", f"run{i}")
         if i == 3:
-            study.tell(t.number, state=sw._finished_states()[1])
+            study.tell(t.number, state=sw.finished_states()[1])
         else:
             study.tell(t.number, [acc, tok])
     parent = tracking.Tracker.start(plan.tracking_uri, plan.experiment, run_name="p")
