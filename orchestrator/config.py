@@ -20,7 +20,6 @@ from omegaconf import MISSING, OmegaConf
 
 from . import devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
-from .config_merge import describe_error as _describe  # noqa: F401  (sweep.py imports it from here)
 from .algorithms import AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
 from .rewards import RewardConfig  # the reward section: the reward code takes it whole

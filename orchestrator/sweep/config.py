@@ -20,7 +20,8 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .. import tracking
-from ..config import Budget, Config, ConfigError, _describe, eval_budgets, load_config, parse_budget
+from ..config import Budget, Config, ConfigError, eval_budgets, load_config, parse_budget
+from ..config_merge import describe_error
 from ..cost import CostModel
 from .storage import bad as _bad
 from .storage import check_storage_url, safe_url, sqlite_abs
@@ -140,7 +141,7 @@ def base_budget(cfg: Config) -> Budget:
     """The base training config's budget, as the one ``Budget`` value (``budget.total`` and
     ``budget.thinking_fraction`` are derived from it when a trial leaves one of them out)."""
     t, s = cfg.budget.thinking, cfg.budget.solution
-    return Budget(t, s, f"{t}x{s}")
+    return Budget(t, s)
 
 
 def _format_value(v: Any) -> str:
@@ -385,7 +386,7 @@ def _read_sweep(path: str | os.PathLike, overrides) -> tuple[SweepConfig, list[s
             layers.append(OmegaConf.from_dotlist(dotlist))
         return OmegaConf.to_object(OmegaConf.merge(*layers)), extra_base
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(describe_error(exc)) from None
 
 
 def _resolve_base_path(base: str, sweep_path: Path) -> Path:
