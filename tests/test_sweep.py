@@ -99,6 +99,9 @@ BAD = [
     ({"base_overrides": ["budget.thinking=-1"]}, "budget.thinking=-1: must be > 0"),
     ({"early_stopping": {"enabled": True}}, "early_stopping.enabled=True: needs intermediate evals"),
     ({"spcae": {}}, "spcae"),
+    ({"sampler": "grid"}, "space['budget.thinking_fraction'].type='float': sampler 'grid' needs categorical"),
+    ({"sampler": "grid", "num_trials": 3, "space": {"algorithm.kl_coef": {"type": "categorical", "choices": [0.0, 0.1]}}},
+     "num_trials=3: the grid has 2 points"),
 ]
 
 
@@ -141,6 +144,25 @@ def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
         "budget.thinking": 31, "budget.solution": 1}
     assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, bb) == {
         "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
+
+
+def test_grid_sampler_runs_every_combination_once(tmp_path, model_dir):
+    import optuna
+
+    from orchestrator.sweep import load_sweep
+    from orchestrator.sweep.study import distributions, make_sampler
+
+    space = {"algorithm.name": {"type": "categorical", "choices": ["grpo", "rloo", "gspo"]},
+             "rollout.seed": {"type": "categorical", "choices": [0, 1]}}
+    plan = load_sweep(_write_sweep(tmp_path, model_dir, sampler="grid", num_trials=6, space=space))
+    study = optuna.create_study(directions=["maximize"], sampler=make_sampler(plan.sweep, 0))
+    dists = distributions(plan.sweep.space)
+    seen = []
+    for _ in range(6):
+        trial = study.ask(dists)
+        seen.append((trial.params["algorithm.name"], trial.params["rollout.seed"]))
+        study.tell(trial, 0.5)  # the last point's tell must not raise (Optuna's grid calls study.stop())
+    assert sorted(seen) == sorted((a, s) for a in ("grpo", "rloo", "gspo") for s in (0, 1))
 
 
 def test_shipped_sweep_configs_validate():

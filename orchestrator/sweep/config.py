@@ -33,7 +33,7 @@ RUN_METRICS = {"cost": "min", "generated_tokens": "min", "wall_seconds": "min", 
 # Space keys that are not config keys: they derive budget.thinking / budget.solution.
 TOTAL_KEY, FRACTION_KEY = "budget.total", "budget.thinking_fraction"
 VIRTUAL_KEYS = (TOTAL_KEY, FRACTION_KEY)
-SAMPLERS = ("tpe", "nsga2", "random")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
 STORAGE_ENV = "OPTUNA_STORAGE"  # where a cluster passes the study's database URL (kept out of job specs)
 _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
@@ -309,6 +309,27 @@ def _check_settings(sweep: SweepConfig) -> None:
             raise _bad(f"cost.{key}", getattr(sweep.cost, key), "must be >= 0")
 
 
+def grid_points(space: dict[str, ParamSpec]) -> dict[str, list]:
+    """``sampler: grid``: every categorical parameter's choices (the grid is their product)."""
+    return {key: list(p.choices) for key, p in sorted(space.items())}
+
+
+def _check_grid(sweep: SweepConfig) -> None:
+    """A grid runs every combination of categorical choices once: a range has no finite grid, and more
+    trials than points would repeat points."""
+    if sweep.sampler != "grid":
+        return
+    for key, p in sorted(sweep.space.items()):
+        if p.type != "categorical":
+            raise _bad(f"space[{key!r}].type", p.type, "sampler 'grid' needs categorical parameters "
+                       "(list the values to try as choices)")
+    size = 1
+    for choices in grid_points(sweep.space).values():
+        size *= len(choices)
+    if sweep.num_trials > size:
+        raise _bad("num_trials", sweep.num_trials, f"the grid has {size} points; a grid sweep runs each once")
+
+
 def _objectives(sweep: SweepConfig, base: Config) -> list[Objective]:
     if not sweep.objectives:
         raise _bad("objectives", [], "give at least one objective")
@@ -453,6 +474,7 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] =
     sweep, extra_base = _read_sweep(path, overrides)
     _check_settings(sweep)
     _validate_space(sweep.space)
+    _check_grid(sweep)
     base_path = _resolve_base_path(sweep.base_config, p)
     base_overrides = [*sweep.base_overrides, *extra_base]
     base = _load_base(sweep, base_path, base_overrides)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import ConfigError
-from .config import ParamSpec, SweepConfig, SweepPlan
+from .config import ParamSpec, SweepConfig, SweepPlan, grid_points
 from .storage import open_storage, safe_url
 
 # Study / trial user attributes (the study is the sweep's durable state).
@@ -65,9 +65,25 @@ def make_sampler(sweep: SweepConfig, n_existing: int):
         return optuna.samplers.RandomSampler(seed=seed)
     if sweep.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
+    if sweep.sampler == "grid":
+        return _grid_sampler(sweep, seed)
     # constant_liar: concurrent trials do not all pile onto the same promising point.
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.n_startup_trials, multivariate=True,
                                       constant_liar=True)
+
+
+def _grid_sampler(sweep: SweepConfig, seed: int):
+    """Optuna's grid over the categorical choices; trial k of the study takes grid point k (Optuna's
+    rule for the first points), so a resumed sweep continues the grid instead of repeating it."""
+    import optuna
+
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values) -> None:
+            # Optuna's version calls study.stop(), which only works inside study.optimize; the sweep
+            # asks and tells and counts its trials itself (num_trials <= grid size is checked at load).
+            return None
+
+    return Grid(grid_points(sweep.space), seed=seed)
 
 
 def finished_states():
