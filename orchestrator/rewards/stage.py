@@ -18,3 +18,11 @@ def score_rollouts(records: pa.Table, spec: RewardSpec, pool: RewardPool | None)
         idx = out.schema.get_field_index(name)
         out = out.set_column(idx, out.schema.field(idx), pa.array(values, typ))
     return out, {"reward_errors": result.num_errors, "reward_timeouts": result.num_timeouts}
+
+
+def reward_spec(cfg, verifier: str) -> RewardSpec:
+    """The reward of a run's ``reward`` config section with ``verifier`` (the task's or the user's)."""
+    r = cfg.reward
+    return RewardSpec(verifier=verifier, correct_reward=r.correct_reward, wrong_reward=r.wrong_reward,
+                      format_weight=r.format_weight, format_fn=r.format_fn, length_penalty=r.length_penalty,
+                      timeout_s=r.timeout_s)
