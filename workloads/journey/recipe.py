@@ -117,13 +117,11 @@ def run(cfg: JourneyConfig, log=print) -> dict:
     """All stages under one parent run; returns the table, lengths, checkpoints and run ids."""
     from transformers import AutoTokenizer
 
-    from orchestrator.config import eval_budgets
-    from orchestrator.evaluation import evaluate, format_summary
+    from orchestrator.evaluation import evaluate_checkpoint, format_summary
     from orchestrator.learner.sft_ray import sft_train_ray
     from orchestrator.resume import fresh_run_dir
     from orchestrator.rewards import RewardPool
     from orchestrator.runtime import WorkerGroup, init_ray
-    from orchestrator.trainer import _log_eval, load_prompt_tables, reward_spec
     from orchestrator.warmstart import prepare_start_checkpoint
 
     tcfg = train_config(cfg)  # everything validated before MLflow or Ray start
@@ -202,8 +200,6 @@ def run(cfg: JourneyConfig, log=print) -> dict:
         with stage("eval", **{tracking.TAG_SOURCE_CHECKPOINT: base}) as child:
             import ray
 
-            _, prompts, verifier = load_prompt_tables(tcfg)
-            child.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
             group = WorkerGroup(tcfg, base, learner=False)
             pool_cm = RewardPool(tcfg.reward.num_workers) if tcfg.reward.num_workers > 0 else contextlib.nullcontext()
             summaries = {}
@@ -213,18 +209,10 @@ def run(cfg: JourneyConfig, log=print) -> dict:
                         if model != "base":
                             state = checkpoint_weights(ckpts[model])
                             ray.get([w.update_weights.remote(state, version) for w in group.rollout])
-                        e = tcfg.eval
-                        records, summary, by_diff = evaluate(
-                            group.rollout, prompts, eval_budgets(tcfg), samples_per_prompt=e.samples_per_prompt,
-                            temperature=e.temperature, top_p=e.top_p, reward_spec=reward_spec(tcfg, verifier),
-                            pool=pool, seed=tcfg.rollout.seed)
-
-                        def prefixed(m: dict, step: int, model=model) -> None:
-                            child.log_metrics({k.replace("eval/", f"eval/{model}/", 1): v for k, v in m.items()}, step)
-
-                        summaries[model] = _log_eval(child, summary, by_diff, records, 0, model, out_dir,
-                                                     log_metrics=prefixed)
-                        log(f"journey: eval of {model}\n" + format_summary(summary))
+                        result = evaluate_checkpoint(tcfg, ckpts[model], group=group, pool=pool, tracker=child,
+                                                     out_dir=out_dir, tag=model, prefix=f"eval/{model}")
+                        summaries[model] = result.rows
+                        log(f"journey: eval of {model}\n" + format_summary(result.summary))
             finally:
                 group.shutdown()
         seconds["eval"] = time.time() - t0
