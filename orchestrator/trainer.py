@@ -259,7 +259,7 @@ class _Run:
         self.buffer.flush(self.tracker)  # idempotent: those records may have gone out before the crash
         if self.curriculum is not None and st.get("curriculum") is not None:
             self.curriculum.restore(st["curriculum"])
-
+        self._push_weights()
 
     # ---- fault handling ---------------------------------------------------------------------------
 
