@@ -1,43 +1,42 @@
 """Evaluation over a (thinking, solution) budget grid: rollout records plus a per-budget summary.
 
-The same rollout workers and reward stage as training, so an eval number means exactly what the
-training metric means. Output: records (``ROLLOUT_SCHEMA``) and one summary row per budget (and
-per difficulty), which ``frontier.py`` turns into accuracy-vs-tokens plots.
+``evaluate_checkpoint`` is the one way to evaluate a checkpoint: the eval command, the trainer's
+evaluations and every workload call it. The same rollout workers and reward stage as training, so an
+eval number means exactly what the training metric means. Output: records (``ROLLOUT_SCHEMA``) and one
+summary row per budget (and per difficulty); ``log_eval`` logs them with an accuracy-vs-tokens plot.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
-from .config import Budget
+from . import frontier, tracking
+from .config import Budget, Config, eval_budgets
+from .data.io import write_rollouts
+from .prompts import load_prompt_tables
 from .rewards import RewardConfig, RewardPool
-from .rollout.worker import ENGINE_SECONDS, SamplingSpec, engine_seconds
 from .rewards.stage import score_rollouts
+from .rollout.worker import SamplingSpec
+from .runtime import WorkerGroup, init_ray
 
 
-def generate(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) -> pa.Table:
-    """Split the prompt table across rollout workers and concatenate their records.
+@dataclass
+class EvalResult:
+    """One checkpoint over a budget grid: records, the per-budget summary, the per-budget-and-difficulty one."""
 
-    The result's schema metadata keeps the slowest worker's engine seconds (the critical path).
-    """
-    return gather(submit(workers, prompts, spec, step))
+    records: pa.Table
+    summary: pa.Table
+    by_difficulty: pa.Table
 
-
-def submit(workers: list, prompts: pa.Table, spec: SamplingSpec, step: int) -> list:
-    """Start ``generate`` on the workers (an even split of the prompts); returns the Ray refs."""
-    n = len(workers)
-    size = -(-prompts.num_rows // n)
-    return [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
-            for i, w in enumerate(workers) if i * size < prompts.num_rows]
-
-
-def gather(refs: list) -> pa.Table:
-    """The records of ``submit``'s refs, in prompt order, with the slowest worker's engine seconds."""
-    parts = ray.get(refs)
-    slowest = max((engine_seconds(p) for p in parts), default=0.0)
-    return pa.concat_tables(parts).replace_schema_metadata({ENGINE_SECONDS: str(slowest)})
+    @property
+    def rows(self) -> list[dict]:
+        return self.summary.to_pylist()
 
 
 def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.Table:
@@ -59,21 +58,104 @@ def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.
     return agg.sort_by([("budget_thinking", "ascending")] + [(c, "ascending") for c in by if c != "budget_label"])
 
 
-def evaluate(workers: list, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
-             temperature: float, top_p: float, reward_spec: RewardConfig, pool: RewardPool | None,
-             step: int = 0, seed: int = 0) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """Records for every budget, the per-budget summary, and the per-budget-and-difficulty summary."""
+def _over_grid(group: WorkerGroup, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
+               temperature: float, top_p: float, reward: RewardConfig, pool: RewardPool | None, step: int,
+               seed: int) -> EvalResult:
+    """Generate and score every budget in turn (the grid's order is the order of the random draws)."""
     tables = []
     for b in budgets:
         spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p,
                             seed=seed)
-        recs = generate(workers, prompts, spec, step)
-        recs, _ = score_rollouts(recs, reward_spec, pool)
+        recs = group.generate(prompts, spec, step)
+        recs, _ = score_rollouts(recs, reward, pool)
         tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))
     records = pa.concat_tables(tables)
     summary = summarize(records)
     by_difficulty = summarize(records, ("budget_label", "difficulty"))
-    return records.drop_columns(["budget_label"]), summary, by_difficulty
+    return EvalResult(records.drop_columns(["budget_label"]), summary, by_difficulty)
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | None = None, *, group: WorkerGroup | None = None,
+                        pool: RewardPool | None = None, prompts: pa.Table | None = None,
+                        budgets: list[Budget] | None = None, reward: RewardConfig | None = None,
+                        seed: int | None = None, step: int = 0, tracker=None, out_dir: Path | None = None,
+                        tag: str = "eval", prefix: str = "eval") -> EvalResult:
+    """Evaluate ``checkpoint`` over a budget grid: the one way (eval command, training, workloads).
+
+    Workers: ``group``'s rollout workers when given (they must hold the checkpoint's weights; ``pool`` is
+    then used as given, None scoring in the driver), else a rollout-only group is started on
+    ``checkpoint`` (default ``model.path``) with a reward pool of ``reward.num_workers``, both stopped
+    after. Defaults from ``cfg``: the eval prompts and their verifier (``data``, ``eval.num_prompts``),
+    the grid ``eval.budgets``, the ``reward`` section, ``eval``'s sampling and ``rollout.seed``.
+    With ``tracker`` the run is tagged with the prompts' digest and ``log_eval`` logs the result."""
+    if prompts is None:
+        _, prompts, verifier = load_prompt_tables(cfg)
+        reward = reward or cfg.reward.for_verifier(verifier)
+    elif reward is None:
+        raise ValueError("evaluate_checkpoint: prompts given without their reward")
+    if tracker is not None:
+        tracker.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
+    e = cfg.eval
+    grid = dict(samples_per_prompt=e.samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
+                reward=reward, step=step, seed=cfg.rollout.seed if seed is None else seed)
+    budgets = eval_budgets(cfg) if budgets is None else budgets
+    if group is not None:
+        result = _over_grid(group, prompts, budgets, pool=pool, **grid)
+    else:
+        init_ray(cfg)
+        group = WorkerGroup(cfg, checkpoint or cfg.model.path, learner=False)
+        try:
+            pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
+            with pool_cm as own_pool:
+                result = _over_grid(group, prompts, budgets, pool=own_pool, **grid)
+        finally:
+            group.shutdown()
+    if tracker is not None:
+        log_eval(tracker, result, step, tag, out_dir or Path(cfg.trainer.output_dir), prefix=prefix)
+    return result
+
+
+def log_eval(tracker, result: EvalResult, step: int, tag: str, out_dir: Path, *, prefix: str = "eval",
+             log_metrics: Callable[[dict, int], None] | None = None, tolerate_store_errors: bool = False
+             ) -> list[dict]:
+    """Eval metrics (``{prefix}/{budget}/accuracy`` ..., through ``log_metrics`` when given, e.g. a run's
+    durable buffer) and artifacts (records, summaries, frontier plot); returns the summary rows.
+
+    The artifacts are written under ``out_dir/eval`` first and then logged; with
+    ``tolerate_store_errors`` an upload that fails only warns (the files stay for a later upload)."""
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    rows = result.rows
+    metrics = {}
+    for row in rows:
+        for k in ("accuracy", "mean_tokens", "mean_thinking_tokens", "truncation_rate"):
+            metrics[f"{prefix}/{row['budget_label']}/{k}"] = row[k]
+    for row in result.by_difficulty.to_pylist():
+        metrics[f"{prefix}/{row['budget_label']}/accuracy_d{row['difficulty']}"] = row["accuracy"]
+    (log_metrics or tracker.log_metrics)(metrics, step)
+    eval_dir = out_dir / "eval"
+    files = [write_rollouts(result.records, eval_dir / f"{tag}.parquet")]
+    for table, name in ((result.summary, f"{tag}_summary.parquet"), (result.by_difficulty, f"{tag}_by_difficulty.parquet")):
+        pq.write_table(table, eval_dir / name)
+        files.append(str(eval_dir / name))
+    df = result.summary.to_pandas().rename(columns={"budget_label": "label"})
+    fig = frontier.plot_frontier(df, x="mean_tokens", y="accuracy", label="label",
+                                 title=f"accuracy vs tokens ({tag}, step {step})")
+    fig.savefig(eval_dir / f"{tag}_frontier.png", dpi=110, bbox_inches="tight")
+    files.append(str(eval_dir / f"{tag}_frontier.png"))
+    plt.close(fig)
+    try:
+        for f in files:
+            tracker.log_artifact(f, "eval")
+    except Exception as exc:
+        if not tolerate_store_errors:
+            raise
+        import warnings
+
+        warnings.warn(f"eval artifacts of {tag} not logged ({type(exc).__name__}: {exc}); they stay in {eval_dir} "
+                      "and are logged at the end of the run", stacklevel=2)
+    return rows
 
 
 def model_comparison(rows_by_model: dict[str, list[dict]]) -> pa.Table:
@@ -118,17 +200,13 @@ def format_summary(summary: pa.Table) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg) -> tuple[str, pa.Table]:
+def run_eval(cfg: Config) -> tuple[str, pa.Table]:
     """The ``eval`` command: evaluate ``model.path`` over ``eval.budgets``, log to one MLflow run.
 
     The checkpoint must exist (``ConfigError`` before any work otherwise): eval never builds a model."""
-    import contextlib
-    from . import tracking
     from .checkpoint_files import require_checkpoint
-    from .config import eval_budgets, to_dict
-    from .rewards import RewardPool
-    from .runtime import WorkerGroup, init_ray
-    from .trainer import _log_eval, fresh_run_dir, load_prompt_tables
+    from .config import to_dict
+    from .resume import fresh_run_dir
 
     model = require_checkpoint(cfg.model.path, think_end=cfg.model.think_end, chat_template=cfg.model.chat_template)
     run_name, out_dir = fresh_run_dir(cfg, "eval")
@@ -139,20 +217,6 @@ def run_eval(cfg) -> tuple[str, pa.Table]:
                                      tags=tracking.lineage_tags(config_dict, workload="eval", stage="eval",
                                                                 source_checkpoint=cfg.model.path))
     with tracker:
-        init_ray(cfg)
-        _, prompts, verifier = load_prompt_tables(cfg)
-        tracker.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
-        group = WorkerGroup(cfg, model, learner=False)
-        pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
-        try:
-            with pool_cm as pool:
-                e = cfg.eval
-                records, summary, by_diff = evaluate(
-                    group.rollout, prompts, eval_budgets(cfg), samples_per_prompt=e.samples_per_prompt,
-                    temperature=e.temperature, top_p=e.top_p, reward_spec=cfg.reward.for_verifier(verifier),
-                    pool=pool, seed=cfg.rollout.seed)
-        finally:
-            group.shutdown()
-        _log_eval(tracker, summary, by_diff, records, 0, "eval", out_dir)
-        print(format_summary(summary))
-        return tracker.run_id, summary
+        result = evaluate_checkpoint(cfg, model, tracker=tracker, out_dir=out_dir)
+        print(format_summary(result.summary))
+        return tracker.run_id, result.summary

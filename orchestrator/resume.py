@@ -177,3 +177,39 @@ def plan_run(cfg: Config, log=print) -> tuple[str, Path, Path | None]:
         raise ConfigError("trainer.resume='must' needs trainer.run_name (the run to continue)")
     name, out = fresh_run_dir(cfg, "train", log)
     return name, out, None
+
+
+class DeferredState:
+    """A state taken at the end of a step and written at the start of the next, once that step's rollout
+    is generating, so the learner's save and the driver's MLflow flush run beside the engine instead of
+    between steps (docs/performance.md, section 4). The state carries the pending metrics, so it is
+    written first and the metrics go to MLflow after. A crash before the write resumes from the state
+    before, as a crash mid-write does. Without states (``trainer.state_every=0``) only the metrics wait."""
+
+    def __init__(self):
+        self.payload: dict | None = None
+        self.flush = False  # metrics to send at the next commit (a run without states)
+
+    @property
+    def waiting(self) -> bool:
+        return self.payload is not None or self.flush
+
+    def take(self, payload: dict) -> None:
+        self.payload = json.loads(json.dumps(payload))  # a snapshot; written as this JSON
+
+    def metrics_only(self) -> None:
+        self.flush = True
+
+    def drop(self) -> None:
+        """Forget a state taken from weights that are being replaced."""
+        self.payload = None
+
+    def commit(self, out_dir: str | os.PathLike, save_learner: Callable[[str], object],
+               flush_metrics: Callable[[], object]) -> None:
+        """Write the state taken (if any), then send the metrics (no-op when nothing waits)."""
+        payload, self.payload = self.payload, None
+        flush, self.flush = self.flush, False
+        if payload is not None:
+            write_state(out_dir, save_learner, payload)
+        if payload is not None or flush:  # the buffer holds the payload's pending metrics: nothing newer yet
+            flush_metrics()

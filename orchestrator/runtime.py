@@ -65,7 +65,10 @@ def placement_bundles(cfg: Config, *, learner: bool = True) -> list[tuple[str, d
 
 
 class WorkerGroup:
-    """Rollout workers and the learner of one run, placed together."""
+    """Rollout workers and the learner of one run, placed together.
+
+    The group owns the fan-out: ``submit`` splits a prompt table across the rollout workers, ``gather``
+    concatenates their records, ``generate`` does both; callers hold the group, never a list of actors."""
 
     def __init__(self, cfg: Config, model_path: str, *, learner: bool = True, name: str | None = None,
                  shared_dir: str | None = None):
@@ -116,6 +119,29 @@ class WorkerGroup:
             return
         self.learner = LearnerGroup(cfg, model_path, self.pg, first_bundle=r.num_workers)
         ray.get([w.ready.remote() for w in self.rollout])
+
+    def submit(self, prompts, spec, step: int) -> list:
+        """Start ``generate`` on the rollout workers (an even split of the prompts); returns the Ray refs."""
+        n = len(self.rollout)
+        size = -(-prompts.num_rows // n)
+        return [w.generate.remote(prompts.slice(i * size, size), spec, step=step)
+                for i, w in enumerate(self.rollout) if i * size < prompts.num_rows]
+
+    @staticmethod
+    def gather(refs: list):
+        """The records of ``submit``'s refs, in prompt order; the schema metadata keeps the slowest
+        worker's engine seconds (the critical path)."""
+        import pyarrow as pa
+
+        from .rollout.worker import ENGINE_SECONDS, engine_seconds
+
+        parts = ray.get(refs)
+        slowest = max((engine_seconds(p) for p in parts), default=0.0)
+        return pa.concat_tables(parts).replace_schema_metadata({ENGINE_SECONDS: str(slowest)})
+
+    def generate(self, prompts, spec, step: int):
+        """Records of ``prompts`` under the sampling ``spec``, from every rollout worker."""
+        return self.gather(self.submit(prompts, spec, step))
 
     def _new_rollout(self, i: int):
         r = self.cfg.rollout

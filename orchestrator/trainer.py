@@ -1,9 +1,11 @@
 """The controller: one plain loop in the driver that runs budget-constrained GRPO.
 
-sample prompts -> rollouts (RolloutWorker actors) -> rewards (process pool) -> group advantages
--> learner step (Learner ranks) -> weight sync to every engine -> MLflow. Evaluation over the
-budget grid runs before training, every ``trainer.eval_every`` steps, and after the last step.
-The driver moves Arrow tables and object refs; it never holds the model.
+A step is six named calls: sample (prompts.py) -> generate (the rollout worker group) -> reward ->
+advantage -> learn (the learner group) -> sync the weights to every engine and log. Prefetching the
+next rollout (``_prefetch``), retries after a lost actor (``_on_rollouts``), the timers (``StepTimer``)
+and the deferred durable state (``resume.DeferredState``) are small helpers beside the loop. The budget
+grid (``evaluation.evaluate_checkpoint``) runs before training, every ``trainer.eval_every`` steps and
+after the last. The driver moves Arrow tables and object refs; it never holds the model.
 
 Reliability: every ``trainer.state_every`` steps the run saves a resumable state (orchestrator/resume.py);
 a re-run of the same run name continues from it in the same MLflow run. A step's metrics reach MLflow
@@ -18,25 +20,25 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from tqdm import tqdm
 
-from . import algorithms, frontier, resume, tracking
+from . import algorithms, resume, tracking
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
-from .data.io import read_prompts, write_rollouts
-from .data.tasks import get_task
-from .evaluation import evaluate, format_summary, gather, generate, submit
+from .data.io import write_rollouts
+from .evaluation import evaluate_checkpoint, format_summary, log_eval
+from .prompts import PromptSampler, fit_prompts, load_prompt_tables
 from .rewards import RewardPool
 from .rewards.stage import score_rollouts
 from .rollout.worker import SamplingSpec, engine_seconds
-from .resume import fresh_run_dir  # noqa: F401  (re-exported: evaluation and workloads name runs with it)
 from .runtime import ACTOR_LOST, NodeUnavailable, WorkerGroup, describe_placement, init_ray
 from .warmstart import prepare_start_checkpoint
 from .weight_syncer import WeightSyncer
@@ -52,85 +54,6 @@ class TrainResult:
     steps: int = 0
     resumed_from: int | None = None  # the step a resumed run continued from
     restarts: int = 0  # actors replaced after crashes
-
-
-def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
-    """(train prompts, eval prompts, verifier name) from the task generator or the user's files."""
-    d = cfg.data
-    if d.path is not None:
-        train = read_prompts(d.path)
-        evals = read_prompts(d.eval_path) if d.eval_path else train
-        verifier = "math"
-    else:
-        task = get_task(d.task)
-        train = task.generate(d.train_size, difficulties=tuple(d.difficulties), seed=d.seed, split="train")
-        evals = task.generate(d.eval_size, difficulties=tuple(d.difficulties), seed=d.seed, split="eval")
-        verifier = task.verifier
-    if cfg.reward.verifier != "auto":
-        verifier = cfg.reward.verifier
-    return train, evals.slice(0, cfg.eval.num_prompts), verifier
-
-
-class PromptSampler:
-    """Epochs over the training prompts in a seeded random order."""
-
-    def __init__(self, prompts: pa.Table, batch: int, seed: int):
-        self.prompts, self.batch, self.rng = prompts, batch, np.random.default_rng(seed)
-        self.order, self.pos = self.rng.permutation(prompts.num_rows), 0
-
-    def next(self) -> pa.Table:
-        if self.pos + self.batch > len(self.order):
-            self.order, self.pos = self.rng.permutation(self.prompts.num_rows), 0
-        idx = self.order[self.pos:self.pos + self.batch]
-        self.pos += self.batch
-        return self.prompts.take(pa.array(idx))
-
-    def state(self) -> dict:
-        return {"order": self.order.tolist(), "pos": int(self.pos), "rng": self.rng.bit_generator.state}
-
-    def restore(self, state: dict) -> None:
-        if max(state["order"], default=-1) >= self.prompts.num_rows:
-            raise ValueError("resume: the saved data position does not fit the training prompts (data changed?)")
-        self.order, self.pos = np.asarray(state["order"], dtype=np.int64), int(state["pos"])
-        self.rng.bit_generator.state = state["rng"]
-
-
-def fit_prompts(cfg: Config, model_path: str, train: pa.Table, evals: pa.Table, log=print
-                ) -> tuple[pa.Table, pa.Table, dict]:
-    """Apply ``data.overlong_prompts`` to prompts that cannot fit the context window with their budget.
-
-    Checked with the model's tokenizer before any actor starts: ``error`` names the longest prompt,
-    ``drop`` removes them, ``truncate_left`` leaves them for the rollout workers to cut."""
-    from transformers import AutoTokenizer
-
-    from .rollout.worker import render_prompt
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    m, mode = cfg.model, cfg.data.overlong_prompts
-    train_budget = cfg.budget.thinking + cfg.budget.solution
-    eval_budget = max(b.thinking + b.solution for b in eval_budgets(cfg))
-    counts, out = {}, []
-    for name, table, budget in (("train", train, train_budget), ("eval", evals, eval_budget)):
-        texts = [render_prompt(m.prompt_template, p, tok, m.chat_template) for p in table["prompt"].to_pylist()]
-        lengths = np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
-        limit = m.max_model_len - budget - 1
-        over = lengths > limit
-        counts[name] = int(over.sum())
-        if counts[name] and mode == "error":
-            worst = int(np.argmax(lengths))
-            raise ConfigError(
-                f"data.overlong_prompts='error': {counts[name]} {name} prompt(s) do not fit model.max_model_len="
-                f"{m.max_model_len} with a {budget}-token budget (longest: prompt_id "
-                f"{table['prompt_id'][worst].as_py()!r}, {lengths[worst]} tokens > {limit}); set "
-                f"data.overlong_prompts to drop or truncate_left, or raise model.max_model_len")
-        if counts[name] and mode == "drop":
-            table = table.filter(pa.array(~over))
-            if table.num_rows == 0:
-                raise ConfigError(f"data.overlong_prompts='drop': every {name} prompt is longer than {limit} tokens")
-        if counts[name]:
-            log(f"{counts[name]} {name} prompt(s) longer than {limit} tokens: {mode}")
-        out.append(table)
-    return out[0], out[1], counts
 
 
 def generated_tokens(records: pa.Table) -> float:
@@ -153,47 +76,29 @@ def learner_batch(records: pa.Table, cfg: Config, learner=None) -> tuple[pa.Tabl
     return algorithms.learner_batch(records, cfg.algorithm, learner.sequence_kl if learner is not None else None)
 
 
-def _log_eval(tracker, summary: pa.Table, by_diff: pa.Table, records: pa.Table, step: int, tag: str,
-              out_dir: Path, log_metrics: Callable[[dict, int], None] | None = None,
-              tolerate_store_errors: bool = False) -> list[dict]:
-    """Eval metrics (through ``log_metrics`` when given, e.g. a run's durable buffer) and artifacts.
+class StepTimer:
+    """Wall seconds of a step's phases: ``lap(name)`` adds the time since the previous lap to ``name``."""
 
-    The artifacts are written under ``out_dir/eval`` first and then logged; with
-    ``tolerate_store_errors`` an upload that fails only warns (the files stay for a later upload)."""
-    import pyarrow.parquet as pq
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
-    rows = summary.to_pylist()
-    metrics = {}
-    for row in rows:
-        for k in ("accuracy", "mean_tokens", "mean_thinking_tokens", "truncation_rate"):
-            metrics[f"eval/{row['budget_label']}/{k}"] = row[k]
-    for row in by_diff.to_pylist():
-        metrics[f"eval/{row['budget_label']}/accuracy_d{row['difficulty']}"] = row["accuracy"]
-    (log_metrics or tracker.log_metrics)(metrics, step)
-    eval_dir = out_dir / "eval"
-    files = [write_rollouts(records, eval_dir / f"{tag}.parquet")]
-    for table, name in ((summary, f"{tag}_summary.parquet"), (by_diff, f"{tag}_by_difficulty.parquet")):
-        pq.write_table(table, eval_dir / name)
-        files.append(str(eval_dir / name))
-    df = summary.to_pandas().rename(columns={"budget_label": "label"})
-    fig = frontier.plot_frontier(df, x="mean_tokens", y="accuracy", label="label",
-                                 title=f"accuracy vs tokens ({tag}, step {step})")
-    fig.savefig(eval_dir / f"{tag}_frontier.png", dpi=110, bbox_inches="tight")
-    files.append(str(eval_dir / f"{tag}_frontier.png"))
-    import matplotlib.pyplot as plt
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
 
-    plt.close(fig)
-    try:
-        for f in files:
-            tracker.log_artifact(f, "eval")
-    except Exception as exc:
-        if not tolerate_store_errors:
-            raise
-        import warnings
-
-        warnings.warn(f"eval artifacts of {tag} not logged ({type(exc).__name__}: {exc}); they stay in {eval_dir} "
-                      "and are logged at the end of the run", stacklevel=2)
-    return rows
+    def metrics(self, engine_s: float, learner_s: float, off_policy: bool) -> dict[str, float]:
+        """``time/*``: the phases, and the overhead: what the step spends outside the engine's generation
+        and the learner's update (scheduling, serialization, reward, batching, weight sync; issue 9).
+        Off-policy the engine runs beside the learner: only the waits for it count. A synchronous rollout
+        started in the previous step's tail counts only the engine time this step waited for."""
+        s, total = self.seconds, self.last - self.start
+        waited = s.get("generate", 0.0)
+        t_compute = learner_s + (waited if off_policy else min(engine_s, waited))
+        return {"time/generate": waited, "time/reward": s.get("reward", 0.0), "time/learn": s.get("learn", 0.0),
+                "time/sync": s.get("sync", 0.0), "time/step": total, "time/generate_engine": engine_s,
+                "time/overhead": total - t_compute, "time/overhead_share": (total - t_compute) / max(total, 1e-9)}
 
 
 def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None,
@@ -263,11 +168,11 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
 
 @dataclass
 class _Prefetch:
-    """The next step's rollout, started during this step (see ``_Run._start_next``)."""
+    """The next step's rollout, started during this step (see ``_Run._prefetch``)."""
 
     step: int
     prompts: pa.Table
-    refs: list  # evaluation.submit's Ray refs
+    refs: list  # WorkerGroup.submit's Ray refs
     sampler_before: dict  # the data position before its prompts were drawn (what a state saves)
 
 
@@ -290,8 +195,7 @@ class _Run:
                                      top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # the next step's rollout, started during this step
-        self._deferred_state: dict | None = None  # a state taken at the end of a step, written at the next
-        self._deferred_flush = False  # trainer.state_every=0: the step's metrics go out during the next rollout
+        self.deferred = resume.DeferredState()  # taken at the end of a step, written during the next rollout
         self._fresh_position()
         self.placement: dict = {}  # node of every actor (``WorkerGroup.placement``), kept current
         self.syncer = WeightSyncer(cfg, group, log)  # the learner's weights to every engine after a step
@@ -319,26 +223,13 @@ class _Run:
                 "resumed_from": self.result.resumed_from,
                 "curriculum": self.curriculum.state() if self.curriculum is not None else None}
 
-    def save_state(self) -> None:
-        """Take the state's contents now; ``commit_state`` writes them (durable state first: it carries
-        the pending metrics; then the metrics go to MLflow) at the start of the next step, once that
-        step's rollout is generating, so the learner's save and the driver's MLflow flush run beside the
-        engine instead of between steps (docs/performance.md, section 4). A crash before the commit
-        resumes from the state before, as a crash mid-save does."""
-        self._deferred_state = json.loads(json.dumps(self._payload()))  # a snapshot; written as this JSON
-
     def commit_state(self) -> None:
-        """Write a deferred state, or send the metrics a run without states holds (no-op without either)."""
-        payload, self._deferred_state = self._deferred_state, None
-        flush, self._deferred_flush = self._deferred_flush, False
-        if payload is not None:
-            resume.write_state(self.out_dir, self.group.learner.save_state, payload)
-        if payload is not None or flush:  # the buffer holds the payload's pending metrics: nothing newer yet
-            self.buffer.flush(self.tracker)
+        """Write the deferred state, or send the metrics a run without states holds (no-op without either)."""
+        self.deferred.commit(self.out_dir, self.group.learner.save_state, lambda: self.buffer.flush(self.tracker))
 
     def restore(self, state_path: Path | None) -> None:
         """Continue from a saved state (or from the start checkpoint when there is none yet)."""
-        self._deferred_state = None  # taken from weights that are being replaced
+        self.deferred.drop()  # taken from weights that are being replaced
         if state_path is None:
             self._fresh_position()
             self.buffer = tracking.MetricBuffer()
@@ -400,9 +291,9 @@ class _Run:
     def _push_weights(self) -> None:
         self._on_rollouts(lambda: self.syncer.finish(self.syncer.start(self.step)))
 
-    def _on_rollouts(self, fn: Callable):
+    def _on_rollouts(self, fn: Callable, retry: Callable | None = None):
         """Run ``fn`` over the rollout workers; a worker that died is replaced with the current weights
-        and ``fn`` runs again (the step's prompts are re-generated: nothing from the failed try is used)."""
+        and ``retry`` (default ``fn``) runs instead (nothing from the failed try is used)."""
         while True:
             try:
                 return fn()
@@ -414,6 +305,7 @@ class _Run:
                 replaced = self.group.replace_rollouts(dead)
                 self._record_placement(f"rollout worker {', '.join(map(str, dead))} replaced")
                 self.syncer.finish(self.syncer.start(self.step, slots=replaced))
+                fn = retry or fn
 
     # ---- the loop ---------------------------------------------------------------------------------
 
@@ -427,9 +319,7 @@ class _Run:
             self.tracker.set_tags({"budgetrl.resumed_from_step": str(self.step)})
         else:
             t0 = time.perf_counter()
-            records, summary, by_diff = self._eval(0)
-            self.result.eval_before = _log_eval(self.tracker, summary, by_diff, records, 0, "step_0000",
-                                                self.out_dir, self.buffer.add, tolerate_store_errors=True)
+            self.result.eval_before, summary = self._eval(0)
             self.buffer.flush(self.tracker)
             self.log(f"eval before training ({time.perf_counter() - t0:.1f}s):\n{format_summary(summary)}")
             stop = bool(self.on_eval and self.on_eval(0, self.result.eval_before))
@@ -440,8 +330,6 @@ class _Run:
                 self.buffer.flush(self.tracker)
         self._curriculum_start = self.curriculum.state() if self.curriculum is not None else None
         last_eval = (0, self.result.eval_before, None) if stop else None
-        from tqdm import tqdm
-
         bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, disable=stop)
         while not stop and self.step < t.steps and not self._out_of_tokens():
             try:
@@ -456,19 +344,39 @@ class _Run:
         bar.close()
         return self._finish(last_eval)
 
-    def _out_of_tokens(self) -> bool:
-        limit = self.cfg.trainer.max_generated_tokens
-        return bool(limit) and self.totals["generated_tokens"] >= limit
+    def _one_step(self, bar) -> tuple[bool, tuple | None]:
+        """One RL step: sample, generate, reward, advantage, learn, sync and log."""
+        step, timer = self.step + 1, StepTimer()
+        prompts, refs = self._sample(step)
+        self.commit_state()  # the deferred state, written while the rollout generates (before the learner moves on)
+        records = self._generate(step, prompts, refs)
+        timer.lap("generate")
+        engine_s = engine_seconds(records)
+        self._prefetch(step, records, sync_sent=False)  # off-policy: the next rollout runs beside the learner
+        records, rstats, cur_metrics = self._reward(step, records)
+        kept, dstats = self._fill(step, records)  # DAPO dynamic sampling (algorithm.dynamic_sampling)
+        timer.lap("reward")
+        batch, bstats = learner_batch(kept, self.cfg, self.group.learner)  # advantages
+        bstats.update(dstats)
+        lmetrics, weights, sent = self._learn(step, batch, records)
+        timer.lap("learn")
+        self._wait_for_prefetch()
+        timer.lap("generate")
+        self._sync(step, records, weights, sent)
+        timer.lap("sync")
+        metrics = {**{f"train/{k}": v for k, v in bstats.items()}, **{f"curriculum/{k}": v for k, v in cur_metrics.items()},
+                   **{f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))},
+                   **timer.metrics(engine_s, float(lmetrics.get("seconds", 0.0)), bool(self.cfg.trainer.off_policy_steps))}
+        return self._log_step(step, records, rstats, metrics, bar)
 
-    def _scored_rollout(self, prompts: pa.Table, group_size: int) -> pa.Table:
-        """Training-budget rollouts, scored, outside the learning loop (a curriculum's preview)."""
-        import dataclasses
-
-        spec = dataclasses.replace(self.sampling, group_size=group_size)
-        records = self._on_rollouts(lambda: generate(self.group.rollout, prompts, spec, self.step))
-        records, _ = score_rollouts(records, self.spec, self.pool)
-        self.totals["generated_tokens"] += step_metrics(records)["generated_tokens"]
-        return records
+    def _sample(self, step: int) -> tuple[pa.Table, list | None]:
+        """This step's prompts, and the refs of their rollout when it already started: prefetched during
+        the previous step, or started now when a deferred state is to be written meanwhile."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.step == step:
+            return pending.prompts, pending.refs
+        prompts = self._draw(step)
+        return prompts, (self.group.submit(prompts, self.sampling, step) if self.deferred.waiting else None)
 
     def _draw(self, step: int) -> pa.Table:
         """This step's prompts: the sampler's batch, through the curriculum (refilled when it drops rows)."""
@@ -485,118 +393,97 @@ class _Run:
         chosen = pa.concat_tables(parts, promote_options="default")
         return chosen.slice(0, want) if chosen.num_rows else prompts
 
-    def _eval(self, step: int):
-        e = self.cfg.eval
-        return self._on_rollouts(lambda: evaluate(
-            self.group.rollout, self.eval_prompts, self.budgets, samples_per_prompt=e.samples_per_prompt,
-            temperature=e.temperature, top_p=e.top_p, reward_spec=self.spec, pool=self.pool, step=step,
-            seed=self.cfg.rollout.seed))
+    def _generate(self, step: int, prompts: pa.Table, refs: list | None) -> pa.Table:
+        """This step's records: gathered from ``refs`` (a rollout already started) on the first try, else
+        generated now; generated again after a lost rollout worker is replaced."""
+        def again() -> pa.Table:
+            return self.group.generate(prompts, self.sampling, step)
 
-    def _records(self, prompts: pa.Table, step: int, refs: list | None) -> pa.Table:
-        """This step's records: from ``refs`` (the rollout started during the previous step) on the
-        first try, else generated now. Retried by _on_rollouts."""
-        if refs:
-            try:
-                return gather(refs)
-            except ACTOR_LOST:
-                if self.group.dead_rollouts():
-                    raise  # _on_rollouts replaces the worker, then this runs again and regenerates
-        return generate(self.group.rollout, prompts, self.sampling, step)
+        def first() -> pa.Table:
+            if refs:
+                try:
+                    return self.group.gather(refs)
+                except ACTOR_LOST:
+                    if self.group.dead_rollouts():
+                        raise  # _on_rollouts replaces the worker, then ``again`` regenerates
+            return again()
 
-    def _start_next(self, step: int, records: pa.Table) -> None:
+        return self._on_rollouts(first, retry=again)
+
+    def _prefetch(self, step: int, records: pa.Table, *, sync_sent: bool) -> None:
         """Start step ``step + 1``'s rollout now, on whatever weights each worker holds when it runs.
 
-        Off-policy (``trainer.off_policy_steps=1``) it is called before the learner's update, so the
-        rollout runs beside it on the workers' current weights, one update behind. Synchronous, it is
-        called right after the weight sync is sent: each worker runs it after the sync (an actor runs
-        one caller's calls in order), so it is on-policy as before, and the driver's work between the
-        steps (the sync's acknowledgement, metrics, samples, the next draw and submit) runs beside the
-        engine instead of before it (docs/performance.md, section 4)."""
+        Off-policy (``trainer.off_policy_steps=1``) it starts right after this step's rollout
+        (``sync_sent=False``), so it runs beside the learner's update on the workers' current weights,
+        one update behind. Synchronous, it starts right after the weight sync is sent (``sync_sent=True``):
+        each worker runs it after the sync (an actor runs one caller's calls in order), so it is on-policy
+        as before, and the driver's work between the steps (the sync's acknowledgement, metrics, samples,
+        the next draw and submit) runs beside the engine instead of before it (docs/performance.md, section 4)."""
         t = self.cfg.trainer
-        if step >= t.steps:
+        if sync_sent == bool(t.off_policy_steps) or step >= t.steps:
             return
         if t.max_generated_tokens and self.totals["generated_tokens"] + generated_tokens(records) >= t.max_generated_tokens:
             return  # this step ends the run: no rollout for a step that will not come
         before = self.sampler.state()
         prompts = self._draw(step + 1)
-        self._pending = _Prefetch(step + 1, prompts, submit(self.group.rollout, prompts, self.sampling, step + 1), before)
+        self._pending = _Prefetch(step + 1, prompts, self.group.submit(prompts, self.sampling, step + 1), before)
 
-    def _one_step(self, bar) -> tuple[bool, tuple | None]:
-        cfg, t = self.cfg, self.cfg.trainer
-        step = self.step + 1
-        ts = time.perf_counter()
-        pending, self._pending = self._pending, None
-        if pending is not None and pending.step == step:
-            prompts, refs = pending.prompts, pending.refs
-        else:
-            prompts, refs = self._draw(step), None
-            if self._deferred_state is not None or self._deferred_flush:  # generate, then write meanwhile
-                refs = submit(self.group.rollout, prompts, self.sampling, step)
-        self.commit_state()  # before the learner moves past the state's weights
-        tries = [refs]  # the started rollout is used on the first try only
-        records = self._on_rollouts(lambda: self._records(prompts, step, tries.pop() if tries else None))
-        tg = time.perf_counter()
-        t_engine = engine_seconds(records)
-        if t.off_policy_steps:
-            self._start_next(step, records)
-        records, rstats = score_rollouts(records, self.spec, self.pool)
-        # Observed before the next step's prompts are drawn (synchronous runs draw them below).
-        cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
-        # DAPO dynamic sampling (algorithm.dynamic_sampling): drop flat groups, generate more to refill.
-        kept, dstats = algorithms.fill_batch(
-            records, lambda: self._scored_rollout(self._draw(step), cfg.rollout.group_size), cfg.algorithm)
-        tr = time.perf_counter()
-        batch, bstats = learner_batch(kept, cfg, self.group.learner)
-        bstats.update(dstats)
-        metric_refs, weights = self.group.learner.submit_step(batch, export=self.syncer.with_step)
-        # The object-store sync is sent with the step: each worker loads the new weights as soon as the
-        # learner exports them, and after any rollout already queued on it (an actor runs one caller's
-        # calls in order when tasks are not retried, as here), so an off-policy rollout keeps its weights
-        # and a synchronous run's next rollout, queued after the sync, gets the new ones. A collective
-        # sync starts once learner and workers are free (below), the next rollout queued behind it.
-        sent = [self.syncer.start(step, weights)] if self.syncer.with_step else []
-        if sent and not t.off_policy_steps:
-            self._start_next(step, records)
-        lmetrics = self.group.learner.step_result(metric_refs)
-        tl = time.perf_counter()
-        if self._pending is not None and t.off_policy_steps:  # the time the next rollout keeps the weights waiting
+    def _wait_for_prefetch(self) -> None:
+        """Off-policy: wait for the next step's rollout (the time it keeps the new weights waiting)."""
+        if self._pending is not None and self.cfg.trainer.off_policy_steps:
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
-        tw = time.perf_counter()
+
+    def _reward(self, step: int, records: pa.Table) -> tuple[pa.Table, dict, dict]:
+        """Scored records, reward error counts, and the curriculum's metrics (it observes the scores
+        before the next step's prompts are drawn; synchronous runs draw them once the sync is sent)."""
+        records, rstats = score_rollouts(records, self.spec, self.pool)
+        cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
+        return records, rstats, cur_metrics
+
+    def _fill(self, step: int, records: pa.Table) -> tuple[pa.Table, dict]:
+        """The groups to learn from: with dynamic sampling, flat groups dropped and refilled from more
+        prompts (scored, their tokens counted); otherwise ``records`` as they are."""
+        more = lambda: self._scored_rollout(self._draw(step), self.cfg.rollout.group_size)  # noqa: E731
+        return algorithms.fill_batch(records, more, self.cfg.algorithm)
+
+    def _learn(self, step: int, batch: pa.Table, records: pa.Table) -> tuple[dict, object, object]:
+        """The learner's update: (its metrics, the exported weights ref, the weight sync already sent or None).
+
+        The object-store sync is sent with the step: each worker loads the new weights as soon as the
+        learner exports them, and after any rollout already queued on it (an actor runs one caller's
+        calls in order when tasks are not retried, as here), so an off-policy rollout keeps its weights
+        and a synchronous run's next rollout, queued after the sync, gets the new ones. A collective
+        sync starts once learner and workers are free (``_sync``), the next rollout queued behind it."""
+        metric_refs, weights = self.group.learner.submit_step(batch, export=self.syncer.with_step)
+        sent = None
+        if self.syncer.with_step:
+            sent = self.syncer.start(step, weights)
+            self._prefetch(step, records, sync_sent=True)
+        return self.group.learner.step_result(metric_refs), weights, sent
+
+    def _sync(self, step: int, records: pa.Table, weights, sent) -> None:
+        """Every engine holds the new weights when this returns (a replaced worker gets them again)."""
         if not self.syncer.with_step:
-            sent = [self._on_rollouts(lambda: self.syncer.start(step))]
-            if not t.off_policy_steps:
-                self._start_next(step, records)
-        self._on_rollouts(lambda: self.syncer.finish(sent.pop() if sent else self.syncer.start(step, weights)))
-        tsync = time.perf_counter()
+            sent = self._on_rollouts(lambda: self.syncer.start(step))
+            self._prefetch(step, records, sync_sent=True)
+        self._on_rollouts(lambda: self.syncer.finish(sent), retry=lambda: self.syncer.finish(self.syncer.start(step, weights)))
+
+    def _log_step(self, step: int, records: pa.Table, rstats: dict, extra: dict, bar) -> tuple[bool, tuple | None]:
+        """The step is done: its metrics to the durable buffer, samples, then eval, checkpoint and state
+        as the cadences ask. Returns (stop, the last eval when the caller's ``on_eval`` stopped the run)."""
+        t = self.cfg.trainer
         self.step = step
         m = step_metrics(records)
         self.totals["generated_tokens"] += m["generated_tokens"]
         self.totals["reward_errors"] += rstats["reward_errors"]
         self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
-        metrics.update({f"train/{k}": v for k, v in bstats.items()})
         # Updates between the policy that generated the samples and the one that learned from them
         # (0 synchronous; 1 with trainer.off_policy_steps=1 after the first step).
         metrics["train/policy_lag"] = (step - 1) - float(np.mean(records["policy_version"].to_numpy()))
-        metrics.update({f"curriculum/{k}": v for k, v in cur_metrics.items()})
-        metrics.update({f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))})
-        # What the step spends outside the engine's generation and the learner's update: scheduling,
-        # serialization, reward, batching, weight sync (issue 9's overhead share).
-        # Off-policy, the engine runs while the learner does: only the waits for it count, and the
-        # overhead is what is left outside the learner's update and those waits. A synchronous rollout
-        # started in the previous step's tail counts only the engine time this step waited for (a
-        # rollout started in this step waited at least its engine time: the min is that time).
-        waited = (tg - ts) + (tw - tl)
-        t_gen = waited if t.off_policy_steps else min(t_engine, waited)
-        t_compute = float(lmetrics.get("seconds", 0.0)) + t_gen
-        metrics.update({"time/generate": waited, "time/reward": tr - tg, "time/learn": tl - tr,
-                        "time/sync": tsync - tw, "time/step": tsync - ts, "time/generate_engine": t_engine,
-                        "time/overhead": tsync - ts - t_compute,
-                        "time/overhead_share": (tsync - ts - t_compute) / max(tsync - ts, 1e-9),
-                        "train/reward_errors": rstats["reward_errors"],
-                        "train/reward_timeouts": rstats["reward_timeouts"],
-                        "cost/generated_tokens_total": self.totals["generated_tokens"],
-                        "cost/wall_seconds": self.wall()})
+        metrics.update(extra)
+        metrics.update({"train/reward_errors": rstats["reward_errors"], "train/reward_timeouts": rstats["reward_timeouts"],
+                        "cost/generated_tokens_total": self.totals["generated_tokens"], "cost/wall_seconds": self.wall()})
         self.buffer.add(metrics, step)
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward']:.2f}", acc=f"{m['accuracy']:.2f}", think=f"{m['thinking_tokens']:.1f}",
@@ -606,9 +493,7 @@ class _Run:
         stop, last = False, None
         final = step == t.steps or self._out_of_tokens()  # the final eval and checkpoint come in _finish
         if t.eval_every and step % t.eval_every == 0 and not final:
-            records_e, summary, by_diff = self._eval(step)
-            rows = _log_eval(self.tracker, summary, by_diff, records_e, step, f"step_{step:04d}", self.out_dir,
-                             self.buffer.add, tolerate_store_errors=True)
+            rows, summary = self._eval(step)
             if self.on_eval and self.on_eval(step, rows):
                 stop, last = True, (step, rows, summary)
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
@@ -616,10 +501,31 @@ class _Run:
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
             self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
         if t.state_every and step % t.state_every == 0 and not final and not stop:
-            self.save_state()
+            self.deferred.take(self._payload())  # written at the start of the next step (resume.DeferredState)
         elif not t.state_every:
-            self._deferred_flush = True  # nothing to resume from: metrics go out as they come (next step)
+            self.deferred.metrics_only()  # nothing to resume from: metrics go out as they come (next step)
         return stop, last
+
+    def _eval(self, step: int) -> tuple[list[dict], pa.Table]:
+        """The budget grid on the run's own workers (retried after a lost worker), logged as ``step_NNNN``."""
+        result = self._on_rollouts(lambda: evaluate_checkpoint(
+            self.cfg, group=self.group, pool=self.pool, prompts=self.eval_prompts, budgets=self.budgets,
+            reward=self.spec, step=step))
+        rows = log_eval(self.tracker, result, step, f"step_{step:04d}", self.out_dir, log_metrics=self.buffer.add,
+                        tolerate_store_errors=True)
+        return rows, result.summary
+
+    def _out_of_tokens(self) -> bool:
+        limit = self.cfg.trainer.max_generated_tokens
+        return bool(limit) and self.totals["generated_tokens"] >= limit
+
+    def _scored_rollout(self, prompts: pa.Table, group_size: int) -> pa.Table:
+        """Training-budget rollouts, scored, outside the learning loop (a curriculum's preview)."""
+        spec = replace(self.sampling, group_size=group_size)
+        records = self._on_rollouts(lambda: self.group.generate(prompts, spec, self.step))
+        records, _ = score_rollouts(records, self.spec, self.pool)
+        self.totals["generated_tokens"] += step_metrics(records)["generated_tokens"]
+        return records
 
     def _finish(self, last_eval) -> TrainResult:
         cfg, t, result = self.cfg, self.cfg.trainer, self.result
@@ -633,10 +539,7 @@ class _Run:
             if self._out_of_tokens() and self.step < t.steps:
                 self.log(f"stopping at step {self.step}: trainer.max_generated_tokens={t.max_generated_tokens} reached")
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(self.step)})
-            records_e, summary, by_diff = self._eval(self.step)
-            result.eval_after = _log_eval(self.tracker, summary, by_diff, records_e, self.step,
-                                          f"step_{self.step:04d}", self.out_dir, self.buffer.add,
-                                          tolerate_store_errors=True)
+            result.eval_after, summary = self._eval(self.step)
             if self.on_eval:
                 self.on_eval(self.step, result.eval_after)
         if summary is not None:

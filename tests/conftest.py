@@ -97,7 +97,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 def expected_prompt_ids(overrides: list[str], steps: int) -> list[list[str]]:
     """The prompt ids an uninterrupted run of this config draws at steps 1..steps (its own sampler)."""
     from orchestrator.config import load_config
-    from orchestrator.trainer import PromptSampler, load_prompt_tables
+    from orchestrator.prompts import PromptSampler, load_prompt_tables
 
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides, check_paths=False)
     train, _, _ = load_prompt_tables(cfg)

@@ -55,7 +55,8 @@ def test_corrupt_prompt_file_fails_before_any_work(tmp_path, tiny_model, content
 def test_overlong_prompts_error_drop_and_truncate(tmp_path, tiny_model):
     from orchestrator.config import Budget
     from orchestrator.rollout.worker import RolloutWorker, SamplingSpec
-    from orchestrator.trainer import fit_prompts, load_prompt_tables, train
+    from orchestrator.prompts import fit_prompts, load_prompt_tables
+    from orchestrator.trainer import train
 
     rows = [{"prompt_id": "short", "prompt": "1+2=", "answer": "3"},
             {"prompt_id": "long", "prompt": "9" * 80 + "+1=", "answer": "1" + "0" * 80}]

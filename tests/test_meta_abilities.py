@@ -127,3 +127,21 @@ def test_sampled_evaluation_reruns_only_the_eval_stages():
         assert same == (not name.startswith("eval-")), name
     assert all(s["temperature"] == 0.7 and s["samples"] == 4 for s in b["eval-merged"].config["suites"])
     assert all("temperature" not in s for s in a["eval-merged"].config["suites"])  # greedy keys unchanged
+
+
+def test_evaluate_suites_goes_through_evaluate_checkpoint_per_task_and_level(ray_session, tiny_model, tmp_path):
+    """One rollout group for every suite; each suite's own prompts, verifier, budget and sampling (four
+    samples at temperature 0.8 here): one row per task and level, records written per task."""
+    from conftest import TINY
+    from orchestrator.config import load_config
+    from workloads.meta_abilities.recipe import evaluate_suites
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      [f"model.path={tiny_model}", "rollout.cpus_per_worker=0.5", "reward.num_workers=1"]
+                      + [f"model.tiny.{k}={v}" for k, v in TINY.items()])
+    suites = [{"task": "addition", "difficulties": [1, 2], "num": 4, "max_thinking": 12, "max_solution": 4,
+               "temperature": 0.8, "samples": 4}]
+    rows = evaluate_suites(cfg, tiny_model, suites, seed=3, out_dir=tmp_path)
+    assert [(r["task"], r["level"], r["samples"]) for r in rows] == [("addition", 1, 8), ("addition", 2, 8)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and 0 <= r["mean_tokens"] <= 12 + 4 for r in rows)  # within the budget
+    assert (tmp_path / "eval" / "addition.parquet").is_file()

@@ -267,3 +267,35 @@ def test_state_files_and_directories_are_fsynced_before_the_swap(tmp_path, monke
         assert str((tmp / name).resolve()) in before_swap, (name, sorted(before_swap))
     assert str(out.resolve()) in synced[renames[-1][2]:]  # the rename itself reaches the disk
     assert final == out / resume.STATE
+
+
+def test_deferred_state_is_written_before_its_metrics_are_sent(tmp_path):
+    """A state taken at a step's end waits (a snapshot: later changes to the payload do not reach it);
+    the commit writes it first, then sends the metrics; a dropped state is never written, and a run
+    without states only sends its metrics."""
+    from orchestrator.resume import DeferredState, read_state
+
+    order = []
+    deferred = DeferredState()
+    assert not deferred.waiting
+    payload = {"step": 3, "pending_metrics": [["m", 1.0, 0, 3]]}
+    deferred.take(payload)
+    payload["step"] = 4
+    assert deferred.waiting
+
+    def save_learner(path):
+        order.append("learner")
+        Path(path, "weights").write_text("w")
+
+    deferred.commit(tmp_path, save_learner, lambda: order.append("flush") or read_state(tmp_path / "state"))
+    assert order == ["learner", "flush"] and read_state(tmp_path / "state")["step"] == 3
+    assert not deferred.waiting
+
+    deferred.take({"step": 5})
+    deferred.drop()
+    deferred.metrics_only()
+    order.clear()
+    deferred.commit(tmp_path, save_learner, lambda: order.append("flush"))
+    assert order == ["flush"] and read_state(tmp_path / "state")["step"] == 3
+    deferred.commit(tmp_path, save_learner, lambda: order.append("flush"))
+    assert order == ["flush"]  # nothing waited the second time

@@ -133,3 +133,21 @@ def test_eval_command_on_trained_checkpoint(trained):
     records = pq.read_table(tmp / "out" / "e2e-eval" / "eval" / "eval.parquet")
     assert records.num_rows == 16
     assert all(r["thinking_tokens"] <= r["budget_thinking"] for r in records.to_pylist())
+
+
+def test_step_timer_adds_laps_and_counts_overhead_outside_engine_and_learner(monkeypatch):
+    """Laps of one name add up (generate is the rollout plus the wait for an off-policy prefetch); the
+    overhead is the step less the learner's seconds and the engine time the step waited for."""
+    from orchestrator import trainer
+
+    clock = iter([0.0, 2.0, 2.5, 6.0, 7.0, 7.5])
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
+    timer = trainer.StepTimer()
+    for name in ("generate", "reward", "learn", "generate", "sync"):
+        timer.lap(name)
+    sync = timer.metrics(engine_s=1.5, learner_s=3.0, off_policy=False)
+    assert sync["time/generate"] == 3.0 and sync["time/reward"] == 0.5 and sync["time/learn"] == 3.5
+    assert sync["time/sync"] == 0.5 and sync["time/step"] == 7.5
+    assert sync["time/overhead"] == 7.5 - 3.0 - 1.5 and sync["time/overhead_share"] == 3.0 / 7.5
+    off = timer.metrics(engine_s=1.5, learner_s=3.0, off_policy=True)  # only the waits count off-policy
+    assert off["time/overhead"] == 7.5 - 3.0 - 3.0

@@ -362,7 +362,10 @@ def _worker_main(in_fd: int, out_fd: int, parent_pid: int, preload: list[str]) -
     _die_with_parent(parent_pid)
     import importlib
 
-    import orchestrator.rewards  # noqa: F401  (registers the built-ins)
+    # The built-in verifiers and formats register on import (the modules themselves, not the package's
+    # __init__, which imports this module: no import cycle).
+    import orchestrator.rewards.shaping  # noqa: F401
+    import orchestrator.rewards.verifiers  # noqa: F401
 
     for module in preload:
         importlib.import_module(module)

@@ -18,3 +18,4 @@ def score_rollouts(records: pa.Table, reward: RewardConfig, pool: RewardPool | N
         idx = out.schema.get_field_index(name)
         out = out.set_column(idx, out.schema.field(idx), pa.array(values, typ))
     return out, {"reward_errors": result.num_errors, "reward_timeouts": result.num_timeouts}
+

@@ -189,11 +189,10 @@ def _eval_stage(tcfg, out_dir, log):
     def fn(ctx: StageContext) -> StageOutput:
         import ray
 
-        from orchestrator.config import eval_budgets
-        from orchestrator.evaluation import evaluate, format_summary
+        from orchestrator.evaluation import evaluate_checkpoint, format_summary
+        from orchestrator.prompts import load_prompt_tables
         from orchestrator.rewards import RewardPool
         from orchestrator.runtime import WorkerGroup
-        from orchestrator.trainer import _log_eval, load_prompt_tables
 
         ckpts = {"base": ctx.inputs["base"].checkpoint, **{k: ctx.inputs[f"sft_{k}"].checkpoint for k in MODELS[1:]}}
         with ctx.start_run(tags={tracking.TAG_SOURCE_CHECKPOINT: ckpts["base"]}) as child:
@@ -207,18 +206,11 @@ def _eval_stage(tcfg, out_dir, log):
                         if model != "base":
                             state = checkpoint_weights(ckpts[model])
                             ray.get([w.update_weights.remote(state, version) for w in group.rollout])
-                        e = tcfg.eval
-                        records, summary, by_diff = evaluate(
-                            group.rollout, prompts, eval_budgets(tcfg), samples_per_prompt=e.samples_per_prompt,
-                            temperature=e.temperature, top_p=e.top_p, reward_spec=tcfg.reward.for_verifier(verifier),
-                            pool=pool, seed=tcfg.rollout.seed)
-
-                        def prefixed(m: dict, step: int, model=model) -> None:
-                            child.log_metrics({k.replace("eval/", f"eval/{model}/", 1): v for k, v in m.items()}, step)
-
-                        summaries[model] = _log_eval(child, summary, by_diff, records, 0, model, out_dir,
-                                                     log_metrics=prefixed)
-                        log(f"journey: eval of {model}\n" + format_summary(summary))
+                        result = evaluate_checkpoint(tcfg, ckpts[model], group=group, pool=pool, prompts=prompts,
+                                                     reward=tcfg.reward.for_verifier(verifier), tracker=child,
+                                                     out_dir=out_dir, tag=model, prefix=f"eval/{model}")
+                        summaries[model] = result.rows
+                        log(f"journey: eval of {model}\n" + format_summary(result.summary))
             finally:
                 group.shutdown()
         return StageOutput(run_id=child.run_id, dataset_digest=tracking.dataset_digest(prompts),

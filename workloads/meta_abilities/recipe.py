@@ -10,7 +10,7 @@
 
 Everything is built from orchestrator parts: ``pipeline.run_pipeline`` (resume, concurrency, lineage),
 ``trainer.train`` (RL stages), ``learner.sft.sft_train`` (warm start), ``merge.merge_checkpoints`` and
-``evaluation.evaluate``.
+``evaluation.evaluate_checkpoint``.
 """
 
 from __future__ import annotations
@@ -302,15 +302,17 @@ def _format_rate(records: pa.Table) -> float:
     return sum(ok) / max(1, len(ok))
 
 
-def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], seed: int, tracker=None,
-                        out_dir: Path | None = None) -> list[dict]:
+def evaluate_suites(train_cfg: Config, checkpoint: str, suites: list[dict], seed: int, tracker=None,
+                    out_dir: Path | None = None) -> list[dict]:
     """Accuracy of ``checkpoint`` on every suite, by level (greedy unless the suite says a temperature
     and samples per instance); rows of the comparison table."""
+    import dataclasses
+
     import pyarrow.compute as pc
 
+    from orchestrator import evaluation
     from orchestrator.data.io import write_rollouts
     from orchestrator.data.tasks import get_task
-    from orchestrator.evaluation import evaluate
     from orchestrator.rewards import RewardConfig, RewardPool
     from orchestrator.runtime import WorkerGroup, init_ray
 
@@ -326,13 +328,15 @@ def evaluate_checkpoint(train_cfg: Config, checkpoint: str, suites: list[dict], 
                 prompts = task.generate(s["num"], difficulties=tuple(s["difficulties"]), seed=seed, split="eval")
                 spec = RewardConfig(verifier=task.verifier, timeout_s=c.reward.timeout_s)
                 budget = Budget(s["max_thinking"], s["max_solution"], "unconstrained")
-                records, _, by_diff = evaluate(group.rollout, prompts, [budget],
-                                               samples_per_prompt=int(s.get("samples", 1)),
-                                               temperature=float(s.get("temperature", 0.0)), top_p=1.0,
-                                               reward_spec=spec, pool=pool, seed=seed)
+                sampling = dataclasses.replace(c.eval, samples_per_prompt=int(s.get("samples", 1)),
+                                               temperature=float(s.get("temperature", 0.0)), top_p=1.0)
+                result = evaluation.evaluate_checkpoint(
+                    dataclasses.replace(c, eval=sampling), checkpoint, group=group, pool=pool, prompts=prompts,
+                    budgets=[budget], reward=spec, seed=seed)
+                records = result.records
                 if out_dir is not None:
                     write_rollouts(records, out_dir / "eval" / f"{s['task']}.parquet")
-                for r in by_diff.to_pylist():
+                for r in result.by_difficulty.to_pylist():
                     recs = records.filter(pc.equal(records["difficulty"], r["difficulty"]))
                     rows.append({"task": s["task"], "level": int(r["difficulty"]), "accuracy": r["accuracy"],
                                  "format_rate": _format_rate(recs), "mean_tokens": r["mean_tokens"],
@@ -355,7 +359,7 @@ def _eval_stage(cfg: MetaConfig, train_cfg: Config, source: str):
         suites = ctx.config["suites"]
         with ctx.start_run(params={"checkpoint": ckpt, "suites": [s["task"] for s in suites]},
                            tags={tracking.TAG_SOURCE_CHECKPOINT: ckpt}) as run:
-            rows = evaluate_checkpoint(train_cfg, ckpt, suites, cfg.evaluation.seed, tracker=run, out_dir=ctx.out_dir)
+            rows = evaluate_suites(train_cfg, ckpt, suites, cfg.evaluation.seed, tracker=run, out_dir=ctx.out_dir)
         digest = tracking.config_hash({"suites": suites, "seed": cfg.evaluation.seed})
         return StageOutput(run_id=run.run_id, checkpoint=None, dataset_digest=digest, outputs={"rows": rows})
 
