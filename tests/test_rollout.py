@@ -366,7 +366,7 @@ def test_standin_checkpoint_ends_on_both_eos_ids_vllm(ray_session, standin_model
         engine_kwargs=dict(dtype="float32", max_model_len=256, seed=0))
     try:
         t, s = 16, 8
-        spec = SamplingSpec(group_size=4, budget_thinking=t, budget_solution=s, temperature=1.0, seed=3)
+        spec = SamplingSpec(group_size=4, budget=Budget(t, s), temperature=1.0, seed=3)
         out = ray_session.get(actor.__ray_call__.remote(probe, _prompts(), spec, 8.0))
     finally:
         ray_session.kill(actor)
