@@ -73,8 +73,8 @@ def make_sampler(sweep: SweepConfig, n_existing: int):
 
 
 def _grid_sampler(sweep: SweepConfig, seed: int):
-    """Optuna's grid over the categorical choices; trial k of the study takes grid point k (Optuna's
-    rule for the first points), so a resumed sweep continues the grid instead of repeating it."""
+    """Optuna's grid over the categorical choices; trial k of the study takes point k of the grid as Optuna
+    shuffled it with the seed, so a resumed sweep continues the grid instead of repeating it."""
     import optuna
 
     class Grid(optuna.samplers.GridSampler):
