@@ -143,3 +143,14 @@ def wait_for(cond, proc, timeout: float, what: str, log: Path | None = None):
             pytest.fail(f"the run exited ({proc.returncode}) while waiting for {what}:{tail()}")
         time.sleep(0.2)
     pytest.fail(f"timed out waiting for {what}:{tail()}")
+
+
+@pytest.fixture()
+def cfg_file(tmp_path):
+    """A minimal training config over an existing (empty) model directory: for config-validation tests."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    p = tmp_path / "c.yaml"
+    p.write_text(f"model:\n  path: {model}\n  max_model_len: 256\nbudget:\n  thinking: 16\n  solution: 8\n")
+    return p

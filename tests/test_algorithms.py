@@ -219,16 +219,6 @@ def test_presets_fill_unset_keys_and_explicit_keys_win():
     assert resolve(resolve({"name": "rloo"})) == resolve({"name": "rloo"})  # idempotent
 
 
-@pytest.fixture()
-def cfg_file(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    p = tmp_path / "c.yaml"
-    p.write_text(f"model:\n  path: {model}\n  max_model_len: 256\nbudget:\n  thinking: 16\n  solution: 8\n")
-    return p
-
-
 @pytest.mark.parametrize("override, expected", [
     ("algorithm.name=ppo", "algorithm.name='ppo': unknown preset; presets: grpo, dr_grpo, dapo, rloo, reinforce_pp, gspo"),
     ("algorithm.advantage=gae", "algorithm.advantage='gae': unknown advantage estimator; registered: grpo, dr_grpo, "

@@ -9,16 +9,6 @@ import pytest
 from orchestrator.config import Budget, ConfigError, EvalConfig, load_config, parse_budget
 
 
-@pytest.fixture()
-def cfg_file(tmp_path):
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    p = tmp_path / "c.yaml"
-    p.write_text(f"model:\n  path: {model}\n  max_model_len: 256\nbudget:\n  thinking: 16\n  solution: 8\n")
-    return p
-
-
 @pytest.mark.parametrize("override, expected", [
     ("model.foo=1", "model.foo"),
     ("rollout.group_size=abc", "rollout.group_size"),
