@@ -9,10 +9,17 @@ path, and the source run's config hash, git commit, dataset digest and workload 
 ``resolve_model_uri`` turns ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``
 or ``runs:/RUN_ID/PATH`` into a local directory (downloaded once into a cache), and passes a local
 directory through unchanged. Everything goes through an explicit ``MlflowClient`` (no fluent globals).
+
+The model's measured frontier (``effort.Frontier``: accuracy and mean tokens per evaluated budget, from the
+source run's final eval summary) travels with the version: a JSON artifact of the version's run, named by the
+``budgetrl.frontier`` version tag, with a one-line ``budgetrl.frontier_summary`` tag; ``load_frontier`` reads
+it back for serving.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import tracking
+from .effort import Frontier
 
 REGISTRY_PREFIXES = ("models:/", "runs:/")
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -32,6 +40,9 @@ _INHERITED_TAGS = (tracking.TAG_CONFIG_HASH, tracking.TAG_GIT_COMMIT, tracking.T
                    tracking.TAG_WORKLOAD, tracking.TAG_STAGE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _COMPLETE = ".budgetrl_download_complete"
+TAG_FRONTIER = "budgetrl.frontier"  # version tag: the frontier JSON's artifact path in the version's run
+TAG_FRONTIER_SUMMARY = "budgetrl.frontier_summary"  # version tag: Frontier.summary(), for people and the UI
+_EVAL_SUMMARY = re.compile(r"^eval/(?:step_(\d+)|eval)_summary\.parquet$")  # evaluation.log_eval's tables
 
 
 class RegistryError(ValueError):
@@ -147,19 +158,24 @@ def _check_dir(model_dir: Path, where: str, *, shown: str | None = None, **check
 def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathLike, name: str,
                         run_id: str | None = None, tags: Mapping[str, str] | None = None, *,
                         alias: str | None = None, experiment: str = "budgetrl",
-                        description: str | None = None) -> int:
+                        description: str | None = None, frontier: Frontier | str | None = "auto",
+                        token_price: float | None = None) -> int:
     """Register ``checkpoint_dir`` as a new version of registered model ``name``; returns the version.
 
     ``run_id`` is the run that produced the checkpoint (its lineage tags are copied onto the version);
     when not given, the training run tagged with this checkpoint path is looked up. If that run
     already holds the same files as its ``checkpoint`` artifact, the version points at it; otherwise a
     registration run in ``experiment`` logs the directory. ``alias`` (e.g. ``prod``) is moved to the
-    new version. ``tags`` are added to the version as given.
+    new version. ``tags`` are added to the version as given. ``frontier``: ``"auto"`` stores the source run's final
+    eval summary as the version's frontier when it has one (``run_frontier``; ``token_price`` per 1000 tokens
+    fills its cost), a ``Frontier`` is stored as given, None stores none.
     """
     ckpt = Path(checkpoint_dir).expanduser().resolve()
     _check_dir(ckpt, f"checkpoint_dir={str(checkpoint_dir)!r}")
     if not _NAME_RE.match(name):
         raise RegistryError(f"name={name!r}: use letters, digits, '_', '-', '.' (no '/' or '@')")
+    if not (frontier is None or frontier == "auto" or isinstance(frontier, Frontier)):
+        raise RegistryError(f"frontier={frontier!r}: 'auto', None or an effort.Frontier")
     client, uri = _client(tracking_uri)
 
     source_run = None
@@ -187,6 +203,10 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
         with tracker:
             tracker.log_artifacts(str(ckpt), CHECKPOINT_ARTIFACT)
         holder = tracker.run_id
+    if frontier == "auto":
+        frontier = run_frontier(client, source_run.info.run_id, token_price) if source_run is not None else None
+    if frontier is not None:
+        version_tags.update(_store_frontier(client, holder, frontier))
 
     try:
         client.get_registered_model(name)
@@ -201,6 +221,52 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
     return version
+
+
+def run_frontier(client, run_id: str, token_price: float | None = None) -> Frontier | None:
+    """The frontier of a run's final eval summary (``evaluation.log_eval``: the highest-step
+    ``eval/step_N_summary.parquet``, else the eval command's ``eval/eval_summary.parquet``); None without one."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = [f.path for f in client.list_artifacts(run_id, "eval")]
+    except Exception:
+        return None
+    found = sorted((int(m[1]) if m[1] else -1, n) for n in names if (m := _EVAL_SUMMARY.match(n)))
+    if not found:
+        return None
+    path = found[-1][1]
+    with tempfile.TemporaryDirectory(prefix="budgetrl-frontier-") as tmp:
+        table = pq.read_table(client.download_artifacts(run_id, path, tmp))
+    try:
+        return Frontier.from_summary(table, f"runs:/{run_id}/{path}", token_price)
+    except ValueError as exc:
+        raise RegistryError(f"run {run_id}: its eval summary {path} gives no frontier: {exc}") from exc
+
+
+def _store_frontier(client, run_id: str, frontier: Frontier) -> dict[str, str]:
+    """Log the frontier's JSON into ``run_id`` (a path named by its content); the version tags that point at it."""
+    text = frontier.to_json()
+    path = f"frontier/frontier-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    client.log_text(run_id, text, path)
+    return {TAG_FRONTIER: path, TAG_FRONTIER_SUMMARY: frontier.summary()[:4000]}  # a SQL store's tag column: 5000
+
+
+def load_frontier(uri: str, tracking_uri: str | None = None) -> Frontier | None:
+    """The frontier stored with a registered version (``models:/`` URIs); None for a version registered without
+    one, a local directory or a ``runs:/`` URI."""
+    if not str(uri).startswith("models:/"):
+        return None
+    client, store = _client(tracking_uri)
+    mv = _version(client, store, uri, parse_model_uri(uri))
+    path = (mv.tags or {}).get(TAG_FRONTIER)
+    if not path:
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="budgetrl-frontier-") as tmp:
+            return Frontier.from_dict(json.loads(Path(client.download_artifacts(mv.run_id, path, tmp)).read_text()))
+    except Exception as exc:
+        raise RegistryError(f"{uri!r}: cannot read its frontier {path} from run {mv.run_id}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +305,22 @@ def check_model_files(uri: str, tracking_uri: str | None = None, **checks) -> di
 
 def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]:
     """(description, artifact URI to download, cache key) for a parsed reference."""
-    try:
-        if ref.kind == "run":
+    if ref.kind == "run":
+        try:
             client.get_run(ref.name)
-            return f"run {ref.name} artifact {ref.ref}", f"runs:/{ref.name}/{ref.ref}", f"runs/{ref.name}/{_safe(ref.ref)}"
+        except Exception as e:
+            raise _not_found(uri, store, e) from e
+        return f"run {ref.name} artifact {ref.ref}", f"runs:/{ref.name}/{ref.ref}", f"runs/{ref.name}/{_safe(ref.ref)}"
+    mv = _version(client, store, uri, ref)
+    download = client.get_model_version_download_uri(mv.name, mv.version)
+    # The version's run id makes the cache key change if a name is deleted and re-registered.
+    key = f"models/{_safe(mv.name)}/{mv.version}-{_safe(mv.run_id or 'norun')[:12]}"
+    return f"registered model {mv.name} version {mv.version}", download, key
+
+
+def _version(client, store: str, uri: str, ref: ModelRef):
+    """The ``ModelVersion`` a ``models:/`` reference names (version, alias or latest)."""
+    try:
         if ref.kind == "alias":
             mv = client.get_model_version_by_alias(ref.name, ref.ref)
         elif ref.kind == "latest":
@@ -255,12 +333,13 @@ def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]
     except RegistryError:
         raise
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RegistryError(f"{uri!r}: not found in the registry at {store}: {first}") from e
-    download = client.get_model_version_download_uri(mv.name, mv.version)
-    # The version's run id makes the cache key change if a name is deleted and re-registered.
-    key = f"models/{_safe(mv.name)}/{mv.version}-{_safe(mv.run_id or 'norun')[:12]}"
-    return f"registered model {mv.name} version {mv.version}", download, key
+        raise _not_found(uri, store, e) from e
+    return mv
+
+
+def _not_found(uri: str, store: str, e: Exception) -> RegistryError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return RegistryError(f"{uri!r}: not found in the registry at {store}: {first}")
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike | None = None) -> str:

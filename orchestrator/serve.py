@@ -3,7 +3,8 @@
 ``python -m orchestrator serve CHECKPOINT_OR_MODEL_URI [key=value ...]`` serves a Hugging Face
 checkpoint directory, or a registry model (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``,
 ``runs:/RUN_ID/checkpoint``; see ``registry.py``), behind ``/v1/completions`` and
-``/v1/chat/completions``. Every request may set ``thinking_budget`` and ``solution_budget``; the
+``/v1/chat/completions``. Every request may set ``thinking_budget`` and ``solution_budget``, or, for a
+registry model with a measured frontier, ``reasoning_effort`` or ``target_accuracy`` (``effort.py``); the
 replica runs the project's own two-phase generation (``rollout/budget.py``) on the project's engines
 (vLLM, or HF ``generate``), batching concurrent requests (``@serve.batch``), and reports thinking and
 solution tokens separately in ``usage``.
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -36,6 +36,7 @@ from ray import serve
 
 from . import registry
 from .config import Budget, ConfigError
+from .effort import BudgetChoice, BudgetRequestError, Frontier, choose, is_int, is_number
 from .runtime import init_ray
 from .serve_config import (  # noqa: F401  (the config API is importable from here too)
     AutoscalingConfig,
@@ -98,6 +99,7 @@ class Job:
     temperature: float
     top_p: float
     seed: int | None
+    choice: BudgetChoice  # where the budget came from (request, effort, target, default) and why
 
     @property
     def size(self) -> int:
@@ -117,21 +119,13 @@ def _job_size(jobs: list[Job]) -> int:
     return sum(j.size for j in jobs)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 class BudgetedServer:
     """Tokenizer + engine (through ``RolloutWorker``) + the request logic of both endpoints."""
 
-    def __init__(self, cfg: ServeConfig, model_dir: str):
+    def __init__(self, cfg: ServeConfig, model_dir: str, frontier: Frontier | None = None):
         from .rollout.worker import RolloutWorker
 
-        self.cfg = cfg
+        self.cfg, self.frontier = cfg, frontier  # the model's measured frontier (registry.load_frontier)
         m = cfg.model
         engine_kwargs: dict[str, Any] = dict(dtype=m.dtype, seed=m.seed)
         if m.engine == "vllm":
@@ -152,7 +146,7 @@ class BudgetedServer:
         v = body.get(key)
         if v is None:
             return default
-        if not _is_int(v):
+        if not is_int(v):
             raise APIError(f"{key} must be an integer, got {json.dumps(v)}", param=key, code="invalid_type")
         if v < minimum:
             raise APIError(f"{key} must be >= {minimum}, got {v}", param=key, code="invalid_value")
@@ -165,7 +159,7 @@ class BudgetedServer:
         v = body.get(key)
         if v is None:
             return default
-        if not _is_number(v):
+        if not is_number(v):
             raise APIError(f"{key} must be a number, got {json.dumps(v)}", param=key, code="invalid_type")
         if (v <= lo if lo_open else v < lo) or v > hi:
             bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
@@ -180,7 +174,7 @@ class BudgetedServer:
                 prompts = [p]
             elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
                 prompts = p
-            elif isinstance(p, list) and p and all(_is_int(x) or isinstance(x, list) for x in p):
+            elif isinstance(p, list) and p and all(is_int(x) or isinstance(x, list) for x in p):
                 raise APIError("prompt: token-id prompts are not supported; send text", param="prompt",
                                code="invalid_type")
             else:
@@ -252,12 +246,12 @@ class BudgetedServer:
             v = body.get(key)
             if v is not None and v is not False and v != [] and v != 0:
                 raise APIError(f"{key} is not supported by this server", param=key, code="unsupported")
-        budget = self._budget(body)
+        budget, choice = self._budget(body)
         n = self._int(body, "n", 1, minimum=1, maximum=cfg.sampling.max_n, max_key="sampling.max_n")
         temperature = self._number(body, "temperature", cfg.sampling.temperature, 0.0, 2.0)
         top_p = self._number(body, "top_p", cfg.sampling.top_p, 0.0, 1.0, lo_open=True)
         seed = body.get("seed")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
         kwargs = self._template_kwargs(kind, body)
         texts, field_name = self._texts(kind, body, kwargs)
@@ -279,20 +273,26 @@ class BudgetedServer:
                                f"marker and solution_budget={budget.solution} it needs {need} tokens, over the "
                                f"context window of {limit} (model.max_model_len)", param=field_name,
                                code="context_length_exceeded")
-        return Job(kind, model, ids, n, budget, temperature, top_p, seed)
+        return Job(kind, model, ids, n, budget, temperature, top_p, seed, choice)
 
-    def _budget(self, body: dict) -> Budget:
-        """thinking_budget and solution_budget (else the defaults), capped by max_tokens (thinking first)."""
+    def _budget(self, body: dict) -> tuple[Budget, BudgetChoice]:
+        """The budget fields, reasoning_effort or target_accuracy (``effort.choose``; else the defaults), capped by
+        max_tokens (thinking first)."""
         default, most = self.cfg.budget.default, self.cfg.budget.most
-        t = self._int(body, "thinking_budget", default.thinking, minimum=1, maximum=most.thinking,
-                      max_key="budget.max_thinking")
-        s = self._int(body, "solution_budget", default.solution, minimum=1, maximum=most.solution,
-                      max_key="budget.max_solution")
+        asked = {k: self._int(body, k, None, minimum=1, maximum=m, max_key=f"budget.max_{k.split('_')[0]}")
+                 for k, m in (("thinking_budget", most.thinking), ("thinking_token_budget", most.thinking),
+                              ("solution_budget", most.solution))}
+        try:
+            choice = choose(asked, body.get("reasoning_effort"), body.get("target_accuracy"), self.frontier, most,
+                            default, model=f"model {json.dumps(self.names[0])}")
+        except BudgetRequestError as exc:
+            raise APIError(str(exc), param=exc.param, code=exc.code) from None
+        t, s = choice.budget.thinking, choice.budget.solution
         cap_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         if (cap := self._int(body, cap_key, None, minimum=2)) is not None:
             t = min(t, cap - 1)
             s = min(s, cap - t)
-        return Budget(t, s)
+        return Budget(t, s), choice
 
     # ------------------------------------------------------------------------------ generation
 
@@ -362,8 +362,7 @@ class BudgetedServer:
         kind = "text_completion" if job.kind == "completion" else "chat.completion"
         prefix = "cmpl" if job.kind == "completion" else "chatcmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
-                "model": job.model, "choices": choices, "usage": usage,
-                "budget": {"thinking": job.budget.thinking, "solution": job.budget.solution}}
+                "model": job.model, "choices": choices, "usage": usage, **job.choice.response_fields(job.budget)}
 
     def handle(self, kind: str, body: Any) -> dict:
         """Validate, generate and respond in one call (no batching across requests)."""
@@ -374,12 +373,12 @@ class BudgetedServer:
         return self.respond(job, result)
 
     def models(self) -> dict:
-        b = self.cfg.budget
+        b, f = self.cfg.budget, self.frontier
         return {"object": "list", "data": [{
             "id": self.names[0], "object": "model", "created": 0, "owned_by": "budgetrl",
             "max_model_len": self.cfg.model.max_model_len,
             "budget": {"thinking": b.thinking, "solution": b.solution, "max_thinking": b.max_thinking,
-                       "max_solution": b.max_solution}}]}
+                       "max_solution": b.max_solution}, "frontier": f and f.to_dict(), "efforts": f and f.efforts()}]}
 
 
 # ================================================================================================
@@ -402,7 +401,8 @@ class BudgetedLLM:
         # Every engine call (construction included) runs on this one thread: the engine is not
         # thread-safe, and the event loop stays free to accept and batch requests meanwhile.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self.server = self._pool.submit(BudgetedServer, cfg, model_dir).result()
+        frontier = registry.load_frontier(cfg.model.path, cfg.model.tracking_uri)
+        self.server = self._pool.submit(BudgetedServer, cfg, model_dir, frontier).result()
         self._generate_batch.set_max_batch_size(cfg.deployment.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.deployment.batch_wait_timeout_s)
         self.counts = {"requests": 0, "ok": 0, "client_errors": 0, "server_errors": 0}

@@ -154,3 +154,24 @@ def cfg_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(f"model:\n  path: {model}\n  max_model_len: 256\nbudget:\n  thinking: 16\n  solution: 8\n")
     return p
+
+
+# (thinking, solution, label, correct of 100, mean tokens): a made-up eval grid for the effort and serving tests.
+EVAL_GRID = [(4, 2, "4x2", 10, 5), (8, 4, "8x4", 35, 10), (16, 8, "16x8", 50, 20), (32, 16, "32x16", 58, 40),
+             (64, 32, "64x32", 60, 80), (128, 64, "unconstrained", 62, 160)]
+
+
+@pytest.fixture(scope="session")
+def eval_summary():
+    """``evaluation.summarize`` of 100 records per ``EVAL_GRID`` budget: the table a run's eval logs."""
+    import pyarrow as pa
+
+    from orchestrator.evaluation import summarize
+
+    rows = []
+    for t, s, label, correct, tokens in EVAL_GRID:
+        for i in range(100):
+            rows.append({"budget_label": label, "budget_thinking": t, "budget_solution": s, "correct": i < correct,
+                         "reward": float(i < correct), "thinking_tokens": tokens - tokens // 4,
+                         "solution_tokens": tokens // 4, "thinking_truncated": False, "difficulty": 1})
+    return summarize(pa.Table.from_pylist(rows))
