@@ -22,13 +22,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_model):
-    """One SQLite MLflow store for the module (creating one costs seconds), tiny registered as version 1."""
-    from orchestrator import registry
+def store(tmp_path_factory, tiny_model, eval_summary):
+    """One SQLite MLflow store for the module (creating one costs seconds), tiny registered as version 1 from a
+    run whose eval logged two summaries (steps 2 and 4): the final one (conftest's EVAL_GRID) is its frontier."""
+    import pyarrow.compute as pc
+
+    from orchestrator import registry, tracking
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
-    assert registry.register_checkpoint(uri, tiny_model, "tiny", tags={"note": "first"}, alias="prod") == 1
+    with tracking.Tracker.start(uri, "budgetrl", run_name="eval", tags={tracking.TAG_WORKLOAD: "eval"}) as run:
+        earlier = eval_summary.set_column(eval_summary.column_names.index("accuracy"), "accuracy",
+                                          pc.multiply(eval_summary["accuracy"], 0.5))
+        run.log_table(earlier, "eval/step_0002_summary.parquet")
+        run.log_table(eval_summary, "eval/step_0004_summary.parquet")
+    assert registry.register_checkpoint(uri, tiny_model, "tiny", run.run_id, tags={"note": "first"}, alias="prod") == 1
     return uri, root
 
 
@@ -140,7 +148,7 @@ def test_deployment_options_from_config(tiny_model):
 # -------------------------------------------------------------------------------------------- registry
 
 
-def test_register_and_resolve_round_trip(tmp_path, tiny_model, store):
+def test_register_and_resolve_round_trip(tmp_path, tiny_model, store, eval_summary):
     from orchestrator import registry, tracking
 
     store = store[0]
@@ -169,6 +177,16 @@ def test_register_and_resolve_round_trip(tmp_path, tiny_model, store):
 
     with pytest.raises(registry.RegistryError, match="not found"):
         registry.resolve_model_uri("models:/tiny/9", store, cache)
+
+    # The frontier travels with version 1 (its run's final eval summary); version 2 had no eval run.
+    from orchestrator.effort import Frontier
+
+    frontier = registry.load_frontier("models:/tiny@prod", store)
+    assert frontier.source == f"runs:/{mv.tags[tracking.TAG_SOURCE_RUN]}/eval/step_0004_summary.parquet"
+    assert frontier.points == Frontier.from_summary(eval_summary).points
+    assert mv.tags[registry.TAG_FRONTIER_SUMMARY] == frontier.summary()
+    assert registry.load_frontier("models:/tiny/latest", store) is None
+    assert registry.load_frontier(tiny_model, store) is None
     with pytest.raises(registry.RegistryError, match="no config.json"):
         registry.register_checkpoint(store, tmp_path, "tiny")
 
@@ -192,6 +210,9 @@ def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, s
     assert mv.tags[tracking.TAG_SOURCE_RUN] == run.run_id
     assert mv.tags[tracking.TAG_CONFIG_HASH] == "abc123def456"
     assert mv.tags[tracking.TAG_SOURCE_CHECKPOINT] == ckpt
+    assert registry.TAG_FRONTIER not in mv.tags  # a run without eval tables: no frontier
+    with pytest.raises(registry.RegistryError, match="frontier='yes'"):
+        registry.register_checkpoint(store, ckpt, "trained", frontier="yes")
 
 
 # ------------------------------------------------------------------------------- HF fallback, no Ray
@@ -215,9 +236,18 @@ def test_hf_engine_budgets_and_errors_in_process(tiny_model):
     assert u["completion_tokens"] == u["thinking_tokens"] + u["solution_tokens"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
     assert u["prompt_tokens"] == (1 + 5 + 1) + (1 + 3 + 1)  # <s> and <think> are one token, characters one each
+    assert r["budget_source"] == "request"
     with pytest.raises(APIError) as err:
         server.handle("completion", {"prompt": "1+1", "thinking_budget": 129})
     assert err.value.param == "thinking_budget" and "budget.max_thinking" in err.value.message
+    with pytest.raises(APIError) as err:
+        server.handle("completion", {"prompt": "1+1", "thinking_token_budget": 129})
+    assert err.value.param == "thinking_token_budget" and "budget.max_thinking" in err.value.message
+    # A local directory has no measured frontier: effort and target answer 400 saying so.
+    with pytest.raises(APIError) as err:
+        server.handle("completion", {"prompt": "1+1", "reasoning_effort": "low"})
+    assert (err.value.param, err.value.code) == ("reasoning_effort", "no_frontier")
+    assert "has no measured frontier" in err.value.message
 
 
 # ---------------------------------------------------------------------------------- Ray Serve + OpenAI
@@ -327,6 +357,50 @@ def test_bad_requests_get_400_naming_the_field(client, served):
     after = _stats(served[1])
     assert after["client_errors"] - before["client_errors"] == len(cases) + 1
     assert after["server_errors"] == 0 and after["ok"] - before["ok"] == 1
+
+
+def test_reasoning_effort_and_target_accuracy(client):
+    """models:/tiny/1's frontier (conftest's EVAL_GRID; best accuracy 0.62 unconstrained) maps effort and target
+    to budgets; the response names the budget and its source, and keeps the usage split."""
+    import openai
+
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "12+34"}],
+                                       reasoning_effort="low")  # the official client's own parameter
+    e = r.model_extra
+    assert (e["budget"], e["budget_source"], e["frontier_point"]["label"]) == (
+        {"thinking": 8, "solution": 4}, "effort", "8x4")
+    assert "reasoning_effort=low" in e["budget_reason"] and r.choices[0].model_extra["thinking_tokens"] <= 8
+    _check_usage(r.usage, r.choices)
+    for extra, budget, source, label in (
+            ({"reasoning_effort": "medium"}, (32, 16), "effort", "32x16"),
+            ({"reasoning_effort": "high"}, (128, 64), "effort", "unconstrained"),  # the server's largest budget
+            ({"target_accuracy": 0.5}, (16, 8), "target", "16x8"),
+            ({"target_accuracy": 0.59}, (64, 32), "target", "64x32"),
+            ({"thinking_token_budget": 6, "solution_budget": 3}, (6, 3), "request", None),
+            ({}, (16, 8), "default", None)):
+        r = client.completions.create(model="tiny", prompt="1+2", extra_body=extra)
+        e = r.model_extra
+        assert (e["budget"]["thinking"], e["budget"]["solution"], e["budget_source"]) == (*budget, source), extra
+        assert (e.get("frontier_point") or {}).get("label") == label
+        assert r.choices[0].model_extra["thinking_tokens"] <= budget[0]
+        _check_usage(r.usage, r.choices)
+    assert client.models.list().data[0].model_extra["efforts"] == {"low": "8x4", "medium": "32x16",
+                                                                    "high": "unconstrained"}
+    cases = [(dict(extra_body={"target_accuracy": 0.7}), "target_accuracy", "target_unreachable",
+              "best accuracy available is 0.620"),
+             (dict(reasoning_effort="high", extra_body={"target_accuracy": 0.5}), "reasoning_effort",
+              "conflicting_fields", "target_accuracy"),
+             (dict(reasoning_effort="low", extra_body={"thinking_budget": 4}), "thinking_budget",
+              "conflicting_fields", "reasoning_effort"),
+             (dict(extra_body={"thinking_budget": 4, "thinking_token_budget": 5}), "thinking_budget",
+              "conflicting_fields", "thinking_token_budget"),
+             (dict(reasoning_effort="minimal"), "reasoning_effort", "invalid_value", "low, medium, high")]
+    for kwargs, param, code, named in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "1+2"}], **kwargs)
+        body = err.value.response.json()["error"]
+        assert (body["param"], body["code"]) == (param, code) and param in body["message"], body
+        assert named in body["message"], body
 
 
 def test_concurrent_requests_are_batched(served):
