@@ -193,6 +193,8 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
         version_tags[tracking.TAG_SOURCE_RUN] = source_run.info.run_id
         version_tags.update({k: source_run.data.tags[k] for k in _INHERITED_TAGS if k in source_run.data.tags})
     version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
+    if isinstance(frontier, str):  # "auto": read before anything is written, so a bad table leaves no run behind
+        frontier = run_frontier(client, source_run.info.run_id, token_price) if source_run is not None else None
 
     if source_run is not None and _run_holds_checkpoint(client, source_run.info.run_id, ckpt):
         holder = source_run.info.run_id
@@ -203,8 +205,6 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
         with tracker:
             tracker.log_artifacts(str(ckpt), CHECKPOINT_ARTIFACT)
         holder = tracker.run_id
-    if frontier == "auto":
-        frontier = run_frontier(client, source_run.info.run_id, token_price) if source_run is not None else None
     if frontier is not None:
         version_tags.update(_store_frontier(client, holder, frontier))
 

@@ -191,7 +191,7 @@ def test_register_and_resolve_round_trip(tmp_path, tiny_model, store, eval_summa
         registry.register_checkpoint(store, tmp_path, "tiny")
 
 
-def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, store):
+def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, store, eval_summary):
     """A checkpoint the trainer logged is registered from that run (no copy), with its lineage."""
     import shutil
 
@@ -211,6 +211,10 @@ def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, s
     assert mv.tags[tracking.TAG_CONFIG_HASH] == "abc123def456"
     assert mv.tags[tracking.TAG_SOURCE_CHECKPOINT] == ckpt
     assert registry.TAG_FRONTIER not in mv.tags  # a run without eval tables: no frontier
+    with tracking.Tracker.start(store, "budgetrl", run_name="eval") as bad:  # an eval command's table, broken
+        bad.log_table(eval_summary.drop_columns(["accuracy"]), "eval/eval_summary.parquet")
+    with pytest.raises(registry.RegistryError, match=r"eval/eval_summary.parquet gives no frontier: .*'accuracy'"):
+        registry.register_checkpoint(store, ckpt, "trained", bad.run_id)
     with pytest.raises(registry.RegistryError, match="frontier='yes'"):
         registry.register_checkpoint(store, ckpt, "trained", frontier="yes")
 
