@@ -219,6 +219,7 @@ def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
             try:  # the whole model dir (index and shards listed, small files read), before Ray starts
                 conf = registry.check_model_files(given, m.tracking_uri, think_end=m.think_end,
                                                   chat_template=m.chat_template)
+                registry.load_frontier(given, m.tracking_uri)  # readable, as each replica will read it
             except ConfigError:  # CheckpointError naming model.think_end or model.chat_template
                 raise
             except Exception as exc:  # RegistryError, TrackingError

@@ -96,6 +96,16 @@ def test_config_target_checks(tmp_path, tiny_model, store):
         load_serve_config(CONFIG, [f"model.tracking_uri={store[0]}"], target="models:/absent/1")
     cfg = load_serve_config(CONFIG, [f"model.tracking_uri={store[0]}"], target="models:/tiny@prod")
     assert cfg.model.name == "models:/tiny@prod" and cfg.model.aliases == ["tiny"]
+    # A version whose frontier cannot be read is refused before Ray starts.
+    from mlflow import MlflowClient
+
+    from orchestrator import registry
+
+    v = registry.register_checkpoint(store[0], tiny_model, "lost", frontier=None)
+    MlflowClient(store[0], registry_uri=store[0]).set_model_version_tag("lost", str(v), registry.TAG_FRONTIER,
+                                                                        "frontier/gone.json")
+    with pytest.raises(ConfigError, match=r"model.path='models:/lost/1'.*cannot read its frontier frontier/gone.json"):
+        load_serve_config(CONFIG, [f"model.tracking_uri={store[0]}"], target="models:/lost/1")
     cfg = load_serve_config(CONFIG, ["http.host=0.0.0.0"], target=tiny_model)
     assert cfg.model.name == tiny_model and cfg.http.host == "0.0.0.0"
     assert "no authentication" in config_warnings(cfg)[0]
