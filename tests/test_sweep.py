@@ -91,6 +91,20 @@ BAD = [
     ({"objectives": [{"metric": "speed"}]}, "objectives[0].metric='speed': unknown objective"),
     ({"objectives": [{"metric": "accuracy", "budget": "9x9"}]}, "objectives[0].budget='9x9': not in the base"),
     ({"objectives": [{"metric": "cost", "mode": "up"}]}, "objectives[0].mode='up': must be max or min"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"accuracy": 0.0, "tokens": -5}}]},
+     "objectives[0].reference.tokens=-5: must be a number of tokens > 0"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"accuracy": 1.0}}]},
+     "objectives[0].reference.accuracy=1.0: must be in [0, 1)"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"acc": 0.0}}]},
+     "objectives[0].reference.acc=0.0: unknown key"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"tokens": "many"}}]},
+     "objectives[0].reference.tokens='many': must be a number"),
+    ({"objectives": [{"metric": "hypervolume", "budgets": ["6x4", "9x9"]}]}, "objectives[0].budgets='9x9': not in the base"),
+    ({"objectives": [{"metric": "hypervolume", "tokens": "cost"}]}, "objectives[0].tokens='cost': the token axis"),
+    ({"objectives": [{"metric": "hypervolume", "budget": "6x4"}]}, "objectives[0].budget='6x4': a hypervolume objective"),
+    ({"objectives": [{"metric": "hypervolume", "mode": "min"}]}, "objectives[0].mode='min': a hypervolume is maximized"),
+    ({"objectives": [{"metric": "accuracy", "budget": "6x4", "reference": {"accuracy": 0.0}}]},
+     "objectives[0].reference={'accuracy': 0.0}: only a hypervolume objective takes reference"),
     ({"storage": "sqlite:///{tmp}/a-file/optuna.db"}, "/a-file/optuna.db': cannot create or write"),
     ({"storage": "postgresql://u:secret@127.0.0.1:9/optuna"}, "storage='postgresql://u:***@127.0.0.1:9/optuna'"),
     ({"storage": "not a url"}, "storage='not a url': not a SQLAlchemy database URL"),
@@ -144,6 +158,27 @@ def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
         "budget.thinking": 31, "budget.solution": 1}
     assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, bb) == {
         "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
+
+
+def test_hypervolume_objective_resolves_its_defaults(tmp_path, model_dir, capsys):
+    """A hypervolume objective: all eval budgets and accuracy 0 by default; the token reference is the
+    largest limit on its axis (unconstrained: 12 + 4 tokens, 12 thinking); shown by --check."""
+    from orchestrator.cli import main
+    from orchestrator.sweep import StaircaseArea, load_sweep
+
+    objectives = [{"metric": "hypervolume"}, {"metric": "hypervolume", "tokens": "mean_thinking_tokens",
+                                              "budgets": ["6x4"], "reference": {"accuracy": 0.25}}]
+    path = _write_sweep(tmp_path, model_dir, objectives=objectives)
+    plan = load_sweep(path)
+    assert [(o.name, o.mode, o.budget) for o in plan.objectives] == [
+        ("hypervolume", "max", None), ("hypervolume_mean_thinking_tokens", "max", None)]
+    assert plan.objectives[0].area == StaircaseArea("mean_tokens", ("6x4", "unconstrained"), 0.0, 16.0)
+    assert plan.objectives[1].area == StaircaseArea("mean_thinking_tokens", ("6x4",), 0.25, 6.0)
+    assert main(["sweep", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "objectives: max hypervolume, max hypervolume_mean_thinking_tokens" in out
+    assert "hypervolume: area under accuracy vs mean_tokens over budgets ['6x4', 'unconstrained'], " \
+           "reference accuracy 0, tokens 16" in out
 
 
 def test_grid_sampler_runs_every_combination_once(tmp_path, model_dir):
