@@ -567,6 +567,30 @@ def test_study_frontier_logged_to_parent(tmp_path, model_dir):
         "frontier/configs/trial_0001.yaml", "frontier/configs/trial_0002.yaml"}
 
 
+def test_single_hypervolume_objective_study(tmp_path, model_dir):
+    """configs/sweeps/elastic_schedules.yaml's shape: one objective, the trial's own hypervolume. The
+    best trial is the front; the study refuses to continue under another reference (other numbers)."""
+    from orchestrator import sweep as sw
+    from orchestrator import tracking
+
+    path = _write_sweep(tmp_path, model_dir, sampler="tpe", objectives=[{"metric": "hypervolume"}])
+    plan = sw.load_sweep(path)
+    study = sw.open_study(plan, create=True)
+    for hv in (1.5, 3.75, 0.0):
+        t = study.ask(sw.distributions(plan.sweep.space))
+        t.set_user_attr("budgetrl.metrics", {"hypervolume": hv, "accuracy_6x4": 0.1, "mean_tokens_6x4": 5.0})
+        t.set_user_attr("budgetrl.run_id", f"run{t.number}")
+        study.tell(t.number, hv)
+    parent = tracking.Tracker.start(plan.tracking_uri, plan.experiment, run_name="p")
+    table, front, best = sw.log_study_frontier(study, plan, parent, log=lambda *_: None)
+    assert front == [1] and best == pytest.approx(3.75)  # one objective: the best gain over reference 0
+    assert table.set_index("trial")["hypervolume"].tolist() == [1.5, 3.75, 0.0]
+    assert sw.open_study(sw.load_sweep(path), create=False) is not None
+    moved = sw.load_sweep(path, ["objectives=[{metric: hypervolume, reference: {tokens: 20}}]"])
+    with pytest.raises(ConfigError, match="hypervolume .* differs from"):
+        sw.open_study(moved, create=False)
+
+
 def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, tmp_path):
     """Early stopping through the trainer's own on_eval hook (the real trainer.train, a tiny run of 3
     steps with an eval after each): two finished trials of an earlier invocation dominate any point at
@@ -607,7 +631,8 @@ def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, 
 
 def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_path):
     """Tune retries a trial whose first attempt raised (retries: 1): the retry completes the trial, and
-    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one."""
+    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one.
+    Its hypervolume objective is the area of the eval table its run logged (frontier.model_hypervolume)."""
     import optuna
     from mlflow import MlflowClient
 
@@ -631,12 +656,14 @@ def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_pa
                                    parent_run_id=cfg.tracking.parent_run_id, tags=cfg.tracking.tags)
         with t:
             time.sleep(second_s)
-            rows = [{"budget_label": b, "accuracy": 0.5, "mean_tokens": 5.0, "mean_thinking_tokens": 1.0,
-                     "truncation_rate": 0.0} for b in ("6x4", "unconstrained")]
+            rows = [{"budget_label": b, "accuracy": acc, "mean_tokens": tok, "mean_thinking_tokens": tok - 2,
+                     "truncation_rate": 0.0} for b, acc, tok in (("6x4", 0.25, 5.0), ("unconstrained", 0.5, 12.0))]
+            t.log_dict({"before": [], "after": rows}, "eval/summary.json")  # as trainer.train logs it
         return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
 
     path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1, retries=1,
-                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"}])
+                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"},
+                                    {"metric": "hypervolume"}])
     result = run_sweep(path, train_fn=flaky_train, log=lambda *_: None)
     study = optuna.load_study(study_name="tiny", storage=result.storage)
     (trial,) = study.get_trials()
@@ -651,3 +678,14 @@ def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_pa
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trial.user_attrs["budgetrl.run_id"])
     assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
     assert run.data.metrics["cost/total"] == pytest.approx(cost) == run.data.metrics["sweep/cost"]
+    # The hypervolume objective: the child run's eval table through the pure function, logged on the run.
+    from orchestrator.frontier import model_hypervolume
+
+    summary = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
+        run.info.run_id, "eval/summary.json", str(tmp_path / "dl"))
+    rows = json.loads(Path(summary).read_text())["after"]
+    # Reference: accuracy 0, tokens 16 (unconstrained: 12 + 4); 5..12 tokens at 0.25, 12..16 at 0.5.
+    hv = model_hypervolume(rows, {"accuracy": 0.0, "tokens": 16.0})
+    assert hv == pytest.approx(0.25 * 7 + 0.5 * 4)
+    assert trial.values[2] == pytest.approx(hv) == run.data.metrics["sweep/hypervolume"]
+    assert trial.user_attrs["budgetrl.metrics"]["hypervolume"] == pytest.approx(hv)
