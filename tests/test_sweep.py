@@ -232,7 +232,9 @@ def swept(ray_session, tiny_model, tmp_path_factory):
     from orchestrator.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = _write_sweep(tmp, tiny_model)
+    path = _write_sweep(tmp, tiny_model, objectives=[  # + each model's own accuracy-vs-tokens hypervolume
+        {"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"},
+        {"metric": "hypervolume"}])
     logs: list[str] = []
     t0 = time.perf_counter()
     first = run_sweep(path, log=logs.append)
@@ -257,11 +259,19 @@ def test_sweep_records_trials_in_study(swept):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    from orchestrator.frontier import model_hypervolume
+
     for t in trials:
-        # The objectives are the run's final eval as logged: accuracy at 6x4, and mean tokens
-        # unconstrained (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4).
-        m = client.get_run(t.user_attrs["budgetrl.run_id"]).data.metrics
-        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"]])
+        # The objectives are the run's final eval as logged: accuracy at 6x4, mean tokens unconstrained
+        # (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4), and the area of
+        # the run's own eval table (reference: accuracy 0, tokens 16), which its run logs too.
+        run_id = t.user_attrs["budgetrl.run_id"]
+        m = client.get_run(run_id).data.metrics
+        rows = json.loads(Path(client.download_artifacts(run_id, "eval/summary.json", str(tmp / run_id))).read_text())
+        assert sorted(r["budget_label"] for r in rows["after"]) == ["6x4", "unconstrained"]
+        hv = model_hypervolume(rows["after"], {"accuracy": 0.0, "tokens": 16.0})
+        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"], hv])
+        assert m["sweep/hypervolume"] == pytest.approx(hv) and 0.0 <= hv <= 16.0
         assert 0.0 <= t.values[0] <= 1.0 and 0.0 < t.values[1] <= 16.0
         assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
     invs = study.user_attrs["budgetrl.invocations"]
