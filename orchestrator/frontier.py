@@ -118,6 +118,38 @@ def hypervolume(
     return _optuna_hypervolume(losses[inside], ref)
 
 
+def model_hypervolume(
+    rows: Points | Sequence[dict],
+    reference: dict[str, float],
+    tokens: str = "mean_tokens",
+    budgets: Sequence[str] | None = None,
+) -> float:
+    """How elastic one model is: the area of its own accuracy-vs-tokens staircase over an eval grid.
+
+    ``rows``: one model's eval summary (``budget_label``, ``accuracy``, the ``tokens`` column), one row
+    per budget. The area is the part of the box [0, reference tokens] x [reference accuracy, 1] that some
+    budget's point dominates (no more tokens, no less accuracy): high accuracy at every budget, cheap ones
+    too, scores high; a model that is good only when unconstrained scores low. ``reference``:
+    ``{"accuracy": worst, "tokens": most}``; points past it add nothing. ``budgets``: the rows that
+    count (None: all). Empty rows, or a listed budget without a row, raise ValueError.
+    """
+    df = _frame(rows) if isinstance(rows, (pd.DataFrame, pa.Table)) else pd.DataFrame(list(rows))
+    if df.empty:
+        raise ValueError("model_hypervolume: the eval table has no rows")
+    for col in ("budget_label", "accuracy", tokens):
+        if col not in df.columns:
+            raise KeyError(f"model_hypervolume: column {col!r} not in the eval table (have {list(df.columns)})")
+    if budgets is not None:
+        missing = [b for b in budgets if b not in set(df["budget_label"])]
+        if missing:
+            raise ValueError(f"model_hypervolume: budgets {missing} have no row in the eval table "
+                             f"(have {df['budget_label'].tolist()})")
+        df = df[df["budget_label"].isin(list(budgets))]
+    pts = pd.DataFrame({"accuracy": pd.to_numeric(df["accuracy"], errors="coerce").astype(float),
+                        "tokens": pd.to_numeric(df[tokens], errors="coerce").astype(float)})
+    return hypervolume(pts, ["accuracy"], ["tokens"], reference={k: reference[k] for k in ("accuracy", "tokens")})
+
+
 def frontier_table(
     points: Points,
     maximize: Sequence[str] = ("accuracy",),

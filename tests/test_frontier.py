@@ -103,3 +103,52 @@ def test_plot_frontier_saves_png(tmp_path):
     fig = frontier.plot_frontier(pa.Table.from_pandas(POINTS), group="method", label=None, logx=True)
     fig.savefig(tmp_path / "grouped.png")
     assert not fig.axes[0].texts
+
+
+# One model's eval table over a budget grid (model_hypervolume: the sweep's "how elastic" objective).
+EVAL = [
+    {"budget_label": "8x4", "accuracy": 0.25, "mean_tokens": 10.0, "mean_thinking_tokens": 6.0},
+    {"budget_label": "16x8", "accuracy": 0.5, "mean_tokens": 20.0, "mean_thinking_tokens": 14.0},
+    {"budget_label": "32x8", "accuracy": 0.5, "mean_tokens": 30.0, "mean_thinking_tokens": 25.0},  # dominated
+    {"budget_label": "unconstrained", "accuracy": 0.75, "mean_tokens": 40.0, "mean_thinking_tokens": 33.0},
+]
+REF = {"accuracy": 0.0, "tokens": 50.0}
+
+
+def test_model_hypervolume_staircase_by_hand():
+    # Steps: 10..20 at 0.25, 20..40 at 0.5, 40..50 at 0.75; 32x8 (more tokens, same accuracy as 16x8) adds nothing.
+    assert frontier.model_hypervolume(EVAL, REF) == pytest.approx(10 * 0.25 + 20 * 0.5 + 10 * 0.75)
+    without = [r for r in EVAL if r["budget_label"] != "32x8"]
+    assert frontier.model_hypervolume(without, REF) == pytest.approx(20.0)
+    # Same table as Arrow or pandas; row order does not matter.
+    assert frontier.model_hypervolume(pa.Table.from_pylist(EVAL[::-1]), REF) == pytest.approx(20.0)
+    assert frontier.model_hypervolume(pd.DataFrame(EVAL), REF) == pytest.approx(20.0)
+    # A higher accuracy floor: (0.5 - 0.4) x 20 + (0.75 - 0.4) x 10; 8x4 below the floor adds nothing.
+    assert frontier.model_hypervolume(EVAL, {"accuracy": 0.4, "tokens": 50.0}) == pytest.approx(0.1 * 20 + 0.35 * 10)
+    # The thinking-token axis: 6..14 at 0.25, 14..33 at 0.5, 33..50 at 0.75.
+    hv = frontier.model_hypervolume(EVAL, REF, tokens="mean_thinking_tokens")
+    assert hv == pytest.approx(8 * 0.25 + 19 * 0.5 + 17 * 0.75)
+
+
+def test_model_hypervolume_clips_at_the_reference_and_selects_budgets():
+    # unconstrained at 40 tokens lies past a 35-token reference: the staircase stops there.
+    assert frontier.model_hypervolume(EVAL, {"accuracy": 0.0, "tokens": 35.0}) == pytest.approx(10 * 0.25 + 15 * 0.5)
+    # Only the budgets asked for count: a single point is one rectangle.
+    assert frontier.model_hypervolume(EVAL, REF, budgets=["unconstrained"]) == pytest.approx(10 * 0.75)
+    assert frontier.model_hypervolume(EVAL, REF, budgets=["8x4", "unconstrained"]) == pytest.approx(
+        30 * 0.25 + 10 * 0.75)
+    # A point with NaN accuracy (an eval that produced nothing) adds nothing; a box nobody reaches is 0.
+    nan_row = [{**EVAL[0], "accuracy": None}, *EVAL[1:]]
+    assert frontier.model_hypervolume(nan_row, REF) == pytest.approx(20 * 0.5 + 10 * 0.75)
+    assert frontier.model_hypervolume(EVAL, {"accuracy": 0.9, "tokens": 50.0}) == 0.0
+
+
+def test_model_hypervolume_bad_input():
+    with pytest.raises(ValueError, match="no rows"):
+        frontier.model_hypervolume([], REF)
+    with pytest.raises(ValueError, match=r"\['4x4'\] have no row"):
+        frontier.model_hypervolume(EVAL, REF, budgets=["4x4", "8x4"])
+    with pytest.raises(KeyError, match="mean_solution_tokens"):
+        frontier.model_hypervolume(EVAL, REF, tokens="mean_solution_tokens")
+    with pytest.raises(KeyError, match="tokens"):
+        frontier.model_hypervolume(EVAL, {"accuracy": 0.0})

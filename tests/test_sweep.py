@@ -91,6 +91,20 @@ BAD = [
     ({"objectives": [{"metric": "speed"}]}, "objectives[0].metric='speed': unknown objective"),
     ({"objectives": [{"metric": "accuracy", "budget": "9x9"}]}, "objectives[0].budget='9x9': not in the base"),
     ({"objectives": [{"metric": "cost", "mode": "up"}]}, "objectives[0].mode='up': must be max or min"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"accuracy": 0.0, "tokens": -5}}]},
+     "objectives[0].reference.tokens=-5: must be a number of tokens > 0"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"accuracy": 1.0}}]},
+     "objectives[0].reference.accuracy=1.0: must be in [0, 1)"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"acc": 0.0}}]},
+     "objectives[0].reference.acc=0.0: unknown key"),
+    ({"objectives": [{"metric": "hypervolume", "reference": {"tokens": "many"}}]},
+     "objectives[0].reference.tokens='many': must be a number"),
+    ({"objectives": [{"metric": "hypervolume", "budgets": ["6x4", "9x9"]}]}, "objectives[0].budgets='9x9': not in the base"),
+    ({"objectives": [{"metric": "hypervolume", "tokens": "cost"}]}, "objectives[0].tokens='cost': the token axis"),
+    ({"objectives": [{"metric": "hypervolume", "budget": "6x4"}]}, "objectives[0].budget='6x4': a hypervolume objective"),
+    ({"objectives": [{"metric": "hypervolume", "mode": "min"}]}, "objectives[0].mode='min': a hypervolume is maximized"),
+    ({"objectives": [{"metric": "accuracy", "budget": "6x4", "reference": {"accuracy": 0.0}}]},
+     "objectives[0].reference={'accuracy': 0.0}: only a hypervolume objective takes reference"),
     ({"storage": "sqlite:///{tmp}/a-file/optuna.db"}, "/a-file/optuna.db': cannot create or write"),
     ({"storage": "postgresql://u:secret@127.0.0.1:9/optuna"}, "storage='postgresql://u:***@127.0.0.1:9/optuna'"),
     ({"storage": "not a url"}, "storage='not a url': not a SQLAlchemy database URL"),
@@ -146,6 +160,27 @@ def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
         "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
 
 
+def test_hypervolume_objective_resolves_its_defaults(tmp_path, model_dir, capsys):
+    """A hypervolume objective: all eval budgets and accuracy 0 by default; the token reference is the
+    largest limit on its axis (unconstrained: 12 + 4 tokens, 12 thinking); shown by --check."""
+    from orchestrator.cli import main
+    from orchestrator.sweep import StaircaseArea, load_sweep
+
+    objectives = [{"metric": "hypervolume"}, {"metric": "hypervolume", "tokens": "mean_thinking_tokens",
+                                              "budgets": ["6x4"], "reference": {"accuracy": 0.25}}]
+    path = _write_sweep(tmp_path, model_dir, objectives=objectives)
+    plan = load_sweep(path)
+    assert [(o.name, o.mode, o.budget) for o in plan.objectives] == [
+        ("hypervolume", "max", None), ("hypervolume_mean_thinking_tokens", "max", None)]
+    assert plan.objectives[0].area == StaircaseArea("mean_tokens", ("6x4", "unconstrained"), 0.0, 16.0)
+    assert plan.objectives[1].area == StaircaseArea("mean_thinking_tokens", ("6x4",), 0.25, 6.0)
+    assert main(["sweep", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "objectives: max hypervolume, max hypervolume_mean_thinking_tokens" in out
+    assert "hypervolume: area under accuracy vs mean_tokens over budgets ['6x4', 'unconstrained'], " \
+           "reference accuracy 0, tokens 16" in out
+
+
 def test_grid_sampler_runs_every_combination_once(tmp_path, model_dir):
     import optuna
 
@@ -197,7 +232,9 @@ def swept(ray_session, tiny_model, tmp_path_factory):
     from orchestrator.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = _write_sweep(tmp, tiny_model)
+    path = _write_sweep(tmp, tiny_model, objectives=[  # + each model's own accuracy-vs-tokens hypervolume
+        {"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"},
+        {"metric": "hypervolume"}])
     logs: list[str] = []
     t0 = time.perf_counter()
     first = run_sweep(path, log=logs.append)
@@ -222,11 +259,19 @@ def test_sweep_records_trials_in_study(swept):
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    from orchestrator.frontier import model_hypervolume
+
     for t in trials:
-        # The objectives are the run's final eval as logged: accuracy at 6x4, and mean tokens
-        # unconstrained (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4).
-        m = client.get_run(t.user_attrs["budgetrl.run_id"]).data.metrics
-        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"]])
+        # The objectives are the run's final eval as logged: accuracy at 6x4, mean tokens unconstrained
+        # (generated, so above 0, and at most eval.max_thinking 12 + max_solution 4), and the area of
+        # the run's own eval table (reference: accuracy 0, tokens 16), which its run logs too.
+        run_id = t.user_attrs["budgetrl.run_id"]
+        m = client.get_run(run_id).data.metrics
+        rows = json.loads(Path(client.download_artifacts(run_id, "eval/summary.json", str(tmp / run_id))).read_text())
+        assert sorted(r["budget_label"] for r in rows["after"]) == ["6x4", "unconstrained"]
+        hv = model_hypervolume(rows["after"], {"accuracy": 0.0, "tokens": 16.0})
+        assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"], hv])
+        assert m["sweep/hypervolume"] == pytest.approx(hv) and 0.0 <= hv <= 16.0
         assert 0.0 <= t.values[0] <= 1.0 and 0.0 < t.values[1] <= 16.0
         assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
     invs = study.user_attrs["budgetrl.invocations"]
@@ -532,6 +577,30 @@ def test_study_frontier_logged_to_parent(tmp_path, model_dir):
         "frontier/configs/trial_0001.yaml", "frontier/configs/trial_0002.yaml"}
 
 
+def test_single_hypervolume_objective_study(tmp_path, model_dir):
+    """configs/sweeps/elastic_schedules.yaml's shape: one objective, the trial's own hypervolume. The
+    best trial is the front; the study refuses to continue under another reference (other numbers)."""
+    from orchestrator import sweep as sw
+    from orchestrator import tracking
+
+    path = _write_sweep(tmp_path, model_dir, sampler="tpe", objectives=[{"metric": "hypervolume"}])
+    plan = sw.load_sweep(path)
+    study = sw.open_study(plan, create=True)
+    for hv in (1.5, 3.75, 0.0):
+        t = study.ask(sw.distributions(plan.sweep.space))
+        t.set_user_attr("budgetrl.metrics", {"hypervolume": hv, "accuracy_6x4": 0.1, "mean_tokens_6x4": 5.0})
+        t.set_user_attr("budgetrl.run_id", f"run{t.number}")
+        study.tell(t.number, hv)
+    parent = tracking.Tracker.start(plan.tracking_uri, plan.experiment, run_name="p")
+    table, front, best = sw.log_study_frontier(study, plan, parent, log=lambda *_: None)
+    assert front == [1] and best == pytest.approx(3.75)  # one objective: the best gain over reference 0
+    assert table.set_index("trial")["hypervolume"].tolist() == [1.5, 3.75, 0.0]
+    assert sw.open_study(sw.load_sweep(path), create=False) is not None
+    moved = sw.load_sweep(path, ["objectives=[{metric: hypervolume, reference: {tokens: 20}}]"])
+    with pytest.raises(ConfigError, match="hypervolume .* differs from"):
+        sw.open_study(moved, create=False)
+
+
 def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, tmp_path):
     """Early stopping through the trainer's own on_eval hook (the real trainer.train, a tiny run of 3
     steps with an eval after each): two finished trials of an earlier invocation dominate any point at
@@ -572,7 +641,8 @@ def test_pareto_median_stopping_prunes_dominated_trial(ray_session, tiny_model, 
 
 def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_path):
     """Tune retries a trial whose first attempt raised (retries: 1): the retry completes the trial, and
-    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one."""
+    its cost objective, wall seconds and its run's cost/* count both attempts, not only the last one.
+    Its hypervolume objective is the area of the eval table its run logged (frontier.model_hypervolume)."""
     import optuna
     from mlflow import MlflowClient
 
@@ -596,12 +666,14 @@ def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_pa
                                    parent_run_id=cfg.tracking.parent_run_id, tags=cfg.tracking.tags)
         with t:
             time.sleep(second_s)
-            rows = [{"budget_label": b, "accuracy": 0.5, "mean_tokens": 5.0, "mean_thinking_tokens": 1.0,
-                     "truncation_rate": 0.0} for b in ("6x4", "unconstrained")]
+            rows = [{"budget_label": b, "accuracy": acc, "mean_tokens": tok, "mean_thinking_tokens": tok - 2,
+                     "truncation_rate": 0.0} for b, acc, tok in (("6x4", 0.25, 5.0), ("unconstrained", 0.5, 12.0))]
+            t.log_dict({"before": [], "after": rows}, "eval/summary.json")  # as trainer.train logs it
         return SimpleNamespace(run_id=t.run_id, eval_after=rows, steps=1)
 
     path = _write_sweep(tmp_path, tiny_model, num_trials=1, max_concurrency=1, retries=1,
-                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"}])
+                        objectives=[{"metric": "accuracy", "budget": "6x4"}, {"metric": "cost"},
+                                    {"metric": "hypervolume"}])
     result = run_sweep(path, train_fn=flaky_train, log=lambda *_: None)
     study = optuna.load_study(study_name="tiny", storage=result.storage)
     (trial,) = study.get_trials()
@@ -616,3 +688,14 @@ def test_retried_trial_cost_counts_every_attempt(ray_session, tiny_model, tmp_pa
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(trial.user_attrs["budgetrl.run_id"])
     assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
     assert run.data.metrics["cost/total"] == pytest.approx(cost) == run.data.metrics["sweep/cost"]
+    # The hypervolume objective: the child run's eval table through the pure function, logged on the run.
+    from orchestrator.frontier import model_hypervolume
+
+    summary = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").download_artifacts(
+        run.info.run_id, "eval/summary.json", str(tmp_path / "dl"))
+    rows = json.loads(Path(summary).read_text())["after"]
+    # Reference: accuracy 0, tokens 16 (unconstrained: 12 + 4); 5..12 tokens at 0.25, 12..16 at 0.5.
+    hv = model_hypervolume(rows, {"accuracy": 0.0, "tokens": 16.0})
+    assert hv == pytest.approx(0.25 * 7 + 0.5 * 4)
+    assert trial.values[2] == pytest.approx(hv) == run.data.metrics["sweep/hypervolume"]
+    assert trial.user_attrs["budgetrl.metrics"]["hypervolume"] == pytest.approx(hv)

@@ -15,9 +15,9 @@ One module per job:
 The ``frontier`` command (a front from any MLflow runs) lives in ``orchestrator/frontier.py``.
 """
 
-from .config import (EVAL_METRICS, RUN_METRICS, STORAGE_ENV, EarlyStoppingSpec, Objective, ObjectiveSpec,
-                     ParamSpec, ResourcesSpec, SweepConfig, SweepPlan, base_budget, derive_params, describe_plan,
-                     load_sweep, param_overrides)
+from .config import (EVAL_METRICS, HYPERVOLUME, RUN_METRICS, STORAGE_ENV, EarlyStoppingSpec, Objective,
+                     ObjectiveSpec, ParamSpec, ResourcesSpec, StaircaseArea, SweepConfig, SweepPlan, base_budget,
+                     derive_params, describe_plan, load_sweep, param_overrides)
 from .front import log_study_frontier, reference_point, trials_table
 from .run import SweepResult, run_sweep
 from .storage import check_storage_url, open_storage, safe_url
@@ -25,9 +25,9 @@ from .study import (ATTR_INVOCATIONS, SweepBusy, distributions, finished_states,
                     open_study)
 from .trial import TrialContext, dominated_share, run_trial
 
-__all__ = ["ATTR_INVOCATIONS", "EVAL_METRICS", "RUN_METRICS", "STORAGE_ENV", "EarlyStoppingSpec", "Objective",
-           "ObjectiveSpec", "ParamSpec", "ResourcesSpec", "SweepBusy", "SweepConfig", "SweepPlan", "SweepResult",
-           "TrialContext", "base_budget", "check_storage_url", "derive_params", "describe_plan", "distributions",
-           "dominated_share", "finished_states", "invocation_done", "load_sweep", "log_study_frontier",
-           "make_searcher", "open_storage", "open_study", "param_overrides", "reference_point", "run_sweep",
-           "run_trial", "safe_url", "trials_table"]
+__all__ = ["ATTR_INVOCATIONS", "EVAL_METRICS", "HYPERVOLUME", "RUN_METRICS", "STORAGE_ENV", "EarlyStoppingSpec",
+           "Objective", "ObjectiveSpec", "ParamSpec", "ResourcesSpec", "StaircaseArea", "SweepBusy", "SweepConfig",
+           "SweepPlan", "SweepResult", "TrialContext", "base_budget", "check_storage_url", "derive_params",
+           "describe_plan", "distributions", "dominated_share", "finished_states", "invocation_done", "load_sweep",
+           "log_study_frontier", "make_searcher", "open_storage", "open_study", "param_overrides", "reference_point",
+           "run_sweep", "run_trial", "safe_url", "trials_table"]

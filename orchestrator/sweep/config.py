@@ -9,6 +9,7 @@ it before any storage, MLflow run or Ray runtime is created, naming the bad key 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -30,6 +31,9 @@ PARAM_TYPES = ("float", "int", "log_float", "categorical")
 # Objective metrics: where the value comes from and its natural direction.
 EVAL_METRICS = {"accuracy": "max", "mean_tokens": "min", "mean_thinking_tokens": "min", "truncation_rate": "min"}
 RUN_METRICS = {"cost": "min", "generated_tokens": "min", "wall_seconds": "min", "accelerator_hours": "min"}
+# The area of the trial's own accuracy-vs-tokens staircase over its eval grid (frontier.model_hypervolume).
+HYPERVOLUME = "hypervolume"
+TOKEN_AXES = ("mean_tokens", "mean_thinking_tokens")  # its token axis
 # Space keys that are not config keys: they derive budget.thinking / budget.solution.
 TOTAL_KEY, FRACTION_KEY = "budget.total", "budget.thinking_fraction"
 VIRTUAL_KEYS = (TOTAL_KEY, FRACTION_KEY)
@@ -51,9 +55,15 @@ class ParamSpec:
 
 @dataclass
 class ObjectiveSpec:
-    metric: str = MISSING  # accuracy | mean_tokens | mean_thinking_tokens | truncation_rate | cost | ...
+    metric: str = MISSING  # accuracy | mean_tokens | mean_thinking_tokens | truncation_rate | cost | hypervolume ...
     budget: Optional[str] = None  # eval budget label for eval metrics ("16x8", "unconstrained")
     mode: Optional[str] = None  # max | min; default: the metric's natural direction
+    # hypervolume only: the token axis (mean_tokens | mean_thinking_tokens), the eval budgets whose points
+    # count (None: all of eval.budgets), and the reference {accuracy: worst, tokens: most} (defaults:
+    # accuracy 0, tokens the largest limit of the counted budgets on that axis).
+    tokens: Optional[str] = None
+    budgets: Optional[list[str]] = None
+    reference: Optional[dict[str, Any]] = None  # checked here, naming the objective (OmegaConf would not)
 
 
 @dataclass
@@ -105,11 +115,27 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class StaircaseArea:
+    """A resolved hypervolume objective: the trial's (accuracy, ``tokens``) points at ``budgets``,
+    measured against (``ref_accuracy``, ``ref_tokens``)."""
+
+    tokens: str
+    budgets: tuple[str, ...]
+    ref_accuracy: float
+    ref_tokens: float
+
+    @property
+    def reference(self) -> dict[str, float]:
+        return {"accuracy": self.ref_accuracy, "tokens": self.ref_tokens}
+
+
+@dataclass(frozen=True)
 class Objective:
-    name: str  # column / metric name, e.g. "accuracy_16x8", "cost"
+    name: str  # column / metric name, e.g. "accuracy_16x8", "cost", "hypervolume"
     metric: str
     budget: Optional[str]
     mode: str  # max | min
+    area: Optional[StaircaseArea] = None  # metric hypervolume only
 
 
 @dataclass
@@ -330,37 +356,83 @@ def _check_grid(sweep: SweepConfig) -> None:
         raise _bad("num_trials", sweep.num_trials, f"the grid has {size} points; a grid sweep runs each once")
 
 
+def _eval_label(text: str, base: Config, labels: list[str], where: str) -> str:
+    """A budget as written ("16x8", "unconstrained") -> its label in the base config's eval grid."""
+    budget = text
+    if budget != "unconstrained":
+        try:
+            budget = parse_budget(str(budget), base.eval).label
+        except ConfigError:
+            raise _bad(where, text, "not a THINKxSOLUTION budget or 'unconstrained'") from None
+    if budget not in labels:
+        raise _bad(where, text, f"not in the base config's eval.budgets {labels}; "
+                   "an objective reads the final eval at one of those budgets")
+    return budget
+
+
+def _area(o: ObjectiveSpec, base: Config, where: str) -> tuple[str, StaircaseArea]:
+    """A ``hypervolume`` objective: its name and its resolved axis, budgets and reference."""
+    grid = {b.label: b for b in eval_budgets(base)}
+    labels = list(grid)
+    if o.budget is not None:
+        raise _bad(f"{where}.budget", o.budget, "a hypervolume objective spans several budgets; list them "
+                   "as budgets: [...] (default: all of eval.budgets)")
+    tokens = o.tokens or "mean_tokens"
+    if tokens not in TOKEN_AXES:
+        raise _bad(f"{where}.tokens", o.tokens, f"the token axis must be one of {', '.join(TOKEN_AXES)}")
+    if o.budgets is not None and not o.budgets:
+        raise _bad(f"{where}.budgets", [], "empty; list eval budgets or leave it out for all of them")
+    budgets = [_eval_label(b, base, labels, f"{where}.budgets") for b in (o.budgets or labels)]
+    if len(set(budgets)) < len(budgets):
+        raise _bad(f"{where}.budgets", o.budgets, "lists a budget twice")
+    ref = dict(o.reference or {})
+    for k, v in ref.items():
+        if k not in ("accuracy", "tokens"):
+            raise _bad(f"{where}.reference.{k}", v, "unknown key; the reference takes accuracy and tokens")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _bad(f"{where}.reference.{k}", v, "must be a number")
+    limit = max(grid[b].total if tokens == "mean_tokens" else grid[b].thinking for b in budgets)
+    acc, tok = float(ref.get("accuracy", 0.0)), float(ref.get("tokens", limit))
+    if not (math.isfinite(acc) and 0.0 <= acc < 1.0):
+        raise _bad(f"{where}.reference.accuracy", ref["accuracy"], "must be in [0, 1): the worst accuracy that counts")
+    if not (math.isfinite(tok) and tok > 0):
+        raise _bad(f"{where}.reference.tokens", ref["tokens"], f"must be a number of tokens > 0 (default: {limit}, "
+                   "the largest limit of the counted budgets)")
+    name = HYPERVOLUME if tokens == "mean_tokens" else f"{HYPERVOLUME}_{tokens}"
+    return name, StaircaseArea(tokens, tuple(budgets), acc, tok)
+
+
 def _objectives(sweep: SweepConfig, base: Config) -> list[Objective]:
     if not sweep.objectives:
         raise _bad("objectives", [], "give at least one objective")
     labels = [b.label for b in eval_budgets(base)]
     out: list[Objective] = []
     for i, o in enumerate(sweep.objectives):
-        where = f"objectives[{i}]"
+        where, area = f"objectives[{i}]", None
+        if o.metric != HYPERVOLUME:
+            for key in ("tokens", "budgets", "reference"):
+                if getattr(o, key) is not None:
+                    raise _bad(f"{where}.{key}", getattr(o, key), f"only a {HYPERVOLUME} objective takes {key}")
         if o.metric in EVAL_METRICS:
-            budget = o.budget if o.budget is not None else "unconstrained"
-            if budget != "unconstrained":
-                try:
-                    budget = parse_budget(budget, base.eval).label
-                except ConfigError:
-                    raise _bad(f"{where}.budget", o.budget, "not a THINKxSOLUTION budget or 'unconstrained'") from None
-            if budget not in labels:
-                raise _bad(f"{where}.budget", o.budget, f"not in the base config's eval.budgets {labels}; "
-                           "an objective reads the final eval at one of those budgets")
+            budget = _eval_label(o.budget if o.budget is not None else "unconstrained", base, labels, f"{where}.budget")
             name, natural = f"{o.metric}_{budget}", EVAL_METRICS[o.metric]
         elif o.metric in RUN_METRICS:
             if o.budget is not None:
                 raise _bad(f"{where}.budget", o.budget, f"{o.metric} is a per-run metric; it takes no budget")
             budget, name, natural = None, o.metric, RUN_METRICS[o.metric]
+        elif o.metric == HYPERVOLUME:
+            (name, area), budget, natural = _area(o, base, where), None, "max"
+            if o.mode not in (None, "max"):
+                raise _bad(f"{where}.mode", o.mode, "a hypervolume is maximized (a larger area: a more elastic model)")
         else:
             raise _bad(f"{where}.metric", o.metric, "unknown objective; use one of "
-                       f"{', '.join([*EVAL_METRICS, *RUN_METRICS])}")
+                       f"{', '.join([*EVAL_METRICS, *RUN_METRICS, HYPERVOLUME])}")
         mode = o.mode or natural
         if mode not in ("max", "min"):
             raise _bad(f"{where}.mode", o.mode, "must be max or min")
         if name in [x.name for x in out]:
             raise _bad(f"{where}", name, "duplicate objective")
-        out.append(Objective(name, o.metric, budget, mode))
+        out.append(Objective(name, o.metric, budget, mode, area))
     return out
 
 
@@ -495,6 +567,9 @@ def describe_plan(plan: SweepPlan) -> str:
     lines = [f"study {plan.study_name!r} in {safe_url(plan.storage)}",
              f"base {plan.base_path} + {plan.base_overrides}",
              f"objectives: {', '.join(f'{o.mode} {o.name}' for o in plan.objectives)}",
+             *[f"  {o.name}: area under accuracy vs {o.area.tokens} over budgets {list(o.area.budgets)}, "
+               f"reference accuracy {o.area.ref_accuracy:g}, tokens {o.area.ref_tokens:g}"
+               for o in plan.objectives if o.area],
              f"space: {', '.join(f'{k} ({p.type})' for k, p in sorted(plan.sweep.space.items()))}",
              f"{plan.sweep.num_trials} trials per invocation, {plan.sweep.max_concurrency} at a time; "
              f"MLflow {plan.tracking_uri} experiment {plan.experiment!r}; outputs {plan.sweep_dir}"]

@@ -43,14 +43,15 @@ def trials_table(study, plan: SweepPlan) -> pd.DataFrame:
 
 def reference_point(plan: SweepPlan, df: pd.DataFrame) -> dict[str, float]:
     """Hypervolume reference: the sweep's ``reference``, else a worst value each objective can take
-    (accuracy 0, mean tokens at a budget: that budget's thinking + solution), else 1.1 x the worst seen
-    (which moves as trials are added: set ``reference`` to compare hypervolumes across invocations)."""
+    (accuracy 0, a trial's own hypervolume 0, mean tokens at a budget: that budget's thinking + solution),
+    else 1.1 x the worst seen (which moves as trials are added: set ``reference`` to compare hypervolumes
+    across invocations)."""
     ref = {}
     limits = {b.label: b for b in eval_budgets(plan.base)}
     for o in plan.objectives:
         if o.name in plan.sweep.reference:
             ref[o.name] = float(plan.sweep.reference[o.name])
-        elif o.metric in ("accuracy",) and o.mode == "max":
+        elif o.metric in ("accuracy", "hypervolume") and o.mode == "max":
             ref[o.name] = 0.0
         elif o.metric in ("mean_tokens", "mean_thinking_tokens") and o.mode == "min" and o.budget in limits:
             b = limits[o.budget]

@@ -22,6 +22,7 @@ from .storage import open_storage, safe_url
 
 # Study / trial user attributes (the study is the sweep's durable state).
 ATTR_OBJECTIVES = "budgetrl.objectives"
+ATTR_AREAS = "budgetrl.hypervolume_areas"  # each hypervolume objective's axis, budgets and reference
 ATTR_INVOCATIONS = "budgetrl.invocations"
 ATTR_LEASE = "budgetrl.driver"
 T_INVOCATION, T_RUN_NAME, T_RUN_ID = "budgetrl.invocation", "budgetrl.run_name", "budgetrl.run_id"
@@ -120,12 +121,23 @@ def open_study(plan: SweepPlan, create: bool):
                                     load_if_exists=True)
         if not study.user_attrs.get(ATTR_OBJECTIVES):
             study.set_user_attr(ATTR_OBJECTIVES, names)
+            study.set_user_attr(ATTR_AREAS, _areas(plan))
     have = study.user_attrs.get(ATTR_OBJECTIVES)
     have_dirs = [d.name.lower() for d in study.directions]
     if (have and have != names) or have_dirs != directions:
         raise ConfigError(f"objectives={names!r}: study {plan.study_name!r} in {safe_url(plan.storage)} was created with "
                           f"objectives {have} ({have_dirs}); use another study_name to change objectives")
+    have_areas = study.user_attrs.get(ATTR_AREAS)
+    if have_areas is not None and have_areas != _areas(plan):
+        # Areas against another reference or over other budgets are other numbers under the same name.
+        raise ConfigError(f"objectives: hypervolume {_areas(plan)} differs from {have_areas}, which study "
+                          f"{plan.study_name!r} was created with; use another study_name to change them")
     return study
+
+
+def _areas(plan: SweepPlan) -> dict:
+    return {o.name: {"tokens": o.area.tokens, "budgets": list(o.area.budgets), "reference": o.area.reference}
+            for o in plan.objectives if o.area is not None}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import tracking
+from .. import frontier, tracking
 from ..config import Budget, Config, load_config
 from ..cost import CostModel, run_cost
 from .attempts import AttemptClock
@@ -51,13 +51,20 @@ class TrialContext:
 # Metrics of a trial
 
 
-def eval_metrics(rows: list[dict]) -> dict[str, float]:
-    """Per-budget eval summary rows -> ``{"accuracy_16x8": ..., "mean_tokens_16x8": ...}``."""
+def eval_metrics(rows: list[dict], objectives: list[Objective] = ()) -> dict[str, float]:
+    """Per-budget eval summary rows -> ``{"accuracy_16x8": ..., "mean_tokens_16x8": ...}``, plus each
+    hypervolume objective's area over those rows (NaN when the rows cannot give it: the trial fails)."""
     out = {}
     for row in rows:
         for m in EVAL_METRICS:
             if m in row and row[m] is not None:
                 out[f"{m}_{row['budget_label']}"] = float(row[m])
+    for o in objectives:
+        if o.area is not None:
+            try:
+                out[o.name] = frontier.model_hypervolume(rows, o.area.reference, o.area.tokens, o.area.budgets)
+            except (KeyError, ValueError):
+                out[o.name] = math.nan
     return out
 
 
@@ -138,7 +145,7 @@ def _eval_hook(ctx: TrialContext, study, trial, cfg: Config, clock: AttemptClock
     evals: dict[str, dict[str, float]] = dict(trial.user_attrs.get(T_EVALS) or {})  # earlier attempts' points
 
     def on_eval(step: int, rows: list[dict]) -> bool:
-        metrics = eval_metrics(rows)
+        metrics = eval_metrics(rows, objectives)
         wall = clock.total()
         metrics.update({"cost": run_cost(cfg, wall, ctx.cost, ctx.trial_cpus)["cost/total"], "wall_seconds": wall})
         point = objective_values(metrics, objectives)
@@ -225,7 +232,7 @@ def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: f
     _tag_child(client, run_id, ctx, number, nested_at_start)
     costs = run_cost(cfg, wall, ctx.cost, ctx.trial_cpus)
     logged = client.get_run(run_id).data.metrics
-    metrics = eval_metrics(result.eval_after)
+    metrics = eval_metrics(result.eval_after, objectives)
     metrics.update({"cost": costs["cost/total"], "wall_seconds": wall,
                     "accelerator_hours": costs["cost/accelerator_hours"],
                     "generated_tokens": float(logged.get("cost/generated_tokens_total", math.nan))})
