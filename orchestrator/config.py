@@ -322,7 +322,7 @@ def parse_budget(text: str, cfg: EvalConfig | None, key: str = "eval.budgets") -
 
 
 def largest_train_budget(b: BudgetConfig) -> Budget:
-    """The longest thinking and the longest solution ``budget.schedule`` may give a training prompt."""
+    """The longest (thinking + solution) budget ``budget.schedule`` may give a training prompt."""
     s, budgets = b.schedule, [Budget(b.thinking, b.solution)]
     if s.kind == "stages":
         budgets = [Budget(x.thinking, x.solution) for x in s.stages]
@@ -331,7 +331,7 @@ def largest_train_budget(b: BudgetConfig) -> Budget:
     elif s.kind == "mixture":
         budgets = [Budget(max(s.thinking.values or s.thinking.range or [b.thinking]),
                           max(s.solution.values or s.solution.range or [b.solution]))]
-    return Budget(max(x.thinking for x in budgets), max(x.solution for x in budgets))
+    return max(budgets, key=lambda x: x.total)
 
 
 def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str = "base") -> str:

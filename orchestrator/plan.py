@@ -268,7 +268,7 @@ def _dtype(value: str, on_gpu: bool) -> str:
 
 
 def _longest_train_budget(b) -> int:
-    """thinking + solution of the largest budget ``budget.schedule`` gives (config.largest_train_budget,
+    """thinking + solution of the longest budget ``budget.schedule`` gives (config.largest_train_budget,
     restated here: this module imports only the standard library)."""
     s = getattr(b, "schedule", None)
     kind = getattr(s, "kind", "fixed")
