@@ -22,6 +22,7 @@ from . import devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 from .algorithms import AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
+from .prompt_hint import check_prompt_hint
 from .rewards import RewardConfig  # the reward section: the reward code takes it whole
 
 
@@ -90,6 +91,38 @@ class Budget:
 
 
 @dataclass
+class DrawConfig:
+    """A ``mixture`` dimension: ``values`` (``weights``: default equal), an inclusive ``range`` [lo, hi], or neither."""
+
+    values: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    range: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StageConfig:
+    """One stage of a ``stages`` schedule: ``steps`` steps at this budget (the last stage: to the end)."""
+
+    steps: int = 0
+    thinking: int = MISSING
+    solution: int = MISSING
+
+
+@dataclass
+class ScheduleConfig:
+    """How each prompt of a step gets its budget (orchestrator/budget_schedule.py; docs/elastic.md)."""
+
+    kind: str = "fixed"  # fixed | mixture | stages | curriculum
+    thinking: DrawConfig = field(default_factory=DrawConfig)  # mixture
+    solution: DrawConfig = field(default_factory=DrawConfig)  # mixture
+    stages: list[StageConfig] = field(default_factory=list)  # stages, in order
+    # curriculum: "THINKxSOLUTION" budgets, loose to tight; the next once accuracy over ``window`` steps >= threshold
+    ladder: list[str] = field(default_factory=list)
+    threshold: float = 0.8
+    window: int = 4
+
+
+@dataclass
 class BudgetConfig:
     """Elastic Reasoning's separate budgets: think up to ``thinking`` tokens, answer up to ``solution``."""
 
@@ -97,6 +130,11 @@ class BudgetConfig:
     solution: int = 1024
     # Train on the end-of-thinking marker when the rollout had to force it (Elastic Reasoning keeps it).
     train_forced_think_end: bool = True
+    # Per-prompt training budgets (default fixed: every prompt gets thinking x solution).
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The budget told to the model, prepended to the task prompt ("" = off), e.g. "<budget {thinking}>\n";
+    # fields {thinking}, {solution}, {total}. Training, the eval grid and serving render it alike.
+    prompt_hint: str = ""
 
 
 @dataclass
@@ -269,17 +307,31 @@ WEIGHT_SYNC_METHODS = ("auto", "object_store", "collective")
 _BUDGET_RE = re.compile(r"^\s*(\d+)\s*[xX:]\s*(\d+)\s*$")
 
 
-def parse_budget(text: str, cfg: EvalConfig) -> Budget:
-    """'16x8' -> Budget(16, 8); 'unconstrained' -> the eval's maximum lengths."""
-    if text.strip().lower() == "unconstrained":
+def parse_budget(text: str, cfg: EvalConfig | None, key: str = "eval.budgets") -> Budget:
+    """'16x8' -> Budget(16, 8); 'unconstrained' -> the eval's maximum lengths (an eval grid only)."""
+    if cfg is not None and text.strip().lower() == "unconstrained":
         return cfg.unconstrained
     m = _BUDGET_RE.match(text)
     if not m:
-        raise ConfigError(f"eval.budgets: {text!r} is not THINKxSOLUTION (e.g. '16x8') or 'unconstrained'")
+        also = " or 'unconstrained'" if cfg is not None else ""
+        raise ConfigError(f"{key}: {text!r} is not THINKxSOLUTION (e.g. '16x8'){also}")
     budget = Budget(int(m.group(1)), int(m.group(2)))
     if budget.thinking <= 0 or budget.solution <= 0:
-        raise ConfigError(f"eval.budgets: {text!r} has a budget <= 0; both budgets must be positive")
+        raise ConfigError(f"{key}: {text!r} has a budget <= 0; both budgets must be positive")
     return budget
+
+
+def largest_train_budget(b: BudgetConfig) -> Budget:
+    """The longest (thinking + solution) budget ``budget.schedule`` may give a training prompt."""
+    s, budgets = b.schedule, [Budget(b.thinking, b.solution)]
+    if s.kind == "stages":
+        budgets = [Budget(x.thinking, x.solution) for x in s.stages]
+    elif s.kind == "curriculum":
+        budgets = [parse_budget(x, None, "budget.schedule.ladder") for x in s.ladder]
+    elif s.kind == "mixture":
+        budgets = [Budget(max(s.thinking.values or s.thinking.range or [b.thinking]),
+                          max(s.solution.values or s.solution.range or [b.solution]))]
+    return max(budgets, key=lambda x: x.total)
 
 
 def resolve_base_config(base: str, workload_config: str | os.PathLike, key: str = "base") -> str:
@@ -347,7 +399,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
             f"must divide the batch of {total} samples (trainer.prompts_per_step x rollout.group_size)")
     validate_data(cfg.data, check_paths)
     validate_eval(cfg.eval)
-    longest = max(b.total for b in [Budget(cfg.budget.thinking, cfg.budget.solution), *eval_budgets(cfg)])
+    longest = max(b.total for b in [largest_train_budget(cfg.budget), *eval_budgets(cfg)])
     if longest >= cfg.model.max_model_len:
         bad("model.max_model_len", cfg.model.max_model_len,
             f"must exceed the longest budget (thinking + solution = {longest}) plus the prompt")
@@ -371,6 +423,48 @@ def validate_model(m: ModelConfig, check_paths: bool) -> None:
 def validate_budget(b: BudgetConfig) -> None:
     positive("budget.thinking", b.thinking)
     positive("budget.solution", b.solution)
+    check_prompt_hint("budget.prompt_hint", b.prompt_hint)
+    validate_schedule(b.schedule)
+
+
+def validate_schedule(s: ScheduleConfig) -> None:
+    k, kinds = "budget.schedule", ("fixed", "mixture", "stages", "curriculum")  # budget_schedule.SCHEDULES
+    if s.kind not in kinds:
+        bad(f"{k}.kind", s.kind, f"must be one of {', '.join(kinds)}")
+    if s.kind == "mixture":
+        for name, d in (("thinking", s.thinking), ("solution", s.solution)):
+            _validate_draw(f"{k}.{name}", d)
+    if s.kind == "stages":
+        if not s.stages:
+            bad(f"{k}.stages", s.stages, "list at least one {steps, thinking, solution}")
+        for i, st in enumerate(s.stages):
+            positive(f"{k}.stages[{i}].thinking", st.thinking)
+            positive(f"{k}.stages[{i}].solution", st.solution)
+            (non_negative if i == len(s.stages) - 1 else positive)(f"{k}.stages[{i}].steps", st.steps)
+    if s.kind == "curriculum":
+        if len(s.ladder) < 2:
+            bad(f"{k}.ladder", s.ladder, "list at least two budgets, loose to tight (e.g. ['64x16', '16x8'])")
+        rungs = [parse_budget(x, None, f"{k}.ladder") for x in s.ladder]
+        for a, b in zip(rungs, rungs[1:]):
+            if b.thinking > a.thinking or b.solution > a.solution or a == b:
+                bad(f"{k}.ladder", s.ladder, f"{b.label} after {a.label}: each budget must be tighter than the last")
+        if not 0 < s.threshold <= 1:
+            bad(f"{k}.threshold", s.threshold, "must be an accuracy in (0, 1]")
+        positive(f"{k}.window", s.window)
+
+
+def _validate_draw(key: str, d: DrawConfig) -> None:
+    if d.values and d.range:
+        bad(f"{key}.range", d.range, f"set either {key}.values or {key}.range, not both")
+    for i, v in enumerate(d.values):
+        positive(f"{key}.values[{i}]", v)
+    if d.weights:
+        if not d.values or len(d.weights) != len(d.values):
+            bad(f"{key}.weights", d.weights, f"needs one weight per entry of {key}.values ({len(d.values)})")
+        if any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
+            bad(f"{key}.weights", d.weights, "weights must be >= 0 with a positive sum")
+    if d.range and (len(d.range) != 2 or not 0 < d.range[0] <= d.range[1]):
+        bad(f"{key}.range", d.range, "must be [lo, hi] with 0 < lo <= hi")
 
 
 def validate_rollout(r: RolloutConfig) -> None:
@@ -414,7 +508,7 @@ def validate_reward(r: RewardConfig) -> None:
 
 def _algorithm(cfg: Config) -> AlgorithmConfig:
     """``cfg.algorithm`` with its preset's values filled in and checked (orchestrator/algorithms/presets.py)."""
-    longest = cfg.budget.thinking + 1 + cfg.budget.solution  # the forced end-of-thinking token included
+    longest = largest_train_budget(cfg.budget).total + 1  # the forced end-of-thinking token included
     try:
         return resolve_algorithm(cfg.algorithm, longest_response=longest)
     except ValueError as exc:

@@ -60,12 +60,13 @@ def summarize(records: pa.Table, by: tuple[str, ...] = ("budget_label",)) -> pa.
 
 def _over_grid(group: WorkerGroup, prompts: pa.Table, budgets: list[Budget], *, samples_per_prompt: int,
                temperature: float, top_p: float, reward: RewardConfig, pool: RewardPool | None, step: int,
-               seed: int) -> EvalResult:
-    """Generate and score every budget in turn (the grid's order is the order of the random draws)."""
+               seed: int, hint: str = "") -> EvalResult:
+    """Generate and score every budget in turn (the grid's order is the order of the random draws); with
+    ``budget.prompt_hint`` (``hint``) each budget is told to the model as in training."""
     tables = []
     for b in budgets:
         spec = SamplingSpec(group_size=samples_per_prompt, budget=b, temperature=temperature, top_p=top_p,
-                            seed=seed)
+                            seed=seed, prompt_hint=hint)
         recs = group.generate(prompts, spec, step)
         recs, _ = score_rollouts(recs, reward, pool)
         tables.append(recs.append_column("budget_label", pa.array([b.label] * recs.num_rows, pa.string())))
@@ -97,7 +98,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | None = None, *, group: Wo
         tracker.set_tags({tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(prompts)})
     e = cfg.eval
     grid = dict(samples_per_prompt=e.samples_per_prompt, temperature=e.temperature, top_p=e.top_p,
-                reward=reward, step=step, seed=cfg.rollout.seed if seed is None else seed)
+                reward=reward, step=step, seed=cfg.rollout.seed if seed is None else seed, hint=cfg.budget.prompt_hint)
     budgets = eval_budgets(cfg) if budgets is None else budgets
     if group is not None:
         result = _over_grid(group, prompts, budgets, pool=pool, **grid)

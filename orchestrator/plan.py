@@ -267,11 +267,26 @@ def _dtype(value: str, on_gpu: bool) -> str:
     return value if value in DTYPE_BYTES else ("bfloat16" if on_gpu else "float32")
 
 
+def _longest_train_budget(b) -> int:
+    """thinking + solution of the longest budget ``budget.schedule`` gives (config.largest_train_budget,
+    restated here: this module imports only the standard library)."""
+    s = getattr(b, "schedule", None)
+    kind = getattr(s, "kind", "fixed")
+    if kind == "stages":
+        return max(x.thinking + x.solution for x in s.stages)
+    if kind == "curriculum":  # the ladder goes from loose to tight: its first budget is the largest
+        t, _, sol = s.ladder[0].lower().replace(":", "x").partition("x")
+        return int(t) + int(sol)
+    if kind == "mixture":
+        return sum(max(d.values or d.range or [dflt]) for d, dflt in ((s.thinking, b.thinking), (s.solution, b.solution)))
+    return b.thinking + b.solution
+
+
 def learner_setup(cfg, prompt_tokens: int) -> LearnerSetup:
     """The largest micro-batch a learner rank runs under ``cfg``: every row at its longest (prompt, the
     thinking budget, a forced ``</think>``, the solution budget)."""
     le, a, t = cfg.learner, cfg.algorithm, cfg.trainer
-    seq_len = prompt_tokens + cfg.budget.thinking + 1 + cfg.budget.solution
+    seq_len = prompt_tokens + _longest_train_budget(cfg.budget) + 1
     per_rank = math.ceil(t.prompts_per_step * cfg.rollout.group_size / a.mini_batches / le.num_workers)
     rows = min(le.micro_batch_size, per_rank)
     if le.micro_batch_tokens > 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .config import Config, ConfigError, eval_budgets
+from .config import Config, ConfigError, eval_budgets, largest_train_budget
 from .data.io import read_prompts
 from .data.tasks import get_task
+from .prompt_hint import budget_hint
 
 
 def load_prompt_tables(cfg: Config) -> tuple[pa.Table, pa.Table, str]:
@@ -43,11 +44,12 @@ def fit_prompts(cfg: Config, model_path: str, train: pa.Table, evals: pa.Table, 
 
     tok = AutoTokenizer.from_pretrained(model_path)
     m, mode = cfg.model, cfg.data.overlong_prompts
-    train_budget = cfg.budget.thinking + cfg.budget.solution
-    eval_budget = max(b.thinking + b.solution for b in eval_budgets(cfg))
+    train_budget = largest_train_budget(cfg.budget)  # a budget schedule's largest; the hint at it is the longest
+    eval_budget = max(eval_budgets(cfg), key=lambda b: b.total)
     counts, out = {}, []
-    for name, table, budget in (("train", train, train_budget), ("eval", evals, eval_budget)):
-        texts = [render_prompt(m.prompt_template, p, tok, m.chat_template) for p in table["prompt"].to_pylist()]
+    for name, table, b in (("train", train, train_budget), ("eval", evals, eval_budget)):
+        hint, budget = budget_hint(cfg.budget.prompt_hint, b), b.total
+        texts = [render_prompt(m.prompt_template, p, tok, m.chat_template, hint) for p in table["prompt"].to_pylist()]
         lengths = np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
         limit = m.max_model_len - budget - 1
         over = lengths > limit

@@ -37,6 +37,7 @@ from ray import serve
 from . import registry
 from .config import Budget, ConfigError
 from .effort import BudgetChoice, BudgetRequestError, Frontier, choose, is_int, is_number
+from .prompt_hint import budget_hint, hint_messages
 from .runtime import init_ray
 from .serve_config import (  # noqa: F401  (the config API is importable from here too)
     AutoscalingConfig,
@@ -166,8 +167,8 @@ class BudgetedServer:
             raise APIError(f"{key} must be in {bound}, got {v}", param=key, code="invalid_value")
         return float(v)
 
-    def _texts(self, kind: str, body: dict, kwargs: dict) -> tuple[list[str], str]:
-        """Model input texts (templates applied; ``kwargs`` go to the chat template) and their field."""
+    def _texts(self, kind: str, body: dict, kwargs: dict, hint: str = "") -> tuple[list[str], str]:
+        """Model input texts (templates applied; ``kwargs`` go to the chat template; ``hint`` first) and their field."""
         if kind == "completion":
             p = body.get("prompt")
             if isinstance(p, str):
@@ -180,7 +181,7 @@ class BudgetedServer:
             else:
                 raise APIError("prompt must be a string or a non-empty list of strings", param="prompt",
                                code="invalid_type" if p is not None else "missing")
-            return [self._render(x) for x in prompts], "prompt"
+            return [self._render(hint + x) for x in prompts], "prompt"
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise APIError("messages must be a non-empty list of {role, content} objects", param="messages",
@@ -205,6 +206,7 @@ class BudgetedServer:
                 raise APIError(f"messages[{i}].content must be a string or a list of text parts",
                                param=f"messages[{i}].content", code="invalid_type")
             clean.append({"role": msg["role"], "content": content})
+        clean = hint_messages(clean, hint)  # the budget told as in training (budget.prompt_hint)
         if self.cfg.model.chat_template:
             try:
                 text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **kwargs)
@@ -228,7 +230,6 @@ class BudgetedServer:
 
     def _render(self, prompt: str) -> str:
         from .rollout.worker import render_prompt
-
         return render_prompt(self.cfg.model.prompt_template, prompt, self.tokenizer, self.cfg.model.chat_template)
 
     def prepare(self, kind: str, body: Any) -> Job:
@@ -254,7 +255,7 @@ class BudgetedServer:
         if seed is not None and not is_int(seed):
             raise APIError(f"seed must be an integer, got {json.dumps(seed)}", param="seed", code="invalid_type")
         kwargs = self._template_kwargs(kind, body)
-        texts, field_name = self._texts(kind, body, kwargs)
+        texts, field_name = self._texts(kind, body, kwargs, budget_hint(cfg.budget.prompt_hint, budget))
         if kwargs.get("enable_thinking") is False:  # thinking off: the solution only (rollout/budget.py)
             budget = Budget(0, budget.solution)
         if len(texts) * n > cfg.deployment.max_batch_size:

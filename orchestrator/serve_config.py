@@ -18,6 +18,7 @@ from omegaconf import MISSING
 from . import devices, registry
 from .config import Budget, RayConfig, VllmConfig, validate_vllm
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
+from .prompt_hint import check_prompt_hint
 
 # The context of a model whose config.json names a longer one, unless model.max_model_len says otherwise:
 # vLLM reserves KV cache for one full-length sequence, so a 128k-context model would not start by default.
@@ -56,6 +57,9 @@ class ServeBudgetConfig:
     solution: Optional[int] = None
     max_thinking: Optional[int] = None  # larger requested budgets get HTTP 400
     max_solution: Optional[int] = None
+    # The request's budget told to the model before its prompt, as the model was trained: set it to the
+    # training config's budget.prompt_hint (e.g. "<budget {thinking}>"); "" = off.
+    prompt_hint: str = ""
 
     @property
     def default(self) -> Budget:
@@ -157,6 +161,7 @@ def _check_fields(cfg: ServeConfig) -> None:
     for key in ("thinking", "solution", "max_thinking", "max_solution"):
         if getattr(cfg.budget, key) is not None:
             positive(f"budget.{key}", getattr(cfg.budget, key))
+    check_prompt_hint("budget.prompt_hint", cfg.budget.prompt_hint)
 
     s = cfg.sampling
     non_negative("sampling.temperature", s.temperature)

@@ -30,6 +30,7 @@ import ray
 from tqdm import tqdm
 
 from . import algorithms, resume, tracking
+from .budget_schedule import budget_metrics, build_schedule
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
@@ -192,7 +193,7 @@ class _Run:
         self.sampling = SamplingSpec(group_size=cfg.rollout.group_size,
                                      budget=Budget(cfg.budget.thinking, cfg.budget.solution),
                                      temperature=cfg.rollout.temperature,
-                                     top_p=cfg.rollout.top_p, seed=cfg.rollout.seed,
+                                     top_p=cfg.rollout.top_p, seed=cfg.rollout.seed, prompt_hint=cfg.budget.prompt_hint,
                                      train_forced_think_end=cfg.budget.train_forced_think_end)
         self._pending: _Prefetch | None = None  # the next step's rollout, started during this step
         self.deferred = resume.DeferredState()  # taken at the end of a step, written during the next rollout
@@ -208,6 +209,7 @@ class _Run:
         self._pending = None  # a rollout of the old position is not this position's next step
         self.sampler = PromptSampler(self.train_prompts, self.cfg.trainer.prompts_per_step, self.cfg.trainer.seed)
         self.step = 0
+        self.schedule = build_schedule(self.cfg.budget, self.cfg.trainer.seed, self.cfg.trainer.off_policy_steps)
         self.totals = {"generated_tokens": 0.0, "reward_errors": 0.0, "reward_timeouts": 0.0}
 
     def wall(self) -> float:
@@ -221,7 +223,8 @@ class _Run:
                 "totals": self.totals, "eval_before": self.result.eval_before, "wall_seconds": self.wall(),
                 "restarts": self.result.restarts, "pending_metrics": self.buffer.records,
                 "resumed_from": self.result.resumed_from,
-                "curriculum": self.curriculum.state() if self.curriculum is not None else None}
+                "curriculum": self.curriculum.state() if self.curriculum is not None else None,
+                "budget_schedule": self.schedule.state()}
 
     def commit_state(self) -> None:
         """Write the deferred state, or send the metrics a run without states holds (no-op without either)."""
@@ -250,6 +253,7 @@ class _Run:
         self.buffer.flush(self.tracker)  # idempotent: those records may have gone out before the crash
         if self.curriculum is not None and st.get("curriculum") is not None:
             self.curriculum.restore(st["curriculum"])
+        self.schedule.restore(st.get("budget_schedule") or self.schedule.state())
         self._push_weights()
 
     # ---- fault handling ---------------------------------------------------------------------------
@@ -364,7 +368,7 @@ class _Run:
         timer.lap("generate")
         self._sync(step, records, weights, sent)
         timer.lap("sync")
-        metrics = {**{f"train/{k}": v for k, v in bstats.items()}, **{f"curriculum/{k}": v for k, v in cur_metrics.items()},
+        metrics = {**{f"train/{k}": v for k, v in bstats.items()}, **cur_metrics,
                    **{f"learner/{k}": float(v) for k, v in lmetrics.items() if isinstance(v, (int, float))},
                    **timer.metrics(engine_s, float(lmetrics.get("seconds", 0.0)), bool(self.cfg.trainer.off_policy_steps))}
         return self._log_step(step, records, rstats, metrics, bar)
@@ -379,19 +383,20 @@ class _Run:
         return prompts, (self.group.submit(prompts, self.sampling, step) if self.deferred.waiting else None)
 
     def _draw(self, step: int) -> pa.Table:
-        """This step's prompts: the sampler's batch, through the curriculum (refilled when it drops rows)."""
+        """This step's prompts: the sampler's batch, through the curriculum (refilled when it drops rows),
+        each with its budget from the budget schedule (orchestrator/budget_schedule.py)."""
         prompts = self.sampler.next()
-        if self.curriculum is None:
-            return prompts
-        want, parts, n = prompts.num_rows, [], 0
-        for _ in range(8):  # a curriculum that drops nearly everything must not stall the run
-            parts.append(self.curriculum.select(prompts, step))
-            n += parts[-1].num_rows
-            if n >= want:
-                break
-            prompts = self.sampler.next()
-        chosen = pa.concat_tables(parts, promote_options="default")
-        return chosen.slice(0, want) if chosen.num_rows else prompts
+        if self.curriculum is not None:
+            want, parts, n = prompts.num_rows, [], 0
+            for _ in range(8):  # a curriculum that drops nearly everything must not stall the run
+                parts.append(self.curriculum.select(prompts, step))
+                n += parts[-1].num_rows
+                if n >= want:
+                    break
+                prompts = self.sampler.next()
+            chosen = pa.concat_tables(parts, promote_options="default")
+            prompts = chosen.slice(0, want) if chosen.num_rows else prompts
+        return self.schedule.assign(prompts, step)
 
     def _generate(self, step: int, prompts: pa.Table, refs: list | None) -> pa.Table:
         """This step's records: gathered from ``refs`` (a rollout already started) on the first try, else
@@ -434,11 +439,13 @@ class _Run:
             ray.wait(self._pending.refs, num_returns=len(self._pending.refs))
 
     def _reward(self, step: int, records: pa.Table) -> tuple[pa.Table, dict, dict]:
-        """Scored records, reward error counts, and the curriculum's metrics (it observes the scores
-        before the next step's prompts are drawn; synchronous runs draw them once the sync is sent)."""
+        """Scored records, reward error counts, and the curriculum's, budget schedule's and per-budget metrics
+        (they observe the scores before the next step's prompts are drawn; synchronous: once the sync is sent)."""
         records, rstats = score_rollouts(records, self.spec, self.pool)
-        cur_metrics = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
-        return records, rstats, cur_metrics
+        cur = (self.curriculum.observe(records, step) or {}) if self.curriculum is not None else {}
+        return records, rstats, {**{f"curriculum/{k}": v for k, v in cur.items()},
+                                 **{f"schedule/{k}": v for k, v in self.schedule.observe(records, step).items()},
+                                 **{f"budget/{k}": v for k, v in budget_metrics(records).items()}}
 
     def _fill(self, step: int, records: pa.Table) -> tuple[pa.Table, dict]:
         """The groups to learn from: with dynamic sampling, flat groups dropped and refilled from more

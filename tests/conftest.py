@@ -118,6 +118,31 @@ def drawn_prompt_ids(out: Path, steps: int) -> list[list[str]]:
 
 
 
+def expected_budgets(overrides: list[str], prompt_ids: list[list[str]]) -> list[dict]:
+    """Per step, {prompt_id: (thinking, solution)} as a fresh schedule of this config draws them."""
+    from orchestrator.budget_schedule import build_schedule
+    from orchestrator.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides, check_paths=False)
+    s = build_schedule(cfg.budget, cfg.trainer.seed, cfg.trainer.off_policy_steps)
+    return [{p: (b.thinking, b.solution) for p, b in zip(ids, s.budgets(ids, step))}
+            for step, ids in enumerate(prompt_ids, start=1)]
+
+
+def drawn_budgets(out: Path, steps: int) -> list[dict]:
+    """Per step, {prompt_id: (thinking, solution)} from its rollout file; fails if a group's budgets differ."""
+    import pyarrow.parquet as pq
+
+    got = []
+    for step in range(1, steps + 1):
+        seen: dict = {}
+        for r in pq.read_table(out / "rollouts" / f"step_{step:05d}.parquet").to_pylist():
+            b = seen.setdefault(r["prompt_id"], (r["budget_thinking"], r["budget_solution"]))
+            assert b == (r["budget_thinking"], r["budget_solution"]), (step, r["prompt_id"])
+        got.append(seen)
+    return got
+
+
 def state_step(out: Path) -> int:
     """The step of a run directory's saved state (``trainer_state.json``), -1 while there is none."""
     import json

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import TINY, drawn_prompt_ids, expected_prompt_ids, state_step, wait_for
+from conftest import TINY, drawn_budgets, drawn_prompt_ids, expected_budgets, expected_prompt_ids, state_step, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # enough steps left after the second recovery that the driver is killed mid-run
@@ -42,7 +42,9 @@ def _command(tmp: Path) -> list[str]:
                  "eval.num_prompts=8", "data.eval_size=8", "data.train_size=64", "budgets=[6x4]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=16",
                  "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-                 "tracking.experiment=faults", "reward.num_workers=1", "rollout.vllm.kv_cache_gib=1"]
+                 "tracking.experiment=faults", "reward.num_workers=1", "rollout.vllm.kv_cache_gib=1",
+                 # per-prompt budgets, drawn again for every step redone after a restore or the resume
+                 "budget.schedule.kind=mixture", "budget.schedule.thinking.values=[4,6]"]
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     return [sys.executable, "-m", "orchestrator", "train", str(ROOT / "configs" / "quickstart.yaml"), *overrides]
 
@@ -134,6 +136,8 @@ def test_faults_then_sigkill_then_resume(tmp_path):
     # The data position survived the learner rebuild and the driver kill: every step trained on the
     # prompts an uninterrupted run of the same seed draws (steps redone after a restore included).
     assert drawn_prompt_ids(out, STEPS) == expected_prompt_ids(_overrides(tmp_path), STEPS)
+    # ... each prompt at the budget the seeded schedule gives it at that step, its whole group alike
+    assert drawn_budgets(out, STEPS) == expected_budgets(_overrides(tmp_path), drawn_prompt_ids(out, STEPS))
 
 
 def test_resume_plan_ignores_a_new_parent_run_but_not_a_changed_setting(tmp_path):

@@ -82,6 +82,32 @@ def test_two_phase_budgets(engine, request, tiny_model):
     assert {"truncated", "closed"} <= kinds, kinds
 
 
+def test_per_prompt_budgets_and_hint_vllm(vllm_worker, tiny_model):
+    """A budget schedule's per-prompt budgets (columns of the prompt table) bind the prompt's whole group, a
+    row without them takes the spec's budget, and each prompt is told its own budget (budget.prompt_hint)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    think = pa.array([4, 12, None, 4], pa.int32())
+    prompts = _prompts(4).append_column("budget_thinking", think).append_column(
+        "budget_solution", pa.array([2, 6, None, 3], pa.int32()))
+    spec = SamplingSpec(group_size=6, budget=Budget(8, 5), temperature=1.0, seed=2, prompt_hint="[think {thinking}] ")
+    table = ray.get(vllm_worker.generate.remote(prompts, spec, step=1))
+    want = {"p0": (4, 2), "p1": (12, 6), "p2": (8, 5), "p3": (4, 3)}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    truncated = set()
+    for r in table.to_pylist():
+        t, s = want[r["prompt_id"]]
+        assert (r["budget_thinking"], r["budget_solution"]) == (t, s)
+        assert r["thinking_tokens"] <= t and r["solution_tokens"] <= s
+        if r["thinking_truncated"]:
+            assert r["thinking_tokens"] == t
+            truncated.add(t)
+        text = f"<s>[think {t}] {r['prompt']}<think>"
+        assert r["prompt_token_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert len(truncated) >= 2, truncated  # a random model runs out of several of the budgets
+
+
 def test_vllm_greedy_is_deterministic(vllm_worker):
     import ray
 

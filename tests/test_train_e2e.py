@@ -25,7 +25,10 @@ def trained(ray_session, tmp_path_factory):
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
                  "learner.num_threads=1", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
                  "tracking.experiment=e2e", "reward.num_workers=1", "rollout.num_workers=2",
-                 "rollout.cpus_per_worker=0.5"]
+                 "rollout.cpus_per_worker=0.5",
+                 # each prompt's budget drawn (shared by its group) and told to the model, in training and eval
+                 "budget.schedule.kind=mixture", "budget.schedule.thinking.values=[4,6]",
+                 "budget.prompt_hint='[think {thinking}] '"]
     overrides += [f"model.tiny.{k}={v}" for k, v in TINY.items()]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     result = train(cfg, log=lambda *_: None)
@@ -93,6 +96,37 @@ def test_rollout_records_respect_budgets(trained):
     for row in ev.to_pylist():
         assert row["thinking_tokens"] <= row["budget_thinking"] and row["solution_tokens"] <= row["budget_solution"]
     assert {r["budget_thinking"] for r in ev.to_pylist()} == {6, 24}
+
+
+def test_budget_schedule_gives_each_group_one_budget_and_logs_each_budget(trained):
+    """budget.schedule: one drawn budget per prompt, its whole group at it and told it (budget.prompt_hint);
+    budget/* metrics per budget and schedule/* each step; the eval grid tells each grid budget."""
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    cfg, result, tmp = trained
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    out, seen = Path(result.output_dir), set()
+    for f in sorted((out / "rollouts").glob("*.parquet")):
+        by_prompt: dict[str, set] = {}
+        for r in pq.read_table(f).to_pylist():
+            budget = (r["budget_thinking"], r["budget_solution"])
+            by_prompt.setdefault(r["prompt_id"], set()).add(budget)
+            assert r["thinking_tokens"] <= budget[0]
+            hint = tok(f"<s>[think {budget[0]}] ", add_special_tokens=False)["input_ids"]
+            assert r["prompt_token_ids"][:len(hint)] == hint
+        assert all(len(b) == 1 for b in by_prompt.values()), by_prompt
+        seen |= set().union(*by_prompt.values())
+    assert seen == {(4, 4), (6, 4)}  # 8 seeded draws (2 steps x 4 prompts) from {4, 6}
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    prompts = {b: [m.value for m in client.get_metric_history(result.run_id, f"budget/{b}x4/prompts")] for b in (4, 6)}
+    assert sum(map(sum, prompts.values())) == 8
+    for key in ("budget/4x4/accuracy", "budget/6x4/mean_tokens", "schedule/thinking"):
+        assert client.get_metric_history(result.run_id, key), key
+    assert [m.step for m in client.get_metric_history(result.run_id, "schedule/thinking")] == [1, 2]
+    for r in pq.read_table(out / "eval" / "step_0002.parquet").to_pylist():  # 6x4 and unconstrained (24)
+        hint = tok(f"<s>[think {r['budget_thinking']}] ", add_special_tokens=False)["input_ids"]
+        assert r["prompt_token_ids"][:len(hint)] == hint
 
 
 def test_checkpoint_is_hf_directory(trained):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from ..config import Budget
+from ..prompt_hint import budget_hint
 from ..data.schema import ROLLOUT_SCHEMA
 from ..weight_sync import WeightPayload, unpack
 from .budget import two_phase_generate
@@ -36,10 +37,23 @@ class SamplingSpec:
     top_p: float = 1.0
     seed: int = 0
     train_forced_think_end: bool = True
+    prompt_hint: str = ""  # budget.prompt_hint: each sample's budget told before its prompt ("" = off)
 
 
-def render_prompt(template: str, prompt: str, tokenizer=None, chat_template: bool = False) -> str:
-    """Task prompt -> model input text, by a format template or the tokenizer's chat template."""
+def row_budgets(prompts: pa.Table, default: Budget) -> list[Budget]:
+    """Each prompt's budget: its ``budget_thinking``/``budget_solution`` columns (a training budget
+    schedule sets them, orchestrator/budget_schedule.py), else ``default`` (the spec's)."""
+    names = ("budget_thinking", "budget_solution")
+    if not set(names) <= set(prompts.column_names):
+        return [default] * prompts.num_rows
+    return [Budget(t, s) if t is not None and s is not None else default
+            for t, s in zip(*(prompts[n].to_pylist() for n in names))]
+
+
+def render_prompt(template: str, prompt: str, tokenizer=None, chat_template: bool = False, hint: str = "") -> str:
+    """Task prompt -> model input text, by a format template or the tokenizer's chat template; ``hint``
+    (the rendered ``budget.prompt_hint``) goes before the task prompt."""
+    prompt = hint + prompt
     if chat_template:
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -79,15 +93,18 @@ class RolloutWorker:
     def generate(self, prompts: pa.Table, spec: SamplingSpec, *, step: int = 0) -> pa.Table:
         """Rollout records for every prompt x ``group_size`` samples (rewards not yet filled)."""
         rows = prompts.to_pylist()
-        texts = [render_prompt(self.prompt_template, r["prompt"], self.tokenizer, self.chat_template) for r in rows]
+        budgets = row_budgets(prompts, spec.budget)  # one per prompt, shared by its group
+        texts = [render_prompt(self.prompt_template, r["prompt"], self.tokenizer, self.chat_template,
+                               budget_hint(spec.prompt_hint, b)) for r, b in zip(rows, budgets)]
         enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         # A curriculum's response prefix (e.g. the start of the reference reasoning): generation continues
         # after it; its tokens are injected (loss weight 0) and do not use the thinking budget.
         prefixes = [self.tokenizer(r.get("response_prefix") or "", add_special_tokens=False)["input_ids"]
                     if r.get("response_prefix") else [] for r in rows]
         if self.truncate_prompts and self.max_model_len:
-            limit = self.max_model_len - spec.budget.total - 1
-            enc = [ids[-(limit - len(pre)):] if len(ids) + len(pre) > limit else ids for ids, pre in zip(enc, prefixes)]
+            limits = [self.max_model_len - b.total - 1 for b in budgets]
+            enc = [ids[-(lim - len(pre)):] if len(ids) + len(pre) > lim else ids
+                   for ids, pre, lim in zip(enc, prefixes, limits)]
         g = spec.group_size
         flat_prompts = [ids for ids in enc for _ in range(g)]
         flat_prefix = [pre for pre in prefixes for _ in range(g)]
@@ -96,7 +113,7 @@ class RolloutWorker:
         t0 = time.perf_counter()
         samples = two_phase_generate(
             self.engine, [p + pre for p, pre in zip(flat_prompts, flat_prefix)],
-            [spec.budget] * len(flat_prompts),
+            [b for b in budgets for _ in range(g)],
             think_end_id=self.think_end_id, end_ids=self.end_ids, temperature=spec.temperature, top_p=spec.top_p,
             seeds=seeds)
         t_engine = time.perf_counter() - t0
@@ -121,7 +138,7 @@ class RolloutWorker:
                 "thinking": think_texts[k], "solution": sol_texts[k],
                 "thinking_tokens": len(smp.thinking_ids), "solution_tokens": len(smp.solution_ids),
                 "thinking_truncated": smp.thinking_truncated, "finish_reason": smp.finish_reason,
-                "budget_thinking": spec.budget.thinking, "budget_solution": spec.budget.solution,
+                "budget_thinking": budgets[k // g].thinking, "budget_solution": budgets[k // g].solution,
                 "reward": None, "correct": None, "reward_error": None,
                 "prompt_token_ids": flat_prompts[k], "response_token_ids": resp,
                 "response_logprobs": [x if not math.isnan(x) else None for x in lps],
