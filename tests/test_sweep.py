@@ -114,6 +114,12 @@ BAD = [
     ({"early_stopping": {"enabled": True}}, "early_stopping.enabled=True: needs intermediate evals"),
     ({"spcae": {}}, "spcae"),
     ({"sampler": "grid"}, "space['budget.thinking_fraction'].type='float': sampler 'grid' needs categorical"),
+    ({"space": {"budget.schedule.thinking.values": {"type": "categorical", "choices": ["[4, 6]", "6"]}}},
+     "space['budget.schedule.thinking.values'].choices='6': each choice of a list key is a YAML list"),
+    ({"space": {"budget.schedule.thinking.values": {"type": "float", "low": 1, "high": 2}}},
+     "space['budget.schedule.thinking.values'].type='float': a list key is searched as categorical"),
+    ({"space": {"budget.schedule.kind": {"type": "categorical", "choices": ["fixed", "curriculum"]}}},
+     "the point {budget.schedule.kind='curriculum'} gives an invalid training config: budget.schedule.ladder=[]"),
     ({"sampler": "grid", "num_trials": 3, "space": {"algorithm.kl_coef": {"type": "categorical", "choices": [0.0, 0.1]}}},
      "num_trials=3: the grid has 2 points"),
 ]
@@ -158,6 +164,27 @@ def test_sweep_overrides_and_derived_budgets(tmp_path, model_dir):
         "budget.thinking": 31, "budget.solution": 1}
     assert derive_params({"budget.total": 20, "learner.lr": 1e-4}, bb) == {
         "budget.thinking": 12, "budget.solution": 8, "learner.lr": 1e-4}
+
+
+def test_schedule_space_lists_and_texts_reach_the_trial_config(tmp_path, model_dir):
+    """A list key is searched over whole lists (YAML text choices); a string key's value stays text even when
+    it looks like YAML ("[think {thinking}] "); each trial's overrides give exactly those values."""
+    from orchestrator.config import load_config
+    from orchestrator.sweep import base_budget, load_sweep
+    from orchestrator.sweep.config import param_overrides
+
+    space = {"budget.schedule.thinking.values": {"type": "categorical", "choices": ["[4, 6]", "[2, 4, 6]"]},
+             "budget.prompt_hint": {"type": "categorical", "choices": ["", "[think {thinking}] "]},
+             "budget.schedule.kind": {"type": "categorical", "choices": ["fixed", "mixture"]}}
+    path = _write_sweep(tmp_path, model_dir, space=space)
+    plan = load_sweep(path)  # every choice probed against the base config
+    params = {"budget.schedule.thinking.values": "[2, 4, 6]", "budget.prompt_hint": "[think {thinking}] ",
+              "budget.schedule.kind": "mixture"}
+    overrides = param_overrides(params, base_budget(plan.base))
+    assert 'budget.prompt_hint="[think {thinking}] "' in overrides and "budget.schedule.thinking.values=[2, 4, 6]" in overrides
+    cfg = load_config(QUICKSTART, [*_tiny_base_overrides(tmp_path, model_dir), *overrides], check_paths=False)
+    assert cfg.budget.prompt_hint == "[think {thinking}] " and list(cfg.budget.schedule.thinking.values) == [2, 4, 6]
+    assert cfg.budget.schedule.kind == "mixture"
 
 
 def test_hypervolume_objective_resolves_its_defaults(tmp_path, model_dir, capsys):

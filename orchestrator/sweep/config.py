@@ -9,6 +9,7 @@ it before any storage, MLflow run or Ray runtime is created, naming the bad key 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -196,7 +198,9 @@ def derive_params(params: dict[str, Any], base: Budget) -> dict[str, Any]:
 
 
 def param_overrides(params: dict[str, Any], base: Budget) -> list[str]:
-    return [f"{k}={_format_value(v)}" for k, v in sorted(derive_params(params, base).items())]
+    """``key=value`` overrides; a string key's value is quoted so YAML text in it ("[think {thinking}] ") stays text."""
+    return [f"{k}={json.dumps(v) if _scalar(_schema_type(k)) is str else _format_value(v)}"
+            for k, v in sorted(derive_params(params, base).items())]
 
 
 def space_values(p: ParamSpec) -> list[Any]:
@@ -243,10 +247,21 @@ def _declared_type(key: str, where: str) -> type:
     if tp is None:
         raise _bad(f"{where}", key, "not a key of the training config schema (orchestrator/config.py); "
                    f"searchable keys are scalar leaves such as learner.lr, or {', '.join(VIRTUAL_KEYS)}")
+    if typing.get_origin(tp) is list:
+        return list  # searched as categorical choices written as YAML lists ("[8, 16, 32]")
     declared = _scalar(tp)
     if declared is None:
-        raise _bad(where, key, f"has type {tp}; only scalar keys (int, float, bool, str) can be searched")
+        raise _bad(where, key, f"has type {tp}; only scalar keys (int, float, bool, str) and lists can be searched")
     return declared
+
+
+def _check_list_choices(p: ParamSpec, where: str) -> None:
+    """A list key is searched over whole lists, each choice a YAML list in a string (Optuna keeps scalars)."""
+    if p.type != "categorical":
+        raise _bad(f"{where}.type", p.type, "a list key is searched as categorical, each choice a list in quotes")
+    for c in p.choices or ():
+        if not (isinstance(c, str) and isinstance(yaml.safe_load(c), list)):
+            raise _bad(f"{where}.choices", c, 'each choice of a list key is a YAML list in quotes, e.g. "[8, 16, 32]"')
 
 
 def _check_categorical(p: ParamSpec, where: str) -> None:
@@ -299,6 +314,8 @@ def _validate_space(space: dict[str, ParamSpec]) -> None:
         declared = _declared_type(key, where)
         if p.type not in PARAM_TYPES:
             raise _bad(f"{where}.type", p.type, f"unknown parameter type; use one of {', '.join(PARAM_TYPES)}")
+        if declared is list:
+            _check_list_choices(p, where)
         if p.type == "categorical":
             _check_categorical(p, where)
         else:
