@@ -42,6 +42,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _COMPLETE = ".budgetrl_download_complete"
 TAG_FRONTIER = "budgetrl.frontier"  # version tag: the frontier JSON's artifact path in the version's run
 TAG_FRONTIER_SUMMARY = "budgetrl.frontier_summary"  # version tag: Frontier.summary(), for people and the UI
+TAG_PROMPT_HINT = "budgetrl.prompt_hint"  # version tag: the training run's budget.prompt_hint (serving renders it)
 _EVAL_SUMMARY = re.compile(r"^eval/(?:step_(\d+)|eval)_summary\.parquet$")  # evaluation.log_eval's tables
 
 
@@ -192,6 +193,8 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
     if source_run is not None:
         version_tags[tracking.TAG_SOURCE_RUN] = source_run.info.run_id
         version_tags.update({k: source_run.data.tags[k] for k in _INHERITED_TAGS if k in source_run.data.tags})
+        if hint := source_run.data.params.get("budget.prompt_hint"):  # the model was told its budget in training
+            version_tags[TAG_PROMPT_HINT] = hint
     version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
     if isinstance(frontier, str):  # "auto": read before anything is written, so a bad table leaves no run behind
         frontier = run_frontier(client, source_run.info.run_id, token_price) if source_run is not None else None
@@ -250,6 +253,14 @@ def _store_frontier(client, run_id: str, frontier: Frontier) -> dict[str, str]:
     path = f"frontier/frontier-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
     client.log_text(run_id, text, path)
     return {TAG_FRONTIER: path, TAG_FRONTIER_SUMMARY: frontier.summary()[:4000]}  # a SQL store's tag column: 5000
+
+
+def version_tags(uri: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """The tags of a registered version (``models:/`` URIs); {} for a local directory or a ``runs:/`` URI."""
+    if not str(uri).startswith("models:/"):
+        return {}
+    client, store = _client(tracking_uri)
+    return dict(_version(client, store, uri, parse_model_uri(uri)).tags or {})
 
 
 def load_frontier(uri: str, tracking_uri: str | None = None) -> Frontier | None:

@@ -57,9 +57,10 @@ class ServeBudgetConfig:
     solution: Optional[int] = None
     max_thinking: Optional[int] = None  # larger requested budgets get HTTP 400
     max_solution: Optional[int] = None
-    # The request's budget told to the model before its prompt, as the model was trained: set it to the
-    # training config's budget.prompt_hint (e.g. "<budget {thinking}>"); "" = off.
-    prompt_hint: str = ""
+    # The request's budget told to the model before its prompt, as the model was trained (the training config's
+    # budget.prompt_hint, e.g. "<budget {thinking}>"). None: a registered model's own (its version's
+    # budgetrl.prompt_hint tag), else off; "" = off.
+    prompt_hint: Optional[str] = None
 
     @property
     def default(self) -> Budget:
@@ -135,6 +136,8 @@ def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None
     _check_fields(cfg)
     devices.resolve_vllm(cfg.model.vllm, devices.DeviceFacts.of(cfg.deployment.gpus_per_replica), "model.vllm")
     conf = _check_target(cfg, check_paths)
+    if cfg.budget.prompt_hint is None:  # not a registered model, or not looked up
+        cfg.budget.prompt_hint = ""
     _fit_context(cfg, conf)
     _check_budgets(cfg)
 
@@ -161,7 +164,8 @@ def _check_fields(cfg: ServeConfig) -> None:
     for key in ("thinking", "solution", "max_thinking", "max_solution"):
         if getattr(cfg.budget, key) is not None:
             positive(f"budget.{key}", getattr(cfg.budget, key))
-    check_prompt_hint("budget.prompt_hint", cfg.budget.prompt_hint)
+    if cfg.budget.prompt_hint is not None:
+        check_prompt_hint("budget.prompt_hint", cfg.budget.prompt_hint)
 
     s = cfg.sampling
     non_negative("sampling.temperature", s.temperature)
@@ -202,6 +206,16 @@ def _check_fields(cfg: ServeConfig) -> None:
         positive("ray.num_cpus", cfg.ray.num_cpus)
 
 
+def _model_hint(cfg: ServeConfig, trained: str | None) -> None:
+    """budget.prompt_hint from the registered model when unset; a set one that differs from training's fails."""
+    given = cfg.budget.prompt_hint
+    if given is None:
+        cfg.budget.prompt_hint = trained or ""
+    elif trained and given != trained:
+        bad("budget.prompt_hint", given, f"{cfg.model.path} was trained with the hint {trained!r}; leave "
+            "budget.prompt_hint unset to use it (or set it to that)")
+
+
 def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
     """The model: syntax always; existence, tokenizer and config.json when ``check_paths``.
 
@@ -225,6 +239,7 @@ def _check_target(cfg: ServeConfig, check_paths: bool) -> dict | None:
                 conf = registry.check_model_files(given, m.tracking_uri, think_end=m.think_end,
                                                   chat_template=m.chat_template)
                 registry.load_frontier(given, m.tracking_uri)  # readable, as each replica will read it
+                _model_hint(cfg, registry.version_tags(given, m.tracking_uri).get(registry.TAG_PROMPT_HINT))
             except ConfigError:  # CheckpointError naming model.think_end or model.chat_template
                 raise
             except Exception as exc:  # RegistryError, TrackingError

@@ -112,6 +112,26 @@ def test_config_target_checks(tmp_path, tiny_model, store):
     assert config_warnings(load_serve_config(CONFIG, [], target=tiny_model)) == []
 
 
+def test_registered_model_brings_its_training_prompt_hint(tiny_model, store):
+    """A version registered from a run trained with budget.prompt_hint carries it (version tag); serving it
+    renders that hint unless told otherwise, and a different hint is refused naming the trained one."""
+    from orchestrator import registry, tracking
+    from orchestrator.serve import load_serve_config
+
+    hint = "[think {thinking}] "
+    with tracking.Tracker.start(store[0], "budgetrl", run_name="hinted", params={"budget": {"prompt_hint": hint}}) as run:
+        pass
+    v = registry.register_checkpoint(store[0], tiny_model, "hinted", run.run_id, frontier=None)
+    assert registry.version_tags(f"models:/hinted/{v}", store[0])[registry.TAG_PROMPT_HINT] == hint
+    over = [f"model.tracking_uri={store[0]}"]
+    assert load_serve_config(CONFIG, over, target=f"models:/hinted/{v}").budget.prompt_hint == hint
+    assert load_serve_config(CONFIG, over, target="models:/tiny/1").budget.prompt_hint == ""  # trained without
+    assert load_serve_config(CONFIG, over + ["budget.prompt_hint='<{thinking}>'"], target="models:/tiny/1"
+                             ).budget.prompt_hint == "<{thinking}>"
+    with pytest.raises(ConfigError, match=r"budget.prompt_hint='<\{thinking\}>'.*was trained with the hint"):
+        load_serve_config(CONFIG, over + ["budget.prompt_hint='<{thinking}>'"], target=f"models:/hinted/{v}")
+
+
 def test_context_length_comes_from_the_checkpoint(tmp_path, tiny_model, store):
     """Without --config the context is the checkpoint's (256 here, not the 4096 default) and the budget
     limits left unset fit it; an explicit value wins, up to what the checkpoint supports."""
