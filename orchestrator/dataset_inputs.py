@@ -25,9 +25,11 @@ def prompt_source(cfg: Config, split: str):
     d = cfg.data
     path = d.path if split == "train" else (d.eval_path or d.path)
     if path is not None:
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        return LocalArtifactDatasetSource(str(Path(path).resolve()))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local sources register
+            warnings.simplefilter("ignore", UserWarning)
+            return resolve_dataset_source(str(Path(path).resolve()))
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
     size = d.train_size if split == "train" else d.eval_size
