@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 
 from .config import Config
@@ -24,7 +25,18 @@ def _monitor(run_id: str, tracking_uri: str, interval_s: float, node: str | None
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, node_id=node,
                                    tracking_uri=tracking_uri)
     monitor.start()
+    monitor.budgetrl_first_step = monitor._logging_step
     return monitor
+
+
+def _finish(monitor) -> None:
+    """Stop ``monitor`` and send what it holds. A run (or a node's share of it) shorter than one period
+    gets one sample at the end, averaged since the monitor started, rather than none."""
+    monitor.finish()
+    if monitor._logging_step == monitor.budgetrl_first_step:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
 
 class NodeSampler:
@@ -34,7 +46,7 @@ class NodeSampler:
         self.monitor = _monitor(run_id, tracking_uri, interval_s, node)
 
     def stop(self) -> None:
-        self.monitor.finish()
+        _finish(self.monitor)
 
 
 def other_nodes(placement: dict, driver_node: str) -> list[str]:
@@ -56,11 +68,15 @@ def start_node_samplers(cfg: Config, run_id: str, tracking_uri: str, nodes: list
 
 
 def stop_node_samplers(samplers: list) -> None:
+    """Send each node's last samples and end its sampler; one that failed (or whose node was lost) is
+    reported, never an error of the run."""
     import ray
 
-    with contextlib.suppress(Exception):  # a lost node's sampler is gone with it
-        ray.get([s.stop.remote() for s in samplers], timeout=60)
     for s in samplers:
+        try:
+            ray.get(s.stop.remote(), timeout=60)
+        except Exception as exc:  # noqa: BLE001 - system metrics must not fail a finished run
+            warnings.warn(f"system metrics: a node's sampler failed ({type(exc).__name__}: {exc})", stacklevel=2)
         ray.kill(s)
 
 
@@ -82,6 +98,6 @@ def sampling(cfg: Config, run_id: str, tracking_uri: str, placement: dict | None
             samplers = start_node_samplers(cfg, run_id, tracking_uri, nodes)
         yield
     finally:
-        monitor.finish()
+        _finish(monitor)
         if samplers:
             stop_node_samplers(samplers)
