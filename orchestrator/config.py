@@ -275,6 +275,10 @@ class TrackingConfig:
     experiment: str = "budgetrl"
     parent_run_id: Optional[str] = None  # nest this run under a sweep's or a pipeline's parent run
     tags: dict[str, str] = field(default_factory=dict)  # extra tags on the run (e.g. a sweep's trial number)
+    # MLflow's own system metrics sampler (system/*: CPU, memory, disk, network; GPU with pynvml) on
+    # training runs, one sample every system_metrics_interval_s seconds (orchestrator/system_metrics.py).
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass
@@ -391,6 +395,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     validate_learner(cfg.learner)
     validate_warmstart(cfg.warmstart)
     validate_trainer(cfg.trainer)
+    positive("tracking.system_metrics_interval_s", cfg.tracking.system_metrics_interval_s)
     non_negative("cost.accelerator_hour_price", cfg.cost.accelerator_hour_price)
     non_negative("cost.cpu_hour_price", cfg.cost.cpu_hour_price)
     total = cfg.trainer.prompts_per_step * cfg.rollout.group_size

@@ -28,7 +28,7 @@ RESULT = "result.json"
 # ``tracking.parent_run_id`` (its own run keeps its old parent; the new parent's stage tags name it).
 MUTABLE = ("trainer.steps", "trainer.eval_every", "trainer.checkpoint_every", "trainer.state_every",
            "trainer.log_samples_every", "trainer.resume", "trainer.max_restarts", "trainer.node_wait_s", "trainer.max_generated_tokens", "ray.",
-           "tracking.tracking_uri", "tracking.parent_run_id", "reward.num_workers", "reward.timeout_s", "cost.",
+           "tracking.tracking_uri", "tracking.parent_run_id", "tracking.system_metrics", "reward.num_workers", "reward.timeout_s", "cost.",
            "learner.max_shard_size")
 
 

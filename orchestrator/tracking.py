@@ -58,6 +58,10 @@ TAG_SKIPPED = "budgetrl.skipped"
 TAG_STAGE_RUN_PREFIX = "budgetrl.stage_run."  # on a pipeline's parent: stage name -> producing run id
 TAG_STAGE_SKIPPED_PREFIX = "budgetrl.stage_skipped."
 TAG_PARENT_RUN = MLFLOW_PARENT_RUN_ID  # "mlflow.parentRunId": MLflow's own nesting tag, shown by the UI
+# The MLflow 3 UI opens an experiment without this tag in its GenAI mode (runs filed under "Evaluations");
+# the model-training kind shows the runs table, charts and compare views.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # Seconds to wait for an HTTP tracking server before giving up; MLflow's own client would retry
 # a refused connection for minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES with exponential backoff).
@@ -263,7 +267,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str, artifact_location:
         if experiment is None:
             try:
                 return client.create_experiment(
-                    name, artifact_location=artifact_location or _artifact_root(uri)
+                    name, artifact_location=artifact_location or _artifact_root(uri),
+                    tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND},
                 )
             except Exception:  # another process created it first
                 experiment = client.get_experiment_by_name(name)
@@ -276,6 +281,8 @@ def _experiment_id(client: MlflowClient, uri: str, name: str, artifact_location:
             f"experiment {name!r} in {uri} is deleted; restore it (mlflow experiments restore) "
             "or remove it for good (mlflow gc) before reusing the name"
         )
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # one a user tagged otherwise is left as it is
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

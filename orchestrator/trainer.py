@@ -29,10 +29,11 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from . import algorithms, resume, tracking
+from . import algorithms, resume, system_metrics, tracking
 from .budget_schedule import budget_metrics, build_schedule
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
+from .dataset_inputs import log_prompt_sets
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import write_rollouts
 from .evaluation import evaluate_checkpoint, format_summary, log_eval
@@ -148,6 +149,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
             tracker.set_tags({tracking.TAG_SOURCE_CHECKPOINT: start,
                               tracking.TAG_DATASET_DIGEST: tracking.dataset_digest(train_prompts),
                               "budgetrl.overlong_prompts": json.dumps(overlong)})
+            log_prompt_sets(tracker, cfg, train_prompts, eval_prompts)
         spec = cfg.reward.for_verifier(verifier)
         try:
             group = WorkerGroup(cfg, start, name=f"budgetrl-run:{out_dir.resolve()}", shared_dir=str(out_dir))
@@ -155,7 +157,7 @@ def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] 
             raise NodeUnavailable(f"{exc}. The run stopped; {resume.how_to_continue(out_dir)}") from None
         pool_cm = RewardPool(cfg.reward.num_workers) if cfg.reward.num_workers > 0 else contextlib.nullcontext()
         try:
-            with pool_cm as pool:
+            with pool_cm as pool, system_metrics.sampling(cfg, tracker.run_id, uri, group.placement()):
                 run = _Run(cfg, group, pool, spec, eval_budgets(cfg), train_prompts, eval_prompts, tracker, out_dir,
                            log, on_eval, start, curriculum)
                 result = run.execute(state_path)

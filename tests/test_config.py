@@ -33,6 +33,8 @@ from orchestrator.config import Budget, ConfigError, EvalConfig, load_config, pa
     ("rollout.vllm.tensor_parallel_size=0", "rollout.vllm.tensor_parallel_size=0"),
     # sharding needs GPUs: on CPU (gpus_per_worker 0) any size > 1 is refused, naming both keys
     ("rollout.vllm.tensor_parallel_size=2", "rollout.gpus_per_worker=0"),
+    ("tracking.system_metrics_interval_s=0", "tracking.system_metrics_interval_s=0.0: must be > 0"),
+    ("tracking.system_metrics=maybe", "tracking.system_metrics"),
 ])
 def test_bad_values_name_key_and_value(cfg_file, override, expected):
     with pytest.raises(ConfigError) as info:

@@ -8,18 +8,12 @@ on 127.0.0.1 that the test stops and starts again.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from conftest import TINY
+from conftest import TINY, free_port, start_mlflow_server, stop_mlflow_server
 from orchestrator.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,65 +89,33 @@ def test_unreachable_tracking_server_fails_before_ray(tmp_path, tiny_model):
     assert time.monotonic() - t0 < 30 and ray.is_initialized() == ray_before  # Ray was not started
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(tmp: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    mlflow = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return proc
-        except requests.RequestException:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    pytest.fail("mlflow server did not start")
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_metrics_survive_a_tracking_server_outage(tmp_path):
     """Metrics logged while the server is down are held, then sent once (re-sending is idempotent)."""
     from orchestrator.tracking import MetricBuffer, Tracker
 
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port)
+    server = start_mlflow_server(tmp_path, port)
     try:
         tracker = Tracker.start(uri, "outage", run_name="outage")
         buf = MetricBuffer()
         buf.add({"train/reward": 0.1}, step=1)
         assert buf.flush(tracker)
-        _stop_server(server)
+        stop_mlflow_server(server)
         for step in (2, 3):
             buf.add({"train/reward": 0.1 * step}, step=step)
         with pytest.warns(UserWarning, match="holding 2 metric values"):
             assert not buf.flush(tracker)
         assert len(buf) == 2  # nothing dropped while the store is away
         saved = [list(r) for r in buf.records]  # what a state file would carry across a crash
-        server = _start_server(tmp_path, port)
+        server = start_mlflow_server(tmp_path, port)
         assert buf.flush(tracker) and len(buf) == 0
         assert MetricBuffer(saved).flush(tracker)  # sent again after a crash: no duplicates
         hist = tracker.client.get_metric_history(tracker.run_id, "train/reward")
         assert sorted(m.step for m in hist) == [1, 2, 3]
         tracker.end()
     finally:
-        _stop_server(server)
+        stop_mlflow_server(server)
 
 
 def test_a_run_the_cluster_cannot_hold_stops_naming_the_resource(tmp_path, tiny_model, ray_session):

@@ -1,7 +1,8 @@
 """Sweeps: config validation before anything starts, a real tiny sweep (Tune + Optuna + MLflow), resume.
 
 - Bad sweep configs fail in load_sweep (no Ray, no study, no files) naming the key and the value.
-- A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study.
+- A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study,
+  logged to a real ``mlflow server`` on 127.0.0.1: what the MLflow UI reads, checked over its REST API.
 - Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one continues
   its own run from its last state (real trainer), none runs twice.
 """
@@ -17,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
-from conftest import TINY
+from conftest import TINY, free_port, start_mlflow_server, stop_mlflow_server
 from orchestrator.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,13 +257,23 @@ def test_pareto_median_stopping_rule():
 
 
 @pytest.fixture(scope="module")
-def swept(ray_session, tiny_model, tmp_path_factory):
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 for the real sweep: what the MLflow UI reads, over REST."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)
+
+
+@pytest.fixture(scope="module")
+def swept(ray_session, tiny_model, tmp_path_factory, mlflow_server):
     from orchestrator.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = _write_sweep(tmp, tiny_model, objectives=[  # + each model's own accuracy-vs-tokens hypervolume
+    path = _write_sweep(tmp, tiny_model, tracking_uri=mlflow_server, base_overrides=[
+        *_tiny_base_overrides(tmp, tiny_model), "tracking.system_metrics_interval_s=0.5"], objectives=[
         {"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"},
-        {"metric": "hypervolume"}])
+        {"metric": "hypervolume"}])  # + each model's own accuracy-vs-tokens hypervolume
     logs: list[str] = []
     t0 = time.perf_counter()
     first = run_sweep(path, log=logs.append)
@@ -269,13 +281,13 @@ def swept(ray_session, tiny_model, tmp_path_factory):
     second = run_sweep(path, ["num_trials=1"], log=logs.append)
     t2 = time.perf_counter()
     print(f"\nsweep wall: first invocation {t1 - t0:.1f}s, second {t2 - t1:.1f}s")
-    return tmp, path, first, second, logs
+    return tmp, path, first, second, logs, mlflow_server
 
 
 def test_sweep_records_trials_in_study(swept):
     import optuna
 
-    tmp, path, first, second, _ = swept
+    tmp, path, first, second, _, uri = swept
     assert first.finished and second.finished
     assert (first.invocation, second.invocation) == ("001", "002")
     study = optuna.load_study(study_name="tiny", storage=first.storage)
@@ -285,7 +297,7 @@ def test_sweep_records_trials_in_study(swept):
     assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002"]
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient(uri)
     from orchestrator.frontier import model_hypervolume
 
     for t in trials:
@@ -310,8 +322,8 @@ def test_sweep_records_trials_in_study(swept):
 def test_sweep_parent_and_child_runs(swept):
     from mlflow import MlflowClient
 
-    tmp, path, first, second, _ = swept
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    tmp, path, first, second, _, uri = swept
+    client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep-test")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("budgetrl.workload") == "sweep"]
@@ -336,8 +348,8 @@ def test_sweep_frontier_artifacts(swept):
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
-    tmp, path, first, second, _ = swept
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    tmp, path, first, second, _, uri = swept
+    client = MlflowClient(uri)
     run = client.get_run(second.parent_run_id)
     arts = {a.path for a in client.list_artifacts(second.parent_run_id, "frontier")}
     for name in ("trials.parquet", "accuracy_vs_tokens.parquet", "accuracy_vs_tokens.png",
@@ -363,8 +375,7 @@ def test_sweep_frontier_artifacts(swept):
 def test_frontier_command_from_mlflow_runs(swept, capsys):
     from orchestrator.cli import main
 
-    tmp, path, first, second, _ = swept
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    tmp, path, first, second, _, uri = swept
     rc = main(["frontier", "--study", "tiny", "--tracking-uri", uri, "--out", str(tmp / "fr")])
     assert rc == 0
     out = capsys.readouterr().out
@@ -380,6 +391,86 @@ def test_frontier_command_from_mlflow_runs(swept, capsys):
     ids = ",".join(second.trials["run_id"])
     assert main(["frontier", "--run-ids", ids, "--tracking-uri", uri, "--budget", "6x4", "--no-log"]) == 0
     assert main(["frontier", "--experiment", "no-such", "--tracking-uri", uri, "--no-log"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# What the MLflow UI reads (docs/mlflow.md), over the server's REST API as the UI does
+
+
+def _rest(uri: str, endpoint: str, **payload) -> dict:
+    r = requests.post(f"{uri}/api/2.0/mlflow/{endpoint}", json=payload, timeout=30) if endpoint.endswith(
+        ("search", "create")) else requests.get(f"{uri}/api/2.0/mlflow/{endpoint}", params=payload, timeout=30)
+    assert r.ok, (endpoint, r.status_code, r.text)
+    return r.json()
+
+
+def _kv(items: list[dict] | None) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in items or []}
+
+
+def _children(uri: str) -> list[dict]:
+    exp = _rest(uri, "experiments/get-by-name", experiment_name="sweep-test")["experiment"]
+    runs = _rest(uri, "runs/search", experiment_ids=[exp["experiment_id"]], max_results=100)["runs"]
+    return [r for r in runs if "mlflow.parentRunId" in _kv(r["data"].get("tags"))]
+
+
+def test_ui_experiment_kind_is_model_training(swept):
+    from orchestrator.tracking import Tracker
+
+    *_, uri = swept
+    kind = "mlflow.experimentKind"
+    assert _kv(_rest(uri, "experiments/get-by-name", experiment_name="sweep-test")["experiment"]["tags"])[kind] \
+        == "custom_model_development"  # the UI's model-training mode, not GenAI's "Evaluations"
+    # An experiment created elsewhere without the tag gets it; one tagged otherwise is left alone.
+    _rest(uri, "experiments/create", name="bare")
+    _rest(uri, "experiments/create", name="genai", tags=[{"key": kind, "value": "genai_development"}])
+    for name in ("bare", "genai"):
+        Tracker.start(uri, name, run_name="r").end()
+    kinds = {n: _kv(_rest(uri, "experiments/get-by-name", experiment_name=n)["experiment"]["tags"])[kind]
+             for n in ("bare", "genai")}
+    assert kinds == {"bare": "custom_model_development", "genai": "genai_development"}
+
+
+def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
+    *_, uri = swept
+    children = _children(uri)
+    assert len(children) == 3  # each a quickstart-shaped training run
+    for run in children:
+        tags = _kv(run["data"]["tags"])
+        inputs = {_kv(i["tags"])["mlflow.data.context"]: i["dataset"] for i in run["inputs"]["dataset_inputs"]}
+        assert set(inputs) == {"train", "eval"}
+        assert inputs["train"]["digest"] == tags["budgetrl.dataset_digest"]  # the lineage tag stays
+        assert (inputs["train"]["name"], inputs["eval"]["name"]) == ("addition-train", "addition-eval")
+        assert inputs["train"]["source_type"] == "code" and '"task": "addition"' in inputs["train"]["source"]
+        assert '"name": "prompt"' in inputs["train"]["schema"]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+            assert key in metrics, sorted(metrics)
+        assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0
+
+
+def test_ui_sweep_children_share_objective_and_param_keys(swept):
+    tmp, path, first, second, _, uri = swept
+    children = _children(uri)
+    params = [{k for k in _kv(r["data"]["params"]) if k.startswith("sweep/")} for r in children]
+    metrics = [{m["key"] for m in r["data"]["metrics"] if m["key"].startswith("sweep/")} for r in children]
+    assert all(p == {"sweep/budget.thinking_fraction", "sweep/learner.lr", "sweep/algorithm.kl_coef"} for p in params)
+    assert all(m == {"sweep/accuracy_6x4", "sweep/mean_tokens_unconstrained"} for m in metrics)
+    trials = second.trials.set_index("trial")
+    for r in children:  # the trial's sampled value, as the study holds it
+        lr = trials.loc[int(_kv(r["data"]["tags"])["budgetrl.trial"]), "param.learner.lr"]
+        assert float(_kv(r["data"]["params"])["sweep/learner.lr"]) == pytest.approx(lr)
+    note = _kv(_rest(uri, "runs/get", run_id=second.parent_run_id)["run"]["data"]["tags"])["mlflow.note.content"]
+    assert "`sweep/accuracy_6x4` (max)" in note and "`sweep/learner.lr`" in note and "**Frontier**" in note
+    front = second.trials[second.trials["trial"].isin(second.front)]
+    assert len(front) >= 1 and all(f"`{rid}`" in note for rid in front["run_id"])
+
+
+def test_system_metrics_nodes_of_a_placement():
+    from orchestrator.system_metrics import other_nodes
+
+    placement = {"rollout": [{"node_id": "aa"}, {"node_id": "bb"}], "learner": [{"node_id": "aa"}, {"node_id": None}]}
+    assert other_nodes(placement, "aa") == ["bb"] and other_nodes(placement, "cc") == ["aa", "bb"]
 
 
 # ---------------------------------------------------------------------------------------------

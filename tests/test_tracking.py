@@ -184,3 +184,30 @@ def test_git_commit_and_lineage(tmp_path):
     assert tags[tracking.TAG_GIT_COMMIT] == tags["mlflow.source.git.commit"] == commit
     assert tags[tracking.TAG_GIT_DIRTY] == "true"
     assert tracking.TAG_STAGE not in tags  # unknown lineage is left out, not written as "None"
+
+
+
+def test_prompt_files_logged_as_dataset_inputs(store, tmp_path):
+    """A user's prompt files as the run's dataset inputs: the file as source, its stem as name, the
+    ``train``/``eval`` contexts, the digest of the lineage tag, the columns as schema."""
+    from orchestrator.config import load_config
+    from orchestrator.data.io import read_prompts
+    from orchestrator.dataset_inputs import log_prompt_sets
+
+    uri, _ = store
+    for name, n in (("train.jsonl", 4), ("held_out.jsonl", 2)):
+        (tmp_path / name).write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                                             for i in range(n)))
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+                      [f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path / 'held_out.jsonl'}"],
+                      check_paths=False)
+    train, evals = read_prompts(cfg.data.path), read_prompts(cfg.data.eval_path)
+    t = Tracker.start(uri, "datasets", run_name="files")
+    log_prompt_sets(t, cfg, train, evals)
+    inputs = {tag.value: d.dataset for d in t.client.get_run(t.run_id).inputs.dataset_inputs
+              for tag in d.tags if tag.key == "mlflow.data.context"}
+    assert {k: (d.name, d.source_type, json.loads(d.source)["uri"]) for k, d in inputs.items()} == {
+        "train": ("train-train", "local", str(tmp_path / "train.jsonl")),
+        "eval": ("held_out-eval", "local", str(tmp_path / "held_out.jsonl"))}
+    assert inputs["train"].digest == tracking.dataset_digest(train) != inputs["eval"].digest
+    assert [c["name"] for c in json.loads(inputs["eval"].schema)["mlflow_colspec"]][:2] == ["prompt_id", "task"]

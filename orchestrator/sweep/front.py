@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from .. import frontier, tracking
 from ..config import eval_budgets, load_config, to_yaml
@@ -113,6 +114,36 @@ def _export_configs(study, plan: SweepPlan, front: pd.DataFrame, parent: trackin
         parent.log_artifacts(str(configs), "frontier/configs")
 
 
+def _value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def describe_study(plan: SweepPlan, df: pd.DataFrame | None = None, front: list[int] = (), hv: float | None = None
+                   ) -> str:
+    """The parent run's description (MLflow's run note, markdown): the study, its objectives and space,
+    where to compare the trials in the UI, and (once trials finished) the frontier trials."""
+    sw = plan.sweep
+    objs = ", ".join(f"`sweep/{o.name}` ({o.mode})" for o in plan.objectives)
+    space = ", ".join(f"`sweep/{k}`" for k in sw.space)
+    lines = [f"**Sweep `{plan.study_name}`** (Optuna study, {sw.sampler} sampler, {sw.num_trials} trials per "
+             f"invocation, {sw.max_concurrency} at a time), base config `{plan.base_path}`.", "",
+             f"Objectives (each child run's metrics): {objs}.", f"Parameters (each child run's params): {space}.", "",
+             "Compare the child runs (expand this run in the runs table, select them, *Compare*): the "
+             "parallel-coordinates plot takes these params and metrics as its axes."]
+    if df is None or df.empty:
+        return "\n".join(lines)
+    lines += ["", f"**Frontier**: {len(front)} of {int((df['state'] == 'COMPLETE').sum())} complete trials; "
+              f"hypervolume {_value(float(hv or 0.0))} (`frontier/hypervolume`).", ""]
+    params = [c for c in df.columns if c.startswith("param.")]
+    cols = ["trial", "run", *[o.name for o in plan.objectives], *[c[len("param."):] for c in params]]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df[df["trial"].isin(list(front))].sort_values("trial").iterrows():
+        cells = [str(int(row["trial"])), f"`{row['run_id']}`", *[_value(row[o.name]) for o in plan.objectives],
+                 *[_value(row[c]) for c in params]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def log_study_frontier(study, plan: SweepPlan, parent: tracking.Tracker, log=print) -> tuple[pd.DataFrame, list[int], float]:
     """Pareto front of the whole study (every invocation's complete trials) into the parent run.
 
@@ -148,6 +179,7 @@ def log_study_frontier(study, plan: SweepPlan, parent: tracking.Tracker, log=pri
                      "front": front["trial"].astype(int).tolist()}, "frontier/summary.json")
     parent.log_metrics({"frontier/hypervolume": hv, "frontier/size": float(len(front)),
                         "frontier/complete_trials": float(len(complete))}, step=len(complete))
+    parent.set_tags({MLFLOW_RUN_NOTE: describe_study(plan, df, front["trial"].astype(int).tolist(), hv)})
     cols = ["trial", *[o.name for o in plan.objectives]] + [c for c in df.columns if c.startswith("param.")]
     log(f"sweep: Pareto front of study {plan.study_name!r} ({len(front)} of {len(complete)} complete trials), "
         f"hypervolume {hv:.4g}:\n{front[cols].to_string(index=False)}")

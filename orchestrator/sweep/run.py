@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from .. import tracking
 from ..config import to_dict
 from ..cost import reserved_resources
 from .config import SweepPlan, base_budget, load_sweep
-from .front import log_study_frontier
+from .front import describe_study, log_study_frontier
 from .storage import safe_url
 from .study import (ATTR_INVOCATIONS, T_INTERRUPTIONS, T_INVOCATION, T_RUN_ID, T_RUN_NAME, Lease, invocation_done,
                     make_sampler, make_searcher, open_study)
@@ -118,7 +119,8 @@ def _open_invocation(study, plan: SweepPlan, log) -> tuple[dict, tracking.Tracke
         plan.tracking_uri, plan.experiment, run_name=f"sweep-{plan.study_name}-{inv['id']}",
         params={"sweep": sweep_dict},
         tags={**tracking.lineage_tags(sweep_dict, workload="sweep", stage="sweep"),
-              tracking.TAG_STUDY: plan.study_name, tracking.TAG_SWEEP_INVOCATION: inv["id"]})
+              tracking.TAG_STUDY: plan.study_name, tracking.TAG_SWEEP_INVOCATION: inv["id"],
+              MLFLOW_RUN_NOTE: describe_study(plan)})  # the frontier trials are added at the end
     inv["parent_run_id"] = parent.run_id
     invocations.append(inv)
     study.set_user_attr(ATTR_INVOCATIONS, invocations)

@@ -211,16 +211,16 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         run_id = find_run_id(client, ctx.experiment, run_name)
         if run_id:
             trial.set_user_attr(T_RUN_ID, run_id)
-            _tag_child(client, run_id, ctx, number, nested_at_start)
+            _tag_child(client, run_id, ctx, number, nested_at_start, params)
         if clock.index >= ctx.retries:  # else Tune retries it: the trial stays RUNNING for the retry
             trial.set_user_attr(T_ERROR, error)
             study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         raise
-    _report_result(study, trial, ctx, cfg, result, clock.stop(), pruned_at, nested_at_start)
+    _report_result(study, trial, ctx, cfg, result, clock.stop(), pruned_at, nested_at_start, params)
 
 
 def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: float, pruned_at: list[int],
-                   nested_at_start: bool) -> None:
+                   nested_at_start: bool, params: dict) -> None:
     """Cost (every attempt's ``wall`` seconds) and objectives into the run, then tell the study and Tune."""
     from mlflow import MlflowClient
     from optuna.trial import TrialState
@@ -229,7 +229,7 @@ def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: f
     number, objectives, client = trial.number, ctx.objectives, MlflowClient(ctx.tracking_uri)
     run_id = result.run_id
     trial.set_user_attr(T_RUN_ID, run_id)
-    _tag_child(client, run_id, ctx, number, nested_at_start)
+    _tag_child(client, run_id, ctx, number, nested_at_start, params)
     costs = run_cost(cfg, wall, ctx.cost, ctx.trial_cpus)
     logged = client.get_run(run_id).data.metrics
     metrics = eval_metrics(result.eval_after, objectives)
@@ -255,11 +255,22 @@ def _report_result(study, trial, ctx: TrialContext, cfg: Config, result, wall: f
     tune.report({"step": step, "final": 1, "pruned": int(pruned), **metrics})
 
 
-def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_start: bool) -> None:
-    from mlflow.entities import RunTag
+def sweep_params(params: dict) -> dict[str, str]:
+    """A trial's sampled parameters as MLflow params ``sweep/<space key>`` (derived ones such as
+    ``budget.thinking_fraction`` included): the same keys on every child of a study, so the UI's compare
+    view and parallel-coordinates plot line the trials up against their ``sweep/<objective>`` metrics."""
+    from ..tracking import flatten
+
+    return {f"sweep/{k}": v for k, v in flatten(dict(params)).items()}
+
+
+def _tag_child(client, run_id: str, ctx: TrialContext, number: int, nested_at_start: bool, params: dict) -> None:
+    from mlflow.entities import Param, RunTag
 
     tags = {tracking.TAG_STUDY: ctx.study_name, tracking.TAG_TRIAL: str(number),
             tracking.TAG_SWEEP_INVOCATION: ctx.invocation}
     if not nested_at_start:
         tags[tracking.TAG_PARENT_RUN] = ctx.parent_run_id
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    logged = client.get_run(run_id).data.params  # a continued trial's run has them already (same values)
+    new = [Param(k, v) for k, v in sweep_params(params).items() if k not in logged]
+    client.log_batch(run_id, params=new, tags=[RunTag(k, v) for k, v in tags.items()])
