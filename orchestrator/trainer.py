@@ -29,13 +29,13 @@ import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from . import algorithms, resume, tracking
+from . import algorithms, logged_model, resume, tracking
 from .budget_schedule import budget_metrics, build_schedule
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import write_rollouts
-from .evaluation import evaluate_checkpoint, format_summary, log_eval
+from .evaluation import eval_metrics, evaluate_checkpoint, format_summary, log_eval
 from .prompts import PromptSampler, fit_prompts, load_prompt_tables
 from .rewards import RewardPool
 from .rewards.stage import score_rollouts
@@ -506,7 +506,8 @@ class _Run:
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
                 self.log(f"stopping at step {step}: the caller's on_eval asked to stop")
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
-            self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
+            path = self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
+            logged_model.record_periodic(self.tracker, path, step, self.buffer, self.log)
         if t.state_every and step % t.state_every == 0 and not final and not stop:
             self.deferred.take(self._payload())  # written at the start of the next step (resume.DeferredState)
         elif not t.state_every:
@@ -584,7 +585,9 @@ class _Run:
         self.tracker.log_artifacts(str(self.out_dir / "eval"), "eval")  # idempotent; fills uploads that failed
         if (self.out_dir / "rollouts").is_dir():
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
-        self.tracker.log_artifacts(ckpt, "checkpoint")
+        # The weights go up once, as the run's logged model "checkpoint" (runs:/RUN/checkpoint), with the final eval.
+        model_id = logged_model.log_checkpoint_model(self.tracker, ckpt, result.steps)
+        logged_model.log_model_metrics(self.tracker, model_id, eval_metrics(result.eval_after or []), result.steps)
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
         self.tracker.log_dict(self.placement, "placement.json")
         self._write_result(ckpt)
