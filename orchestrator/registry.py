@@ -267,12 +267,14 @@ def _registration_model(client, uri: str, experiment: str, name: str, ckpt: Path
 
 def _link_version(client, model_id: str, name: str, version: int) -> None:
     """``mlflow.modelVersions`` on the logged model, as ``mlflow.register_model`` writes it: the UI's model ->
-    registered version link (the SQL registry keeps no model id on the version)."""
+    registered version link. A tracking server adds it itself; a SQL store used directly does not."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
-    links = (json.loads(existing) if existing else []) + [{"name": name, "version": str(version)}]
-    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+    links = json.loads(existing) if existing else []
+    if not any(link.get("name") == name and str(link.get("version")) == str(version) for link in links):
+        links.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
 
 
 def run_frontier(client, run_id: str, token_price: float | None = None, step: int | None = None) -> Frontier | None:

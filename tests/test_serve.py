@@ -296,7 +296,7 @@ def test_checkpoints_are_logged_models_with_their_eval(tmp_path, tiny_model, sto
     assert (mv.source, mv.run_id, mv.tags[registry.TAG_MODEL_ID]) == (final.artifact_location, run.run_id, mid)
     assert mv.tags[tracking.TAG_CONFIG_HASH] == "feedc0ffee12"
     links = json.loads(client.get_logged_model(mid).tags["mlflow.modelVersions"])
-    assert links == [{"name": "logged", "version": str(version)}]
+    assert [(link["name"], str(link["version"])) for link in links] == [("logged", str(version))]
     assert registry.load_frontier(f"models:/logged/{version}", store).source.endswith("step_0004_summary.parquet")
     assert registry.check_model_files(f"models:/logged/{version}", store)["model_type"]
     original = (Path(tiny_model) / "model.safetensors").read_bytes()
