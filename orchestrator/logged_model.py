@@ -76,6 +76,21 @@ def log_checkpoint_model(tracker: Tracker, checkpoint_dir: str | os.PathLike, st
     return model.model_id
 
 
+def record_final(tracker: Tracker, path: str, step: int, metrics: Mapping[str, Any], log=print) -> str | None:
+    """The final checkpoint as the run's logged model ``checkpoint`` holding its files and final eval. A store
+    that has no logged models (an MLflow 2 server) gets the files as the run's ``checkpoint/`` artifact instead,
+    which ``registry.py`` still reads; the model id, or None then."""
+    try:
+        model_id = log_checkpoint_model(tracker, path, step)
+    except Exception as exc:  # noqa: BLE001 - the upload below raises again if the store itself is the problem
+        log(f"checkpoint {path} not recorded as an MLflow logged model ({type(exc).__name__}: {exc}); "
+            "logging it as the run's checkpoint/ artifact")
+        tracker.log_artifacts(path, FINAL_MODEL)
+        return None
+    log_model_metrics(tracker, model_id, metrics, step)
+    return model_id
+
+
 def record_periodic(tracker: Tracker, path: str, step: int, buffer: MetricBuffer, log=print) -> str | None:
     """A periodic checkpoint as an external logged model named like its directory, holding its step's eval (still
     in ``buffer``, sent at the next flush); a store error only warns: the checkpoint is saved, the run goes on."""

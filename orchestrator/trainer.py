@@ -586,8 +586,7 @@ class _Run:
         if (self.out_dir / "rollouts").is_dir():
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
         # The weights go up once, as the run's logged model "checkpoint" (runs:/RUN/checkpoint), with the final eval.
-        model_id = logged_model.log_checkpoint_model(self.tracker, ckpt, result.steps)
-        logged_model.log_model_metrics(self.tracker, model_id, eval_metrics(result.eval_after or []), result.steps)
+        logged_model.record_final(self.tracker, ckpt, result.steps, eval_metrics(result.eval_after or []), self.log)
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
         self.tracker.log_dict(self.placement, "placement.json")
         self._write_result(ckpt)

@@ -273,8 +273,7 @@ def test_checkpoints_are_logged_models_with_their_eval(tmp_path, tiny_model, sto
         assert buf.flush(run)
         run.log_metrics(final_eval, 4)  # the final eval goes out first; the model reuses its timestamps
         run.log_table(eval_summary, "eval/step_0004_summary.parquet")
-        mid = logged_model.log_checkpoint_model(run, ckpt, 4)
-        logged_model.log_model_metrics(run, mid, final_eval, 4)
+        mid = logged_model.record_final(run, ckpt, 4, final_eval)  # as the trainer's _finish
     client = MlflowClient(store, registry_uri=store)
     final, per = client.get_logged_model(mid), client.get_logged_model(pid)
     assert (final.name, final.source_run_id, final.status, final.model_type) == (
