@@ -485,8 +485,7 @@ class _Run:
         self.totals["reward_errors"] += rstats["reward_errors"]
         self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
-        # Updates between the policy that generated the samples and the one that learned from them
-        # (0 synchronous; 1 with trainer.off_policy_steps=1 after the first step).
+        # Updates between sampling and learning policy (0 synchronous; 1: off_policy_steps=1 after step 1).
         metrics["train/policy_lag"] = (step - 1) - float(np.mean(records["policy_version"].to_numpy()))
         metrics.update(extra)
         metrics.update({"train/reward_errors": rstats["reward_errors"], "train/reward_timeouts": rstats["reward_timeouts"],
@@ -585,7 +584,6 @@ class _Run:
         self.tracker.log_artifacts(str(self.out_dir / "eval"), "eval")  # idempotent; fills uploads that failed
         if (self.out_dir / "rollouts").is_dir():
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
-        # The weights go up once, as the run's logged model "checkpoint" (runs:/RUN/checkpoint), with the final eval.
         logged_model.record_final(self.tracker, ckpt, result.steps, eval_metrics(result.eval_after or []), self.log)
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
         self.tracker.log_dict(self.placement, "placement.json")
