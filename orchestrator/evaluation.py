@@ -116,6 +116,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | None = None, *, group: Wo
     return result
 
 
+def eval_metrics(rows: list[dict], prefix: str = "eval") -> dict[str, float]:
+    """Summary rows -> ``{prefix}/{budget}/{accuracy,mean_tokens,mean_thinking_tokens,truncation_rate}``: the
+    metric names of a run's eval, and of the logged model a checkpoint becomes (``tracking.log_checkpoint_model``)."""
+    keys = ("accuracy", "mean_tokens", "mean_thinking_tokens", "truncation_rate")
+    return {f"{prefix}/{row['budget_label']}/{k}": row[k] for row in rows for k in keys if k in row}
+
+
 def log_eval(tracker, result: EvalResult, step: int, tag: str, out_dir: Path, *, prefix: str = "eval",
              log_metrics: Callable[[dict, int], None] | None = None, tolerate_store_errors: bool = False
              ) -> list[dict]:
@@ -128,10 +135,7 @@ def log_eval(tracker, result: EvalResult, step: int, tag: str, out_dir: Path, *,
     import pyarrow.parquet as pq
 
     rows = result.rows
-    metrics = {}
-    for row in rows:
-        for k in ("accuracy", "mean_tokens", "mean_thinking_tokens", "truncation_rate"):
-            metrics[f"{prefix}/{row['budget_label']}/{k}"] = row[k]
+    metrics = eval_metrics(rows, prefix)
     for row in result.by_difficulty.to_pylist():
         metrics[f"{prefix}/{row['budget_label']}/accuracy_d{row['difficulty']}"] = row["accuracy"]
     (log_metrics or tracker.log_metrics)(metrics, step)

@@ -1,13 +1,15 @@
 """MLflow Model Registry: register a checkpoint directory as a model version, resolve one back.
 
 A checkpoint is a Hugging Face ``save_pretrained`` directory. ``register_checkpoint`` makes it a
-registered model version whose source is the ``checkpoint`` artifact of an MLflow run: the training
-run's own artifact when the run already holds this checkpoint (nothing is copied), otherwise a new
-registration run that logs the directory. Lineage is kept as version tags: source run, checkpoint
+registered model version whose source is the MLflow 3 logged model holding its files
+(``logged_model.py``): the training run's model ``checkpoint`` when it holds this checkpoint (nothing is
+copied), else, for a run made before logged models, the run's ``checkpoint`` artifact, otherwise a new
+registration run that records the directory as its logged model. Lineage is kept as version tags: source run, checkpoint
 path, and the source run's config hash, git commit, dataset digest and workload when it has them.
 
 ``resolve_model_uri`` turns ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``models:/NAME/latest``
-or ``runs:/RUN_ID/PATH`` into a local directory (downloaded once into a cache), and passes a local
+or ``runs:/RUN_ID/PATH`` (``runs:/RUN_ID/checkpoint``: the run's logged model of that name, or its artifact)
+into a local directory (downloaded once into a cache), and passes a local
 directory through unchanged. Everything goes through an explicit ``MlflowClient`` (no fluent globals).
 
 The model's measured frontier (``effort.Frontier``: accuracy and mean tokens per evaluated budget, from the
@@ -29,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tracking
+from . import logged_model, tracking
 from .effort import Frontier
 
 REGISTRY_PREFIXES = ("models:/", "runs:/")
@@ -43,6 +45,7 @@ _COMPLETE = ".budgetrl_download_complete"
 TAG_FRONTIER = "budgetrl.frontier"  # version tag: the frontier JSON's artifact path in the version's run
 TAG_FRONTIER_SUMMARY = "budgetrl.frontier_summary"  # version tag: Frontier.summary(), for people and the UI
 TAG_PROMPT_HINT = "budgetrl.prompt_hint"  # version tag: the training run's budget.prompt_hint (serving renders it)
+TAG_MODEL_ID = "budgetrl.model_id"  # version tag: the MLflow logged model the version was registered from
 _EVAL_SUMMARY = re.compile(r"^eval/(?:step_(\d+)|eval)_summary\.parquet$")  # evaluation.log_eval's tables
 
 
@@ -125,6 +128,26 @@ def _run_holds_checkpoint(client, run_id: str, ckpt: Path) -> bool:
     return bool(remote) and remote == _local_files(ckpt)
 
 
+def _find_checkpoint_models(client, ckpt: Path, run_id: str | None) -> tuple:
+    """(the newest logged model recorded for this checkpoint path by ``logged_model.log_checkpoint_model``, of run
+    ``run_id`` when given, registration runs' left out; the newest one, registration runs' included, whose
+    artifacts are the directory's files), None for either missing: a periodic checkpoint's model is external
+    (lineage and step, no files)."""
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        value = str(ckpt).replace("'", "\\'")
+        query = f"tags.`{TAG_CHECKPOINT}` = '{value}'" + (f" AND source_run_id = '{run_id}'" if run_id else "")
+        models = client.search_logged_models(experiments, filter_string=query, max_results=20,
+                                             order_by=[{"field_name": "creation_time", "ascending": False}])
+    except Exception:
+        return None, None
+    local = _local_files(ckpt)
+    holding = next((m for m in models if m.status == "READY"
+                    and logged_model.checkpoint_model_artifacts(client, m) == local), None)
+    recorded = next((m for m in models if m.tags.get(tracking.TAG_STAGE) != "register"), None)  # not our own
+    return recorded, holding
+
+
 def _find_training_run(client, ckpt: Path) -> str | None:
     """The run the trainer tagged with this checkpoint path (``budgetrl.checkpoint``), if any."""
     try:
@@ -164,10 +187,12 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
     """Register ``checkpoint_dir`` as a new version of registered model ``name``; returns the version.
 
     ``run_id`` is the run that produced the checkpoint (its lineage tags are copied onto the version);
-    when not given, the training run tagged with this checkpoint path is looked up. If that run
-    already holds the same files as its ``checkpoint`` artifact, the version points at it; otherwise a
-    registration run in ``experiment`` logs the directory. ``alias`` (e.g. ``prod``) is moved to the
-    new version. ``tags`` are added to the version as given. ``frontier``: ``"auto"`` stores the source run's final
+    when not given, the run that recorded this checkpoint path is looked up (its logged model, else its
+    ``budgetrl.checkpoint`` tag). The version is registered from the MLflow logged model that holds these files
+    (``logged_model.log_checkpoint_model``; nothing is copied), else from a run made before logged models that
+    holds them as its ``checkpoint`` artifact, else a registration run in ``experiment`` records the directory
+    as its logged model. The recorded model's step picks the eval summary for the frontier. ``alias`` (e.g.
+    ``prod``) is moved to the new version. ``tags`` are added to the version as given. ``frontier``: ``"auto"`` stores the source run's final
     eval summary as the version's frontier when it has one (``run_frontier``; ``token_price`` per 1000 tokens
     fills its cost), a ``Frontier`` is stored as given, None stores none.
     """
@@ -185,8 +210,9 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
             source_run = client.get_run(run_id)
         except Exception as e:
             raise RegistryError(f"run_id={run_id!r}: no such run in {uri}: {e}") from e
-    else:
-        found = _find_training_run(client, ckpt)
+    recorded, model = _find_checkpoint_models(client, ckpt, run_id)
+    if source_run is None:
+        found = recorded.source_run_id if recorded is not None else _find_training_run(client, ckpt)
         source_run = client.get_run(found) if found else None
 
     version_tags = {tracking.TAG_SOURCE_CHECKPOINT: str(ckpt)}
@@ -197,17 +223,17 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
             version_tags[TAG_PROMPT_HINT] = hint
     version_tags.update({str(k): str(v) for k, v in (tags or {}).items()})
     if isinstance(frontier, str):  # "auto": read before anything is written, so a bad table leaves no run behind
-        frontier = run_frontier(client, source_run.info.run_id, token_price) if source_run is not None else None
+        step = (recorded.tags or {}).get(logged_model.TAG_MODEL_STEP) if recorded is not None else None
+        frontier = (run_frontier(client, source_run.info.run_id, token_price, step=int(step) if step else None)
+                    if source_run is not None else None)
 
-    if source_run is not None and _run_holds_checkpoint(client, source_run.info.run_id, ckpt):
-        holder = source_run.info.run_id
+    if model is None and source_run is not None and _run_holds_checkpoint(client, source_run.info.run_id, ckpt):
+        holder, source = source_run.info.run_id, f"runs:/{source_run.info.run_id}/{CHECKPOINT_ARTIFACT}"
     else:
-        run_tags = {k: v for k, v in version_tags.items() if k.startswith(tracking.TAG_PREFIX)}
-        run_tags[tracking.TAG_STAGE] = "register"
-        tracker = tracking.Tracker.start(uri, experiment, run_name=f"register-{name}", tags=run_tags)
-        with tracker:
-            tracker.log_artifacts(str(ckpt), CHECKPOINT_ARTIFACT)
-        holder = tracker.run_id
+        if model is None:
+            model = _registration_model(client, uri, experiment, name, ckpt, version_tags)
+        holder, source = model.source_run_id, model.artifact_location
+        version_tags[TAG_MODEL_ID] = model.model_id
     if frontier is not None:
         version_tags.update(_store_frontier(client, holder, frontier))
 
@@ -218,17 +244,43 @@ def register_checkpoint(tracking_uri: str | None, checkpoint_dir: str | os.PathL
             client.create_registered_model(name, description="budgetrl checkpoints")
         except Exception:  # created concurrently
             client.get_registered_model(name)
-    mv = client.create_model_version(name, source=f"runs:/{holder}/{CHECKPOINT_ARTIFACT}", run_id=holder,
-                                     tags=version_tags, description=description)
+    # source: the model's artifact URI, not models:/<model_id> (the SQL registry resolves that through the
+    # process-global tracking URI, not this client's).
+    mv = client.create_model_version(name, source=source, run_id=holder, tags=version_tags,
+                                     description=description, model_id=version_tags.get(TAG_MODEL_ID))
     version = int(mv.version)
+    if TAG_MODEL_ID in version_tags:
+        _link_version(client, version_tags[TAG_MODEL_ID], name, version)
     if alias:
         client.set_registered_model_alias(name, alias, str(version))
     return version
 
 
-def run_frontier(client, run_id: str, token_price: float | None = None) -> Frontier | None:
+def _registration_model(client, uri: str, experiment: str, name: str, ckpt: Path, version_tags: dict):
+    """A registration run (``budgetrl.stage=register``) that records ``ckpt`` as its logged model."""
+    run_tags = {k: v for k, v in version_tags.items() if k.startswith(tracking.TAG_PREFIX)}
+    run_tags[tracking.TAG_STAGE] = "register"
+    with tracking.Tracker.start(uri, experiment, run_name=f"register-{name}", tags=run_tags) as tracker:
+        model_id = logged_model.log_checkpoint_model(tracker, ckpt, 0)
+    return client.get_logged_model(model_id)
+
+
+def _link_version(client, model_id: str, name: str, version: int) -> None:
+    """``mlflow.modelVersions`` on the logged model, as ``mlflow.register_model`` writes it: the UI's model ->
+    registered version link. A tracking server adds it itself; a SQL store used directly does not."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    links = json.loads(existing) if existing else []
+    if not any(link.get("name") == name and str(link.get("version")) == str(version) for link in links):
+        links.append({"name": name, "version": version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
+
+
+def run_frontier(client, run_id: str, token_price: float | None = None, step: int | None = None) -> Frontier | None:
     """The frontier of a run's final eval summary (``evaluation.log_eval``: the highest-step
-    ``eval/step_N_summary.parquet``, else the eval command's ``eval/eval_summary.parquet``); None without one."""
+    ``eval/step_N_summary.parquet``, else the eval command's ``eval/eval_summary.parquet``), or with ``step`` (a
+    periodic checkpoint's) that step's summary; None without one."""
     import pyarrow.parquet as pq
 
     try:
@@ -236,6 +288,8 @@ def run_frontier(client, run_id: str, token_price: float | None = None) -> Front
     except Exception:
         return None
     found = sorted((int(m[1]) if m[1] else -1, n) for n in names if (m := _EVAL_SUMMARY.match(n)))
+    if step is not None:
+        found = [f for f in found if f[0] == step]
     if not found:
         return None
     path = found[-1][1]
@@ -318,10 +372,19 @@ def _lookup(client, store: str, uri: str, ref: ModelRef) -> tuple[str, str, str]
     """(description, artifact URI to download, cache key) for a parsed reference."""
     if ref.kind == "run":
         try:
-            client.get_run(ref.name)
+            run = client.get_run(ref.name)
         except Exception as e:
             raise _not_found(uri, store, e) from e
-        return f"run {ref.name} artifact {ref.ref}", f"runs:/{ref.name}/{ref.ref}", f"runs/{ref.name}/{_safe(ref.ref)}"
+        download = f"runs:/{ref.name}/{ref.ref}"
+        name, _, rest = ref.ref.partition("/")
+        try:  # runs:/RUN/checkpoint of a run that logged its checkpoint as a logged model (MLflow resolves
+            # that itself only through the process-global tracking URI)
+            model = logged_model.find_checkpoint_model(client, ref.name, name, run.info.experiment_id)
+        except Exception:  # noqa: BLE001 - a store without logged models: the run's own artifacts
+            model = None
+        if model is not None:
+            download = f"{model.artifact_location.rstrip('/')}/{rest}".rstrip("/")
+        return f"run {ref.name} artifact {ref.ref}", download, f"runs/{ref.name}/{_safe(ref.ref)}"
     mv = _version(client, store, uri, ref)
     download = client.get_model_version_download_uri(mv.name, mv.version)
     # The version's run id makes the cache key change if a name is deleted and re-registered.

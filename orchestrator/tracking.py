@@ -447,7 +447,9 @@ class MetricBuffer:
     A resumed run re-does the steps after its last saved state; holding their metrics until then means
     MLflow never shows a step twice, nor a step the final weights did not go through. Records keep
     their first timestamp, so sending one again after a crash is idempotent (the store drops exact
-    duplicates). While the store is unreachable records stay here and go out at the next flush.
+    duplicates). While the store is unreachable records stay here and go out at the next flush. A record is
+    ``[key, value, timestamp_ms, step]``, plus the id of the logged model it also belongs to once
+    ``attach_model`` names one (a checkpoint's eval: ``logged_model.py``).
     """
 
     BATCH = 1000  # MLflow's log_batch limit on metrics per request
@@ -464,6 +466,14 @@ class MetricBuffer:
         values, _ = finite_metrics(metrics)  # NaN/inf are dropped, as Tracker.log_metrics does
         self.records.extend([key, value, ts, int(step)] for key, value in values)
 
+    def attach_model(self, model_id: str, step: int, prefix: str = "eval/") -> int:
+        """Held metrics of ``step`` whose key starts with ``prefix`` go out attached to logged model ``model_id``
+        too (a checkpoint's eval); returns how many (0: they were already sent, see ``log_model_metrics``)."""
+        held = [r for r in self.records if r[3] == int(step) and str(r[0]).startswith(prefix)]
+        for r in held:
+            r[4:] = [model_id]
+        return len(held)
+
     def flush(self, tracker: Tracker) -> bool:
         """Send everything held; False (records kept, one warning) when the store cannot take them."""
         if not self.records:
@@ -472,7 +482,8 @@ class MetricBuffer:
             _probe(tracker.tracking_uri)
             for i in range(0, len(self.records), self.BATCH):
                 chunk = self.records[i:i + self.BATCH]
-                tracker.client.log_batch(tracker.run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in chunk])
+                tracker.client.log_batch(tracker.run_id, metrics=[Metric(*r[:4], model_id=r[4] if len(r) > 4 else None)
+                                                                  for r in chunk])
         except Exception as e:  # an unreachable or failing store must not end the training run
             self.failed_flushes += 1
             if self.failed_flushes == 1:
@@ -534,3 +545,4 @@ def lineage_graph(tracking_uri: str | None, *, run_id: str | None = None,
         edges += [(src, rid) for src in sources]
         todo += sources
     return {"root": run_id, "nodes": nodes, "edges": edges}
+

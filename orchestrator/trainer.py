@@ -2,7 +2,7 @@
 
 A step is six named calls: sample (prompts.py) -> generate (the rollout worker group) -> reward ->
 advantage -> learn (the learner group) -> sync the weights to every engine and log. Prefetching the
-next rollout (``_prefetch``), retries after a lost actor (``_on_rollouts``), the timers (``StepTimer``)
+next rollout (``_prefetch``), retries after a lost actor (``_on_rollouts``), the timers (``step_stats.StepTimer``)
 and the deferred durable state (``resume.DeferredState``) are small helpers beside the loop. The budget
 grid (``evaluation.evaluate_checkpoint``) runs before training, every ``trainer.eval_every`` steps and
 after the last. The driver moves Arrow tables and object refs; it never holds the model.
@@ -25,21 +25,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from tqdm import tqdm
 
-from . import algorithms, resume, system_metrics, tracking
+from . import algorithms, logged_model, resume, system_metrics, tracking
 from .budget_schedule import budget_metrics, build_schedule
 from .config import Budget, Config, ConfigError, eval_budgets, to_dict, to_yaml
 from .cost import run_cost
 from .dataset_inputs import log_prompt_sets
 from .curriculum import Curriculum, CurriculumContext
 from .data.io import write_rollouts
-from .evaluation import evaluate_checkpoint, format_summary, log_eval
+from .evaluation import eval_metrics, evaluate_checkpoint, format_summary, log_eval
 from .prompts import PromptSampler, fit_prompts, load_prompt_tables
 from .rewards import RewardPool
 from .rewards.stage import score_rollouts
+from .step_stats import StepTimer, generated_tokens, step_metrics
 from .rollout.worker import SamplingSpec, engine_seconds
 from .runtime import ACTOR_LOST, NodeUnavailable, WorkerGroup, describe_placement, init_ray
 from .warmstart import prepare_start_checkpoint
@@ -58,49 +58,9 @@ class TrainResult:
     restarts: int = 0  # actors replaced after crashes
 
 
-def generated_tokens(records: pa.Table) -> float:
-    return float(pc.sum(records["thinking_tokens"]).as_py() or 0) + float(pc.sum(records["solution_tokens"]).as_py() or 0)
-
-
-def step_metrics(records: pa.Table) -> dict[str, float]:
-    correct = np.asarray(records["correct"].to_numpy(zero_copy_only=False), dtype=float)
-    think = np.asarray(records["thinking_tokens"].to_numpy(), dtype=float)
-    sol = np.asarray(records["solution_tokens"].to_numpy(), dtype=float)
-    trunc = np.asarray(records["thinking_truncated"].to_numpy(zero_copy_only=False), dtype=float)
-    reward = np.asarray(records["reward"].to_numpy(zero_copy_only=False), dtype=float)
-    return {"reward": reward.mean(), "accuracy": correct.mean(), "thinking_tokens": think.mean(),
-            "solution_tokens": sol.mean(), "truncation_rate": trunc.mean(),
-            "generated_tokens": generated_tokens(records)}
-
-
 def learner_batch(records: pa.Table, cfg: Config, learner=None) -> tuple[pa.Table, dict]:
     """The advantage step (orchestrator/algorithms/batch.py); ``learner`` gives the KL reward penalty."""
     return algorithms.learner_batch(records, cfg.algorithm, learner.sequence_kl if learner is not None else None)
-
-
-class StepTimer:
-    """Wall seconds of a step's phases: ``lap(name)`` adds the time since the previous lap to ``name``."""
-
-    def __init__(self):
-        self.start = self.last = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
-        self.last = now
-
-    def metrics(self, engine_s: float, learner_s: float, off_policy: bool) -> dict[str, float]:
-        """``time/*``: the phases, and the overhead: what the step spends outside the engine's generation
-        and the learner's update (scheduling, serialization, reward, batching, weight sync; issue 9).
-        Off-policy the engine runs beside the learner: only the waits for it count. A synchronous rollout
-        started in the previous step's tail counts only the engine time this step waited for."""
-        s, total = self.seconds, self.last - self.start
-        waited = s.get("generate", 0.0)
-        t_compute = learner_s + (waited if off_policy else min(engine_s, waited))
-        return {"time/generate": waited, "time/reward": s.get("reward", 0.0), "time/learn": s.get("learn", 0.0),
-                "time/sync": s.get("sync", 0.0), "time/step": total, "time/generate_engine": engine_s,
-                "time/overhead": total - t_compute, "time/overhead_share": (total - t_compute) / max(total, 1e-9)}
 
 
 def train(cfg: Config, *, log=print, on_eval: Callable[[int, list[dict]], bool] | None = None,
@@ -487,8 +447,7 @@ class _Run:
         self.totals["reward_errors"] += rstats["reward_errors"]
         self.totals["reward_timeouts"] += rstats["reward_timeouts"]
         metrics = {f"train/{k}": v for k, v in m.items()}
-        # Updates between the policy that generated the samples and the one that learned from them
-        # (0 synchronous; 1 with trainer.off_policy_steps=1 after the first step).
+        # Updates between sampling and learning policy (0 synchronous; 1: off_policy_steps=1 after step 1).
         metrics["train/policy_lag"] = (step - 1) - float(np.mean(records["policy_version"].to_numpy()))
         metrics.update(extra)
         metrics.update({"train/reward_errors": rstats["reward_errors"], "train/reward_timeouts": rstats["reward_timeouts"],
@@ -508,7 +467,8 @@ class _Run:
                 self.tracker.set_tags({"budgetrl.stopped_at_step": str(step)})
                 self.log(f"stopping at step {step}: the caller's on_eval asked to stop")
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not final:
-            self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
+            path = self.group.learner.save(str(self.out_dir / f"checkpoint-{step:05d}"))
+            logged_model.record_periodic(self.tracker, path, step, self.buffer, self.log)
         if t.state_every and step % t.state_every == 0 and not final and not stop:
             self.deferred.take(self._payload())  # written at the start of the next step (resume.DeferredState)
         elif not t.state_every:
@@ -557,17 +517,7 @@ class _Run:
         result.checkpoint = ckpt
         costs = run_cost(cfg, self.wall(), cfg.cost)
         self.buffer.add({**costs, "cost/wall_seconds": self.wall()}, result.steps)
-        worker_stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
-        self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in worker_stats for k, v in s.items()
-                         if k != "worker_index" and isinstance(v, (int, float))}, result.steps)
-        # How the last weights reached the engines (object_store, collective) and were loaded (vLLM on CPU: inplace).
-        tags = {f"budgetrl.rollout.{tag}": ",".join(sorted({s[k] for s in worker_stats if s.get(k)}))
-                for tag, k in (("weight_load", "last_reload"), ("weight_sync", "last_sync"))}
-        if any(tags.values()):
-            try:
-                self.tracker.set_tags({k: v for k, v in tags.items() if v})
-            except Exception as exc:  # noqa: BLE001 - a tag is not worth failing a finished run over
-                self.log(f"could not tag the weight-load path ({type(exc).__name__}: {exc})")
+        self._worker_stats(result.steps)
         for wait in (0, 5, 15, 30):  # a store that blinks at the very end gets a few chances
             time.sleep(wait)
             if self.buffer.flush(self.tracker):
@@ -586,11 +536,24 @@ class _Run:
         self.tracker.log_artifacts(str(self.out_dir / "eval"), "eval")  # idempotent; fills uploads that failed
         if (self.out_dir / "rollouts").is_dir():
             self.tracker.log_artifacts(str(self.out_dir / "rollouts"), "rollouts")
-        self.tracker.log_artifacts(ckpt, "checkpoint")
+        logged_model.record_final(self.tracker, ckpt, result.steps, eval_metrics(result.eval_after or []), self.log)
         self.tracker.log_dict({"before": result.eval_before, "after": result.eval_after}, "eval/summary.json")
         self.tracker.log_dict(self.placement, "placement.json")
         self._write_result(ckpt)
         return result
+
+    def _worker_stats(self, step: int) -> None:
+        """Each rollout worker's counters, and how the last weights reached the engines (object_store,
+        collective) and were loaded (vLLM on CPU: inplace) as run tags."""
+        stats = self._on_rollouts(lambda: ray.get([w.stats.remote() for w in self.group.rollout]))
+        self.buffer.add({f"rollout/worker_{s['worker_index']}/{k}": v for s in stats for k, v in s.items()
+                         if k != "worker_index" and isinstance(v, (int, float))}, step)
+        tags = {f"budgetrl.rollout.{tag}": ",".join(sorted({s[k] for s in stats if s.get(k)}))
+                for tag, k in (("weight_load", "last_reload"), ("weight_sync", "last_sync"))}
+        try:
+            self.tracker.set_tags({k: v for k, v in tags.items() if v})
+        except Exception as exc:  # noqa: BLE001 - a tag is not worth failing a finished run over
+            self.log(f"could not tag the weight-load path ({type(exc).__name__}: {exc})")
 
     def _write_result(self, ckpt: str) -> None:
         """``result.json`` marks the run finished (a re-run of its name starts a new run); the state goes."""

@@ -267,7 +267,7 @@ def test_serve_registered_model_with_a_missing_shard_fails_before_ray(standin_mo
     assert conf.model.max_model_len > 0
     with pytest.raises(ConfigError, match=r"^model.think_end='</thinking>': .*not a single token"):
         serve.load_serve_config(None, [track, "model.think_end=</thinking>"], target="models:/standin/1")
-    stored = sorted((tmp_path / "mlruns").rglob("checkpoint/model.safetensors.index.json"))
+    stored = sorted((tmp_path / "mlruns").rglob("models/m-*/artifacts/model.safetensors.index.json"))  # its logged model
     assert len(stored) == 1, stored
     gone = _shards(stored[0].parent)[-1]
     (stored[0].parent / gone).unlink()
@@ -278,7 +278,8 @@ def test_serve_registered_model_with_a_missing_shard_fails_before_ray(standin_mo
     monkeypatch.setattr(serve, "init_ray", no_ray)
     assert main(["serve", "models:/standin/1", track]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's own INFO lines
-    assert err.startswith("config error: model.path='models:/standin/1': the artifact at runs:/"), err
+    assert err.startswith("config error: model.path='models:/standin/1': the artifact at file://"), err
+    assert "/models/m-" in err, err
     assert f"names shard '{gone}'" in err and "missing" in err and "budgetrl-check-" not in err, err
 
 

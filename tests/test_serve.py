@@ -190,11 +190,13 @@ def test_register_and_resolve_round_trip(tmp_path, tiny_model, store, eval_summa
 
     mv = MlflowClient(store, registry_uri=store).get_model_version("tiny", "1")
     assert mv.tags[tracking.TAG_SOURCE_CHECKPOINT] == str(Path(tiny_model).resolve())
-    assert mv.tags["note"] == "first" and mv.source.startswith("runs:/")
+    # No run held these files: a registration run recorded them as its logged model "checkpoint".
+    assert mv.tags["note"] == "first" and mv.tags[registry.TAG_MODEL_ID].startswith("m-")
+    assert mv.source == MlflowClient(store).get_logged_model(mv.tags[registry.TAG_MODEL_ID]).artifact_location
 
     original = (Path(tiny_model) / "model.safetensors").read_bytes()
     for uri, version in (("models:/tiny/1", 1), ("models:/tiny@prod", 1), ("models:/tiny/latest", v2),
-                         (mv.source, None)):
+                         (f"runs:/{mv.run_id}/checkpoint", None)):
         local = Path(registry.resolve_model_uri(uri, store, cache))
         assert (local / "model.safetensors").read_bytes() == original, uri
         assert (local / "tokenizer.json").is_file()
@@ -247,6 +249,66 @@ def test_register_points_at_the_training_runs_checkpoint(tmp_path, tiny_model, s
         registry.register_checkpoint(store, ckpt, "trained", bad.run_id)
     with pytest.raises(registry.RegistryError, match="frontier='yes'"):
         registry.register_checkpoint(store, ckpt, "trained", frontier="yes")
+
+
+def test_checkpoints_are_logged_models_with_their_eval(tmp_path, tiny_model, store, eval_summary):
+    """Final checkpoint: logged model "checkpoint" holding the files (the run keeps no copy), its eval attached,
+    registered from it (nothing copied) and served back; periodic one: external model of its step, its eval too."""
+    import json
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from orchestrator import logged_model, registry, tracking
+
+    store = store[0]
+    out = tmp_path / "out"
+    ckpt, periodic = (str(shutil.copytree(tiny_model, out / n)) for n in ("checkpoint", "checkpoint-00002"))
+    final_eval = {"eval/4x4/accuracy": 0.5, "eval/4x4/mean_tokens": 4.0}
+    with tracking.Tracker.start(store, "budgetrl", run_name="train",
+                                tags={tracking.TAG_CONFIG_HASH: "feedc0ffee12", tracking.TAG_WORKLOAD: "train"}) as run:
+        buf = tracking.MetricBuffer()
+        buf.add({"eval/4x4/accuracy": 0.25, "eval/4x4/mean_tokens": 3.0, "train/loss": 1.0}, 2)
+        pid = logged_model.record_periodic(run, periodic, 2, buf)  # as the trainer: before the held eval is sent
+        assert buf.flush(run)
+        run.log_metrics(final_eval, 4)  # the final eval goes out first; the model reuses its timestamps
+        run.log_table(eval_summary, "eval/step_0004_summary.parquet")
+        mid = logged_model.record_final(run, ckpt, 4, final_eval)  # as the trainer's _finish
+    client = MlflowClient(store, registry_uri=store)
+    final, per = client.get_logged_model(mid), client.get_logged_model(pid)
+    assert (final.name, final.source_run_id, final.status, final.model_type) == (
+        "checkpoint", run.run_id, "READY", logged_model.MODEL_TYPE)
+    assert {(m.key, m.value, m.step) for m in final.metrics} == {(k, v, 4) for k, v in final_eval.items()}
+    assert final.tags[tracking.TAG_CONFIG_HASH] == "feedc0ffee12" and final.tags[logged_model.TAG_MODEL_STEP] == "4"
+    assert (per.name, per.tags["mlflow.model.isExternal"], per.tags[tracking.TAG_CHECKPOINT]) == (
+        "checkpoint-00002", "true", periodic)
+    assert {(m.key, m.value, m.step) for m in per.metrics} == {("eval/4x4/accuracy", 0.25, 2),
+                                                              ("eval/4x4/mean_tokens", 3.0, 2)}
+    assert logged_model.checkpoint_model_artifacts(client, per) == {}  # its weights stayed on disk
+    assert {(o.model_id, o.step) for o in client.get_run(run.run_id).outputs.model_outputs} == {(pid, 2), (mid, 4)}
+    assert "checkpoint" not in {a.path for a in client.list_artifacts(run.run_id)}  # one upload: the model's
+    history = client.get_metric_history(run.run_id, "eval/4x4/accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(2, 0.25), (4, 0.5)]  # no step twice
+
+    version = registry.register_checkpoint(store, ckpt, "logged")  # found by the model's checkpoint tag
+    mv = client.get_model_version("logged", str(version))
+    assert (mv.source, mv.run_id, mv.tags[registry.TAG_MODEL_ID]) == (final.artifact_location, run.run_id, mid)
+    assert mv.tags[tracking.TAG_CONFIG_HASH] == "feedc0ffee12"
+    links = json.loads(client.get_logged_model(mid).tags["mlflow.modelVersions"])
+    assert [(link["name"], str(link["version"])) for link in links] == [("logged", str(version))]
+    assert registry.load_frontier(f"models:/logged/{version}", store).source.endswith("step_0004_summary.parquet")
+    assert registry.check_model_files(f"models:/logged/{version}", store)["model_type"]
+    original = (Path(tiny_model) / "model.safetensors").read_bytes()
+    for uri in (f"models:/logged/{version}", f"runs:/{run.run_id}/checkpoint"):
+        local = Path(registry.resolve_model_uri(uri, store, tmp_path / "cache"))
+        assert (local / "model.safetensors").read_bytes() == original, uri
+
+    # The periodic (external) one: uploaded by a registration run, lineage from the training run, no frontier
+    # (no eval summary of step 2 in this run).
+    v2 = registry.register_checkpoint(store, periodic, "logged")
+    mv2 = client.get_model_version("logged", str(v2))
+    assert mv2.run_id != run.run_id and mv2.tags[tracking.TAG_SOURCE_RUN] == run.run_id
+    assert mv2.tags[registry.TAG_MODEL_ID] != pid and registry.TAG_FRONTIER not in mv2.tags
 
 
 # ------------------------------------------------------------------------------- HF fallback, no Ray

@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY
 from orchestrator.config import load_config
 from orchestrator.tiny_model import END_THINK, SPECIAL_TOKENS
+from orchestrator.step_stats import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +21,7 @@ def trained(ray_session, tmp_path_factory):
     overrides = [f"model.path={tmp / 'tiny'}", "warmstart.steps=4", "warmstart.train_size=256",
                  "warmstart.batch_size=32", "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
                  f"trainer.output_dir={tmp / 'out'}", "trainer.run_name=e2e", "trainer.log_samples_every=1",
+                 "trainer.checkpoint_every=1",  # a periodic checkpoint at step 1 (an external logged model)
                  "trainer.state_every=0",  # no states: each step's metrics go out during the next step's rollout
                  "eval.num_prompts=12", "data.eval_size=12", "data.train_size=64", "budgets=[6x4,unconstrained]",
                  "eval.max_thinking=24", "budget.thinking=6", "budget.solution=4", "learner.micro_batch_size=8",
@@ -63,7 +65,16 @@ def test_run_logged_to_mlflow(trained):
     assert run.data.params["budget.thinking"] == "6"
     arts = {a.path for a in client.list_artifacts(result.run_id, "eval")}
     assert "eval/step_0000_frontier.png" in arts and "eval/step_0002_summary.parquet" in arts
-    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {"checkpoint/model.safetensors"}
+    # The checkpoints are MLflow 3 logged models of the run: the final one holds the weights and the final eval.
+    from orchestrator import logged_model
+
+    final = logged_model.find_checkpoint_model(client, result.run_id)
+    assert "model.safetensors" in logged_model.checkpoint_model_artifacts(client, final)
+    assert {m.key for m in final.metrics if m.step == 2} >= {"eval/6x4/accuracy", "eval/unconstrained/mean_tokens"}
+    assert final.tags["budgetrl.checkpoint"] == result.checkpoint
+    periodic = logged_model.find_checkpoint_model(client, result.run_id, "checkpoint-00001")
+    assert periodic.tags["mlflow.model.isExternal"] == "true" and not periodic.metrics  # no eval at step 1
+    assert {(o.model_id, o.step) for o in run.outputs.model_outputs} == {(final.model_id, 2), (periodic.model_id, 1)}
 
 
 def test_two_rollout_workers_split_batches_and_get_every_sync(trained):
@@ -172,11 +183,11 @@ def test_eval_command_on_trained_checkpoint(trained):
 def test_step_timer_adds_laps_and_counts_overhead_outside_engine_and_learner(monkeypatch):
     """Laps of one name add up (generate is the rollout plus the wait for an off-policy prefetch); the
     overhead is the step less the learner's seconds and the engine time the step waited for."""
-    from orchestrator import trainer
+    from orchestrator import step_stats
 
     clock = iter([0.0, 2.0, 2.5, 6.0, 7.0, 7.5])
-    monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
-    timer = trainer.StepTimer()
+    monkeypatch.setattr(step_stats.time, "perf_counter", lambda: next(clock))
+    timer = StepTimer()
     for name in ("generate", "reward", "learn", "generate", "sync"):
         timer.lap(name)
     sync = timer.metrics(engine_s=1.5, learner_s=3.0, off_policy=False)
