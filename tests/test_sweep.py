@@ -408,6 +408,10 @@ def _kv(items: list[dict] | None) -> dict[str, str]:
     return {i["key"]: i["value"] for i in items or []}
 
 
+def _kv_metrics(run: dict) -> dict[str, float]:
+    return {m["key"]: m["value"] for m in run["data"]["metrics"]}
+
+
 def _children(uri: str) -> list[dict]:
     exp = _rest(uri, "experiments/get-by-name", experiment_name="sweep-test")["experiment"]
     runs = _rest(uri, "runs/search", experiment_ids=[exp["experiment_id"]], max_results=100)["runs"]
@@ -447,6 +451,17 @@ def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
         for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
             assert key in metrics, sorted(metrics)
         assert 0.0 <= metrics["system/cpu_utilization_percentage"] <= 100.0
+    # Each run's final checkpoint is an MLflow 3 logged model: from that run, an output of it at the last
+    # step, READY, with the final eval's metrics attached (the UI's Models column and model page).
+    exp = _rest(uri, "experiments/get-by-name", experiment_name="sweep-test")["experiment"]["experiment_id"]
+    models = {m["info"]["source_run_id"]: m for m in _rest(uri, "logged-models/search", experiment_ids=[exp])["models"]
+              if m["info"]["name"] == "checkpoint"}
+    for run in children:
+        model = models[run["info"]["run_id"]]
+        assert model["info"]["status"].endswith("READY"), model["info"]
+        assert model["info"]["model_id"] in {o["model_id"] for o in run["outputs"]["model_outputs"]}
+        attached = {m["key"]: m["value"] for m in model["data"]["metrics"]}
+        assert attached["eval/6x4/accuracy"] == pytest.approx(_kv_metrics(run)["eval/6x4/accuracy"])
 
 
 def test_ui_sweep_children_share_objective_and_param_keys(swept):
@@ -455,7 +470,7 @@ def test_ui_sweep_children_share_objective_and_param_keys(swept):
     params = [{k for k in _kv(r["data"]["params"]) if k.startswith("sweep/")} for r in children]
     metrics = [{m["key"] for m in r["data"]["metrics"] if m["key"].startswith("sweep/")} for r in children]
     assert all(p == {"sweep/budget.thinking_fraction", "sweep/learner.lr", "sweep/algorithm.kl_coef"} for p in params)
-    assert all(m == {"sweep/accuracy_6x4", "sweep/mean_tokens_unconstrained"} for m in metrics)
+    assert all(m == {"sweep/accuracy_6x4", "sweep/mean_tokens_unconstrained", "sweep/hypervolume"} for m in metrics)
     trials = second.trials.set_index("trial")
     for r in children:  # the trial's sampled value, as the study holds it
         lr = trials.loc[int(_kv(r["data"]["tags"])["budgetrl.trial"]), "param.learner.lr"]
