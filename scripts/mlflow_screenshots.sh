@@ -23,7 +23,8 @@ mkdir -p "$out"
 log=$(mktemp)
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow server --backend-store-uri "$store" \
   --host 127.0.0.1 --port "$port" --workers 1 \
-  --allowed-hosts "mlflow.local:$port,127.0.0.1:$port,localhost:$port" >"$log" 2>&1 &
+  --allowed-hosts "mlflow.local:$port,127.0.0.1:$port,localhost:$port" \
+  --cors-allowed-origins "http://mlflow.local:$port" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
 for _ in $(seq 120); do
