@@ -47,8 +47,10 @@ runs = client.search_runs([eid], "attributes.status = 'FINISHED'", order_by=["at
 train = [r for r in runs if r.data.tags.get("budgetrl.stage") == "rl" and "budgetrl.trial" not in r.data.tags]
 sweeps = [r for r in runs if r.data.tags.get("budgetrl.workload") == "sweep"]
 if train:
-    print(f"run\t#/experiments/{eid}/runs/{train[0].info.run_id}")
-print(f"runs\t#/experiments/{eid}/runs")
+    # workflowType: the UI's own model-training mode (the experiment page picks it from the experiment's
+    # kind; a run page opened directly takes the browser's last choice, GenAI in a fresh profile).
+    print(f"run\t#/experiments/{eid}/runs/{train[0].info.run_id}?workflowType=machine_learning")
+print(f"runs\t#/experiments/{eid}/runs?workflowType=machine_learning")
 if sweeps:
     kids = [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == sweeps[0].info.run_id]
     if kids:
