@@ -222,7 +222,7 @@ def start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
                              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # a loaded 2-core host has taken over 90 s to start one
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
