@@ -118,7 +118,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | None = None, *, group: Wo
 
 def eval_metrics(rows: list[dict], prefix: str = "eval") -> dict[str, float]:
     """Summary rows -> ``{prefix}/{budget}/{accuracy,mean_tokens,mean_thinking_tokens,truncation_rate}``: the
-    metric names of a run's eval, and of the logged model a checkpoint becomes (``tracking.log_checkpoint_model``)."""
+    metric names of a run's eval, and of the logged model a checkpoint becomes (``logged_model.record_final``)."""
     keys = ("accuracy", "mean_tokens", "mean_thinking_tokens", "truncation_rate")
     return {f"{prefix}/{row['budget_label']}/{k}": row[k] for row in rows for k in keys if k in row}
 

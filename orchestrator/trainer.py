@@ -215,7 +215,8 @@ class _Run:
         self.buffer.flush(self.tracker)  # idempotent: those records may have gone out before the crash
         if self.curriculum is not None and st.get("curriculum") is not None:
             self.curriculum.restore(st["curriculum"])
-        self.schedule.restore(st.get("budget_schedule") or self.schedule.state())
+        if st.get("budget_schedule"):  # an adapting schedule's state (a fixed one has none)
+            self.schedule.restore(st["budget_schedule"])
         self._push_weights()
 
     # ---- fault handling ---------------------------------------------------------------------------
@@ -551,7 +552,8 @@ class _Run:
         tags = {f"budgetrl.rollout.{tag}": ",".join(sorted({s[k] for s in stats if s.get(k)}))
                 for tag, k in (("weight_load", "last_reload"), ("weight_sync", "last_sync"))}
         try:
-            self.tracker.set_tags({k: v for k, v in tags.items() if v})
+            if tags := {k: v for k, v in tags.items() if v}:
+                self.tracker.set_tags(tags)
         except Exception as exc:  # noqa: BLE001 - a tag is not worth failing a finished run over
             self.log(f"could not tag the weight-load path ({type(exc).__name__}: {exc})")
 

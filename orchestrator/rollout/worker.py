@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..budget_schedule import COLUMNS as SCHEDULE_COLUMNS
 from ..config import Budget
 from ..prompt_hint import budget_hint
 from ..data.schema import ROLLOUT_SCHEMA
@@ -43,11 +44,10 @@ class SamplingSpec:
 def row_budgets(prompts: pa.Table, default: Budget) -> list[Budget]:
     """Each prompt's budget: its ``budget_thinking``/``budget_solution`` columns (a training budget
     schedule sets them, orchestrator/budget_schedule.py), else ``default`` (the spec's)."""
-    names = ("budget_thinking", "budget_solution")
-    if not set(names) <= set(prompts.column_names):
+    if not set(SCHEDULE_COLUMNS) <= set(prompts.column_names):
         return [default] * prompts.num_rows
     return [Budget(t, s) if t is not None and s is not None else default
-            for t, s in zip(*(prompts[n].to_pylist() for n in names))]
+            for t, s in zip(*(prompts[n].to_pylist() for n in SCHEDULE_COLUMNS))]
 
 
 def render_prompt(template: str, prompt: str, tokenizer=None, chat_template: bool = False, hint: str = "") -> str:
