@@ -46,8 +46,9 @@ class ModelConfig:
     # embedded tiny Qwen2, model.tiny) | standin (the stand-in chat checkpoint, orchestrator/standin_model.py).
     build_if_missing: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    # auto | float32 | bfloat16 | float16. auto: bfloat16 when rollout and learner are on GPUs, float32 on
-    # CPUs (orchestrator/devices.py; show-config prints what it became and why).
+    # auto | float32 | bfloat16 | float16, for the engines, the learner (autocast over fp32 masters) and the warm
+    # start. auto: bfloat16 when rollout and learner are on GPUs, float32 on CPUs, with or without bf16
+    # instructions for now (orchestrator/devices.py; show-config prints what it became and why).
     dtype: str = "auto"
     # How a task prompt becomes model input. "{prompt}" is replaced; use chat_template for chat models.
     prompt_template: str = "<s>{prompt}<think>"

@@ -87,8 +87,10 @@ def _sft_task(cfg: Config, base: str, out_dir: str) -> dict:
     def report(step: int, m: dict) -> None:  # a few lines, not a per-step bar through Ray's log stream
         print(f"warm start: step {step}/{w.steps} loss {m.get('loss', float('nan')):.4f}", flush=True)
 
+    # The model's compute dtype (bf16 autocast over fp32 masters, or fp32); float16 engines warm-start in fp32.
+    dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else "float32"
     return sft_train(base, out_dir, sft_examples(cfg, tok), steps=w.steps, batch_size=w.batch_size, lr=w.lr,
-                     seed=cfg.trainer.seed, num_threads=w.num_threads or None, dtype="float32", progress=False,
+                     seed=cfg.trainer.seed, num_threads=w.num_threads or None, dtype=dtype, progress=False,
                      log_every=every, on_log=report)
 
 

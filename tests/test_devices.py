@@ -5,6 +5,7 @@ learner rank makes (``torch.cuda.set_device``) is checked through the index pars
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -16,11 +17,14 @@ from torch.cuda._utils import _get_device_index  # what torch.cuda.set_device ca
 from orchestrator.devices import (
     RULES,
     DeviceFacts,
+    cpu_bf16_flags,
     Rule,
     actor_device,
     cuda_index,
     describe,
     dtype_error,
+    dtype_warning,
+    parse_cpu_bf16_flags,
     resolve,
     resolve_shared,
 )
@@ -145,12 +149,42 @@ def test_shared_dtype_when_roles_disagree():
     assert "rollout on cuda wants bfloat16" in mixed.why and "learner on cpu wants float32" in mixed.why
 
 
+ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve\n"
+
+
+@pytest.mark.parametrize("cpuinfo, flags", [
+    (ZEN3, ()), (ZEN4, ("avx512_bf16",)), (SAPPHIRE, ("avx512_bf16", "amx_bf16")), (GRAVITON3, ("bf16",)), ("", ()),
+])
+def test_cpu_bf16_flags_from_cpuinfo(cpuinfo, flags):
+    assert parse_cpu_bf16_flags(cpuinfo) == flags
+
+
+def test_cpu_dtype_row_names_the_flags_and_keeps_float32_until_shown():
+    """A CPU with bf16 instructions has its own row (the reason names the flags); its value stays float32 until
+    issue 26's fp32-vs-bf16 learning comparison is in. Without them the reason says why bf16 would be slow."""
+    with_bf16 = resolve("dtype", DeviceFacts.of(0, ("avx512_bf16",)), "model.dtype")
+    without = resolve("dtype", DeviceFacts.of(0, ()), "model.dtype")
+    assert with_bf16.value == without.value == "float32"
+    assert "avx512_bf16" in with_bf16.why and "bfloat16" in with_bf16.why
+    assert "without bf16 instructions" in without.why and "emulated" in without.why
+
+
+def test_explicit_bf16_on_an_emulating_cpu_warns():
+    assert "~50x slower" in dtype_warning("bfloat16", [0, 0], ())
+    assert dtype_warning("bfloat16", [0, 0], ("avx512_bf16",)) is None  # the CPU runs it
+    assert dtype_warning("bfloat16", [1, 1], ()) is None  # both roles on GPUs
+    assert "model.dtype" in dtype_warning("bfloat16", [1, 0], ())  # the learner on the CPU
+    assert dtype_warning("float32", [0, 0], ()) is None
+
+
 def test_a_rule_table_extends_by_one_row():
-    """A later rule (bf16 on CPUs with AVX-512 BF16) is one row above the CPU row, with a new fact."""
+    """A later rule is one row above the last, with a new fact (here: bf16 on CPUs with the instructions)."""
     avx512_bf16 = DeviceFacts("cpu", 0, bf16=True)
-    rules = dict(RULES, dtype=(*RULES["dtype"][:-1],
-                               Rule(lambda f: f.kind == "cpu" and f.bf16, "bfloat16", "CPU with AVX-512 BF16"),
-                               RULES["dtype"][-1]))
+    rules = dict(RULES, dtype=(Rule(lambda f: f.kind == "cpu" and f.bf16, "bfloat16", "CPU with AVX-512 BF16"),
+                               *RULES["dtype"]))
     assert resolve("dtype", avx512_bf16, rules=rules).value == "bfloat16"
     assert resolve("dtype", CPU, rules=rules).value == "float32"  # CPUs without it unchanged
     assert resolve("dtype", GPU, rules=rules).value == "bfloat16"
@@ -168,3 +202,10 @@ def test_dtype_checked_on_the_worker():
     assert dtype_error("bfloat16", "cuda", bf16_supported=True) is None
     assert dtype_error("float32", "cuda", bf16_supported=False) is None
     assert dtype_error("bfloat16", "cpu", bf16_supported=False) is None  # CPUs run bf16 (slowly or not)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="torch's check is x86's")
+def test_host_flags_agree_with_torchs_check():
+    """This host's reading agrees with torch's own (what vLLM's CPU platform asks before its bf16 kernels)."""
+    has = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert bool(cpu_bf16_flags()) == has, (cpu_bf16_flags(), has)
