@@ -19,6 +19,23 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
+# The longest files first (seconds of one CI run, --durations, summed per file), so the two xdist workers end
+# together: with `--dist loadfile --no-loadscope-reorder` (pyproject.toml) files are handed out in collection
+# order as workers free up, and a long file handed out last would run alone at the end (xdist's own reorder,
+# most tests first, puts these few-test, long files last). Longest-processing-time first; the rest keep
+# their order. Re-measure with `pytest --durations=0` when a file's cost moves.
+LONGEST_FILES = (
+    "test_multinode.py", "test_sweep.py", "test_resume.py", "test_faults.py", "test_algorithms_e2e.py",
+    "test_journey.py", "test_serve.py", "test_rollout.py", "test_collective_sync.py", "test_learner_ranks.py",
+    "test_curriculum.py", "test_elastic.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 # Small enough to be fast, head_dim 32 (vLLM's CPU attention needs a multiple of 32).
 TINY = dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=256)
 
