@@ -57,6 +57,11 @@ class BudgetSchedule:
     def restore(self, state: dict) -> None:
         pass
 
+    def support(self) -> tuple[list[int], list[int]]:
+        """Every (thinking, solution) value this schedule can assign, each sorted (the warm start tells
+        its examples budgets from these when ``budget.prompt_hint`` is on)."""
+        return [self.cfg.thinking], [self.cfg.solution]
+
     def _rng(self, step: int, prompt_id: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), zlib.crc32(str(prompt_id).encode())])
 
@@ -70,8 +75,18 @@ def _draw(d: DrawConfig, default: int, rng: np.random.Generator) -> int:
     return default
 
 
+def _values(d: DrawConfig, default: int) -> list[int]:
+    if d.values:
+        return sorted({int(v) for v, w in zip(d.values, d.weights or [1.0] * len(d.values)) if w > 0})
+    return list(range(d.range[0], d.range[1] + 1)) if d.range else [default]
+
+
 class Mixture(BudgetSchedule):
     """Thinking and solution budgets drawn independently per prompt (``budget.schedule.thinking``/``solution``)."""
+
+    def support(self) -> tuple[list[int], list[int]]:
+        s = self.cfg.schedule
+        return _values(s.thinking, self.cfg.thinking), _values(s.solution, self.cfg.solution)
 
     def budgets(self, prompt_ids: list[str], step: int) -> list[Budget]:
         s, out = self.cfg.schedule, []
@@ -91,6 +106,10 @@ class Stages(BudgetSchedule):
 
     def budgets(self, prompt_ids: list[str], step: int) -> list[Budget]:
         return [self.at(step)] * len(prompt_ids)
+
+    def support(self) -> tuple[list[int], list[int]]:
+        stages = self.cfg.schedule.stages
+        return sorted({st.thinking for st in stages}), sorted({st.solution for st in stages})
 
     def at(self, step: int) -> Budget:
         end = 0
@@ -129,6 +148,9 @@ class Curriculum(BudgetSchedule):
 
     def budgets(self, prompt_ids: list[str], step: int) -> list[Budget]:
         return [self.ladder[self.rung(step)]] * len(prompt_ids)
+
+    def support(self) -> tuple[list[int], list[int]]:
+        return sorted({b.thinking for b in self.ladder}), sorted({b.solution for b in self.ladder})
 
     def observe(self, records: pa.Table, step: int) -> dict[str, float]:
         current = self.changes[-1][1]

@@ -1,7 +1,9 @@
 """The start checkpoint of a run: the configured model, built (tiny) and warm-started if asked.
 
 A warm start is supervised fine-tuning on the task's reference reasoning, so the policy writes
-``<think> ... </think> answer`` before RL begins. Its output directory is keyed by a hash of
+``<think> ... </think> answer`` before RL begins. With ``budget.prompt_hint`` on, each example is told a
+budget its reference fits in (``told_budgets``), so the policy meets the hint before RL instead of an
+unseen prefix (measured: a hint the warm start never saw took the reward to zero from step 0). Its output directory is keyed by a hash of
 everything that determines it, so a re-run (or a sweep's many trials) reuses it instead of
 re-training; a half-written checkpoint is never reused (the SFT writes atomically).
 """
@@ -13,9 +15,11 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 
-from .config import Config, to_dict
+from .config import Budget, Config, to_dict
+from .prompt_hint import budget_hint
 from .rollout.worker import render_prompt
 
 COMPLETE_MARKER = "warmstart.json"
@@ -23,8 +27,32 @@ COMPLETE_MARKER = "warmstart.json"
 
 def _key(cfg: Config) -> str:
     d = to_dict(cfg)
-    blob = json.dumps({"model": d["model"], "warmstart": d["warmstart"], "data": d["data"]}, sort_keys=True)
+    what = {"model": d["model"], "warmstart": d["warmstart"], "data": d["data"]}
+    if cfg.budget.prompt_hint:  # only then: every other warm start keeps its key (and its cached checkpoint)
+        what["hint"] = [cfg.budget.prompt_hint, *hint_budgets(cfg)]
+    blob = json.dumps(what, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def hint_budgets(cfg: Config) -> tuple[list[int], list[int]]:
+    """The thinking and solution budgets a hinted warm start tells its examples: every value the training
+    schedule can assign, and the eval grid's unconstrained budget."""
+    from .budget_schedule import build_schedule
+
+    thinking, solution = build_schedule(cfg.budget).support()
+    return sorted({*thinking, cfg.eval.max_thinking}), sorted({*solution, cfg.eval.max_solution})
+
+
+def told_budgets(lengths: list[tuple[int, int]], thinking: list[int], solution: list[int], seed: int) -> list[Budget]:
+    """For each example's (reasoning, answer) token lengths, a budget drawn from those that fit it (the largest
+    when none does), so a told budget is an upper bound the reference keeps."""
+    rng = np.random.default_rng(seed)
+
+    def pick(n: int, values: list[int]) -> int:
+        fits = [v for v in values if v >= n]
+        return int(rng.choice(fits)) if fits else max(values)
+
+    return [Budget(pick(r, thinking), pick(a, solution)) for r, a in lengths]
 
 
 def ensure_base_model(cfg: Config) -> str:
@@ -66,11 +94,20 @@ def sft_examples(cfg: Config, tokenizer) -> list[tuple[str, str]]:
     table = task.generate(cfg.warmstart.train_size, difficulties=tuple(cfg.data.difficulties), seed=cfg.data.seed + 1,
                           split="train", concise_fraction=cfg.warmstart.concise_fraction)
     eos = tokenizer.eos_token
+    rows = table.select(["prompt", "reasoning", "answer"]).to_pylist()
+    # A task may wrap its answer (e.g. "<answer>{answer}</answer>" for the meta-ability tasks).
+    answers = [getattr(task, "answer_format", "{answer}").format(answer=r["answer"]) for r in rows]
+    hints = [""] * len(rows)
+    if cfg.budget.prompt_hint:
+        def n_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        lengths = [(n_tokens(r["reasoning"] or "") + 1, n_tokens(a) + 1) for r, a in zip(rows, answers)]  # + end
+        told = told_budgets(lengths, *hint_budgets(cfg), seed=cfg.data.seed + 2)
+        hints = [budget_hint(cfg.budget.prompt_hint, b) for b in told]
     out = []
-    for row in table.select(["prompt", "reasoning", "answer"]).to_pylist():
-        prompt = render_prompt(cfg.model.prompt_template, row["prompt"], tokenizer, cfg.model.chat_template)
-        # A task may wrap its answer (e.g. "<answer>{answer}</answer>" for the meta-ability tasks).
-        answer = getattr(task, "answer_format", "{answer}").format(answer=row["answer"])
+    for row, answer, hint in zip(rows, answers, hints):
+        prompt = render_prompt(cfg.model.prompt_template, row["prompt"], tokenizer, cfg.model.chat_template, hint)
         out.append((prompt, f"{row['reasoning'] or ''}{cfg.model.think_end}{answer}{eos}"))
     return out
 

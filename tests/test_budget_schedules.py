@@ -192,6 +192,46 @@ def test_hint_renders_each_budget_and_goes_before_the_prompt():
     assert msgs[3]["content"] == "q2"  # the request's own messages are not changed
 
 
+def test_schedules_name_every_budget_they_can_assign(cfg_file):
+    assert build_schedule(_budget_cfg(cfg_file)).support() == ([16], [8])
+    mixture = _budget_cfg(cfg_file, "budget.schedule.kind=mixture", "budget.schedule.thinking.values=[32,8,16]",
+                          "budget.schedule.thinking.weights=[1,0,1]", "budget.schedule.solution.range=[4,6]")
+    assert build_schedule(mixture).support() == ([16, 32], [4, 5, 6])  # a zero weight is never drawn
+    stages = _budget_cfg(cfg_file, "budget.schedule.kind=stages",
+                         "budget.schedule.stages=[{steps: 3, thinking: 16, solution: 16}, {thinking: 32, solution: 8}]")
+    assert build_schedule(stages).support() == ([16, 32], [8, 16])
+    ladder = _budget_cfg(cfg_file, "budget.schedule.kind=curriculum", "budget.schedule.ladder=[64x8,32x8,16x4]")
+    assert build_schedule(ladder).support() == ([16, 32, 64], [4, 8])
+
+
+def test_hinted_warm_start_tells_each_example_a_budget_its_reference_fits(cfg_file, tiny_model):
+    """With budget.prompt_hint on, every SFT example's prompt carries a budget drawn from the schedule's values and
+    the unconstrained one that its reasoning (and answer) fit in; without it, prompts are as before."""
+    from transformers import AutoTokenizer
+
+    from orchestrator.warmstart import _key, hint_budgets, sft_examples, told_budgets
+
+    assert told_budgets([(5, 2), (20, 2), (99, 9)], [8, 16, 32], [4, 8], seed=0)[2] == Budget(32, 8)  # none fits
+    drawn = told_budgets([(10, 3)] * 200, [8, 16, 32, 64], [4], seed=0)
+    assert {b.thinking for b in drawn} == {16, 32, 64} and {b.solution for b in drawn} == {4}
+    over = [f"model.path={tiny_model}", "warmstart.train_size=64", "budget.schedule.kind=mixture",
+            "budget.schedule.thinking.values=[8,16,32]"]
+    plain = load_config(cfg_file, over)
+    hinted = load_config(cfg_file, over + ["budget.prompt_hint='[think {thinking}] '"])
+    assert hint_budgets(hinted) == ([8, 16, 32, hinted.eval.max_thinking], [8, hinted.eval.max_solution])
+    assert _key(hinted) != _key(plain) == _key(load_config(cfg_file, over[:2]))  # no hint: the key as before
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    examples = sft_examples(hinted, tok)
+    told = set()
+    for (prompt, target), (plain_prompt, plain_target) in zip(examples, sft_examples(plain, tok)):
+        assert target == plain_target and prompt.startswith("<s>[think ") and prompt.endswith(plain_prompt[3:])
+        t = int(prompt.split("[think ")[1].split("]")[0])
+        reasoning = target.split(hinted.model.think_end)[0]
+        assert len(tok(reasoning, add_special_tokens=False)["input_ids"]) < t or t == max(hint_budgets(hinted)[0])
+        told.add(t)
+    assert len(told) >= 2, told
+
+
 def test_serving_tells_the_requests_budget(tiny_model):
     from orchestrator.serve import BudgetedServer, load_serve_config
 
