@@ -36,7 +36,7 @@ class ServeModelConfig:
     tracking_uri: Optional[str] = None  # MLflow store of registry URIs; default MLFLOW_TRACKING_URI, ./mlflow.db
     cache_dir: Optional[str] = None  # where registry models are downloaded; default ~/.cache/budgetrl/models
     engine: str = "vllm"  # vllm | hf
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (devices.py, as training's model.dtype)
     # Context window: prompt + thinking + </think> + solution. Unset: the checkpoint's (config.json), at most
     # DEFAULT_MAX_MODEL_LEN; an explicit value wins but may not exceed the checkpoint's.
     max_model_len: Optional[int] = None
@@ -134,7 +134,10 @@ def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None
     """Reject impossible values (naming key and value); fill in absolute paths, served names, and the
     context and budget limits left unset (from the checkpoint's config.json when ``check_paths``)."""
     _check_fields(cfg)
-    devices.resolve_vllm(cfg.model.vllm, devices.DeviceFacts.of(cfg.deployment.gpus_per_replica), "model.vllm")
+    facts = devices.DeviceFacts.of(cfg.deployment.gpus_per_replica, devices.cpu_bf16_flags())
+    devices.resolve_vllm(cfg.model.vllm, facts, "model.vllm")
+    if cfg.model.dtype == devices.AUTO:  # training's rule: bf16 on GPUs, float32 on CPUs
+        cfg.model.dtype = devices.resolve("dtype", facts, "model.dtype").value
     conf = _check_target(cfg, check_paths)
     if cfg.budget.prompt_hint is None:  # not a registered model, or not looked up
         cfg.budget.prompt_hint = ""
@@ -149,8 +152,8 @@ def _check_fields(cfg: ServeConfig) -> None:
         bad("model.path", m.path, "set it to a model directory or a models:/ URI")
     if m.engine not in ("vllm", "hf"):
         bad("model.engine", m.engine, "must be 'vllm' or 'hf'")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        bad("model.dtype", m.dtype, "must be one of float32, bfloat16, float16")
+    if m.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad("model.dtype", m.dtype, "must be one of auto, float32, bfloat16, float16")
     if "{prompt}" not in m.prompt_template and not m.chat_template:
         bad("model.prompt_template", m.prompt_template, "must contain '{prompt}'")
     if not m.think_end:

@@ -76,10 +76,12 @@ def test_config_resolves_engine_settings_per_replica_device(tiny_model):
     """Serving shares the rollout engine's settings: `auto` follows deployment.gpus_per_replica."""
     from orchestrator.serve import load_serve_config
 
-    v = load_serve_config(CONFIG, [], target=tiny_model).model.vllm
-    assert (v.enforce_eager, v.gpu_memory_utilization) == (True, 0.5)  # CPU: as before
-    v = load_serve_config(CONFIG, ["deployment.gpus_per_replica=1"], target=tiny_model).model.vllm
-    assert (v.enforce_eager, v.gpu_memory_utilization) == (False, 0.85)
+    m = load_serve_config(CONFIG, [], target=tiny_model).model
+    assert (m.vllm.enforce_eager, m.vllm.gpu_memory_utilization, m.dtype) == (True, 0.5, "float32")  # CPU: as before
+    m = load_serve_config(CONFIG, ["deployment.gpus_per_replica=1"], target=tiny_model).model
+    assert (m.vllm.enforce_eager, m.vllm.gpu_memory_utilization, m.dtype) == (False, 0.85, "bfloat16")
+    assert load_serve_config(CONFIG, ["deployment.gpus_per_replica=1", "model.dtype=float32"],
+                             target=tiny_model).model.dtype == "float32"  # an explicit dtype stays
     with pytest.raises(ConfigError, match="model.vllm.tensor_parallel_size=2: .*deployment.gpus_per_replica=1"):
         load_serve_config(CONFIG, ["deployment.gpus_per_replica=1", "model.vllm.tensor_parallel_size=2"],
                           target=tiny_model)
