@@ -110,6 +110,16 @@ def hf_worker(tiny_model):
                          engine_kwargs=dict(dtype="float32"))
 
 
+@pytest.fixture(scope="session")
+def hf_bf16_worker(tiny_model):
+    """The HF engine in bf16 (the budget tests run in both dtypes; a bf16 vLLM engine would be a second
+    engine per xdist worker)."""
+    from orchestrator.rollout.worker import RolloutWorker
+
+    return RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
+                         engine_kwargs=dict(dtype="bfloat16"))
+
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 

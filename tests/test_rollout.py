@@ -63,7 +63,7 @@ def _check_budgets(table, tiny_model, t, s, forced_trained=True):
     return kinds
 
 
-@pytest.mark.parametrize("engine", ["vllm", "hf"])
+@pytest.mark.parametrize("engine", ["vllm", "hf", "hf_bf16"])
 def test_two_phase_budgets(engine, request, tiny_model):
     worker = request.getfixturevalue(f"{engine}_worker")
     t, s = 40, 6
@@ -471,3 +471,33 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
         assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
     finally:
         hf_worker.update_weights(base, 0)
+
+
+def test_hf_weight_sync_matches_bf16_learner_logprobs(tiny_model):
+    """The same sync in bf16: a bf16 engine loaded with the bf16 payload of a learner that autocasts to bf16 over
+    fp32 masters scores as the learner does, within 0.05 nats. Why 0.05: both sides' logits are bf16 (8
+    significant bits), and at this model's logit sizes (up to ~10) one bf16 rounding step is 10 x 2^-8 = 0.04;
+    the sides round at different places (autocast keeps norms and the softmax in fp32, the bf16 engine does
+    not), so they may differ by about one step. Measured: 0.0076 (fp32: 5e-7). The update moves the scores by
+    more than 1 nat, so the bound still tells a synced engine from a stale one."""
+    from orchestrator.learner.worker import Learner
+    from orchestrator.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
+                           engine_kwargs=dict(dtype="bfloat16"))
+    learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0, dtype="bfloat16")
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
+    recs = worker.generate(_prompts(4), spec)
+    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
+    seqs = [p + r for p, r in zip(prompts, resps)]
+    before = worker.prompt_logprobs(seqs)
+    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
+        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
+    learner.step(batch)
+    payload = learner.sync_payload("bfloat16")
+    assert set(payload.dtypes.values()) == {"bfloat16"}
+    worker.update_weights(payload, 1)
+    after = worker.prompt_logprobs(seqs)
+    for p, e, a, b in zip(prompts, learner.sequence_logprobs(prompts, resps), after, before):
+        assert max(abs(x - y) for x, y in zip(a[len(p) - 1:], e)) < 0.05
+        assert max(abs(x - y) for x, y in zip(a, b)) > 0.5  # the update changed the scores
