@@ -430,6 +430,20 @@ def test_hf_sampled_logprobs_are_the_models(hf_worker):
         assert any(len(o.token_ids) > 12 for o in outs)
 
 
+def _hf_learner_step(worker, learner):
+    """Sample 4 prompts x 4 on the HF ``worker``, score 3 of the sequences, and take one ``learner`` step on the
+    samples: (prompts, responses, sequences, the engine's logprobs of them before any sync)."""
+    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
+    recs = worker.generate(_prompts(4), spec)
+    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
+    seqs = [p + r for p, r in zip(prompts, resps)]
+    before = worker.prompt_logprobs(seqs)
+    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
+        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
+    learner.step(batch)
+    return prompts, resps, seqs, before
+
+
 def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_model):
     """After a learner step and a sync, the HF engine scores sequences as the learner does; a missing or
     unexpected name, or a tied copy that disagrees, raises naming it and loads nothing; a tied lm_head
@@ -440,14 +454,7 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
 
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
     base = learner.get_weights()
-    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
-    recs = hf_worker.generate(_prompts(4), spec)
-    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
-    seqs = [p + r for p, r in zip(prompts, resps)]
-    before = hf_worker.prompt_logprobs(seqs)
-    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
-        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
-    learner.step(batch)
+    prompts, resps, seqs, before = _hf_learner_step(hf_worker, learner)
     engine = hf_worker.engine
     try:
         hf_worker.update_weights(learner.sync_payload(), 1)
@@ -473,7 +480,7 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
         hf_worker.update_weights(base, 0)
 
 
-def test_hf_weight_sync_matches_bf16_learner_logprobs(tiny_model):
+def test_hf_weight_sync_matches_bf16_learner_logprobs(hf_bf16_worker, tiny_model):
     """The same sync in bf16: a bf16 engine loaded with the bf16 payload of a learner that autocasts to bf16 over
     fp32 masters scores as the learner does, within 0.05 nats. Why 0.05: both sides' logits are bf16 (8
     significant bits), and at this model's logit sizes (up to ~10) one bf16 rounding step is 10 x 2^-8 = 0.04;
@@ -481,23 +488,18 @@ def test_hf_weight_sync_matches_bf16_learner_logprobs(tiny_model):
     not), so they may differ by about one step. Measured: 0.0076 (fp32: 5e-7). The update moves the scores by
     more than 1 nat, so the bound still tells a synced engine from a stale one."""
     from orchestrator.learner.worker import Learner
-    from orchestrator.rollout.worker import RolloutWorker
 
-    worker = RolloutWorker(tiny_model, engine="hf", prompt_template="<s>{prompt}<think>",
-                           engine_kwargs=dict(dtype="bfloat16"))
+    worker = hf_bf16_worker
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0, dtype="bfloat16")
-    spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
-    recs = worker.generate(_prompts(4), spec)
-    prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
-    seqs = [p + r for p, r in zip(prompts, resps)]
-    before = worker.prompt_logprobs(seqs)
-    batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
-        "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
-    learner.step(batch)
+    base = learner.get_weights("bfloat16")
+    prompts, resps, seqs, before = _hf_learner_step(worker, learner)
     payload = learner.sync_payload("bfloat16")
     assert set(payload.dtypes.values()) == {"bfloat16"}
-    worker.update_weights(payload, 1)
-    after = worker.prompt_logprobs(seqs)
-    for p, e, a, b in zip(prompts, learner.sequence_logprobs(prompts, resps), after, before):
-        assert max(abs(x - y) for x, y in zip(a[len(p) - 1:], e)) < 0.05
-        assert max(abs(x - y) for x, y in zip(a, b)) > 0.5  # the update changed the scores
+    try:
+        worker.update_weights(payload, 1)
+        after = worker.prompt_logprobs(seqs)
+        for p, e, a, b in zip(prompts, learner.sequence_logprobs(prompts, resps), after, before):
+            assert max(abs(x - y) for x, y in zip(a[len(p) - 1:], e)) < 0.05
+            assert max(abs(x - y) for x, y in zip(a, b)) > 0.5  # the update changed the scores
+    finally:
+        worker.update_weights(base, 0)  # the shared bf16 worker back to the tiny model
