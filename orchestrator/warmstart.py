@@ -3,8 +3,8 @@
 A warm start is supervised fine-tuning on the task's reference reasoning, so the policy writes
 ``<think> ... </think> answer`` before RL begins. With ``budget.prompt_hint`` on, each example is told a
 budget its reference fits in (``told_budgets``), so the policy meets the hint before RL instead of an
-unseen prefix (measured: a hint the warm start never saw took the reward to zero from step 0). Its output directory is keyed by a hash of
-everything that determines it, so a re-run (or a sweep's many trials) reuses it instead of
+unseen prefix (measured: a hint the warm start never saw took the reward to zero from step 0). Its
+output directory is keyed by a hash of everything that determines it, so a re-run (or a sweep's many trials) reuses it instead of
 re-training; a half-written checkpoint is never reused (the SFT writes atomically).
 """
 
@@ -98,11 +98,10 @@ def sft_examples(cfg: Config, tokenizer) -> list[tuple[str, str]]:
     # A task may wrap its answer (e.g. "<answer>{answer}</answer>" for the meta-ability tasks).
     answers = [getattr(task, "answer_format", "{answer}").format(answer=r["answer"]) for r in rows]
     hints = [""] * len(rows)
-    if cfg.budget.prompt_hint:
-        def n_tokens(text: str) -> int:
-            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        lengths = [(n_tokens(r["reasoning"] or "") + 1, n_tokens(a) + 1) for r, a in zip(rows, answers)]  # + end
+    if cfg.budget.prompt_hint:  # token counts + 1 for </think> and for EOS
+        reasoning = tokenizer([r["reasoning"] or "" for r in rows], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        lengths = [(len(r) + 1, len(a) + 1) for r, a in zip(reasoning, answer_ids)]
         told = told_budgets(lengths, *hint_budgets(cfg), seed=cfg.data.seed + 2)
         hints = [budget_hint(cfg.budget.prompt_hint, b) for b in told]
     out = []
