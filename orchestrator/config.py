@@ -46,9 +46,8 @@ class ModelConfig:
     # embedded tiny Qwen2, model.tiny) | standin (the stand-in chat checkpoint, orchestrator/standin_model.py).
     build_if_missing: str = "none"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    # auto | float32 | bfloat16 | float16, for the engines, the learner (autocast over fp32 masters) and the warm
-    # start. auto: bfloat16 when rollout and learner are on GPUs, float32 on CPUs, with or without bf16
-    # instructions for now (orchestrator/devices.py; show-config prints what it became and why).
+    # auto | float32 | bfloat16 | float16, for the engines, the learner (autocast over fp32 masters), the warm start.
+    # auto: bfloat16 on GPUs and CPUs with bf16 instructions, else float32 (devices.py; show-config says why).
     dtype: str = "auto"
     # How a task prompt becomes model input. "{prompt}" is replaced; use chat_template for chat models.
     prompt_template: str = "<s>{prompt}<think>"
@@ -205,9 +204,10 @@ class LearnerConfig:
     # > 0: a micro-batch also keeps rows x its longest row <= this many tokens (activations and logits
     # grow with it); rows are packed by length. 0: rows only (micro_batch_size).
     micro_batch_tokens: int = 0
-    # Recompute each decoder layer's activations in backward instead of keeping them (about a third more
-    # learner compute for a fraction of the activation memory; `plan CONFIG` says when a run needs it).
+    # Recompute each decoder layer in backward: ~1/3 more compute, a fraction of the activations (`plan CONFIG`).
     activation_checkpointing: bool = False
+    # torch.compile the learner's forward: auto (where measured to pay: devices.py, show-config) | true | false
+    compile: bool | str = "auto"
     lr_warmup_steps: int = 0
     num_threads: int = 0  # 0: leave torch's default
     # Checkpoints and resumable states (weights, optimizer moments) are sharded above this size ("5GB", "1MB").
@@ -529,6 +529,8 @@ def validate_learner(le: LearnerConfig) -> None:
     positive("learner.micro_batch_size", le.micro_batch_size)
     non_negative("learner.micro_batch_tokens", le.micro_batch_tokens)
     non_negative("learner.num_threads", le.num_threads)
+    if not (le.compile == devices.AUTO or isinstance(le.compile, bool)):
+        bad("learner.compile", le.compile, "must be true, false or auto")
     if not re.fullmatch(r"[1-9]\d*(KB|MB|GB|TB)", le.max_shard_size):
         bad("learner.max_shard_size", le.max_shard_size, "must be a size such as '5GB' or '1MB' (KB, MB, GB, TB)")
 

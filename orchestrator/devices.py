@@ -18,8 +18,9 @@ CPUs: whether the CPU has bf16 instructions (x86 ``avx512_bf16`` or ``amx_bf16``
 driver host's ``/proc/cpuinfo`` (``cpu_bf16_flags``); workers are assumed to run on CPUs like it (set
 ``model.dtype`` on a cluster whose nodes differ). Without them torch emulates bf16 through fp32 and pays for the
 conversions: a 256x512 @ 512x512 matmul took 110 ms in bf16 against 2.0 ms in fp32 on a 2-core Zen 3 (AVX2),
-so there ``auto`` is fp32 and an explicit bf16 gets a warning (``dtype_warning``). With them, the learner's
-forward+backward ran 1.6-2.4x faster and vLLM generated 1.17x faster (issue 26, Zen 4 with AVX-512 BF16).
+so there ``auto`` is fp32 and an explicit bf16 gets a warning (``dtype_warning``). With them ``auto`` is bf16: the
+learner's forward+backward ran 1.6-2.4x faster and vLLM generated 1.17x faster (issue 26, Zen 4 with AVX-512 BF16),
+and the quickstart learned as well as in fp32 (docs/performance.md, section 9).
 
 Adding a rule: add the fact to ``DeviceFacts`` and a row above the last row of its table.
 """
@@ -49,14 +50,15 @@ class DeviceFacts:
     gpus: float = 0.0  # GPUs per actor (Ray's num_gpus; a fraction shares one GPU)
     bf16: bool | None = None  # None: unknown here (the driver cannot see a worker's GPU)
     cpu_flags: str = ""  # CPUs: the bf16 flags found, for the reason shown ("" when none)
+    params: int | None = None  # the model's parameter count, for rules by size (learner.compile); None: unknown
 
     @classmethod
-    def of(cls, gpus_per_worker: float, cpu_flags: Sequence[str] = ()) -> DeviceFacts:
+    def of(cls, gpus_per_worker: float, cpu_flags: Sequence[str] = (), params: int | None = None) -> DeviceFacts:
         """The driver's view: a GPU count > 0 means CUDA; a CPU has bf16 when ``cpu_flags`` (what
         ``cpu_bf16_flags`` found on this host) names any."""
         if gpus_per_worker > 0:
-            return cls("cuda", float(gpus_per_worker))
-        return cls("cpu", 0.0, bf16=bool(cpu_flags), cpu_flags=" ".join(cpu_flags))
+            return cls("cuda", float(gpus_per_worker), params=params)
+        return cls("cpu", 0.0, bf16=bool(cpu_flags), cpu_flags=" ".join(cpu_flags), params=params)
 
 
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, x86 AMX, Arm (FEAT_BF16)
@@ -104,6 +106,11 @@ def _any(f: DeviceFacts) -> bool:
     return True
 
 
+# learner.compile=auto compiles on CPUs from this many parameters (benchmarks/learner_compile.py,
+# docs/performance.md section 10: below it the compiled step is no faster; the first step compiles).
+COMPILE_MIN_PARAMS = 3_000_000
+
+
 RULES: dict[str, tuple[Rule, ...]] = {
     "dtype": (
         Rule(lambda f: _cuda(f) and f.bf16 is not False, "bfloat16",
@@ -111,11 +118,21 @@ RULES: dict[str, tuple[Rule, ...]] = {
              "a worker on a GPU without it fails at start)"),
         Rule(_cuda, "float32", "CUDA GPU without bf16: float32 (the learner does not train in float16, "
                                "which needs loss scaling)"),
-        Rule(lambda f: f.kind == "cpu" and bool(f.bf16), "float32",
-             "CPU with bf16 instructions ({cpu_flags}): float32 until bf16 is shown not to learn worse here "
-             "(issue 26); model.dtype=bfloat16 runs the learner 1.6-2.4x faster on such a CPU"),
+        Rule(lambda f: f.kind == "cpu" and bool(f.bf16), "bfloat16",
+             "CPU with bf16 instructions ({cpu_flags}): bf16 (the quickstart learned as well in bf16 as in fp32, "
+             "2 seeds each, and ran 1.15x faster: docs/performance.md, section 9)"),
         Rule(_any, "float32", "CPU without bf16 instructions (no avx512_bf16, amx_bf16 or bf16 flag): float32, "
                               "as before (bf16 would be emulated: ~50x slower matmuls)"),
+    ),
+    "compile": (  # the learner's forward (learner.compile)
+        Rule(_cuda, False, "GPU: off until measured there (benchmarks/learner_compile.py); learner.compile=true "
+                           "compiles the forward"),
+        Rule(lambda f: f.params is None, False, "model size unknown here (no readable config.json): off"),
+        Rule(lambda f: f.params >= COMPILE_MIN_PARAMS, True,
+             "CPU, {params_m} parameters >= " + f"{COMPILE_MIN_PARAMS / 1e6:g}M" + ": the compiled step is faster "
+             "from this size on; the first step compiles (docs/performance.md, section 10)"),
+        Rule(_any, False, "CPU, {params_m} parameters < " + f"{COMPILE_MIN_PARAMS / 1e6:g}M" + ": compiling costs "
+                          "more than it saves at this size (docs/performance.md, section 10)"),
     ),
     "enforce_eager": (
         Rule(_cuda, False, "GPU: CUDA graphs and compilation on (eager decode is bound by kernel launches)"),
@@ -160,7 +177,9 @@ def resolve(setting: str, facts: DeviceFacts, key: str | None = None,
     for rule in rules[setting]:
         if rule.when(facts):
             value = rule.value(facts) if callable(rule.value) else rule.value
-            why = rule.why.format(kind=facts.kind, gpus=f"{facts.gpus:g}", cpu_flags=facts.cpu_flags)
+            params_m = "?" if facts.params is None else f"{facts.params / 1e6:.1f}M"
+            why = rule.why.format(kind=facts.kind, gpus=f"{facts.gpus:g}", cpu_flags=facts.cpu_flags,
+                                  params_m=params_m)
             return Resolution(key or setting, value, why)
     raise LookupError(f"{setting}: no rule matches {facts}")
 
@@ -201,6 +220,10 @@ def resolve_auto(cfg) -> list[Resolution]:
     elif (msg := dtype_warning(cfg.model.dtype, [cfg.rollout.gpus_per_worker, cfg.learner.gpus_per_worker], flags)):
         warnings.warn(msg, stacklevel=2)
     out += resolve_vllm(cfg.rollout.vllm, rollout, "rollout.vllm")
+    if cfg.learner.compile == AUTO:
+        facts = DeviceFacts.of(cfg.learner.gpus_per_worker, flags, params=model_parameters(cfg.model))
+        out.append(resolve("compile", facts, "learner.compile"))
+        cfg.learner.compile = out[-1].value
     r = cfg.rollout
     if r.weight_sync.method == AUTO:  # CUDA only when both ends of the sync have GPUs
         ends = DeviceFacts.of(min(r.gpus_per_worker, cfg.learner.gpus_per_worker))
@@ -208,6 +231,24 @@ def resolve_auto(cfg) -> list[Resolution]:
         out.append(resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
         r.weight_sync.method = out[-1].value
     return out
+
+
+def model_parameters(model_cfg) -> int | None:
+    """The parameter count of ``model.path`` from its ``config.json`` (``plan.ModelShape``: decoder LMs of the
+    Llama/Qwen kind); the embedded tiny model's shape when it is still to be built; None when neither is known."""
+    from .plan import ModelShape, shape_from_config_json
+
+    try:
+        return shape_from_config_json(model_cfg.path).params()
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    if model_cfg.build_if_missing == "tiny":
+        from .tiny_model import padded_vocab_size
+
+        t = model_cfg.tiny
+        return ModelShape(hidden=t.hidden_size, layers=t.num_layers, heads=t.num_heads, kv_heads=t.num_heads,
+                          intermediate=t.intermediate_size, vocab=padded_vocab_size(), tied=True).params()
+    return None
 
 
 def dtype_warning(dtype: str, gpus_per_role: Sequence[float], cpu_flags: Sequence[str]) -> str | None:

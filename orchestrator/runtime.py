@@ -307,7 +307,7 @@ class LearnerGroup:
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
                      strategy=self.strategy if self.world_size > 1 else "auto", dist_init=dist_init,
                      micro_batch_tokens=le.micro_batch_tokens, activation_checkpointing=le.activation_checkpointing,
-                     max_shard_size=le.max_shard_size)
+                     max_shard_size=le.max_shard_size, compile=le.compile)
             for i in range(self.world_size)
         ]
         ray.get([r.version.remote() for r in self.ranks])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,7 @@ class ServeModelConfig:
     tracking_uri: Optional[str] = None  # MLflow store of registry URIs; default MLFLOW_TRACKING_URI, ./mlflow.db
     cache_dir: Optional[str] = None  # where registry models are downloaded; default ~/.cache/budgetrl/models
     engine: str = "vllm"  # vllm | hf
-    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs (devices.py, as training's model.dtype)
+    dtype: str = "auto"  # auto: bfloat16 on GPUs and CPUs with bf16 instructions, else float32 (as training's)
     # Context window: prompt + thinking + </think> + solution. Unset: the checkpoint's (config.json), at most
     # DEFAULT_MAX_MODEL_LEN; an explicit value wins but may not exceed the checkpoint's.
     max_model_len: Optional[int] = None
@@ -134,10 +135,13 @@ def validate_serve_config(cfg: ServeConfig, *, check_paths: bool = True) -> None
     """Reject impossible values (naming key and value); fill in absolute paths, served names, and the
     context and budget limits left unset (from the checkpoint's config.json when ``check_paths``)."""
     _check_fields(cfg)
-    facts = devices.DeviceFacts.of(cfg.deployment.gpus_per_replica, devices.cpu_bf16_flags())
+    flags = devices.cpu_bf16_flags()
+    facts = devices.DeviceFacts.of(cfg.deployment.gpus_per_replica, flags)
     devices.resolve_vllm(cfg.model.vllm, facts, "model.vllm")
-    if cfg.model.dtype == devices.AUTO:  # training's rule: bf16 on GPUs, float32 on CPUs
+    if cfg.model.dtype == devices.AUTO:  # training's rule: bf16 on GPUs and CPUs with bf16 instructions
         cfg.model.dtype = devices.resolve("dtype", facts, "model.dtype").value
+    elif (msg := devices.dtype_warning(cfg.model.dtype, [cfg.deployment.gpus_per_replica], flags)):
+        warnings.warn(msg, stacklevel=2)
     conf = _check_target(cfg, check_paths)
     if cfg.budget.prompt_hint is None:  # not a registered model, or not looked up
         cfg.budget.prompt_hint = ""

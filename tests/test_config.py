@@ -134,20 +134,23 @@ GPU_15B = Path(__file__).resolve().parents[1] / "configs" / "gpu" / "deepscaler-
 
 
 def test_cpu_config_resolves_to_todays_values():
-    """The quickstart (CPU) gets exactly the values it ran with before `auto` existed."""
+    """The quickstart (CPU) gets the values it ran with before `auto` existed, except bf16 on a CPU with bf16
+    instructions (issue 26), and no compiling for its 0.8M-parameter model."""
     from orchestrator.config import load_config_explained
+    from orchestrator.devices import cpu_bf16_flags
 
     cfg, resolved = load_config_explained(QUICKSTART)
     v = cfg.rollout.vllm
     assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization, v.tensor_parallel_size) == \
-        ("float32", True, 0.5, 1)
-    assert cfg.rollout.weight_sync.method == "object_store"
-    assert {r.key for r in resolved} == {"model.dtype", "rollout.vllm.enforce_eager",
+        ("bfloat16" if cpu_bf16_flags() else "float32", True, 0.5, 1)
+    assert cfg.rollout.weight_sync.method == "object_store" and cfg.learner.compile is False
+    assert {r.key for r in resolved} == {"model.dtype", "rollout.vllm.enforce_eager", "learner.compile",
                                          "rollout.vllm.gpu_memory_utilization", "rollout.weight_sync.method"}
 
 
 def test_gpu_config_resolves_for_gpus():
     from orchestrator.config import load_config_explained
+    from orchestrator.devices import cpu_bf16_flags
 
     cfg, resolved = load_config_explained(GPU_15B, check_paths=False)
     v = cfg.rollout.vllm
@@ -157,13 +160,16 @@ def test_gpu_config_resolves_for_gpus():
     # explicit values win and are not reported as resolved
     cfg, resolved = load_config_explained(GPU_15B, ["model.dtype=float32", "rollout.vllm.enforce_eager=true",
                                                     "rollout.vllm.gpu_memory_utilization=0.6",
-                                                    "rollout.weight_sync.method=object_store"], check_paths=False)
+                                                    "rollout.weight_sync.method=object_store",
+                                                    "learner.compile=false"], check_paths=False)
     assert (cfg.model.dtype, cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.gpu_memory_utilization) == \
         ("float32", True, 0.6)
     assert resolved == []
-    # a rollout worker sharing its GPU gets 0.85 of its share; a learner on CPUs makes the dtype float32
+    # a rollout worker sharing its GPU gets 0.85 of its share; a learner on CPUs without bf16 instructions makes
+    # the dtype float32 (with them, both roles want bf16)
     cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "learner.gpus_per_worker=0"], check_paths=False)
-    assert cfg.rollout.vllm.gpu_memory_utilization == 0.425 and cfg.model.dtype == "float32"
+    assert cfg.rollout.vllm.gpu_memory_utilization == 0.425
+    assert cfg.model.dtype == ("bfloat16" if cpu_bf16_flags() else "float32")
     assert cfg.rollout.weight_sync.method == "collective"  # one end on CPUs (gloo), but vLLM in its own process
     cfg = load_config(GPU_15B, ["rollout.gpus_per_worker=0.5", "rollout.vllm.multiprocess=false"], check_paths=False)
     assert cfg.rollout.weight_sync.method == "object_store"  # a shared GPU: NCCL refuses two ranks on one

@@ -15,6 +15,7 @@ import torch
 from torch.cuda._utils import _get_device_index  # what torch.cuda.set_device calls first
 
 from orchestrator.devices import (
+    COMPILE_MIN_PARAMS,
     RULES,
     DeviceFacts,
     cpu_bf16_flags,
@@ -24,6 +25,7 @@ from orchestrator.devices import (
     describe,
     dtype_error,
     dtype_warning,
+    model_parameters,
     parse_cpu_bf16_flags,
     resolve,
     resolve_shared,
@@ -162,13 +164,13 @@ def test_cpu_bf16_flags_from_cpuinfo(cpuinfo, flags):
     assert parse_cpu_bf16_flags(cpuinfo) == flags
 
 
-def test_cpu_dtype_row_names_the_flags_and_keeps_float32_until_shown():
-    """A CPU with bf16 instructions has its own row (the reason names the flags); its value stays float32 until
-    issue 26's fp32-vs-bf16 learning comparison is in. Without them the reason says why bf16 would be slow."""
+def test_cpu_dtype_row_names_the_flags():
+    """A CPU with bf16 instructions computes in bf16 (the reason names the flags: issue 26 showed it learns as
+    well); without them the reason says why bf16 would be slow."""
     with_bf16 = resolve("dtype", DeviceFacts.of(0, ("avx512_bf16",)), "model.dtype")
     without = resolve("dtype", DeviceFacts.of(0, ()), "model.dtype")
-    assert with_bf16.value == without.value == "float32"
-    assert "avx512_bf16" in with_bf16.why and "bfloat16" in with_bf16.why
+    assert (with_bf16.value, without.value) == ("bfloat16", "float32")
+    assert "avx512_bf16" in with_bf16.why and "learned as well" in with_bf16.why
     assert "without bf16 instructions" in without.why and "emulated" in without.why
 
 
@@ -181,13 +183,45 @@ def test_explicit_bf16_on_an_emulating_cpu_warns():
 
 
 def test_a_rule_table_extends_by_one_row():
-    """A later rule is one row above the last, with a new fact (here: bf16 on CPUs with the instructions)."""
-    avx512_bf16 = DeviceFacts("cpu", 0, bf16=True)
-    rules = dict(RULES, dtype=(Rule(lambda f: f.kind == "cpu" and f.bf16, "bfloat16", "CPU with AVX-512 BF16"),
-                               *RULES["dtype"]))
-    assert resolve("dtype", avx512_bf16, rules=rules).value == "bfloat16"
-    assert resolve("dtype", CPU, rules=rules).value == "float32"  # CPUs without it unchanged
+    """A later rule is one row above the last, with a new fact (here, made up: bf16 for huge models on any CPU)."""
+    huge = DeviceFacts.of(0, (), params=10**10)
+    rules = dict(RULES, dtype=(*RULES["dtype"][:-1],
+                               Rule(lambda f: (f.params or 0) > 10**9, "bfloat16", "a huge model on a CPU"),
+                               RULES["dtype"][-1]))
+    assert resolve("dtype", huge, rules=rules).value == "bfloat16"
+    assert resolve("dtype", CPU, rules=rules).value == "float32"  # other CPUs unchanged
     assert resolve("dtype", GPU, rules=rules).value == "bfloat16"
+
+
+@pytest.mark.parametrize("facts, value, said", [
+    (DeviceFacts.of(0, params=800_000), False, "0.8M parameters < "),
+    (DeviceFacts.of(0, params=COMPILE_MIN_PARAMS), True, "parameters >= "),
+    (DeviceFacts.of(0, params=None), False, "unknown"),
+    (DeviceFacts.of(1, params=10**9), False, "GPU: off until measured"),
+])
+def test_learner_compile_rule_by_model_size(facts, value, said):
+    res = resolve("compile", facts, "learner.compile")
+    assert res.value is value and said in res.why
+
+
+def test_learner_compile_auto_in_a_config(tmp_path):
+    """The quickstart's tiny model (0.8M, built later) resolves to off, so the suite never compiles; a
+    config.json of a larger model to on; an explicit value is kept; a bad one is named."""
+    from orchestrator.config import ConfigError, load_config_explained
+    from orchestrator.plan import ModelShape
+
+    cfg, resolved = load_config_explained("configs/quickstart.yaml", ["model.path=" + str(tmp_path / "none")])
+    assert cfg.learner.compile is False
+    assert model_parameters(cfg.model) == ModelShape(128, 3, 4, 4, 512, 128, True).params()
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="qwen2", hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024,
+        vocab_size=128, tie_word_embeddings=True)))
+    cfg, resolved = load_config_explained("configs/quickstart.yaml", ["model.path=" + str(tmp_path)])
+    assert cfg.learner.compile is True and any(r.key == "learner.compile" for r in resolved)
+    cfg, _ = load_config_explained("configs/quickstart.yaml", ["model.path=" + str(tmp_path), "learner.compile=false"])
+    assert cfg.learner.compile is False
+    with pytest.raises(ConfigError, match="learner.compile='sometimes'"):
+        load_config_explained("configs/quickstart.yaml", ["learner.compile=sometimes"])
 
 
 def test_describe_is_yaml_comments():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,12 +77,19 @@ def test_config_resolves_engine_settings_per_replica_device(tiny_model):
     """Serving shares the rollout engine's settings: `auto` follows deployment.gpus_per_replica."""
     from orchestrator.serve import load_serve_config
 
+    from orchestrator.devices import cpu_bf16_flags
+
     m = load_serve_config(CONFIG, [], target=tiny_model).model
-    assert (m.vllm.enforce_eager, m.vllm.gpu_memory_utilization, m.dtype) == (True, 0.5, "float32")  # CPU: as before
+    cpu_dtype = "bfloat16" if cpu_bf16_flags() else "float32"  # a CPU with bf16 instructions serves in bf16
+    assert (m.vllm.enforce_eager, m.vllm.gpu_memory_utilization, m.dtype) == (True, 0.5, cpu_dtype)
     m = load_serve_config(CONFIG, ["deployment.gpus_per_replica=1"], target=tiny_model).model
     assert (m.vllm.enforce_eager, m.vllm.gpu_memory_utilization, m.dtype) == (False, 0.85, "bfloat16")
     assert load_serve_config(CONFIG, ["deployment.gpus_per_replica=1", "model.dtype=float32"],
                              target=tiny_model).model.dtype == "float32"  # an explicit dtype stays
+    with warnings.catch_warnings(record=True) as caught:  # explicit bf16 where the CPU would emulate it: warned
+        warnings.simplefilter("always")
+        load_serve_config(CONFIG, ["model.dtype=bfloat16"], target=tiny_model)
+    assert any("~50x slower" in str(w.message) for w in caught) == (not cpu_bf16_flags())
     with pytest.raises(ConfigError, match="model.vllm.tensor_parallel_size=2: .*deployment.gpus_per_replica=1"):
         load_serve_config(CONFIG, ["deployment.gpus_per_replica=1", "model.vllm.tensor_parallel_size=2"],
                           target=tiny_model)

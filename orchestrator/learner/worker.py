@@ -161,10 +161,10 @@ class Learner(WeightSender):
         dist_init: str | None = None,
         activation_checkpointing: bool = False,
         max_shard_size: int | str = MAX_SHARD_SIZE,
+        compile: bool = False,
     ):
         _check_arguments(rank, world_size, dist_init, micro_batch_size, micro_batch_tokens, lr, lr_warmup_steps)
-        # The algorithm section whole (orchestrator/algorithms/presets.py): the config's checks, the preset filled.
-        self.algorithm = a = resolve_algorithm(algorithm)
+        self.algorithm = a = resolve_algorithm(algorithm)  # the section whole (algorithms/presets.py), preset filled
         self.compute_dtype = resolve_dtype(dtype)
         if self.compute_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype: {dtype!r} not supported; use float32 or bfloat16 (fp16 needs loss scaling)")
@@ -208,6 +208,7 @@ class Learner(WeightSender):
             self.model, device=self.device, sharded=self.sharded, compute_dtype=self.compute_dtype,
             reference=self.kl_coef > 0, checkpointing=self.activation_checkpointing,
             world_size=world_size, rank=rank)
+        self.compile, self._compiled = bool(compile), {}  # see _forward
         decay, no_decay = [], []
         for p in self.model.parameters():  # parameters() yields a tied weight once
             if p.requires_grad:
@@ -450,6 +451,14 @@ class Learner(WeightSender):
         return place(per_seq, idx, packed, self.device)
 
     def _forward(self, model, packed: Packed, with_entropy: bool = False):
+        """Token logprobs of ``packed`` under ``model``. With ``compile``: through ``torch.compile(model,
+        dynamic=True)`` (made on first use; ``self.model`` stays the module whose parameter names checkpoints,
+        the optimizer and weight syncs use). It pays on CPUs from a few million parameters (learner.compile=auto:
+        devices.py, docs/performance.md section 10)."""
+        if self.compile:
+            if id(model) not in self._compiled:
+                self._compiled[id(model)] = torch.compile(model, dynamic=True)
+            model = self._compiled[id(model)]
         with self._autocast():
             return token_logprobs(
                 model, packed.input_ids, packed.attention_mask, start=packed.start, with_entropy=with_entropy
