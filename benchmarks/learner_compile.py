@@ -60,11 +60,17 @@ def timed_steps(learner, work) -> tuple[float, list[float], float]:
 
 
 def measure(path: str, dtype: str, args) -> dict:
+    import torch
+
     from orchestrator.learner.worker import Learner
 
     work = batches(args.steps + 1, args.rows, args.prompt, args.response, vocab=128)
     row = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
+        # Dynamo's cache is per process and per code object (transformers' forward wrapper is one for every
+        # model): without a reset the measurements before this one count towards its recompile limit (8), and
+        # past it dynamo runs the frame eagerly. One training run holds one learner, as each row here does.
+        torch._dynamo.reset()
         learner = Learner(path, lr=1e-5, algorithm={"kl_coef": 0.05}, micro_batch_size=args.rows, dtype=dtype,
                           num_threads=args.threads, device="cpu", compile=compile_)
         first, rest, loss = timed_steps(learner, work)
@@ -105,7 +111,7 @@ def main() -> int:
                 e, c = r["eager"], r["compiled"]
                 saving = e["median"] - c["median"]
                 extra = c["first"] - e["first"]
-                pays = f"{extra / saving:.0f} steps" if saving > 0 else "never"
+                pays = "never" if saving <= 0 else "at once" if extra <= 0 else f"{extra / saving:.0f} steps"
                 print(f"{shape:>7} {r['params'] / 1e6:>7.1f}M {dtype:>9} {e['first']:>10.2f} {e['median']:>8.3f} "
                       f"{c['first']:>9.1f} {c['median']:>8.3f} {c['median'] / e['median']:>9.2f}x {pays:>10} "
                       f"{abs(e['loss'] - c['loss']):>9.2e}", flush=True)

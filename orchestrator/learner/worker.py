@@ -457,6 +457,10 @@ class Learner(WeightSender):
         devices.py, docs/performance.md section 10)."""
         if self.compile:
             if id(model) not in self._compiled:
+                # Each grad mode, autocast state and call form (policy, reference, with or without a prompt
+                # prefix skipped) is its own graph of one code object: more than dynamo's default limit of 8,
+                # past which it would silently run the forward eagerly.
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
                 self._compiled[id(model)] = torch.compile(model, dynamic=True)
             model = self._compiled[id(model)]
         with self._autocast():
