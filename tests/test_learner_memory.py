@@ -75,8 +75,11 @@ def test_token_capped_steps_match_row_steps_with_kl_and_minibatches(model_dir): 
         for key in ("loss", "kl", "entropy", "grad_norm"):
             assert m_cap[key] == pytest.approx(m_rows[key], rel=1e-4, abs=1e-6), key
     w_rows, w_cap = rows.get_weights(), capped.get_weights()
+    # 5e-5: AdamW divides by the root of the second moment, so last-bit differences of the summation order turn
+    # into weight differences up to 1.7e-5 on an AVX-512 Xeon (k_proj.bias, whose exact gradient is 0: softmax
+    # ignores a bias added to every key); a mis-accumulated micro-batch moves weights by about lr = 5e-3.
     for name in w_rows:
-        torch.testing.assert_close(w_cap[name], w_rows[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(w_cap[name], w_rows[name], atol=5e-5, rtol=0, msg=name)
 
 
 def test_token_cap_refuses_a_negative_value(model_dir):  # noqa: F811

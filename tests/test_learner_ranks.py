@@ -25,7 +25,8 @@ def _cfg(tiny_model, **over):
              "learner.num_threads": 1, "learner.cpus_per_worker": 0.5, **ALGO, **over}
     return load_config(None, [f"{k}={v}" for k, v in items.items()] + [f"model.tiny.{k}={v}" for k, v in TINY.items()]
                        + ["eval.max_thinking=16", "eval.max_solution=8", "budget.thinking=16", "budget.solution=8",
-                          "model.max_model_len=256"])
+                          "model.max_model_len=256",
+                          "model.dtype=float32"])  # on every host: ranks must match one rank to 1e-4 (bf16 would not)
 
 
 class _Group:

@@ -127,7 +127,10 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
         # A learning signal a random tiny model has (lengths vary within a group), and a large step, so
         # the weights move and a stale engine would show.
         "reward.length_penalty": 0.5, "learner.lr": 1e-3, "rollout.temperature": 1.0,
-        "tracking.system_metrics_interval_s": 1})]
+        "tracking.system_metrics_interval_s": 1,
+        # fp32 on every host (auto is bf16 on CPUs with bf16 instructions): the engines' logprobs are checked
+        # against fp32 transformers to 2e-3 below; bf16 syncs are checked in tests/test_rollout.py.
+        "model.dtype": "float32"})]
     t0 = time.perf_counter()
     job, status, log = _submit(cluster, args, env_vars)
     wall = time.perf_counter() - t0

@@ -30,6 +30,7 @@ def _config(tiny_model: str, tmp_path: Path, *extra: str):
         "rollout.num_workers=2", "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
         "rollout.weight_sync.method=collective", "rollout.weight_sync.timeout_s=20", "rollout.weight_sync.bucket_mb=0.05",
         "learner.num_threads=1", "learner.micro_batch_size=8", f"trainer.output_dir={tmp_path / 'out'}",
+        "model.dtype=float32",  # on every host: engines must score as the learner does to 1e-5 (_in_step)
         *[f"model.tiny.{k}={v}" for k, v in TINY.items()], *extra])
 
 
