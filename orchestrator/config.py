@@ -163,12 +163,10 @@ class VllmConfig:
 
 @dataclass
 class WeightSyncConfig:
-    # How each step's new weights reach the engines (docs/performance.md, section 5): object_store (the
-    # learner exports them once through Ray's object store, every worker reads them) or collective
-    # (learner rank 0 broadcasts them over a torch.distributed group to each engine: NCCL when learner and
-    # rollout both have GPUs, gloo otherwise; the object store stays the fallback for an engine whose
-    # group fails). auto: collective when both have GPUs or vLLM runs in its own process
-    # (rollout.vllm.multiprocess), object_store otherwise (orchestrator/devices.py).
+    # How each step's weights reach the engines (docs/performance.md, section 5): object_store (one export through
+    # Ray's object store) or collective (learner rank 0 broadcasts over a torch.distributed group per engine: NCCL
+    # between GPUs, gloo otherwise; the object store is the fallback for an engine whose group fails). auto:
+    # collective when both have GPUs or vLLM runs in its own process, else object_store (devices.py).
     method: str = "auto"
     bucket_mb: float = 64.0  # collective: flat buffers of at most this many MiB, one dtype each (two in flight)
     timeout_s: float = 120.0  # collective: joining a group, and each broadcast, before it counts as failed
@@ -510,6 +508,8 @@ def validate_reward(r: RewardConfig) -> None:
     positive("reward.timeout_s", r.timeout_s)
     non_negative("reward.num_workers", r.num_workers)
     non_negative("reward.length_penalty", r.length_penalty)
+    if r.length_penalty_on not in ("all", "correct"):
+        bad("reward.length_penalty_on", r.length_penalty_on, "must be all or correct")
 
 
 def _algorithm(cfg: Config) -> AlgorithmConfig:

@@ -178,6 +178,22 @@ def test_length_penalty_math():
     assert result.length_fraction.tolist() == pytest.approx([0.5, 1.0])
 
 
+def test_length_penalty_on_correct_only():
+    """length_penalty_on=correct prices only correct samples: a wrong answer gains nothing by being short (priced on
+    every sample, an all-wrong group would rank its shortest sample first)."""
+    spec = RewardConfig(verifier="exact_match", length_penalty=0.5, length_penalty_on="correct")
+    items = [item(solution="7", answer="7", t_tok=100, s_tok=20, bt=200, bs=40),
+             item(solution="8", answer="7", t_tok=1, s_tok=0, bt=200, bs=40),
+             item(solution="8", answer="7", t_tok=200, s_tok=40, bt=200, bs=40)]
+    assert score(items, spec).reward.tolist() == pytest.approx([1 - 0.25, 0.0, 0.0])
+    everywhere = score(items, RewardConfig(verifier="exact_match", length_penalty=0.5)).reward.tolist()
+    assert everywhere[1] > everywhere[2]  # the default: the short wrong answer beats the long wrong one
+    from orchestrator.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reward.length_penalty_on='wrong'"):
+        load_config("configs/quickstart.yaml", ["reward.length_penalty_on=wrong"], check_paths=False)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     correct=st.booleans(),

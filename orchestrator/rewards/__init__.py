@@ -2,6 +2,12 @@
 
 reward = (correct_reward if correct else wrong_reward) + format_weight * format_score
          - length_penalty * (thinking_tokens + solution_tokens) / (budget_thinking + budget_solution)
+           [on every sample, or with length_penalty_on=correct on correct ones only]
+
+Why ``correct``: priced on every sample, a group that is all wrong (most groups at a tight budget) prefers its
+shortest sample, and the policy learns to stop at once (seen: every answer one token long after 400 steps at
+length_penalty 0.2, docs/elastic.md). Priced on correct samples only, length is traded only among answers that
+earn their reward, and a wrong answer never gains by being short.
 
 A sample whose reward code raises or (in a RewardPool) runs past ``timeout_s`` gets reward 0.0 and
 correct False, and is reported in ``error``; the rest of the batch is scored normally.
@@ -81,6 +87,7 @@ class RewardConfig:
     format_weight: float = 0.0
     format_fn: str = "think_format"
     length_penalty: float = 0.0
+    length_penalty_on: str = "all"  # all | correct: which samples the length price applies to (module doc)
     timeout_s: float = 5.0
     num_workers: int = 1  # RewardPool processes; 0: score in the driver (no timeouts)
 
@@ -134,7 +141,8 @@ def score(items: Sequence[ScoreItem], cfg: RewardConfig, pool: RewardPool | None
         [it.budget_solution for it in items],
     ).reshape(n)
     reward = np.where(correct, cfg.correct_reward, cfg.wrong_reward)
-    reward = reward + cfg.format_weight * fmt - cfg.length_penalty * frac
+    priced = correct if cfg.length_penalty_on == "correct" else np.ones(n, dtype=bool)
+    reward = reward + cfg.format_weight * fmt - cfg.length_penalty * frac * priced
     failed = np.array([e is not None for e in errors], dtype=bool)
     reward[failed] = 0.0
     num_timeouts = sum(e == "timeout" for e in errors)
