@@ -106,8 +106,9 @@ def _any(f: DeviceFacts) -> bool:
     return True
 
 
-# learner.compile=auto compiles on CPUs from this many parameters (benchmarks/learner_compile.py,
-# docs/performance.md section 10: below it the compiled step is no faster; the first step compiles).
+# learner.compile=auto compiles on CPUs from this many parameters (benchmarks/learner_compile.py, docs/performance.md
+# section 10: the compiled step is 15-25% faster at every size, but below it the first step's compile, ~30 s cold,
+# outweighs what a few hundred steps save).
 COMPILE_MIN_PARAMS = 3_000_000
 
 
@@ -120,7 +121,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
                                "which needs loss scaling)"),
         Rule(lambda f: f.kind == "cpu" and bool(f.bf16), "bfloat16",
              "CPU with bf16 instructions ({cpu_flags}): bf16 (the quickstart learned as well in bf16 as in fp32, "
-             "2 seeds each, and ran 1.15x faster: docs/performance.md, section 9)"),
+             "3 runs each, and ran 1.15x faster: docs/performance.md, section 9)"),
         Rule(_any, "float32", "CPU without bf16 instructions (no avx512_bf16, amx_bf16 or bf16 flag): float32, "
                               "as before (bf16 would be emulated: ~50x slower matmuls)"),
     ),
@@ -129,10 +130,10 @@ RULES: dict[str, tuple[Rule, ...]] = {
                            "compiles the forward"),
         Rule(lambda f: f.params is None, False, "model size unknown here (no readable config.json): off"),
         Rule(lambda f: f.params >= COMPILE_MIN_PARAMS, True,
-             "CPU, {params_m} parameters >= " + f"{COMPILE_MIN_PARAMS / 1e6:g}M" + ": the compiled step is faster "
-             "from this size on; the first step compiles (docs/performance.md, section 10)"),
+             "CPU, {params_m} parameters >= " + f"{COMPILE_MIN_PARAMS / 1e6:g}M" + ": the compiled step is 15-25% "
+             "faster and the first step's compile pays off within a few hundred steps (docs/performance.md, section 10)"),
         Rule(_any, False, "CPU, {params_m} parameters < " + f"{COMPILE_MIN_PARAMS / 1e6:g}M" + ": compiling costs "
-                          "more than it saves at this size (docs/performance.md, section 10)"),
+                          "more than a few hundred steps save at this size (docs/performance.md, section 10)"),
     ),
     "enforce_eager": (
         Rule(_cuda, False, "GPU: CUDA graphs and compilation on (eager decode is bound by kernel launches)"),
