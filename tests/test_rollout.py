@@ -452,13 +452,8 @@ def test_vllm_bf16_budgets_and_weight_sync(ray_session, tiny_model):
         assert {"truncated", "closed"} <= _check_budgets(table, tiny_model, t, s, forced_trained=False)
 
         learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0, dtype="bfloat16")
-        recs = ray_session.get(worker.generate.remote(_prompts(4), SamplingSpec(
-            group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)))
-        prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
-        seqs = [p + r for p, r in zip(prompts, resps)]
-        before = ray_session.get(worker.prompt_logprobs.remote(seqs))
-        learner.step(recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
-            "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32))))
+        prompts, resps, seqs, before = _learner_step(
+            lambda method, *args: ray_session.get(getattr(worker, method).remote(*args)), learner)
         payload = learner.sync_payload("bfloat16")
         assert set(payload.dtypes.values()) == {"bfloat16"} and "lm_head.weight" in payload.arrays
         ray_session.get(worker.update_weights.remote(ray_session.put(payload), 1))
@@ -471,14 +466,15 @@ def test_vllm_bf16_budgets_and_weight_sync(ray_session, tiny_model):
         ray_session.kill(worker)
 
 
-def _hf_learner_step(worker, learner):
-    """Sample 4 prompts x 4 on the HF ``worker``, score 3 of the sequences, and take one ``learner`` step on the
-    samples: (prompts, responses, sequences, the engine's logprobs of them before any sync)."""
+def _learner_step(call, learner):
+    """Sample 4 prompts x 4 on a rollout worker, score 3 of the sequences, and take one ``learner`` step on the
+    samples: (prompts, responses, sequences, the engine's logprobs of them before any sync). ``call(method,
+    *args)`` runs a worker method: in process (HF) or through Ray (vLLM)."""
     spec = SamplingSpec(group_size=4, budget=Budget(10, 4), temperature=1.0, seed=5)
-    recs = worker.generate(_prompts(4), spec)
+    recs = call("generate", _prompts(4), spec)
     prompts, resps = recs["prompt_token_ids"].to_pylist()[:3], recs["response_token_ids"].to_pylist()[:3]
     seqs = [p + r for p, r in zip(prompts, resps)]
-    before = worker.prompt_logprobs(seqs)
+    before = call("prompt_logprobs", seqs)
     batch = recs.select(["prompt_token_ids", "response_token_ids", "loss_mask"]).append_column(
         "advantage", pa.array(np.tile([1.0, -1.0, 0.5, -0.5], 4).astype(np.float32)))
     learner.step(batch)
@@ -495,7 +491,7 @@ def test_hf_weight_sync_is_strict_and_matches_learner_logprobs(hf_worker, tiny_m
 
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0)
     base = learner.get_weights()
-    prompts, resps, seqs, before = _hf_learner_step(hf_worker, learner)
+    prompts, resps, seqs, before = _learner_step(lambda method, *args: getattr(hf_worker, method)(*args), learner)
     engine = hf_worker.engine
     try:
         hf_worker.update_weights(learner.sync_payload(), 1)
@@ -533,7 +529,7 @@ def test_hf_weight_sync_matches_bf16_learner_logprobs(hf_bf16_worker, tiny_model
     worker = hf_bf16_worker
     learner = Learner(tiny_model, lr=5e-2, micro_batch_size=64, seed=0, dtype="bfloat16")
     base = learner.get_weights("bfloat16")
-    prompts, resps, seqs, before = _hf_learner_step(worker, learner)
+    prompts, resps, seqs, before = _learner_step(lambda method, *args: getattr(worker, method)(*args), learner)
     payload = learner.sync_payload("bfloat16")
     assert set(payload.dtypes.values()) == {"bfloat16"}
     try:
