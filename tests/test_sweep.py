@@ -1,10 +1,11 @@
 """Sweeps: config validation before anything starts, a real tiny sweep (Tune + Optuna + MLflow), resume.
 
 - Bad sweep configs fail in load_sweep (no Ray, no study, no files) naming the key and the value.
-- A real sweep of two tiny training runs (2 concurrent), then a second invocation that extends the study,
-  logged to a real ``mlflow server`` on 127.0.0.1: what the MLflow UI reads, checked over its REST API.
-- Kill the driver mid-sweep and run it again: the finished trial is kept, the interrupted one continues
-  its own run from its last state (real trainer), none runs twice.
+- One real sweep, shared by the tests below (``swept``), logged to a real ``mlflow server`` on 127.0.0.1:
+  two tiny training runs one at a time, a trial killed (retried) and then the driver killed and run again
+  (the finished trial is kept, the interrupted one continues its own run from its last state, none runs
+  twice); then a second invocation extends the study by two concurrent runs. What the MLflow UI reads is
+  checked over its REST API.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -267,34 +270,65 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def swept(ray_session, tiny_model, tmp_path_factory, mlflow_server):
+    """One study, three invocations, logged to a real ``mlflow server`` (what the UI reads). Invocation 001:
+    ``python -m orchestrator sweep`` (its own local Ray; one trial at a time, retries 1, 4 steps a trial),
+    trial 0's process SIGKILLed mid-run (Tune retries it), then the driver and its Ray SIGKILLed while trial 1
+    trains; the same command again resumes it. Invocation 002 (in this process, ``run_sweep``) extends the
+    study by two concurrent trials. The fault scenario and the records tests share these runs (one sweep's
+    cost in the suite, not two)."""
     from orchestrator.sweep import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    path = _write_sweep(tmp, tiny_model, tracking_uri=mlflow_server, base_overrides=[
-        *_tiny_base_overrides(tmp, tiny_model), "tracking.system_metrics_interval_s=0.5"], objectives=[
-        {"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"},
-        {"metric": "hypervolume"}])  # + each model's own accuracy-vs-tokens hypervolume
-    logs: list[str] = []
+    steps = 4
+    base = [o for o in _tiny_base_overrides(tmp, tiny_model) if not o.startswith("trainer.steps=")]
+    base += [f"trainer.steps={steps}", "trainer.state_every=1", "tracking.system_metrics_interval_s=0.5"]
+    path = _write_sweep(tmp, tiny_model, num_trials=2, max_concurrency=1, retries=1, base_overrides=base,
+                        tracking_uri=mlflow_server, objectives=[
+                            {"metric": "accuracy", "budget": "6x4"}, {"metric": "mean_tokens", "budget": "unconstrained"},
+                            {"metric": "hypervolume"}])  # + each model's own accuracy-vs-tokens hypervolume
+    command = [sys.executable, "-m", "orchestrator", "sweep", str(path), "resources.ray_num_cpus=4"]
+    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
+    storage = f"sqlite:///{tmp / 'study' / 'optuna.db'}"
+    dirs = [tmp / "out" / f"tiny-t000{i}" for i in (0, 1)]
+    first_log = tmp / "first.log"
     t0 = time.perf_counter()
-    first = run_sweep(path, log=logs.append)
+    with open(first_log, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            root = psutil.Process(proc.pid)
+            _wait_for(lambda: _state_step(dirs[0]) >= 1, proc, 400, "trial 0's first state", first_log, storage)
+            pids = _wait_for(lambda: _trial_pids(root), proc, 30, "trial 0's process", first_log, storage)
+            os.kill(pids[0], signal.SIGKILL)  # the trial's process dies mid-run: Tune retries it
+            killed_at = time.time()
+            _wait_for(lambda: _state_step(dirs[1]) >= 1, proc, 400, "trial 1's first state", first_log, storage)
+            os.killpg(proc.pid, signal.SIGKILL)  # then the driver and the local Ray runtime it started
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    states_after_kill = dict(_study_states(storage))
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     t1 = time.perf_counter()
-    second = run_sweep(path, ["num_trials=1"], log=logs.append)
+    second = run_sweep(path, ["num_trials=2", "max_concurrency=2"], log=lambda *_: None)
     t2 = time.perf_counter()
-    print(f"\nsweep wall: first invocation {t1 - t0:.1f}s, second {t2 - t1:.1f}s")
-    return tmp, path, first, second, logs, mlflow_server
+    print(f"\nsweep wall: killed + resumed invocation {t1 - t0:.1f}s, second invocation {t2 - t1:.1f}s")
+    return SimpleNamespace(tmp=tmp, path=path, second=second, uri=mlflow_server, storage=storage, base=base,
+                           steps=steps, dirs=dirs, killed_at=killed_at, states_after_kill=states_after_kill,
+                           rerun_stdout=rerun.stdout)
 
 
 def test_sweep_records_trials_in_study(swept):
     import optuna
 
-    tmp, path, first, second, _, uri = swept
-    assert first.finished and second.finished
-    assert (first.invocation, second.invocation) == ("001", "002")
-    study = optuna.load_study(study_name="tiny", storage=first.storage)
+    second, uri = swept.second, swept.uri
+    assert second.finished and second.invocation == "002"
+    study = optuna.load_study(study_name="tiny", storage=swept.storage)
     trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["COMPLETE"] * 3, [(t.state, t.user_attrs.get("budgetrl.error"))
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4, [(t.state, t.user_attrs.get("budgetrl.error"))
                                                                for t in trials]
-    assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002"]
+    assert [t.user_attrs["budgetrl.invocation"] for t in trials] == ["001", "001", "002", "002"]
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -306,7 +340,8 @@ def test_sweep_records_trials_in_study(swept):
         # the run's own eval table (reference: accuracy 0, tokens 16), which its run logs too.
         run_id = t.user_attrs["budgetrl.run_id"]
         m = client.get_run(run_id).data.metrics
-        rows = json.loads(Path(client.download_artifacts(run_id, "eval/summary.json", str(tmp / run_id))).read_text())
+        rows = json.loads(Path(client.download_artifacts(run_id, "eval/summary.json",
+                                                         str(swept.tmp / run_id))).read_text())
         assert sorted(r["budget_label"] for r in rows["after"]) == ["6x4", "unconstrained"]
         hv = model_hypervolume(rows["after"], {"accuracy": 0.0, "tokens": 16.0})
         assert t.values == pytest.approx([m["eval/6x4/accuracy"], m["eval/unconstrained/mean_tokens"], hv])
@@ -315,6 +350,7 @@ def test_sweep_records_trials_in_study(swept):
         assert set(t.params) == {"budget.thinking_fraction", "learner.lr", "algorithm.kl_coef"}
     invs = study.user_attrs["budgetrl.invocations"]
     assert [i["status"] for i in invs] == ["finished", "finished"]
+    assert invs[1]["parent_run_id"] == second.parent_run_id
     # The study's front is what the parent run reports.
     assert sorted(second.front) == sorted(t.number for t in study.best_trials)
 
@@ -322,21 +358,25 @@ def test_sweep_records_trials_in_study(swept):
 def test_sweep_parent_and_child_runs(swept):
     from mlflow import MlflowClient
 
-    tmp, path, first, second, _, uri = swept
+    import optuna
+
+    second, uri = swept.second, swept.uri
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweep-test")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("budgetrl.workload") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert {p.info.run_id for p in parents} == {first.parent_run_id, second.parent_run_id}
+    invs = optuna.load_study(study_name="tiny", storage=swept.storage).user_attrs["budgetrl.invocations"]
+    first_parent = invs[0]["parent_run_id"]  # the killed driver's parent run, resumed by its rerun
+    assert {p.info.run_id for p in parents} == {first_parent, second.parent_run_id}
     assert all(p.data.tags["budgetrl.study"] == "tiny" and p.info.status == "FINISHED" for p in parents)
     by_parent = {}
     for c in children:
         by_parent.setdefault(c.data.tags["mlflow.parentRunId"], []).append(c)
-    assert len(by_parent[first.parent_run_id]) == 2 and len(by_parent[second.parent_run_id]) == 1
+    assert len(by_parent[first_parent]) == 2 and len(by_parent[second.parent_run_id]) == 2
     for c in children:
         assert c.info.status == "FINISHED"
-        assert c.data.tags["budgetrl.study"] == "tiny" and c.data.tags["budgetrl.trial"] in {"0", "1", "2"}
+        assert c.data.tags["budgetrl.study"] == "tiny" and c.data.tags["budgetrl.trial"] in {"0", "1", "2", "3"}
         m = c.data.metrics
         for key in ("cost/total", "cost/cpu_hours", "cost/accelerator_hours", "cost/run_wall_seconds",
                     "cost/generated_tokens_total", "sweep/accuracy_6x4", "eval/6x4/accuracy"):
@@ -348,17 +388,17 @@ def test_sweep_frontier_artifacts(swept):
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
-    tmp, path, first, second, _, uri = swept
+    tmp, second, uri = swept.tmp, swept.second, swept.uri
     client = MlflowClient(uri)
     run = client.get_run(second.parent_run_id)
     arts = {a.path for a in client.list_artifacts(second.parent_run_id, "frontier")}
     for name in ("trials.parquet", "accuracy_vs_tokens.parquet", "accuracy_vs_tokens.png",
                  "accuracy_vs_cost.parquet", "accuracy_vs_cost.png", "summary.json", "configs"):
         assert f"frontier/{name}" in arts, (name, arts)
-    assert "frontier/hypervolume" in run.data.metrics and run.data.metrics["frontier/complete_trials"] == 3
+    assert "frontier/hypervolume" in run.data.metrics and run.data.metrics["frontier/complete_trials"] == 4
     local = Path(client.download_artifacts(second.parent_run_id, "frontier/trials.parquet", str(tmp)))
     table = pq.read_table(local).to_pandas()
-    assert sorted(table["trial"]) == [0, 1, 2]  # the second invocation's front uses the first's trials
+    assert sorted(table["trial"]) == [0, 1, 2, 3]  # the second invocation's front uses the first's trials
     assert set(table[table["on_front"]]["trial"]) == set(second.front)
     configs = client.list_artifacts(second.parent_run_id, "frontier/configs")
     assert len(configs) == len(second.front) >= 1
@@ -375,7 +415,7 @@ def test_sweep_frontier_artifacts(swept):
 def test_frontier_command_from_mlflow_runs(swept, capsys):
     from orchestrator.cli import main
 
-    tmp, path, first, second, _, uri = swept
+    tmp, second, uri = swept.tmp, swept.second, swept.uri
     rc = main(["frontier", "--study", "tiny", "--tracking-uri", uri, "--out", str(tmp / "fr")])
     assert rc == 0
     out = capsys.readouterr().out
@@ -421,7 +461,7 @@ def _children(uri: str) -> list[dict]:
 def test_ui_experiment_kind_is_model_training(swept):
     from orchestrator.tracking import Tracker
 
-    *_, uri = swept
+    uri = swept.uri
     kind = "mlflow.experimentKind"
     assert _kv(_rest(uri, "experiments/get-by-name", experiment_name="sweep-test")["experiment"]["tags"])[kind] \
         == "custom_model_development"  # the UI's model-training mode, not GenAI's "Evaluations"
@@ -436,9 +476,9 @@ def test_ui_experiment_kind_is_model_training(swept):
 
 
 def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
-    *_, uri = swept
+    uri = swept.uri
     children = _children(uri)
-    assert len(children) == 3  # each a quickstart-shaped training run
+    assert len(children) == 4  # each a quickstart-shaped training run
     for run in children:
         tags = _kv(run["data"]["tags"])
         inputs = {_kv(i["tags"])["mlflow.data.context"]: i["dataset"] for i in run["inputs"]["dataset_inputs"]}
@@ -465,7 +505,7 @@ def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
 
 
 def test_ui_sweep_children_share_objective_and_param_keys(swept):
-    tmp, path, first, second, _, uri = swept
+    second, uri = swept.second, swept.uri
     children = _children(uri)
     params = [{k for k in _kv(r["data"]["params"]) if k.startswith("sweep/")} for r in children]
     metrics = [{m["key"] for m in r["data"]["metrics"] if m["key"].startswith("sweep/")} for r in children]
@@ -489,7 +529,7 @@ def test_system_metrics_nodes_of_a_placement():
 
 
 # ---------------------------------------------------------------------------------------------
-# Kill the driver mid-sweep, run it again: the interrupted trial continues its own run (real trainer)
+# Kill a trial, then the driver mid-sweep, run it again: the interrupted trial continues its own run
 
 
 def _study_states(storage: str) -> list[tuple[int, str]]:
@@ -535,80 +575,55 @@ def _wait_for(cond, proc, timeout: float, what: str, log: Path, storage: str):
     pytest.fail(f"timed out waiting for {what}: {_study_states(storage)}")
 
 
-def test_killed_trial_is_retried_then_killed_driver_resumes(tmp_path, tiny_model):
-    """Two faults of one sweep (retries: 1, one trial at a time). Trial 0's process SIGKILLed mid-run:
-    Tune retries it, the retry continues the trial's own run from its state, and its cost counts both
-    attempts. Then the driver and its local Ray SIGKILLed while trial 1 trains; the same command again:
-    the invocation resumes, trial 0 is not run again, trial 1 continues as the same Optuna trial under its
-    own run name, from its run's last state, in the same run directory and MLflow run. Every step of
-    every run logged once; the study ends with both trials COMPLETE (no duplicate, none lost)."""
+def test_killed_trial_is_retried_then_killed_driver_resumes(swept):
+    """Two faults of the shared sweep's first invocation (``swept``: retries 1, one trial at a time). Trial 0's
+    process SIGKILLed mid-run: Tune retries it, the retry continues the trial's own run from its state, and its
+    cost counts both attempts. Then the driver and its local Ray SIGKILLed while trial 1 trains; the same command
+    again: the invocation resumes, trial 0 is not run again, trial 1 continues as the same Optuna trial under its
+    own run name, from its run's last state, in the same run directory and MLflow run. Every step of every run
+    logged once; both trials COMPLETE (no duplicate, none lost)."""
     import optuna
-    import psutil
     from mlflow import MlflowClient
 
     from orchestrator.config import load_config
     from orchestrator.cost import CostModel, run_cost
     from orchestrator.sweep.attempts import HEARTBEAT_S
 
-    steps = 4
-    base = [o for o in _tiny_base_overrides(tmp_path, tiny_model) if not o.startswith("trainer.steps=")]
-    base += [f"trainer.steps={steps}", "trainer.state_every=1"]
-    path = _write_sweep(tmp_path, tiny_model, num_trials=2, max_concurrency=1, retries=1, base_overrides=base)
-    command = [sys.executable, "-m", "orchestrator", "sweep", str(path), "resources.ray_num_cpus=4"]
-    env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1")
-    storage = f"sqlite:///{tmp_path / 'study' / 'optuna.db'}"
-    dirs = [tmp_path / "out" / f"tiny-t000{i}" for i in (0, 1)]
-    first_log = tmp_path / "first.log"
-    with open(first_log, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            root = psutil.Process(proc.pid)
-            _wait_for(lambda: _state_step(dirs[0]) >= 1, proc, 400, "trial 0's first state", first_log, storage)
-            pids = _wait_for(lambda: _trial_pids(root), proc, 30, "trial 0's process", first_log, storage)
-            os.kill(pids[0], signal.SIGKILL)  # the trial's process dies mid-run: Tune retries it
-            killed_at = time.time()
-            _wait_for(lambda: _state_step(dirs[1]) >= 1, proc, 400, "trial 1's first state", first_log, storage)
-            os.killpg(proc.pid, signal.SIGKILL)  # then the driver and the local Ray runtime it started
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert dict(_study_states(storage)) == {0: "COMPLETE", 1: "RUNNING"}
-
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    study = optuna.load_study(study_name="tiny", storage=storage)
-    trials = study.get_trials()
-    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert swept.states_after_kill == {0: "COMPLETE", 1: "RUNNING"}
+    study = optuna.load_study(study_name="tiny", storage=swept.storage)
+    trials = study.get_trials()[:2]  # the later two are the second invocation's
+    assert [(t.number, t.state.name, t.user_attrs["budgetrl.invocation"]) for t in trials] == [
+        (0, "COMPLETE", "001"), (1, "COMPLETE", "001")]  # resumed, not a new invocation
     assert trials[1].user_attrs["budgetrl.interruptions"] == 1 and "budgetrl.interruptions" not in trials[0].user_attrs
     assert [len(t.user_attrs["budgetrl.attempts"]) for t in trials] == [2, 2]  # trial 0 not run a third time
-    assert [i["status"] for i in study.user_attrs["budgetrl.invocations"]] == ["finished"]  # resumed, not a new one
-    assert "trial 1 was interrupted; it continues first" in rerun.stdout
+    assert "trial 1 was interrupted; it continues first" in swept.rerun_stdout
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["sweep-tiny-001", "tiny-t0000", "tiny-t0001"]
-    for trial, run_dir in zip(trials, dirs):
+    client = MlflowClient(swept.uri)
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+            if r.data.tags.get("budgetrl.workload") != "frontier"]  # the frontier command's test logs one too
+    assert sorted(r.info.run_name for r in runs) == [
+        "sweep-tiny-001", "sweep-tiny-002", "tiny-t0000", "tiny-t0001", "tiny-t0002", "tiny-t0003"]
+    for trial, run_dir in zip(trials, swept.dirs):
         (run,) = [r for r in runs if r.info.run_name == run_dir.name]
         assert run.info.status == "FINISHED" and run.info.run_id == trial.user_attrs["budgetrl.run_id"]
         assert int(run.data.tags["budgetrl.resumed_from_step"]) >= 1 and run.data.tags["budgetrl.trial"] == str(trial.number)
         for key in ("train/reward", "learner/policy_version"):
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, steps + 1))
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(
+                range(1, swept.steps + 1))
         assert json.loads((run_dir / "result.json").read_text())["run_id"] == run.info.run_id
         # The trial's cost counts every attempt (the killed one up to its last heartbeat) and is the run's.
         attempts = trial.user_attrs["budgetrl.attempts"]
         wall = trial.user_attrs["budgetrl.metrics"]["wall_seconds"]
         assert wall == pytest.approx(sum(a["seconds"] for a in attempts))
         assert run.data.metrics["cost/run_wall_seconds"] == pytest.approx(wall)
-        cost = run_cost(load_config(QUICKSTART, base), wall, CostModel(), extra_cpus=0.1)
+        cost = run_cost(load_config(QUICKSTART, swept.base), wall, CostModel(), extra_cpus=0.1)
         assert run.data.metrics["cost/total"] == pytest.approx(cost["cost/total"]) and cost["cost/total"] > 0
     assert runs[[r.info.run_name for r in runs].index("tiny-t0001")].data.tags["budgetrl.interruptions"] == "1"
     first, second = trials[0].user_attrs["budgetrl.attempts"]
-    assert first["start"] <= (dirs[0] / "config.yaml").stat().st_mtime  # the first attempt wrote the run's config
-    assert first["start"] + first["seconds"] >= killed_at - HEARTBEAT_S - 1 and second["start"] >= killed_at
-    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("tiny")) == [
-        "tiny-t0000", "tiny-t0001"]  # no second run directory
+    assert first["start"] <= (swept.dirs[0] / "config.yaml").stat().st_mtime  # the first attempt wrote the config
+    assert first["start"] + first["seconds"] >= swept.killed_at - HEARTBEAT_S - 1 and second["start"] >= swept.killed_at
+    assert sorted(p.name for p in (swept.tmp / "out").iterdir() if p.name.startswith("tiny")) == [
+        "tiny-t0000", "tiny-t0001", "tiny-t0002", "tiny-t0003"]  # no second run directory for a resumed trial
 
 
 # ---------------------------------------------------------------------------------------------
