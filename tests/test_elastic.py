@@ -21,6 +21,24 @@ def test_shipped_config_validates():
     assert stages["budgeted"].trainer.steps == stages["baseline"].trainer.steps
 
 
+@pytest.mark.parametrize("name", ["schedules.yaml", "length.yaml"])
+def test_shipped_arm_configs_validate(name):
+    """Every arm x seed of the issue-23 comparisons loads and validates (what ``workload elastic`` checks before
+    training), and each arm's overrides reach its stage: a typo in an arm would otherwise surface an hour in."""
+    cfg = load(str(ROOT / "configs" / "elastic" / name))
+    stages = _stage_configs(cfg, check_paths=False)
+    assert set(stages) == {f"{arm}-s{seed}" for arm in cfg.arms for seed in cfg.seeds}
+    for stage in stages.values():
+        assert stage.model.dtype == "float32"  # the hinted warm start learns the told budget worse in bf16
+    hinted = [n for n, s in stages.items() if s.budget.prompt_hint]
+    assert hinted and all(stages[n].budget.schedule.kind == "mixture" for n in hinted)
+    priced = [s for s in stages.values() if s.reward.length_penalty > 0]
+    assert priced and all(s.reward.length_penalty_on == "correct" for s in priced)  # "all" collapses the policy
+    if "mixture-hint-len-concise-s0" in stages:
+        assert stages["mixture-hint-len-concise-s0"].warmstart.concise_fraction == 0.7
+        assert stages["mixture-hint-len-loose-s0"].budget.schedule.thinking.weights == [1.0, 1.0, 1.0, 3.0]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["baseline=[budget.thinking=8]"], "must exceed"),
     (["baseline=[budget.thinking=64,trainer.steps=3]"], "trainer.steps"),
