@@ -34,8 +34,7 @@ def test_shipped_arm_configs_validate(name):
     assert hinted and all(stages[n].budget.schedule.kind == "mixture" for n in hinted)
     priced = [s for s in stages.values() if s.reward.length_penalty > 0]
     assert priced and all(s.reward.length_penalty_on == "correct" for s in priced)  # "all" collapses the policy
-    if "mixture-hint-len-concise-s0" in stages:
-        assert stages["mixture-hint-len-concise-s0"].warmstart.concise_fraction == 0.7
+    if "mixture-hint-len-loose-s0" in stages:
         assert stages["mixture-hint-len-loose-s0"].budget.schedule.thinking.weights == [1.0, 1.0, 1.0, 3.0]
 
 
