@@ -268,6 +268,12 @@ def mlflow_server(tmp_path_factory):
     stop_mlflow_server(proc)
 
 
+# The shared sweep's setup (two invocations, two faults, six training runs) runs inside the timeout of the first
+# test that asks for it: pytest-timeout counts fixture setup. 600 s (pyproject.toml) is about twice what it takes on
+# an idle 2-core machine with the other xdist worker busy; under heavier load it ran out, so these get 1,200 s.
+SWEPT_TIMEOUT = pytest.mark.timeout(1200)
+
+
 @pytest.fixture(scope="module")
 def swept(ray_session, tiny_model, tmp_path_factory, mlflow_server):
     """One study, three invocations, logged to a real ``mlflow server`` (what the UI reads). Invocation 001:
@@ -297,18 +303,18 @@ def swept(ray_session, tiny_model, tmp_path_factory, mlflow_server):
                                 start_new_session=True)
         try:
             root = psutil.Process(proc.pid)
-            _wait_for(lambda: _state_step(dirs[0]) >= 1, proc, 400, "trial 0's first state", first_log, storage)
+            _wait_for(lambda: _state_step(dirs[0]) >= 1, proc, 600, "trial 0's first state", first_log, storage)
             pids = _wait_for(lambda: _trial_pids(root), proc, 30, "trial 0's process", first_log, storage)
             os.kill(pids[0], signal.SIGKILL)  # the trial's process dies mid-run: Tune retries it
             killed_at = time.time()
-            _wait_for(lambda: _state_step(dirs[1]) >= 1, proc, 400, "trial 1's first state", first_log, storage)
+            _wait_for(lambda: _state_step(dirs[1]) >= 1, proc, 600, "trial 1's first state", first_log, storage)
             os.killpg(proc.pid, signal.SIGKILL)  # then the driver and the local Ray runtime it started
             proc.wait(30)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     states_after_kill = dict(_study_states(storage))
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     t1 = time.perf_counter()
     second = run_sweep(path, ["num_trials=2", "max_concurrency=2"], log=lambda *_: None)
@@ -319,6 +325,7 @@ def swept(ray_session, tiny_model, tmp_path_factory, mlflow_server):
                            rerun_stdout=rerun.stdout)
 
 
+@SWEPT_TIMEOUT
 def test_sweep_records_trials_in_study(swept):
     import optuna
 
@@ -355,6 +362,7 @@ def test_sweep_records_trials_in_study(swept):
     assert sorted(second.front) == sorted(t.number for t in study.best_trials)
 
 
+@SWEPT_TIMEOUT
 def test_sweep_parent_and_child_runs(swept):
     from mlflow import MlflowClient
 
@@ -384,6 +392,7 @@ def test_sweep_parent_and_child_runs(swept):
         assert m["cost/accelerator_hours"] == 0.0 and m["cost/cpu_hours"] > 0 and m["cost/total"] > 0
 
 
+@SWEPT_TIMEOUT
 def test_sweep_frontier_artifacts(swept):
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
@@ -412,6 +421,7 @@ def test_sweep_frontier_artifacts(swept):
         assert cfg.budget.thinking + cfg.budget.solution == 10
 
 
+@SWEPT_TIMEOUT
 def test_frontier_command_from_mlflow_runs(swept, capsys):
     from orchestrator.cli import main
 
@@ -458,6 +468,7 @@ def _children(uri: str) -> list[dict]:
     return [r for r in runs if "mlflow.parentRunId" in _kv(r["data"].get("tags"))]
 
 
+@SWEPT_TIMEOUT
 def test_ui_experiment_kind_is_model_training(swept):
     from orchestrator.tracking import Tracker
 
@@ -475,6 +486,7 @@ def test_ui_experiment_kind_is_model_training(swept):
     assert kinds == {"bare": "custom_model_development", "genai": "genai_development"}
 
 
+@SWEPT_TIMEOUT
 def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
     uri = swept.uri
     children = _children(uri)
@@ -504,6 +516,7 @@ def test_ui_training_runs_have_dataset_inputs_and_system_metrics(swept):
         assert attached["eval/6x4/accuracy"] == pytest.approx(_kv_metrics(run)["eval/6x4/accuracy"])
 
 
+@SWEPT_TIMEOUT
 def test_ui_sweep_children_share_objective_and_param_keys(swept):
     second, uri = swept.second, swept.uri
     children = _children(uri)
@@ -575,6 +588,7 @@ def _wait_for(cond, proc, timeout: float, what: str, log: Path, storage: str):
     pytest.fail(f"timed out waiting for {what}: {_study_states(storage)}")
 
 
+@SWEPT_TIMEOUT
 def test_killed_trial_is_retried_then_killed_driver_resumes(swept):
     """Two faults of the shared sweep's first invocation (``swept``: retries 1, one trial at a time). Trial 0's
     process SIGKILLed mid-run: Tune retries it, the retry continues the trial's own run from its state, and its
