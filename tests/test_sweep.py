@@ -269,8 +269,9 @@ def mlflow_server(tmp_path_factory):
 
 
 # The shared sweep's setup (two invocations, two faults, four training runs, two of them twice) runs inside the
-# timeout of the first test that asks for it: pytest-timeout counts fixture setup. 600 s (pyproject.toml) is about twice what it takes on
-# an idle 2-core machine with the other xdist worker busy; under heavier load it ran out, so these get 1,200 s.
+# timeout of the first test that asks for it: pytest-timeout counts fixture setup. 600 s (pyproject.toml) is
+# about twice what it takes on an idle 2-core machine with the other xdist worker busy; under heavier load it ran
+# out, so these get 1,200 s.
 SWEPT_TIMEOUT = pytest.mark.timeout(1200)
 
 
