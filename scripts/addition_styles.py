@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from orchestrator.config import Budget
+    from orchestrator.prompt_hint import budget_hint
+    from orchestrator.rollout.worker import render_prompt
     from workloads.tasks.arithmetic import TASK
 
     torch.set_num_threads(1)
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     clear = [i for i, r in enumerate(rows) if first_char(r["prompt"], "verbose") != first_char(r["prompt"], "concise")]
     eos = tok.eos_token
     for told in args.told:
-        hint = args.hint.format(thinking=told, solution=args.solution, total=told + args.solution)
-        base = [args.template.format(prompt=hint + r["prompt"]) for r in rows]  # the hint precedes the task prompt
+        hint = budget_hint(args.hint, Budget(told, args.solution))  # as training, eval and serving render it
+        base = [render_prompt(args.template, r["prompt"], hint=hint) for r in rows]
         shares = {}
         for mode in ("greedy", "sampled"):
             firsts = [t[:1] for t in generate(model, tok, base, 1, mode == "sampled")]
