@@ -17,7 +17,7 @@ from orchestrator import algorithms
 from orchestrator.algorithms import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES, fill_batch, kl_penalty, resolve
 from orchestrator.algorithms.filters import zero_variance
 from orchestrator.algorithms.losses import masked_aggregate
-from orchestrator.algorithms.shaping import kl_reward_penalty, overlong_penalty
+from orchestrator.algorithms.shaping import group_length_reward, kl_reward_penalty, overlong_penalty
 from orchestrator.config import ConfigError, load_config
 from test_learner import make_batch, model_dir, random_batch  # noqa: F401  (fixture)
 
@@ -163,6 +163,30 @@ def test_dynamic_sampling_bounded_tries_pad_with_dropped_groups():
     assert all_flat["prompt_id"].to_pylist() == ["p2"] * 2 + ["p3"] * 2 and m["dynamic_sampling/padded_groups"] == 2
     same, none = fill_batch(first, flat, {"name": "grpo"})  # off: untouched, no draw
     assert same is first and none == {} and len(calls) == 2
+
+
+def test_group_length_reward_known_values():
+    # group a: lengths 10..30, lam = 0.5, 0, -0.5; group b all as long: lam 0
+    got = group_length_reward([10, 20, 30, 10, 20, 8, 8], [True, True, True, False, False, True, False],
+                              ["a", "a", "a", "a", "a", "b", "b"], weight=0.5)
+    np.testing.assert_allclose(got, [0.25, 0.0, -0.25, 0.0, 0.0, 0.0, 0.0])
+    wrong_long = group_length_reward([10, 30], [False, False], [0, 0], 1.0)
+    assert wrong_long.tolist() == [0.0, -0.5]  # a wrong answer is never paid for being short
+    with pytest.raises(ValueError, match="must match"):
+        group_length_reward([1, 2], [True], [0, 0], 1.0)
+
+
+def test_learner_batch_length_reward_prefers_the_shorter_correct_answer():
+    recs = _records({"p1": [1, 1], "p2": [1, 0]}, think=(3, 7))  # lengths 5, 9 in each group
+    recs = recs.append_column("correct", pa.array([True, True, True, False]))
+    batch, m = algorithms.learner_batch(recs, {"name": "dr_grpo", "norm_length": 12})
+    assert batch["advantage"].to_pylist()[:2] == [0.0, 0.0]  # same reward: no signal without it
+    batch, m = algorithms.learner_batch(recs, {"name": "dr_grpo", "norm_length": 12, "length_reward": 0.4})
+    # p1: 1.2 vs 0.8 -> +-0.2; p2: 1.2 (short, correct) vs -0.2 (long, wrong) -> +-0.7
+    assert batch["advantage"].to_pylist() == pytest.approx([0.2, -0.2, 0.7, -0.7])
+    assert m["length_reward_mean"] == pytest.approx((0.2 - 0.2 + 0.2 - 0.2) / 4)
+    with pytest.raises(ValueError, match="algorithm.length_reward=2"):
+        algorithms.resolve({"length_reward": 2})
 
 
 def test_learner_batch_shapes_rewards_before_the_advantage():

@@ -1,6 +1,7 @@
 """The advantage step: scored rollout records -> the learner's batch (tokens, loss mask, advantage).
 
-The sequence reward is shaped first (overlong penalty, KL penalty when ``algorithm.kl_mode=reward``),
+The sequence reward is shaped first (overlong penalty, group-relative length reward, KL penalty when
+``algorithm.kl_mode=reward``),
 then the advantage estimator turns it into one advantage per sample.
 """
 
@@ -14,7 +15,7 @@ import pyarrow.compute as pc
 
 from .advantages import ADVANTAGES
 from .presets import resolve
-from .shaping import kl_reward_penalty, overlong_penalty
+from .shaping import group_length_reward, kl_reward_penalty, overlong_penalty
 
 LEARNER_COLUMNS = ("prompt_token_ids", "response_token_ids", "loss_mask")
 
@@ -35,13 +36,17 @@ def learner_batch(records: pa.Table, algorithm, sequence_kl: Callable[[pa.Table]
     groups = pc.dictionary_encode(records["prompt_id"]).combine_chunks().indices.to_numpy()
     batch = records.select(list(LEARNER_COLUMNS))
     shaped, metrics = rewards, {}
+    lengths = _column(records, "thinking_tokens") + _column(records, "solution_tokens")
     if a.overlong.buffer_fraction > 0:
-        lengths = _column(records, "thinking_tokens") + _column(records, "solution_tokens")
         limits = _column(records, "budget_thinking") + _column(records, "budget_solution")
         pen = overlong_penalty(lengths, limits, a.overlong.buffer_fraction, a.overlong.penalty)
         shaped = shaped + pen
         metrics["overlong_penalty_mean"] = float(pen.mean())
         metrics["overlong_fraction"] = float(np.mean(pen < 0))
+    if a.length_reward > 0:
+        bonus = group_length_reward(lengths, _column(records, "correct").astype(bool), groups, a.length_reward)
+        shaped = shaped + bonus
+        metrics["length_reward_mean"] = float(bonus.mean())
     if a.kl_mode == "reward" and a.kl_coef > 0:
         if sequence_kl is None:
             raise ValueError("algorithm.kl_mode='reward': the advantage step needs the learner's sequence_kl")

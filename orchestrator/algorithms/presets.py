@@ -55,6 +55,8 @@ class AlgorithmConfig:
     mini_batches: int = 1
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    # Kimi k1.5's group-relative length reward (shaping.group_length_reward) at this weight; 0: off, < 2.
+    length_reward: float = 0.0
 
 
 def _preset(advantage="grpo", policy_loss="ppo_clip", loss_agg="token_mean", clip=(0.2, 0.2),
@@ -147,3 +149,6 @@ def check(a: AlgorithmConfig) -> None:
         bad("overlong.buffer_fraction", a.overlong.buffer_fraction, "must be in [0, 1) (0: off)")
     if a.overlong.penalty < 0:
         bad("overlong.penalty", a.overlong.penalty, "must be >= 0")
+    if not 0 <= a.length_reward < 2:
+        bad("length_reward", a.length_reward, "must be in [0, 2) (0: off; at 2 the longest correct answer of a "
+            "group scores no more than its shortest wrong one)")

@@ -1,6 +1,7 @@
-"""Reward shaping applied to the sequence reward before advantages: DAPO's overlong penalty and KL as a penalty.
+"""Reward shaping applied to the sequence reward before advantages: DAPO's overlong penalty, Kimi k1.5's
+group-relative length reward and KL as a penalty.
 
-Both return what is added to each sample's reward (<= 0 for the overlong penalty).
+Each returns what is added to each sample's reward (<= 0 for the overlong penalty).
 """
 
 from __future__ import annotations
@@ -28,6 +29,28 @@ def overlong_penalty(lengths, limits, buffer_fraction: float, penalty: float = 1
     buffer = buffer_fraction * limits
     over = np.clip((lengths - (limits - buffer)) / np.maximum(buffer, 1e-9), 0.0, 1.0)
     return -penalty * over
+
+
+@SHAPING.register("group_length")
+def group_length_reward(lengths, correct, groups, weight: float) -> np.ndarray:
+    """Kimi k1.5 length reward, relative within each group: weight x lam on correct samples, weight x min(0, lam)
+    on wrong ones, lam = 0.5 - (len - min) / (max - min) over the group (0 where all are as long).
+
+    Why relative: the shorter of two correct answers always gains by the same margin, whatever the budget, and a
+    group whose samples all ran to the budget (a tight one) gets nothing; a wrong answer never gains by being
+    short, and a correct answer keeps more than any wrong one while weight < 2."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    groups = np.asarray(groups)
+    if not (lengths.shape == correct.shape == groups.shape):
+        raise ValueError(f"lengths {lengths.shape}, correct {correct.shape} and groups {groups.shape} must match")
+    lam = np.zeros_like(lengths)
+    for g in np.unique(groups):
+        idx = groups == g
+        lo, hi = lengths[idx].min(), lengths[idx].max()
+        if hi > lo:
+            lam[idx] = 0.5 - (lengths[idx] - lo) / (hi - lo)
+    return float(weight) * np.where(correct, lam, np.minimum(lam, 0.0))
 
 
 @SHAPING.register("kl_reward")
