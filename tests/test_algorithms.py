@@ -172,6 +172,10 @@ def test_group_length_reward_known_values():
     np.testing.assert_allclose(got, [0.25, 0.0, -0.25, 0.0, 0.0, 0.0, 0.0])
     wrong_long = group_length_reward([10, 30], [False, False], [0, 0], 1.0)
     assert wrong_long.tolist() == [0.0, -0.5]  # a wrong answer is never paid for being short
+    # on="correct": wrong answers get nothing, so an all-wrong group has no reason to be short
+    assert group_length_reward([10, 30], [False, False], [0, 0], 1.0, on="correct").tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(group_length_reward([10, 20, 30], [True, False, True], [0, 0, 0], 1.0, on="correct"),
+                               [0.5, 0.0, -0.5])
     with pytest.raises(ValueError, match="must match"):
         group_length_reward([1, 2], [True], [0, 0], 1.0)
 
@@ -187,6 +191,8 @@ def test_learner_batch_length_reward_prefers_the_shorter_correct_answer():
     assert m["length_reward_mean"] == pytest.approx((0.2 - 0.2 + 0.2 - 0.2) / 4)
     with pytest.raises(ValueError, match="algorithm.length_reward=2"):
         algorithms.resolve({"length_reward": 2})
+    with pytest.raises(ValueError, match="algorithm.length_reward_on='wrong'"):
+        algorithms.resolve({"length_reward_on": "wrong"})
 
 
 def test_learner_batch_shapes_rewards_before_the_advantage():

@@ -44,7 +44,8 @@ def learner_batch(records: pa.Table, algorithm, sequence_kl: Callable[[pa.Table]
         metrics["overlong_penalty_mean"] = float(pen.mean())
         metrics["overlong_fraction"] = float(np.mean(pen < 0))
     if a.length_reward > 0:
-        bonus = group_length_reward(lengths, _column(records, "correct").astype(bool), groups, a.length_reward)
+        bonus = group_length_reward(lengths, _column(records, "correct").astype(bool), groups, a.length_reward,
+                                    a.length_reward_on)
         shaped = shaped + bonus
         metrics["length_reward_mean"] = float(bonus.mean())
     if a.kl_mode == "reward" and a.kl_coef > 0:

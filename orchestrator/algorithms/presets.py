@@ -57,6 +57,7 @@ class AlgorithmConfig:
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     # Kimi k1.5's group-relative length reward (shaping.group_length_reward) at this weight; 0: off, < 2.
     length_reward: float = 0.0
+    length_reward_on: str = "all"  # all (Kimi's: long wrong answers lose too) | correct (wrong answers get 0)
 
 
 def _preset(advantage="grpo", policy_loss="ppo_clip", loss_agg="token_mean", clip=(0.2, 0.2),
@@ -152,3 +153,5 @@ def check(a: AlgorithmConfig) -> None:
     if not 0 <= a.length_reward < 2:
         bad("length_reward", a.length_reward, "must be in [0, 2) (0: off; at 2 the longest correct answer of a "
             "group scores no more than its shortest wrong one)")
+    if a.length_reward_on not in ("all", "correct"):
+        bad("length_reward_on", a.length_reward_on, "must be all or correct")

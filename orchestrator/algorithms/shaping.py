@@ -32,13 +32,17 @@ def overlong_penalty(lengths, limits, buffer_fraction: float, penalty: float = 1
 
 
 @SHAPING.register("group_length")
-def group_length_reward(lengths, correct, groups, weight: float) -> np.ndarray:
+def group_length_reward(lengths, correct, groups, weight: float, on: str = "all") -> np.ndarray:
     """Kimi k1.5 length reward, relative within each group: weight x lam on correct samples, weight x min(0, lam)
-    on wrong ones, lam = 0.5 - (len - min) / (max - min) over the group (0 where all are as long).
+    on wrong ones (``on="all"``, Kimi's) or 0 on wrong ones (``on="correct"``), lam = 0.5 - (len - min) /
+    (max - min) over the group (0 where all are as long).
 
     Why relative: the shorter of two correct answers always gains by the same margin, whatever the budget, and a
-    group whose samples all ran to the budget (a tight one) gets nothing; a wrong answer never gains by being
-    short, and a correct answer keeps more than any wrong one while weight < 2."""
+    group whose samples all ran to the budget gets nothing; a correct answer keeps more than any wrong one while
+    weight < 2. Why ``correct``: with Kimi's min(0, lam) a group that is all wrong (common at a tight budget)
+    still prefers its shortest sample, and a small model learns to stop thinking at once (docs/elastic.md)."""
+    if on not in ("all", "correct"):
+        raise ValueError(f"on={on!r}: must be all or correct")
     lengths = np.asarray(lengths, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
     groups = np.asarray(groups)
@@ -50,7 +54,7 @@ def group_length_reward(lengths, correct, groups, weight: float) -> np.ndarray:
         lo, hi = lengths[idx].min(), lengths[idx].max()
         if hi > lo:
             lam[idx] = 0.5 - (lengths[idx] - lo) / (hi - lo)
-    return float(weight) * np.where(correct, lam, np.minimum(lam, 0.0))
+    return float(weight) * np.where(correct, lam, np.minimum(lam, 0.0) if on == "all" else 0.0)
 
 
 @SHAPING.register("kl_reward")
