@@ -5,7 +5,8 @@ verbose restates the problem ("347+586: 7+6=13 ..."), concise does not ("7+6=13 
 tells them apart (the first operand's first digit vs its last; problems where the two coincide are skipped
 for the shares). For each told budget this prints, over held-out problems (eval split, seed 0, 2-4 digits):
 
-- the share of each style greedy and sampled at T=1 (the first character of the reasoning);
+- the share of each style greedy and sampled at T=1 (the first character of the reasoning), overall and per number
+  of digits;
 - greedy accuracy and mean tokens (reasoning + ``</think>`` + answer + EOS) with the model's own choice, and with
   the reasoning committed to each style (``committed_prefix``), per number of digits: what that style costs. Generation
   stops at told + solution tokens without the two-phase forcing of training and eval, so these accuracies are
@@ -94,14 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     for told in args.told:
         hint = budget_hint(args.hint, Budget(told, args.solution))  # as training, eval and serving render it
         base = [render_prompt(args.template, r["prompt"], hint=hint) for r in rows]
-        shares = {}
+        shares, by_digit = {}, defaultdict(dict)
         for mode in ("greedy", "sampled"):
             firsts = [t[:1] for t in generate(model, tok, base, 1, mode == "sampled")]
             counts = {s: sum(firsts[i] == first_char(rows[i]["prompt"], s) for i in clear) for s in ("verbose", "concise")}
             shares[mode] = {s: c / len(clear) for s, c in counts.items()}
+            for d in sorted({rows[i]["difficulty"] for i in clear}):
+                of_d = [i for i in clear if rows[i]["difficulty"] == d]
+                by_digit[d][mode] = sum(firsts[i] == first_char(rows[i]["prompt"], "concise") for i in of_d) / len(of_d)
         print(f"told {told}: concise share greedy {shares['greedy']['concise']:.2f} (verbose "
               f"{shares['greedy']['verbose']:.2f}), sampled T=1 {shares['sampled']['concise']:.2f} (verbose "
-              f"{shares['sampled']['verbose']:.2f}), of {len(clear)} problems", flush=True)
+              f"{shares['sampled']['verbose']:.2f}), of {len(clear)} problems; concise share greedy / sampled by digits: "
+              + "  ".join(f"{d}: {v['greedy']:.2f} / {v['sampled']:.2f}" for d, v in by_digit.items()), flush=True)
         for style in STYLES:
             forced = [committed_prefix(r, style) for r in rows]
             texts = generate(model, tok, [b + f for b, f in zip(base, forced)], told + args.solution, False)
