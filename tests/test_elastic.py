@@ -1,11 +1,12 @@
 """Elastic Reasoning recipe: config checks before any work, and a tiny real run's MLflow structure."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from conftest import TINY
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, load_config
 from workloads.elastic.recipe import ElasticConfig, _stage_configs, comparison_table, format_table, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ def test_shipped_config_validates():
     assert stages["budgeted"].trainer.steps == stages["baseline"].trainer.steps
 
 
-@pytest.mark.parametrize("name", ["schedules.yaml", "length.yaml"])
+@pytest.mark.parametrize("name", ["schedules.yaml", "length.yaml", "kimi.yaml"])
 def test_shipped_arm_configs_validate(name):
     """Every arm x seed of the issue-23 comparisons loads and validates (what ``workload elastic`` checks before
     training), and each arm's overrides reach its stage: a typo in an arm would otherwise surface an hour in."""
@@ -33,9 +34,17 @@ def test_shipped_arm_configs_validate(name):
     hinted = [n for n, s in stages.items() if s.budget.prompt_hint]
     assert hinted and all(stages[n].budget.schedule.kind == "mixture" for n in hinted)
     priced = [s for s in stages.values() if s.reward.length_penalty > 0]
-    assert priced and all(s.reward.length_penalty_on == "correct" for s in priced)  # "all" collapses the policy
+    assert all(s.reward.length_penalty_on == "correct" for s in priced)  # "all" collapses the policy
+    shortened = [s for s in stages.values() if s.algorithm.length_reward > 0]
+    assert priced or shortened
+    assert all(s.algorithm.length_reward_on == "correct" for s in shortened)  # Kimi's "all" collapses it too
     if "mixture-hint-len-loose-s0" in stages:
         assert stages["mixture-hint-len-loose-s0"].budget.schedule.thinking.weights == [1.0, 1.0, 1.0, 3.0]
+    if "mixture-hint-kimi-s1" in stages:  # the goal's arm is the shipped training config, seed aside
+        every = load_config(ROOT / "configs" / "elastic" / "every-budget.yaml", check_paths=False)
+        arm = stages["mixture-hint-kimi-s1"]
+        assert replace(arm, trainer=replace(arm.trainer, run_name=every.trainer.run_name, output_dir=every.trainer.output_dir),
+                       rollout=replace(arm.rollout, seed=every.rollout.seed)) == every
 
 
 @pytest.mark.parametrize("overrides, message", [
