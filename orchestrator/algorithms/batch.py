@@ -36,7 +36,8 @@ def learner_batch(records: pa.Table, algorithm, sequence_kl: Callable[[pa.Table]
     groups = pc.dictionary_encode(records["prompt_id"]).combine_chunks().indices.to_numpy()
     batch = records.select(list(LEARNER_COLUMNS))
     shaped, metrics = rewards, {}
-    lengths = _column(records, "thinking_tokens") + _column(records, "solution_tokens")
+    if a.overlong.buffer_fraction > 0 or a.length_reward > 0:
+        lengths = _column(records, "thinking_tokens") + _column(records, "solution_tokens")
     if a.overlong.buffer_fraction > 0:
         limits = _column(records, "budget_thinking") + _column(records, "budget_solution")
         pen = overlong_penalty(lengths, limits, a.overlong.buffer_fraction, a.overlong.penalty)
