@@ -20,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 
 from . import devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
-from .algorithms import AlgorithmConfig, resolve as resolve_algorithm
+from .algorithms import LENGTH_TERM_ON, AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
 from .prompt_hint import check_prompt_hint
 from .rewards import RewardConfig  # the reward section: the reward code takes it whole
@@ -508,7 +508,7 @@ def validate_reward(r: RewardConfig) -> None:
     positive("reward.timeout_s", r.timeout_s)
     non_negative("reward.num_workers", r.num_workers)
     non_negative("reward.length_penalty", r.length_penalty)
-    if r.length_penalty_on not in ("all", "correct"):
+    if r.length_penalty_on not in LENGTH_TERM_ON:
         bad("reward.length_penalty_on", r.length_penalty_on, "must be all or correct")
 
 

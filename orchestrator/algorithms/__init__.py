@@ -13,13 +13,13 @@ from .filters import GROUP_FILTERS
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, kl_penalty, masked_aggregate
 from .presets import PRESETS, AlgorithmConfig, DynamicSamplingConfig, OverlongConfig, resolve
 from .sampling import fill_batch
-from .shaping import SHAPING
+from .shaping import LENGTH_TERM_ON, SHAPING
 
 REGISTRIES = (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, KL_ESTIMATORS, GROUP_FILTERS, SHAPING)
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "GROUP_FILTERS", "KL_ESTIMATORS", "POLICY_LOSSES", "PRESETS", "REGISTRIES",
-           "SHAPING", "AlgorithmConfig", "DynamicSamplingConfig", "OverlongConfig", "fill_batch", "kl_penalty",
-           "learner_batch", "masked_aggregate", "resolve", "listing"]
+__all__ = ["ADVANTAGES", "AGGREGATIONS", "GROUP_FILTERS", "KL_ESTIMATORS", "LENGTH_TERM_ON", "POLICY_LOSSES",
+           "PRESETS", "REGISTRIES", "SHAPING", "AlgorithmConfig", "DynamicSamplingConfig", "OverlongConfig",
+           "fill_batch", "kl_penalty", "learner_batch", "masked_aggregate", "resolve", "listing"]
 
 
 def listing() -> str:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from .advantages import ADVANTAGES
 from .filters import GROUP_FILTERS
 from .losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+from .shaping import LENGTH_TERM_ON
 
 
 @dataclass
@@ -153,5 +154,5 @@ def check(a: AlgorithmConfig) -> None:
     if not 0 <= a.length_reward < 2:
         bad("length_reward", a.length_reward, "must be in [0, 2) (0: off; at 2 the longest correct answer of a "
             "group scores no more than its shortest wrong one)")
-    if a.length_reward_on not in ("all", "correct"):
+    if a.length_reward_on not in LENGTH_TERM_ON:
         bad("length_reward_on", a.length_reward_on, "must be all or correct")

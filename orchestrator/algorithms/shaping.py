@@ -11,6 +11,9 @@ import numpy as np
 from .registry import Registry
 
 SHAPING = Registry("reward shaping", "algorithm.overlong, algorithm.kl_mode=reward", "reward shaping")
+# Which answers a length term touches (algorithm.length_reward_on, reward.length_penalty_on): every one, or only
+# correct ones.
+LENGTH_TERM_ON = ("all", "correct")
 
 
 @SHAPING.register("overlong")
@@ -41,7 +44,7 @@ def group_length_reward(lengths, correct, groups, weight: float, on: str = "all"
     group whose samples all ran to the budget gets nothing; a correct answer keeps more than any wrong one while
     weight < 2. Why ``correct``: with Kimi's min(0, lam) a group that is all wrong (common at a tight budget)
     still prefers its shortest sample, and a small model learns to stop thinking at once (docs/elastic.md)."""
-    if on not in ("all", "correct"):
+    if on not in LENGTH_TERM_ON:
         raise ValueError(f"on={on!r}: must be all or correct")
     lengths = np.asarray(lengths, dtype=np.float64)
     correct = np.asarray(correct, dtype=bool)
