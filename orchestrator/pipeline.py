@@ -278,6 +278,7 @@ def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str
         results[name] = res
         parent.set_tags({f"{tracking.TAG_STAGE_RUN_PREFIX}{name}": str(res.run_id),
                          f"{tracking.TAG_STAGE_SKIPPED_PREFIX}{name}": str(res.skipped).lower()})
+        log(_progress(results, len(order), max_concurrency))
 
     if max_concurrency == 1:
         for name in order:
@@ -294,6 +295,17 @@ def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str
         name, exc = failure
         raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
     return results
+
+
+def _progress(results: Mapping[str, StageResult], total: int, max_concurrency: int) -> str:
+    """How many stages are done and, from the mean time of those that ran here, about how long the rest take."""
+    ran = [r.seconds for r in results.values() if not r.skipped]
+    line = f"pipeline: {len(results)} of {total} stages done"
+    left = total - len(results)
+    if ran and left:
+        eta = left * sum(ran) / len(ran) / max_concurrency
+        line += f", about {eta / 60:.0f} min to go at this pace" if eta >= 60 else f", about {eta:.0f} s to go"
+    return line
 
 
 def _run_concurrently(order, by_name, results, execute, finished, max_concurrency, log):

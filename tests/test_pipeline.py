@@ -2,6 +2,7 @@
 and the lineage of a real tiny DAG's final checkpoint read back from MLflow alone."""
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -77,14 +78,21 @@ def test_rerun_skips_done_stages_and_reruns_changed_ones(tmp_path):
     def stages(a_cfg, b_cfg):
         return [Stage("a", make(a_cfg), (), {"lr": a_cfg}), Stage("b", make(b_cfg), ("a",), {"lr": b_cfg})]
 
+    lines = []
+
     def go(a_cfg, b_cfg):
+        lines.clear()
         uri, parent = _parent(tmp_path, f"{a_cfg}-{b_cfg}")
         with parent:
             return uri, parent.run_id, run_pipeline(stages(a_cfg, b_cfg), parent=parent, root=tmp_path / "out",
-                                                    workload="t", log=lambda *_: None)
+                                                    workload="t", log=lines.append)
 
     _, _, first = go(1, 1)
     assert calls == ["a", "b"] and not first["a"].skipped
+    # Progress after each stage, with the time left at the pace of the stages that ran.
+    progress = [line for line in lines if " stages done" in line]
+    assert re.fullmatch(r"pipeline: 1 of 2 stages done, about \d+ s to go", progress[0]), lines
+    assert progress[1:] == ["pipeline: 2 of 2 stages done"], lines
     uri, pid, again = go(1, 1)
     assert calls == ["a", "b"], "same configs: nothing runs again"
     assert again["a"].skipped and again["b"].skipped
@@ -99,6 +107,8 @@ def test_rerun_skips_done_stages_and_reruns_changed_ones(tmp_path):
 
     go(1, 2)  # only b's config changed
     assert calls == ["a", "b", "b"]
+    assert [line for line in lines if " stages done" in line] == [  # a reused: no pace to go by yet
+        "pipeline: 1 of 2 stages done", "pipeline: 2 of 2 stages done"], lines
     go(3, 2)  # a changed: b's input changed, so b runs again too
     assert calls == ["a", "b", "b", "a", "b"]
     _, _, last = go(3, 2)
