@@ -40,7 +40,12 @@ MARKER = "stage.json"
 
 
 class PipelineError(RuntimeError):
-    """A stage failed or the graph is malformed; the message names the stage."""
+    """A stage failed or the graph is malformed; the message names the stage. ``results``: the stages that
+    finished before it (a workload can still report them)."""
+
+    def __init__(self, message: str, results: Mapping[str, StageResult] | None = None):
+        super().__init__(message)
+        self.results = dict(results or {})
 
 
 @dataclass
@@ -286,14 +291,14 @@ def run_pipeline(stages: Sequence[Stage], *, parent: tracking.Tracker, root: str
                 res = execute(by_name[name])
             except BaseException as exc:  # noqa: BLE001 - re-raised with the stage's name
                 log(f"pipeline: {name}: FAILED: {type(exc).__name__}: {exc}")
-                raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+                raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}", results) from exc
             finished(name, res)
         return results
     _resolve_lazy_imports()
     failure = _run_concurrently(order, by_name, results, execute, finished, max_concurrency, log)
     if failure is not None:
         name, exc = failure
-        raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise PipelineError(f"stage {name!r} failed: {type(exc).__name__}: {exc}", results) from exc
     return results
 
 

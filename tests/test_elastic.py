@@ -66,6 +66,40 @@ def test_comparison_table_format():
     assert "| 16x8 | 0.500 | 20.0 | 0.500 | 20.0 |" in format_table(t)
 
 
+def test_stopped_invocation_logs_the_arms_it_finished(tmp_path):
+    """A stage failed or stopped: the parent run still gets the table of every arm whose seeds all finished
+    (an arm with a seed missing has no mean) and of each finished run."""
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.pipeline import StageResult
+    from workloads.elastic.recipe import _log_comparison
+
+    def rows(acc, tokens):
+        return [{"budget_label": b, "budget_thinking": t, "budget_solution": 8, "accuracy": acc, "mean_tokens": tokens,
+                 "mean_thinking_tokens": tokens - 4, "truncation_rate": 0.0, "samples": 8}
+                for b, t in (("16x8", 16), ("unconstrained", 64))]
+
+    def done(name, acc):
+        return StageResult(name, "k", f"run-{name}", None, None, {"eval_before": rows(0.1, 30.0),
+                                                                 "eval_after": rows(acc, 20.0)}, str(tmp_path))
+
+    cfg = replace(load(str(ROOT / "configs" / "elastic" / "schedules.yaml")), seeds=[0, 1])
+    finished = {"single-s0": done("single-s0", 0.3), "single-s1": done("single-s1", 0.5),
+                "mixture-hint-s0": done("mixture-hint-s0", 0.9)}  # its seed 1 never ran
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines = []
+    with tracking.Tracker.start(uri, "elastic-partial", run_name="p") as parent:
+        out = _log_comparison(cfg, parent, finished, 72.0, lines.append, partial=True)
+    means = out["mean_table"].to_pylist()
+    assert {r["model"] for r in means} == {"start", "single"}
+    assert [r["accuracy"] for r in means if r["model"] == "single"] == pytest.approx([0.4, 0.4])
+    assert set(out["table"].column("model").to_pylist()) == {"start", "single-s0", "single-s1", "mixture-hint-s0"}
+    assert lines[0].startswith("elastic: comparison of the stages finished so far"), lines
+    arts = {a.path for a in MlflowClient(uri).list_artifacts(parent.run_id, "elastic")}
+    assert {"elastic/comparison.parquet", "elastic/comparison_mean.parquet", "elastic/comparison.png"} <= arts
+
+
 def test_tiny_run_nests_stages_under_parent(ray_session, tmp_path):
     from mlflow import MlflowClient
 

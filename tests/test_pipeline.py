@@ -131,11 +131,12 @@ def test_failure_names_the_stage_and_stops_dependents(tmp_path):
         raise RuntimeError("no good")
 
     uri, parent = _parent(tmp_path)
-    with pytest.raises(PipelineError, match="stage 'bad' failed: RuntimeError: no good"):
+    with pytest.raises(PipelineError, match="stage 'bad' failed: RuntimeError: no good") as err:
         with parent:
-            run_pipeline([Stage("bad", boom), Stage("after", ok, ("bad",))], parent=parent, root=tmp_path,
-                         workload="t", log=lambda *_: None)
-    assert ran == []
+            run_pipeline([Stage("first", ok), Stage("bad", boom), Stage("after", ok, ("bad",))], parent=parent,
+                         root=tmp_path, workload="t", log=lambda *_: None)
+    assert list(err.value.results) == ["first"]  # what finished before it, for the workload to report
+    assert ran == ["first"]  # "after" never started
     assert MlflowClient(uri).get_run(parent.run_id).info.status == "FAILED"
     with pytest.raises(PipelineError, match="cycle: x -> y -> x"):
         check_graph([Stage("x", ok, ("y",)), Stage("y", ok, ("x",))])

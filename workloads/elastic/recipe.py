@@ -23,7 +23,7 @@ from orchestrator.config import (ConfigError, eval_budgets, load_config, merge_s
                                  to_dict)
 from orchestrator.evaluation import format_model_comparison as format_table
 from orchestrator.evaluation import model_comparison as comparison_table
-from orchestrator.pipeline import Stage, StageContext, StageOutput, run_pipeline
+from orchestrator.pipeline import PipelineError, Stage, StageContext, StageOutput, run_pipeline
 
 
 @dataclass
@@ -137,8 +137,9 @@ def _rows_by_model(cfg: ElasticConfig, results: dict) -> tuple[dict[str, list[di
     if not cfg.seeds:
         return runs, runs
     means = {"start": runs["start"]}
-    for arm in _arms(cfg):
-        means[arm] = _mean_rows([runs[f"{arm}-s{seed}"] for seed in cfg.seeds])
+    for arm in _arms(cfg):  # an arm with a seed not trained (a stopped invocation) has no mean
+        if all(f"{arm}-s{seed}" in runs for seed in cfg.seeds):
+            means[arm] = _mean_rows([runs[f"{arm}-s{seed}"] for seed in cfg.seeds])
     return runs, means
 
 
@@ -168,8 +169,9 @@ def _format_verdicts(verdicts: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _log_comparison(cfg: ElasticConfig, parent, results: dict, reference: float, log) -> dict:
-    """The parent's table (every run, and each arm's mean over seeds), plot, verdicts and metrics."""
+def _log_comparison(cfg: ElasticConfig, parent, results: dict, reference: float, log, partial: bool = False) -> dict:
+    """The parent's table (every run, and each arm's mean over seeds), plot, verdicts and metrics; ``partial``:
+    of the stages that finished before one failed or was stopped."""
     runs, means = _rows_by_model(cfg, results)
     table, mean_table = comparison_table(runs), comparison_table(means)
     parent.log_table(table, "elastic/comparison.parquet")
@@ -188,7 +190,8 @@ def _log_comparison(cfg: ElasticConfig, parent, results: dict, reference: float,
     metrics = {f"{r['model']}/{r['budget']}/accuracy": r["accuracy"] for r in mean_table.to_pylist()}
     metrics.update({f"{v['model']}/hypervolume": v["hypervolume"] for v in verdicts})
     parent.log_metrics(metrics, step=0)
-    log("elastic: comparison (greedy unless eval.temperature > 0; Avg@k over eval.samples_per_prompt"
+    log(f"elastic: comparison{' of the stages finished so far' if partial else ''} "
+        "(greedy unless eval.temperature > 0; Avg@k over eval.samples_per_prompt"
         + (f"; mean over seeds {list(cfg.seeds)}" if cfg.seeds else "") + ")\n" + text)
     return {"table": table, "mean_table": mean_table, "verdicts": verdicts, "runs": out["runs"]}
 
@@ -206,8 +209,14 @@ def run(cfg: ElasticConfig, log=print) -> dict:
                                     tags=tracking.lineage_tags(to_dict(first), workload="elastic", stage="pipeline"))
     with parent:
         dag = [Stage(name, _train_stage(scfg, log), (), to_dict(scfg)) for name, scfg in stages.items()]
-        results = run_pipeline(dag, parent=parent, root=Path(first.trainer.output_dir) / "stages" / cfg.name,
-                               workload="elastic", log=log)
+        try:
+            results = run_pipeline(dag, parent=parent, root=Path(first.trainer.output_dir) / "stages" / cfg.name,
+                                   workload="elastic", log=log)
+        except PipelineError as err:  # stopped or failed: the parent still gets the table of what finished
+            if err.results:
+                parent.set_tags({"budgetrl.partial": "true"})
+                _log_comparison(cfg, parent, err.results, reference, log, partial=True)
+            raise
         return {"parent_run_id": parent.run_id, **_log_comparison(cfg, parent, results, reference, log)}
 
 
