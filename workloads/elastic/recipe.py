@@ -214,8 +214,11 @@ def run(cfg: ElasticConfig, log=print) -> dict:
                                    workload="elastic", log=log)
         except PipelineError as err:  # stopped or failed: the parent still gets the table of what finished
             if err.results:
-                parent.set_tags({"budgetrl.partial": "true"})
-                _log_comparison(cfg, parent, err.results, reference, log, partial=True)
+                try:
+                    parent.set_tags({"budgetrl.partial": "true"})
+                    _log_comparison(cfg, parent, err.results, reference, log, partial=True)
+                except Exception as exc:  # noqa: BLE001 - the stage's failure is what the user must see
+                    log(f"elastic: could not log the table of the finished stages: {type(exc).__name__}: {exc}")
             raise
         return {"parent_run_id": parent.run_id, **_log_comparison(cfg, parent, results, reference, log)}
 
