@@ -18,7 +18,7 @@ from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
 
-from . import devices, paths
+from . import colocation, devices, paths
 from .config_merge import ConfigError, bad, merge_structured, non_negative, positive
 from .algorithms import LENGTH_TERM_ON, AlgorithmConfig, resolve as resolve_algorithm
 from .cost import CostModel
@@ -184,6 +184,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    colocate: bool | str = "auto"  # the HF engine in learner rank 0's process: auto | true | false (colocation.py)
     vllm: VllmConfig = field(default_factory=VllmConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
@@ -394,6 +395,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> None:
     validate_learner(cfg.learner)
     validate_warmstart(cfg.warmstart)
     validate_trainer(cfg.trainer)
+    colocation.check(cfg)
     positive("tracking.system_metrics_interval_s", cfg.tracking.system_metrics_interval_s)
     non_negative("cost.accelerator_hour_price", cfg.cost.accelerator_hour_price)
     non_negative("cost.cpu_hour_price", cfg.cost.cpu_hour_price)
@@ -546,13 +548,9 @@ def validate_warmstart(w: WarmstartConfig) -> None:
 
 
 def validate_trainer(t: TrainerConfig) -> None:
-    non_negative("trainer.steps", t.steps)
     positive("trainer.prompts_per_step", t.prompts_per_step)
-    non_negative("trainer.eval_every", t.eval_every)
-    non_negative("trainer.state_every", t.state_every)
-    non_negative("trainer.max_restarts", t.max_restarts)
-    non_negative("trainer.node_wait_s", t.node_wait_s)
-    non_negative("trainer.max_generated_tokens", t.max_generated_tokens)
+    for key in ("steps", "eval_every", "state_every", "max_restarts", "node_wait_s", "max_generated_tokens"):
+        non_negative(f"trainer.{key}", getattr(t, key))
     if t.off_policy_steps not in (0, 1):
         bad("trainer.off_policy_steps", t.off_policy_steps, "must be 0 (synchronous) or 1 (one step ahead)")
     if t.resume not in ("auto", "never", "must"):

@@ -231,6 +231,11 @@ def resolve_auto(cfg) -> list[Resolution]:
         own_process = r.engine == "vllm" and bool(r.vllm.multiprocess)
         out.append(resolve_weight_sync(ends, own_process, "rollout.weight_sync.method"))
         r.weight_sync.method = out[-1].value
+    if r.colocate == AUTO:  # after the sync method: a collective one keeps the actors apart
+        from . import colocation
+
+        r.colocate, why = colocation.resolve(cfg)
+        out.append(Resolution("rollout.colocate", r.colocate, why))
     return out
 
 

@@ -16,6 +16,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from . import colocation
 from .config import Config
 
 # Every worker: quiet library progress bars and INFO logs (the driver shows progress).
@@ -61,6 +62,8 @@ def placement_bundles(cfg: Config, *, learner: bool = True) -> list[tuple[str, d
            for i in range(r.num_workers)]
     out += [(f"learner rank {i}", {"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources})
             for i in range(le.num_workers if learner else 0)]
+    if learner and r.colocate is True:  # one actor, both roles (orchestrator/colocation.py)
+        out = [(f"{out[1][0]} with {out[0][0]}", colocation.bundle(out[0][1], out[1][1]))]
     return [(role, {k: v for k, v in b.items() if v} or {"CPU": 0.01}) for role, b in out]
 
 
@@ -112,13 +115,23 @@ class WorkerGroup:
                                   truncate_prompts=cfg.data.overlong_prompts == "truncate_left")
         self._rollout_env = env
         self.cfg, self.model_path = cfg, model_path
-        self.rollout = [self._new_rollout(i) for i in range(r.num_workers)]
+        # Colocated (rollout.colocate): one actor is learner rank 0 and rollout worker 0, in bundle 0.
+        self.colocated = learner and r.colocate is True
         self.learner = None
-        if not learner:
-            ray.get([w.ready.remote() for w in self.rollout])
+        if self.colocated:
+            self._start_learner(model_path)
             return
-        self.learner = LearnerGroup(cfg, model_path, self.pg, first_bundle=r.num_workers)
+        self.rollout = [self._new_rollout(i) for i in range(r.num_workers)]
+        if learner:
+            self._start_learner(model_path)
         ray.get([w.ready.remote() for w in self.rollout])
+
+    def _start_learner(self, model_path: str) -> None:
+        if not self.colocated:
+            self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
+            return
+        self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=0, rollout=self._rollout_args)
+        self.rollout = [self.learner.lead]
 
     def submit(self, prompts, spec, step: int) -> list:
         """Start ``generate`` on the rollout workers (an even split of the prompts); returns the Ray refs."""
@@ -152,7 +165,10 @@ class WorkerGroup:
         ).remote(self.model_path, worker_index=i, **self._rollout_args)
 
     def dead_rollouts(self, timeout_s: float = 30.0) -> list[int]:
-        """Indices of rollout workers that no longer answer."""
+        """Indices of rollout workers that no longer answer (none when colocated: a lost colocated actor
+        is the learner's, which the trainer rebuilds from the last state with the engine inside)."""
+        if self.colocated:
+            return []
         dead = []
         for i, w in enumerate(self.rollout):
             try:
@@ -185,10 +201,7 @@ class WorkerGroup:
         waits for bundles on a lost node to be re-placed, like ``replace_rollouts``."""
         self.learner.shutdown()
 
-        def start():
-            self.learner = LearnerGroup(self.cfg, model_path, self.pg, first_bundle=self.cfg.rollout.num_workers)
-
-        self._on_live_bundles(start)
+        self._on_live_bundles(lambda: self._start_learner(model_path))
 
     def _on_live_bundles(self, start) -> None:
         """Run ``start`` (new actors in the group's bundles) once every bundle sits on a live node.
@@ -276,7 +289,8 @@ class LearnerGroup:
     to rank 0 otherwise.
     """
 
-    def __init__(self, cfg: Config, model_path: str, pg, *, first_bundle: int):
+    def __init__(self, cfg: Config, model_path: str, pg, *, first_bundle: int, rollout: dict | None = None):
+        """``rollout``: a ``RolloutWorker``'s arguments when rank 0 hosts the engine (``rollout.colocate``)."""
         from .learner.distributed import rendezvous_address, resolve_strategy
         from .learner.worker import Learner
 
@@ -296,12 +310,20 @@ class LearnerGroup:
         if self.world_size > 1:  # the rendezvous lives on rank 0's node
             dist_init = ray.get(ray.remote(rendezvous_address).options(
                 num_cpus=0, scheduling_strategy=placed(0)).remote())
-        remote_learner = ray.remote(Learner)
+        remote_learner, extra, need = ray.remote(Learner), {}, {"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker,
+                                                                  **le.resources}
+        if rollout is not None:
+            from .learner.colocated import ColocatedLearner
+
+            r = cfg.rollout
+            remote_learner, extra = ray.remote(ColocatedLearner), {"rollout": rollout}
+            need = colocation.bundle({"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources}, need)
+        custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v}
         self.ranks = [
             remote_learner.options(
-                num_cpus=le.cpus_per_worker, num_gpus=le.gpus_per_worker, resources=dict(le.resources) or None,
+                num_cpus=need["CPU"], num_gpus=need["GPU"], resources=custom or None,
                 runtime_env={"env_vars": dict(WORKER_ENV)}, scheduling_strategy=placed(i),
-            ).remote(model_path, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
+            ).remote(model_path, **extra, lr=le.lr, weight_decay=le.weight_decay, grad_clip=le.grad_clip,
                      micro_batch_size=le.micro_batch_size, algorithm=a, lr_warmup_steps=le.lr_warmup_steps,
                      dtype=cfg.model.dtype,
                      num_threads=le.num_threads or None, seed=cfg.trainer.seed, rank=i, world_size=self.world_size,
@@ -408,7 +430,9 @@ def placement_of(pg, roles: list[str]) -> dict:
     out: dict[str, list] = {"rollout": [], "learner": []}
     for i, role in enumerate(roles):
         node_id = where.get(i, "")
-        out[role.split()[0]].append(_node_info(nodes.get(node_id), node_id) if node_id else {"node_id": None})
+        for kind in out:  # a colocated actor's role names both
+            if kind in role:
+                out[kind].append(_node_info(nodes.get(node_id), node_id) if node_id else {"node_id": None})
     return out
 
 

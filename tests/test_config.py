@@ -144,8 +144,10 @@ def test_cpu_config_resolves_to_todays_values():
     assert (cfg.model.dtype, v.enforce_eager, v.gpu_memory_utilization, v.tensor_parallel_size) == \
         ("bfloat16" if cpu_bf16_flags() else "float32", True, 0.5, 1)
     assert cfg.rollout.weight_sync.method == "object_store" and cfg.learner.compile is False
+    assert cfg.rollout.colocate is False  # the vLLM engine keeps its own actor
     assert {r.key for r in resolved} == {"model.dtype", "rollout.vllm.enforce_eager", "learner.compile",
-                                         "rollout.vllm.gpu_memory_utilization", "rollout.weight_sync.method"}
+                                         "rollout.vllm.gpu_memory_utilization", "rollout.weight_sync.method",
+                                         "rollout.colocate"}
 
 
 def test_gpu_config_resolves_for_gpus():
@@ -161,7 +163,8 @@ def test_gpu_config_resolves_for_gpus():
     cfg, resolved = load_config_explained(GPU_15B, ["model.dtype=float32", "rollout.vllm.enforce_eager=true",
                                                     "rollout.vllm.gpu_memory_utilization=0.6",
                                                     "rollout.weight_sync.method=object_store",
-                                                    "learner.compile=false"], check_paths=False)
+                                                    "learner.compile=false", "rollout.colocate=false"],
+                                   check_paths=False)
     assert (cfg.model.dtype, cfg.rollout.vllm.enforce_eager, cfg.rollout.vllm.gpu_memory_utilization) == \
         ("float32", True, 0.6)
     assert resolved == []

@@ -162,7 +162,9 @@ def test_resume_plan_ignores_a_new_parent_run_but_not_a_changed_setting(tmp_path
 
 def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_path, tiny_model, ray_session):
     """``trainer.state_every=0`` keeps no state, and each step's metrics go out as they come: a learner
-    restart would start again at step 0 and log steps 1..k a second time. It stops, saying why."""
+    restart would start again at step 0 and log steps 1..k a second time. It stops, saying why. (One HF
+    engine and one rank: ``rollout.colocate`` auto puts the engine in the learner's process, so the actor
+    killed is both, and its loss takes the learner's path.)"""
     import threading
 
     from mlflow import MlflowClient
@@ -180,7 +182,8 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
         "learner.num_threads=1", "reward.num_workers=0", "rollout.cpus_per_worker=0.5", "learner.cpus_per_worker=0.5",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=nostate",
         *[f"model.tiny.{k}={v}" for k, v in TINY.items()]])
-    me = psutil.Process()
+    assert cfg.rollout.colocate is True
+    me, killed = psutil.Process(), []
 
     def kill_learner_after_step_3():
         deadline = time.monotonic() + 300
@@ -188,8 +191,9 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
             time.sleep(0.05)
         for p in me.children(recursive=True):  # this session's Ray: its workers are our descendants
             try:
-                if " ".join(p.cmdline()).startswith("ray::Learner"):
+                if " ".join(p.cmdline()).startswith("ray::ColocatedLearner"):
                     p.kill()
+                    killed.append(p.pid)
             except psutil.Error:
                 pass
 
@@ -198,6 +202,7 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
     with pytest.raises(RuntimeError, match=r"a learner rank died at step \d+ .* trainer\.state_every=0 keeps no state"):
         train(cfg, log=lambda *_: None)
     killer.join(30)
+    assert len(killed) == 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("nostate").experiment_id])[0]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/reward")]
