@@ -88,7 +88,7 @@ def main() -> int:
                 steps = [m.value for m in client.get_metric_history(run.info.run_id, "time/step")][1:]
                 rows.append((arm, wall, cpu, statistics.mean(steps)))
                 print(f"{name}: wall {wall:.1f} s, CPU {cpu:.1f} s, {statistics.mean(steps):.3f} s/step", flush=True)
-    print(f"\n| rollout.colocate | runs | wall s (median) | CPU s, all processes (median) | s/step after the first (median) |")
+    print("\n| rollout.colocate | runs | wall s (median) | CPU s, all processes (median) | s/step after the first (median) |")
     print("|---|---|---|---|---|")
     med = {}
     for arm in ("false", "true"):
