@@ -44,6 +44,9 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
     """``ray.init(address="local", ...)``, tried again when the node misses Ray's fixed 30 s start-up
     window (seen on an overloaded machine: "The current node timed out during startup")."""
     kwargs.setdefault("include_dashboard", False)
+    # Ray starts one idle worker per CPU when the first driver connects, each importing Ray (~3 s of CPU
+    # here); our actors carry runtime envs of their own and never use them (docs/performance.md, section 11).
+    kwargs.setdefault("_system_config", {"prestart_worker_first_driver": False})
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", **kwargs)
