@@ -5,7 +5,8 @@ The actor answers both roles' calls, so the worker group hands the same actor ou
 and its rollout worker 0 and the trainer and the weight syncer stay as they are. A weight sync carries no
 weights: ``sync_payload`` returns a marker, and ``update_weights`` given it copies the learner's
 parameters into the engine's model in memory, in the engine's dtype (the engine keeps its own copy, as
-a separate worker would: the learner's fp32 masters and the engine's sampling never share a tensor)."""
+a separate worker would: the learner's fp32 masters and the engine's sampling never share a tensor; on
+a GPU the copy goes through host memory, as the learner's exports do)."""
 
 from __future__ import annotations
 
