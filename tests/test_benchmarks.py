@@ -131,3 +131,20 @@ def test_hf_engine_generate_keeps_no_scores(benchmark_module, tiny_model, tmp_pa
     kept = batch * tokens * vocab * 4
     assert r["output_scores"]["peak"] > 2 * kept
     assert r["engine"]["peak"] < kept / 4
+
+
+def test_process_cpu_counts_a_busy_child_by_its_kind():
+    """benchmarks/process_cpu.py: a command's busy child shows up with about the CPU it burnt."""
+    import subprocess
+    import sys
+
+    busy = "import time; t = time.process_time(); exec('while time.process_time() - t < 3: pass')"
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "process_cpu.py"), "--top", "50", "--",
+                          sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # the busy child's row (its kind is its command line, cut to 60 characters); sampled once a second, so
+    # up to a second of its end can be missed
+    cpu = [float(line.split(" | ")[1]) for line in out.stdout.splitlines()
+           if line.startswith("| ") and "t = time.process" in line]
+    assert len(cpu) == 1 and 1.8 <= cpu[0] <= 4.0, out.stdout
