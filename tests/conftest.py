@@ -185,6 +185,51 @@ def state_step(out: Path) -> int:
         return -1
 
 
+def kill_actors_when(ready, title: str, timeout: float = 300) -> tuple:
+    """A started daemon thread that waits for ``ready()`` (up to ``timeout`` s), then SIGKILLs this process's
+    descendants titled ``ray::TITLE`` (the actors of the Ray runtime this test session started); the pids
+    killed are appended to the returned list. Returns (thread, pids)."""
+    import threading
+    import time
+
+    import psutil
+
+    killed: list[int] = []
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if " ".join(p.cmdline()).startswith(f"ray::{title}"):
+                    p.kill()
+                    killed.append(p.pid)
+            except psutil.Error:
+                pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def hf_logprobs(model_dir: str, rows: list[dict]) -> list:
+    """transformers' fp32 logprobs of each rollout row's response tokens under the weights at ``model_dir``
+    (what an engine that holds those weights must have sampled them with)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["prompt_token_ids"] + row["response_token_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            n = len(row["response_token_ids"])
+            out.append(logp[-n:].gather(1, ids[0, -n:, None])[:, 0].numpy())
+    return out
+
+
 def wait_for(cond, proc, timeout: float, what: str, log: Path | None = None):
     """Poll ``cond`` until it returns something truthy (returned); fail if ``proc`` exits or time runs out,
     with the tail of ``log`` when given."""

@@ -56,32 +56,13 @@ def test_explicit_colocation_that_cannot_hold_names_the_key(change, message):
         load_config(QUICKSTART, ["rollout.colocate=sometimes"], check_paths=False)
 
 
-def _hf_logprobs(model_dir: str, rows: list[dict]) -> list[np.ndarray]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row["prompt_token_ids"] + row["response_token_ids"]])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            n = len(row["response_token_ids"])
-            out.append(logp[-n:].gather(1, ids[0, -n:, None])[:, 0].numpy())
-    return out
-
-
 def test_colocated_run_keeps_one_actor_syncs_in_memory_and_survives_its_loss(ray_session, tiny_model, tmp_path):
     """The colocated actor killed after step 2's state: the trainer rebuilds it (learner and engine) from
     that state and goes on; every step once, and the engine's sampled logprobs at the end are the final
     checkpoint's (the syncs after the rebuild reached it too)."""
-    import threading
-    import time
-
-    import psutil
     from mlflow import MlflowClient
 
-    from conftest import state_step
+    from conftest import hf_logprobs, kill_actors_when, state_step
     from orchestrator.trainer import train
 
     steps = 4
@@ -97,22 +78,8 @@ def test_colocated_run_keeps_one_actor_syncs_in_memory_and_survives_its_loss(ray
                  *[f"model.tiny.{k}={v}" for k, v in TINY.items()]]
     cfg = load_config(QUICKSTART, overrides)
     assert cfg.rollout.colocate is True
-    out, killed = tmp_path / "out" / "co", []
-
-    def kill_after_step_2():
-        deadline = time.monotonic() + 300
-        while state_step(out) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for p in psutil.Process().children(recursive=True):  # this session's Ray: its workers are our descendants
-            try:
-                if " ".join(p.cmdline()).startswith("ray::ColocatedLearner"):
-                    p.kill()
-                    killed.append(p.pid)
-            except psutil.Error:
-                pass
-
-    killer = threading.Thread(target=kill_after_step_2, daemon=True)
-    killer.start()
+    out = tmp_path / "out" / "co"
+    killer, killed = kill_actors_when(lambda: state_step(out) >= 2, "ColocatedLearner")
     result = train(cfg, log=lambda *_: None)
     killer.join(30)
     assert len(killed) == 1 and result.restarts == 1, (killed, result.restarts)
@@ -130,7 +97,7 @@ def test_colocated_run_keeps_one_actor_syncs_in_memory_and_survives_its_loss(ray
     # The engine sampled the final eval with the learner's final weights (copied in memory at each sync).
     rows = pq.read_table(out / "eval" / f"step_{steps:04d}.parquet").to_pylist()
     assert {r["policy_version"] for r in rows} == {steps}
-    final, start = _hf_logprobs(str(out / "checkpoint"), rows), _hf_logprobs(tiny_model, rows)
+    final, start = hf_logprobs(str(out / "checkpoint"), rows), hf_logprobs(tiny_model, rows)
     own = [(np.array([x if x is not None else np.nan for x in r["response_logprobs"]]), np.array(r["injected"]))
            for r in rows]
     diff_final = max(np.nanmax(np.abs(lp[~inj] - f[~inj])) for (lp, inj), f in zip(own, final))

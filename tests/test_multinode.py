@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from conftest import TINY, drawn_prompt_ids, expected_prompt_ids, state_step, wait_for
+from conftest import TINY, drawn_prompt_ids, expected_prompt_ids, hf_logprobs, state_step, wait_for
 from local_cluster import BIN, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,22 +92,6 @@ def _submit(cluster: LocalCluster, args: list[str], env_vars: dict) -> tuple[str
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", cluster.dashboard, job_id],
                           env=cluster.env, capture_output=True, text=True, timeout=60)
     return job_id, status, output + "\n" + logs.stdout
-
-
-def _hf_logprobs(model_dir: str, rows: list[dict]) -> list[np.ndarray]:
-    """Log-probabilities of each row's response tokens under ``model_dir``, computed with transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for row in rows:
-            ids = torch.tensor([row["prompt_token_ids"] + row["response_token_ids"]])
-            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            n = len(row["response_token_ids"])
-            out.append(logp[-n:].gather(1, ids[0, -n:, None])[:, 0].numpy())
-    return out
 
 
 @pytest.mark.timeout(900)
@@ -178,8 +162,8 @@ def test_job_on_several_nodes_keeps_results_and_syncs_weights_to_every_engine(cl
     assert run.data.metrics["rollout/worker_0/policy_version"] == run.data.metrics["rollout/worker_1/policy_version"] == 2
     rows = pq.read_table(out / "eval" / "step_0002.parquet").to_pylist()
     assert {r["policy_version"] for r in rows} == {2} and len(rows) == 8
-    final = _hf_logprobs(str(out / "checkpoint"), rows)
-    start = _hf_logprobs(str(warm[0].parent), rows)
+    final = hf_logprobs(str(out / "checkpoint"), rows)
+    start = hf_logprobs(str(warm[0].parent), rows)
     own = [(np.array([x if x is not None else np.nan for x in r["response_logprobs"]]), np.array(r["injected"]))
            for r in rows]
     diff_final = max(np.nanmax(np.abs(lp[~inj] - f[~inj])) for (lp, inj), f in zip(own, final))

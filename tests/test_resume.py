@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import TINY, drawn_budgets, drawn_prompt_ids, expected_budgets, expected_prompt_ids, state_step, wait_for
+from conftest import (TINY, drawn_budgets, drawn_prompt_ids, expected_budgets, expected_prompt_ids, kill_actors_when,
+                      state_step, wait_for)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 16  # enough steps left after the second recovery that the driver is killed mid-run
@@ -165,8 +165,6 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
     restart would start again at step 0 and log steps 1..k a second time. It stops, saying why. (One HF
     engine and one rank: ``rollout.colocate`` auto puts the engine in the learner's process, so the actor
     killed is both, and its loss takes the learner's path.)"""
-    import threading
-
     from mlflow import MlflowClient
 
     from orchestrator.config import load_config
@@ -183,22 +181,7 @@ def test_learner_loss_without_states_stops_instead_of_logging_steps_twice(tmp_pa
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=nostate",
         *[f"model.tiny.{k}={v}" for k, v in TINY.items()]])
     assert cfg.rollout.colocate is True
-    me, killed = psutil.Process(), []
-
-    def kill_learner_after_step_3():
-        deadline = time.monotonic() + 300
-        while not (out / "rollouts" / "step_00003.parquet").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for p in me.children(recursive=True):  # this session's Ray: its workers are our descendants
-            try:
-                if " ".join(p.cmdline()).startswith("ray::ColocatedLearner"):
-                    p.kill()
-                    killed.append(p.pid)
-            except psutil.Error:
-                pass
-
-    killer = threading.Thread(target=kill_learner_after_step_3, daemon=True)
-    killer.start()
+    killer, killed = kill_actors_when(lambda: (out / "rollouts" / "step_00003.parquet").exists(), "ColocatedLearner")
     with pytest.raises(RuntimeError, match=r"a learner rank died at step \d+ .* trainer\.state_every=0 keeps no state"):
         train(cfg, log=lambda *_: None)
     killer.join(30)
