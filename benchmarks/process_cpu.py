@@ -35,7 +35,8 @@ def kind(cmd: str) -> str:
     for name, part in KINDS:
         if part in cmd:
             return name
-    return cmd[:60]
+    program, _, rest = cmd.partition(" ")
+    return f"{os.path.basename(program)} {rest}".strip()[:60]  # its command line, the program's folder left out
 
 
 def sample(seen: dict, first: dict) -> None:

@@ -143,8 +143,8 @@ def test_process_cpu_counts_a_busy_child_by_its_kind():
                           sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    # the busy child's row (its kind is its command line, cut to 60 characters); sampled once a second, so
-    # up to a second of its end can be missed
-    cpu = [float(line.split(" | ")[1]) for line in out.stdout.splitlines()
-           if line.startswith("| ") and "t = time.process" in line]
+    # the busy child's row (its kind: its command line without the interpreter's folder, cut to 60 characters);
+    # sampled once a second, so up to a second of its end can be missed
+    name = f"{Path(sys.executable).name} -c {busy}"[:60]
+    cpu = [float(line.split(" | ")[1]) for line in out.stdout.splitlines() if line.startswith(f"| {name} |")]
     assert len(cpu) == 1 and 1.8 <= cpu[0] <= 4.0, out.stdout
