@@ -63,5 +63,6 @@ def check(cfg) -> None:
 
 
 def bundle(rollout: dict[str, float], learner: dict[str, float]) -> dict[str, float]:
-    """One actor's resources: what the engine and the learner rank would each have asked for, together."""
+    """One actor's resources: what the engine and the learner rank would each have asked for, together.
+    Both run on the actor's first GPU, so on GPUs give the two roles fractions that add up to one."""
     return {k: rollout.get(k, 0) + learner.get(k, 0) for k in {**rollout, **learner}}
