@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from .config_merge import ConfigError
 
-AUTO = "auto"
+AUTO = "auto"  # devices.AUTO (devices.resolve_auto calls this module: no import back)
 
 
 def conflicts(cfg) -> list[str]:

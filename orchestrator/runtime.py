@@ -57,14 +57,17 @@ def start_local_ray(attempts: int = 3, **kwargs) -> None:
             ray.shutdown()
 
 
+def role_resources(section) -> dict[str, float]:
+    """One actor's resources of a ``rollout`` or ``learner`` section: its CPUs, GPUs and custom resources."""
+    return {"CPU": section.cpus_per_worker, "GPU": section.gpus_per_worker, **section.resources}
+
+
 def placement_bundles(cfg: Config, *, learner: bool = True) -> list[tuple[str, dict[str, float]]]:
     """(role, bundle) of every actor of a run, in placement-group order: rollout workers, then learner
     ranks. A bundle holds the actor's CPUs, GPUs and custom resources (zeros left out)."""
     r, le = cfg.rollout, cfg.learner
-    out = [(f"rollout worker {i}", {"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources})
-           for i in range(r.num_workers)]
-    out += [(f"learner rank {i}", {"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker, **le.resources})
-            for i in range(le.num_workers if learner else 0)]
+    out = [(f"rollout worker {i}", role_resources(r)) for i in range(r.num_workers)]
+    out += [(f"learner rank {i}", role_resources(le)) for i in range(le.num_workers if learner else 0)]
     if learner and r.colocate is True:  # one actor, both roles (orchestrator/colocation.py)
         out = [(f"{out[1][0]} with {out[0][0]}", colocation.bundle(out[0][1], out[1][1]))]
     return [(role, {k: v for k, v in b.items() if v} or {"CPU": 0.01}) for role, b in out]
@@ -313,14 +316,12 @@ class LearnerGroup:
         if self.world_size > 1:  # the rendezvous lives on rank 0's node
             dist_init = ray.get(ray.remote(rendezvous_address).options(
                 num_cpus=0, scheduling_strategy=placed(0)).remote())
-        remote_learner, extra, need = ray.remote(Learner), {}, {"CPU": le.cpus_per_worker, "GPU": le.gpus_per_worker,
-                                                                  **le.resources}
+        remote_learner, extra, need = ray.remote(Learner), {}, role_resources(le)
         if rollout is not None:
             from .learner.colocated import ColocatedLearner
 
-            r = cfg.rollout
             remote_learner, extra = ray.remote(ColocatedLearner), {"rollout": rollout}
-            need = colocation.bundle({"CPU": r.cpus_per_worker, "GPU": r.gpus_per_worker, **r.resources}, need)
+            need = colocation.bundle(role_resources(cfg.rollout), need)
         custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v}
         self.ranks = [
             remote_learner.options(
